@@ -1,0 +1,204 @@
+//! Everything that crosses the kernel boundary: the layout of each map value, the map and
+//! program names, and the constants both the eBPF program and userspace build on.
+//!
+//! Every type is `#[repr(C)]` and plain data. With the `user` feature they implement
+//! `aya::Pod`, so userspace reads and writes exactly the bytes the program sees.
+#![no_std]
+
+/// Number of entries in a service's lookup table. A flow's entry is `hash & TABLE_MASK`.
+///
+/// A power of two so the program indexes with a mask, and large enough that every slot's
+/// share is within one entry of exact (`balance <= 1 + MAX_SLOTS / TABLE_SIZE`).
+pub const TABLE_SIZE: usize = 1 << 16;
+
+/// Mask that turns the kernel's 4-tuple hash into a table index.
+pub const TABLE_MASK: u32 = TABLE_SIZE as u32 - 1;
+
+/// Number of sockets (slots) a service can hold: live workers of every generation at once.
+pub const MAX_SLOTS: u32 = 512;
+
+/// Slot number that names no socket: an empty table entry, or an entry with no heir.
+pub const NO_SLOT: u16 = u16::MAX;
+
+/// Table entries the program tries after owner and heir are both gone, before it lets the
+/// kernel's own hash pick (`SK_PASS` without a selection).
+pub const PROBE_STEPS: u32 = 4;
+
+/// Distance between probed entries: odd and near `TABLE_SIZE / golden ratio`, so the probed
+/// entries, and therefore their owners, are unrelated to the first one.
+pub const PROBE_STRIDE: u32 = 40_503;
+
+/// `BPF_F_MMAPABLE`: the table map is memory-mapped by userspace, which rewrites changed
+/// entries with plain atomic stores instead of one syscall per entry.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Names of the program and of the maps: ELF symbols on the eBPF side, pin file names
+/// (`<bpffs root>/<service>/<name>`) on the user side. At most 15 bytes each (kernel limit).
+pub mod names {
+    /// The `SK_REUSEPORT` select-or-migrate program.
+    pub const PROGRAM: &str = "steer";
+    /// `REUSEPORT_SOCKARRAY`: slot number to socket.
+    pub const SOCKETS: &str = "sockets";
+    /// Array with one [`crate::Table`] value: the consistent lookup table.
+    pub const TABLE: &str = "table";
+    /// Array of [`crate::SlotMeta`], one per slot, for the CLI and for a restarting daemon.
+    pub const SLOTS: &str = "slots";
+    /// Per-CPU array with one [`crate::Counters`] value.
+    pub const COUNTERS: &str = "counters";
+    /// Every map the program's object defines, in a fixed order.
+    pub const MAPS: [&str; 4] = [SOCKETS, TABLE, SLOTS, COUNTERS];
+}
+
+/// One lookup-table entry: the slot that owns the flows hashing here, and the slot that
+/// takes them over if the owner's socket is gone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TableEntry {
+    /// Slot whose socket receives flows of this entry; [`NO_SLOT`] when the table is empty.
+    pub owner: u16,
+    /// Slot that receives them while the owner's socket is closed; [`NO_SLOT`] if none.
+    pub heir: u16,
+}
+
+impl TableEntry {
+    /// An entry that names no socket: the program lets the kernel choose.
+    pub const EMPTY: Self = Self {
+        owner: NO_SLOT,
+        heir: NO_SLOT,
+    };
+
+    /// The entry as the one 32-bit word userspace stores atomically into the mapped table,
+    /// so the program never sees an owner from one version and an heir from another.
+    pub const fn to_word(self) -> u32 {
+        u32::from_ne_bytes(unsafe { core::mem::transmute::<Self, [u8; 4]>(self) })
+    }
+
+    /// The inverse of [`TableEntry::to_word`].
+    pub const fn from_word(word: u32) -> Self {
+        unsafe { core::mem::transmute::<[u8; 4], Self>(word.to_ne_bytes()) }
+    }
+}
+
+/// The whole lookup table, stored as the single value of the `table` array map so the
+/// program needs one (inlined) map lookup per packet.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Table {
+    /// Indexed by `hash & TABLE_MASK`.
+    pub entries: [TableEntry; TABLE_SIZE],
+}
+
+/// What a slot is doing, as recorded in [`SlotMeta::state`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    /// No socket was ever placed here, or its record was cleared.
+    Free = 0,
+    /// A listening socket serves this slot.
+    Live = 1,
+    /// The socket closed; its entries belong to their heirs.
+    Dead = 2,
+    /// The socket stays open for its existing flows but takes no new ones.
+    Draining = 3,
+}
+
+impl SlotState {
+    /// Decodes a state read from the `slots` map; `None` for a value this build never writes.
+    pub const fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            0 => Some(Self::Free),
+            1 => Some(Self::Live),
+            2 => Some(Self::Dead),
+            3 => Some(Self::Draining),
+            _ => None,
+        }
+    }
+}
+
+/// Userspace's record of one slot. The program never reads it; it lets the CLI and a
+/// restarted daemon know who holds each slot without asking anyone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotMeta {
+    /// `SO_COOKIE` of the socket placed in the slot: identifies it across processes.
+    pub cookie: u64,
+    /// Process serving the socket, 0 if unknown.
+    pub pid: u32,
+    /// A [`SlotState`] as `u32`.
+    pub state: u32,
+    /// Generation the slot was started in (reloads start a new one).
+    pub generation: u32,
+    /// Relative share of the table this slot should own.
+    pub weight: u32,
+}
+
+impl SlotMeta {
+    /// The record of a slot that holds nothing.
+    pub const FREE: Self = Self {
+        cookie: 0,
+        pid: 0,
+        state: SlotState::Free as u32,
+        generation: 0,
+        weight: 0,
+    };
+}
+
+/// What the program did for one slot, counted per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotCounters {
+    /// New flows and datagrams sent to this slot as the entry's owner.
+    pub selected: u64,
+    /// Sent here as the entry's heir because the owner's socket was gone.
+    pub failed_over: u64,
+    /// Sent here by the bounded probe because owner and heir were both gone.
+    pub probed: u64,
+    /// Queued connections of a closing TCP listener handed to this slot.
+    pub migrated: u64,
+}
+
+/// The value of the per-CPU `counters` map: one row per slot and the service-wide rest.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counters {
+    /// Indexed by slot.
+    pub slots: [SlotCounters; MAX_SLOTS as usize],
+    /// Program runs that found no live slot and let the kernel's own hash choose.
+    pub fell_through: u64,
+}
+
+impl Counters {
+    /// All counters at zero.
+    pub const ZERO: Self = Self {
+        slots: [SlotCounters {
+            selected: 0,
+            failed_over: 0,
+            probed: 0,
+            migrated: 0,
+        }; MAX_SLOTS as usize],
+        fell_through: 0,
+    };
+}
+
+// The layout facts the rest of the project relies on, checked at compile time on both sides.
+const _: () = {
+    assert!(TABLE_SIZE.is_power_of_two() && TABLE_SIZE >= 65_536);
+    assert!(MAX_SLOTS < NO_SLOT as u32);
+    assert!(PROBE_STRIDE % 2 == 1 && PROBE_STRIDE < TABLE_SIZE as u32);
+    assert!(size_of::<TableEntry>() == 4);
+    assert!(size_of::<Table>() == 4 * TABLE_SIZE);
+    assert!(size_of::<SlotMeta>() == 24);
+    // A per-CPU map value is limited to 32 KiB by the kernel's per-CPU allocator.
+    assert!(size_of::<Counters>() <= 32 * 1024);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is `repr(C)`, `Copy`, made only of integers, and has no padding
+    // (the sizes are asserted above), so any byte pattern is a valid value.
+    unsafe impl aya::Pod for super::TableEntry {}
+    unsafe impl aya::Pod for super::Table {}
+    unsafe impl aya::Pod for super::SlotMeta {}
+    unsafe impl aya::Pod for super::SlotCounters {}
+    unsafe impl aya::Pod for super::Counters {}
+}
