@@ -1,0 +1,125 @@
+//! The portshard dataplane: one `SK_REUSEPORT` program per service, attached to its reuseport
+//! group with the select-or-migrate attach type.
+//!
+//! For each new flow (a UDP datagram's 4-tuple, a TCP SYN) and for each queued connection of
+//! a closing TCP listener, the program reads `table[hash & TABLE_MASK]` and selects, in
+//! order: the entry's owner, its heir, the owners of a few other entries, and otherwise lets
+//! the kernel's own hash choose (`SK_PASS` without a selection). It never returns `SK_DROP`,
+//! so no flow that a live socket could take is refused.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::sk_action::SK_PASS,
+    macros::{map, sk_reuseport},
+    maps::{Array, PerCpuArray, ReusePortSockArray},
+    programs::SkReuseportContext,
+};
+use portshard_common::{
+    BPF_F_MMAPABLE, Counters, MAX_SLOTS, PROBE_STEPS, PROBE_STRIDE, SlotCounters, SlotMeta,
+    TABLE_MASK, Table,
+};
+
+/// Slot number to listening socket. The kernel clears a slot the moment its socket closes.
+#[map(name = "sockets")]
+static SOCKETS: ReusePortSockArray = ReusePortSockArray::pinned(MAX_SLOTS, 0);
+
+/// The consistent lookup table, written by userspace through a memory mapping.
+#[map(name = "table")]
+static TABLE: Array<Table> = Array::pinned(1, BPF_F_MMAPABLE);
+
+/// Userspace's per-slot records; defined here so one object describes every pinned map.
+#[map(name = "slots")]
+static SLOTS: Array<SlotMeta> = Array::pinned(MAX_SLOTS, 0);
+
+/// Per-CPU counters of every decision.
+#[map(name = "counters")]
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(1, 0);
+
+/// How a slot came to be chosen; picks the counter to bump.
+#[derive(Clone, Copy)]
+enum Choice {
+    Owner,
+    Heir,
+    Probe,
+}
+
+#[sk_reuseport(migrate)]
+pub fn steer(ctx: SkReuseportContext) -> u32 {
+    let Some(table) = TABLE.get(0) else {
+        return SK_PASS;
+    };
+    let index = ctx.hash() & TABLE_MASK;
+    let entry = table.entries[index as usize];
+
+    let mut chosen = None;
+    if select(&ctx, entry.owner) {
+        chosen = Some((entry.owner, Choice::Owner));
+    } else if select(&ctx, entry.heir) {
+        chosen = Some((entry.heir, Choice::Heir));
+    } else {
+        for step in 1..=PROBE_STEPS {
+            let other =
+                table.entries[(index.wrapping_add(step * PROBE_STRIDE) & TABLE_MASK) as usize];
+            if other.owner != entry.owner && other.owner != entry.heir && select(&ctx, other.owner)
+            {
+                chosen = Some((other.owner, Choice::Probe));
+                break;
+            }
+        }
+    }
+    count(&ctx, chosen);
+    SK_PASS
+}
+
+/// Asks the kernel to deliver to `slot`'s socket; false if the slot names no socket, or its
+/// socket is closed (`-ENOENT`) or otherwise unusable.
+#[inline(always)]
+fn select(ctx: &SkReuseportContext, slot: u16) -> bool {
+    u32::from(slot) < MAX_SLOTS && SOCKETS.select_reuseport(ctx, u32::from(slot)).is_ok()
+}
+
+/// Bumps this CPU's counter for the decision taken.
+#[inline(always)]
+fn count(ctx: &SkReuseportContext, chosen: Option<(u16, Choice)>) {
+    let Some(counters) = COUNTERS.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: the pointer is this CPU's value of a per-CPU array; the program cannot be
+    // preempted by itself on this CPU while it holds it.
+    let counters = unsafe { &mut *counters };
+    let Some((slot, choice)) = chosen else {
+        counters.fell_through += 1;
+        return;
+    };
+    let Some(row) = counters.slots.get_mut(usize::from(slot)) else {
+        return;
+    };
+    bump(row, ctx.migrating_sk().is_some(), choice);
+}
+
+#[inline(always)]
+fn bump(row: &mut SlotCounters, migrating: bool, choice: Choice) {
+    let counter = if migrating {
+        &mut row.migrated
+    } else {
+        match choice {
+            Choice::Owner => &mut row.selected,
+            Choice::Heir => &mut row.failed_over,
+            Choice::Probe => &mut row.probed,
+        }
+    };
+    *counter += 1;
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// The kernel checks the license of programs that call GPL-only helpers; ours calls none,
+/// but the verifier log is clearer with one.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
