@@ -1,0 +1,576 @@
+//! The consistent lookup table: which slot owns each of the `TABLE_SIZE` entries, and which
+//! slot inherits it when the owner dies. Pure computation, no syscalls.
+//!
+//! Minimal disruption holds by construction rather than by hashing luck:
+//! - every member owns at most the ceiling of its exact share `TABLE_SIZE * w / W`, and
+//!   after building, adding or reweighting exactly its floor or ceiling;
+//! - removing a slot hands each of its entries to the entry's precomputed heir and changes
+//!   no other owner; the heirs of a slot are chosen so that, after its removal, every
+//!   survivor again owns the floor or ceiling of its new share, which for equal weights
+//!   spreads a slot's heirs over the survivors within one entry of even;
+//! - adding a slot or changing a weight moves the fewest entries that restore those bounds,
+//!   taking from the most loaded slots, so adding a slot moves only what it takes.
+//!
+//! Every operation is deterministic: the same sequence gives the same table.
+use std::{cmp::Ordering, collections::BTreeMap};
+
+use portshard_common::{MAX_SLOTS, NO_SLOT, TABLE_SIZE, TableEntry};
+
+/// A slot number: index of a socket in the service's socket array.
+pub type Slot = u16;
+
+/// The largest weight a slot may have; keeps every share computation exact in 64 bits.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+const TOTAL: u64 = TABLE_SIZE as u64;
+
+/// Why a table operation was refused. A refused operation leaves the table unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    /// The slot number cannot name a socket.
+    #[error("slot {slot} is out of range: slots are numbered 0 to {}", MAX_SLOTS - 1)]
+    SlotOutOfRange {
+        /// The offending slot.
+        slot: Slot,
+    },
+    /// The slot already owns part of the table.
+    #[error("slot {slot} is already in the table")]
+    AlreadyMember {
+        /// The offending slot.
+        slot: Slot,
+    },
+    /// The slot owns no part of the table.
+    #[error("slot {slot} is not in the table")]
+    NotMember {
+        /// The offending slot.
+        slot: Slot,
+    },
+    /// The weight is zero or too large.
+    #[error("weight {weight} for slot {slot} is out of range: use 1 to {MAX_WEIGHT}")]
+    BadWeight {
+        /// The slot the weight was for.
+        slot: Slot,
+        /// The offending weight.
+        weight: u32,
+    },
+}
+
+/// The entries an operation changed, for writing to the kernel's copy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delta {
+    /// Indices whose owner or heir changed, ascending.
+    pub changed: Vec<u32>,
+    /// How many of them changed owner, i.e. how many entries' flows move.
+    pub moved: u32,
+}
+
+/// The table and the weights of its members (the slots that own entries).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    entries: Vec<TableEntry>,
+    weights: BTreeMap<Slot, u32>,
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Table {
+    /// An empty table: no members, every entry [`TableEntry::EMPTY`].
+    pub fn new() -> Self {
+        Self {
+            entries: vec![TableEntry::EMPTY; TABLE_SIZE],
+            weights: BTreeMap::new(),
+        }
+    }
+
+    /// A table spread over `members` (slot, weight) from scratch.
+    pub fn with_members(
+        members: impl IntoIterator<Item = (Slot, u32)>,
+    ) -> Result<Self, TableError> {
+        let mut table = Self::new();
+        for (slot, weight) in members {
+            check_slot(slot)?;
+            check_weight(slot, weight)?;
+            if table.weights.insert(slot, weight).is_some() {
+                return Err(TableError::AlreadyMember { slot });
+            }
+        }
+        table.rebalance();
+        table.assign_heirs();
+        Ok(table)
+    }
+
+    /// All entries, indexed by `hash & TABLE_MASK`.
+    pub fn entries(&self) -> &[TableEntry] {
+        &self.entries
+    }
+
+    /// The members and their weights, by slot.
+    pub fn members(&self) -> &BTreeMap<Slot, u32> {
+        &self.weights
+    }
+
+    /// How many entries each member owns (the `entries` of `status`), in one pass.
+    pub fn counts(&self) -> BTreeMap<Slot, u32> {
+        let members = Members::of(&self.weights);
+        members
+            .slots
+            .iter()
+            .copied()
+            .zip(members.counts(&self.entries))
+            .collect()
+    }
+
+    /// Adds `slot` with `weight`: it takes its share from the most loaded members, and
+    /// nothing else moves.
+    pub fn add(&mut self, slot: Slot, weight: u32) -> Result<Delta, TableError> {
+        check_slot(slot)?;
+        check_weight(slot, weight)?;
+        if self.weights.contains_key(&slot) {
+            return Err(TableError::AlreadyMember { slot });
+        }
+        Ok(self.apply(|table| {
+            table.weights.insert(slot, weight);
+            table.rebalance();
+        }))
+    }
+
+    /// Removes `slot`: each entry it owned goes to that entry's heir, which is where the
+    /// program already sends those flows once the slot's socket is closed.
+    pub fn remove(&mut self, slot: Slot) -> Result<Delta, TableError> {
+        if !self.weights.contains_key(&slot) {
+            return Err(TableError::NotMember { slot });
+        }
+        Ok(self.apply(|table| {
+            table.weights.remove(&slot);
+            for entry in &mut table.entries {
+                if entry.owner == slot {
+                    entry.owner = entry.heir;
+                }
+            }
+        }))
+    }
+
+    /// Changes `slot`'s weight, moving the fewest entries that bring every member back
+    /// within one entry of its share.
+    pub fn set_weight(&mut self, slot: Slot, weight: u32) -> Result<Delta, TableError> {
+        check_weight(slot, weight)?;
+        if !self.weights.contains_key(&slot) {
+            return Err(TableError::NotMember { slot });
+        }
+        Ok(self.apply(|table| {
+            table.weights.insert(slot, weight);
+            table.rebalance();
+        }))
+    }
+
+    /// Runs an owner change, recomputes the heirs, and reports what changed.
+    fn apply(&mut self, change: impl FnOnce(&mut Self)) -> Delta {
+        let before = self.entries.clone();
+        change(self);
+        self.assign_heirs();
+        let mut delta = Delta::default();
+        for (index, (old, new)) in before.iter().zip(&self.entries).enumerate() {
+            if old != new {
+                delta.changed.push(index as u32);
+                delta.moved += u32::from(old.owner != new.owner);
+            }
+        }
+        delta
+    }
+
+    /// Moves the fewest entries that put every member within `[floor, ceil]` of its exact
+    /// share, and gives every entry without a member owner to a member.
+    fn rebalance(&mut self) {
+        let members = Members::of(&self.weights);
+        let counts = members.counts(&self.entries);
+        let shares: Vec<(u32, u32)> = members.weights.iter().map(|&w| members.share(w)).collect();
+        let unowned = TABLE_SIZE as u32 - counts.iter().sum::<u32>();
+
+        // The least each member must receive or give to reach its bounds.
+        let mut receive: Vec<u32> = (0..members.len())
+            .map(|i| shares[i].0.saturating_sub(counts[i]))
+            .collect();
+        let mut give: Vec<u32> = (0..members.len())
+            .map(|i| counts[i].saturating_sub(shares[i].1))
+            .collect();
+        let released_count = unowned + give.iter().sum::<u32>();
+        let received_count: u32 = receive.iter().sum();
+
+        // Members between their bounds take up the difference, one entry each: those already
+        // receiving (or giving) first, so adding a slot moves entries to that slot only, then
+        // whoever is furthest below (or above) its exact share; ties to the lower slot.
+        let excess = |i: usize| {
+            i64::from(counts[i]) * members.total as i64
+                - TOTAL as i64 * i64::from(members.weights[i])
+        };
+        match released_count.cmp(&received_count) {
+            Ordering::Greater => {
+                let mut room: Vec<usize> = (0..members.len())
+                    .filter(|&i| counts[i] + receive[i] < shares[i].1)
+                    .collect();
+                keep_smallest(&mut room, (released_count - received_count) as usize, |i| {
+                    (i64::from(receive[i] == 0) << 45) + excess(i)
+                });
+                room.into_iter().for_each(|i| receive[i] += 1);
+            }
+            Ordering::Less => {
+                let mut room: Vec<usize> = (0..members.len())
+                    .filter(|&i| counts[i] - give[i] > shares[i].0)
+                    .collect();
+                keep_smallest(&mut room, (received_count - released_count) as usize, |i| {
+                    (i64::from(give[i] == 0) << 45) - excess(i)
+                });
+                room.into_iter().for_each(|i| give[i] += 1);
+            }
+            Ordering::Equal => {}
+        }
+
+        // Release unowned entries and, from each giver, entries evenly spaced among its own
+        // (its k-th released entry is its `(2k+1) * owned / (2 * give)`-th), in one pass.
+        let mut seen = vec![0u32; members.len()];
+        let mut given = vec![0u32; members.len()];
+        let mut released = Vec::with_capacity(released_count as usize);
+        for (index, entry) in self.entries.iter().enumerate() {
+            let Some(i) = members.position(entry.owner) else {
+                released.push(index as u32);
+                continue;
+            };
+            if given[i] < give[i] {
+                let next =
+                    (2 * u64::from(given[i]) + 1) * u64::from(counts[i]) / (2 * u64::from(give[i]));
+                if u64::from(seen[i]) == next {
+                    released.push(index as u32);
+                    given[i] += 1;
+                }
+            }
+            seen[i] += 1;
+        }
+        let quotas: Vec<(Slot, u32)> = members.slots.iter().copied().zip(receive).collect();
+        for (index, owner) in released.into_iter().zip(interleave(&quotas)) {
+            self.entries[index as usize].owner = owner;
+        }
+    }
+
+    /// Gives every entry an heir among the other members, keeping each existing heir that
+    /// is still valid and within its quota, so unchanged heirs are not rewritten.
+    fn assign_heirs(&mut self) {
+        let members = Members::of(&self.weights);
+        let n = members.len();
+        let counts = members.counts(&self.entries);
+        // left[d * n + i]: how many more of member d's entries may name member i as heir.
+        let mut left = vec![0u32; n * n];
+        let mut quotas = HeirQuotas::new(n);
+        for d in 0..n {
+            left[d * n..(d + 1) * n].copy_from_slice(quotas.compute(&members, &counts, d));
+        }
+        // Keep each valid heir while its quota lasts; the rest are orphans, in index order.
+        let mut orphans: Vec<(usize, u32)> = Vec::new();
+        for (index, entry) in self.entries.iter_mut().enumerate() {
+            let Some(d) = members.position(entry.owner) else {
+                *entry = TableEntry::EMPTY;
+                continue;
+            };
+            match members.position(entry.heir).map(|h| &mut left[d * n + h]) {
+                Some(quota) if *quota > 0 => *quota -= 1,
+                _ => orphans.push((d, index as u32)),
+            }
+        }
+        orphans.sort_by_key(|&(d, _)| d);
+        for group in orphans.chunk_by(|a, b| a.0 == b.0) {
+            let d = group[0].0;
+            let remaining: Vec<(Slot, u32)> = (0..n)
+                .filter(|&i| left[d * n + i] > 0)
+                .map(|i| (members.slots[i], left[d * n + i]))
+                .collect();
+            let mut heirs = interleave(&remaining).into_iter();
+            for &(_, index) in group {
+                self.entries[index as usize].heir = heirs.next().unwrap_or(NO_SLOT);
+            }
+        }
+    }
+
+    /// Checks every invariant the kernel and the operations rely on; `Err` names the first
+    /// one broken. Used by the tests and fuzzers after every operation.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.entries.len() != TABLE_SIZE {
+            return Err(format!(
+                "table has {} entries, not {TABLE_SIZE}",
+                self.entries.len()
+            ));
+        }
+        for (index, entry) in self.entries.iter().enumerate() {
+            let owner_ok = if self.weights.is_empty() {
+                entry.owner == NO_SLOT
+            } else {
+                self.weights.contains_key(&entry.owner)
+            };
+            if !owner_ok {
+                return Err(format!(
+                    "entry {index} is owned by non-member slot {}",
+                    entry.owner
+                ));
+            }
+            let heir_ok = if self.weights.len() <= 1 {
+                entry.heir == NO_SLOT
+            } else {
+                entry.heir != entry.owner && self.weights.contains_key(&entry.heir)
+            };
+            if !heir_ok {
+                return Err(format!(
+                    "entry {index} (owner {}) has invalid heir {}",
+                    entry.owner, entry.heir
+                ));
+            }
+        }
+        let counts = self.counts();
+        let members = Members::of(&self.weights);
+        for (&slot, &weight) in members.slots.iter().zip(&members.weights) {
+            let (_, ceiling) = members.share(weight);
+            if counts[&slot] > ceiling {
+                return Err(format!(
+                    "slot {slot} owns {} entries, above the ceiling {ceiling} of its share",
+                    counts[&slot]
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every member owns the floor or the ceiling of its exact share. Building,
+    /// adding and reweighting always achieve it, and so does removing with equal weights.
+    /// With unequal weights a removal can leave a survivor below its floor: lifting it would
+    /// move flows of a survivor, and the table never does that.
+    pub fn is_exactly_balanced(&self) -> bool {
+        let counts = self.counts();
+        let members = Members::of(&self.weights);
+        members
+            .slots
+            .iter()
+            .zip(&members.weights)
+            .all(|(slot, &weight)| {
+                let (floor, ceiling) = members.share(weight);
+                (floor..=ceiling).contains(&counts[slot])
+            })
+    }
+}
+
+fn check_slot(slot: Slot) -> Result<(), TableError> {
+    if u32::from(slot) < MAX_SLOTS {
+        Ok(())
+    } else {
+        Err(TableError::SlotOutOfRange { slot })
+    }
+}
+
+fn check_weight(slot: Slot, weight: u32) -> Result<(), TableError> {
+    if (1..=MAX_WEIGHT).contains(&weight) {
+        Ok(())
+    } else {
+        Err(TableError::BadWeight { slot, weight })
+    }
+}
+
+/// How many of a dying member's entries each other member inherits: enough to lift every
+/// survivor to the floor of its new share, the rest one each to the survivors furthest
+/// behind their fair part of the inheritance, never above the ceiling of the new share.
+/// Holds its buffers so that computing it for every member allocates nothing.
+struct HeirQuotas {
+    quota: Vec<u32>,
+    /// Candidates for one more entry, as `(ahead << 10) | position` (see [`keep_smallest`]).
+    ranked: Vec<i64>,
+}
+
+impl HeirQuotas {
+    fn new(members: usize) -> Self {
+        Self {
+            quota: vec![0; members],
+            ranked: Vec::with_capacity(members),
+        }
+    }
+
+    /// Quotas indexed like `members`; the dying member's own is 0.
+    fn compute(&mut self, members: &Members, counts: &[u32], dying: usize) -> &[u32] {
+        let Self { quota, ranked } = self;
+        quota.fill(0);
+        let survivors_weight = members.total - u64::from(members.weights[dying]);
+        if survivors_weight == 0 {
+            return quota;
+        }
+        let estate = counts[dying];
+        // quota_i * W' - estate * w_i: how far ahead of its fair inheritance survivor i is.
+        let ahead = |quota: u32, i: usize| {
+            i64::from(quota) * survivors_weight as i64
+                - i64::from(estate) * i64::from(members.weights[i])
+        };
+        let mut shares = ShareCache::new(survivors_weight);
+        ranked.clear();
+        let mut needed = 0;
+        for i in (0..members.len()).filter(|&i| i != dying) {
+            let (floor, ceiling) = shares.share(members.weights[i]);
+            quota[i] = floor.saturating_sub(counts[i]);
+            needed += quota[i];
+            if counts[i] + quota[i] < ceiling {
+                ranked.push(pack(ahead(quota[i], i), i));
+            }
+        }
+        if needed <= estate && (estate - needed) as usize <= ranked.len() {
+            let extra = (estate - needed) as usize;
+            if extra > 0 && extra < ranked.len() {
+                ranked.select_nth_unstable(extra - 1);
+            }
+            ranked[..extra]
+                .iter()
+                .for_each(|&key| quota[unpack(key)] += 1);
+            return quota;
+        }
+        // Rare cases, one entry at a time: the estate cannot lift every survivor to its
+        // floor (hold back from whoever is most ahead), or, impossible while the shares sum
+        // to TABLE_SIZE, the ceilings cannot absorb it (give to whoever is most behind).
+        let survivors = || (0..members.len()).filter(|&i| i != dying);
+        while needed > estate {
+            let i = survivors()
+                .filter(|&i| quota[i] > 0)
+                .max_by_key(|&i| pack(ahead(quota[i], i), members.len() - i))
+                .expect("a survivor has a quota while more is needed than inherited");
+            quota[i] -= 1;
+            needed -= 1;
+        }
+        while needed < estate {
+            let i = survivors()
+                .min_by_key(|&i| pack(ahead(quota[i], i), i))
+                .expect("there are survivors");
+            quota[i] += 1;
+            needed += 1;
+        }
+        quota
+    }
+}
+
+/// Shares out of one total weight, remembering the last one computed, so that equal
+/// weights (the usual case) cost one division per dying member rather than one per survivor.
+struct ShareCache {
+    total: u64,
+    last: Option<(u32, (u32, u32))>,
+}
+
+impl ShareCache {
+    fn new(total: u64) -> Self {
+        Self { total, last: None }
+    }
+
+    fn share(&mut self, weight: u32) -> (u32, u32) {
+        match self.last {
+            Some((w, share)) if w == weight => share,
+            _ => {
+                let share = share(weight, self.total);
+                self.last = Some((weight, share));
+                share
+            }
+        }
+    }
+}
+
+/// Floor and ceiling of the exact share `TOTAL * weight / total`.
+fn share(weight: u32, total: u64) -> (u32, u32) {
+    let scaled = TOTAL * u64::from(weight);
+    let floor = (scaled / total) as u32;
+    (floor, floor + u32::from(scaled % total != 0))
+}
+
+/// Packs a rank and a position (below 1024) into one integer that orders by rank, then by
+/// position, so selections compare plain integers.
+fn pack(rank: i64, position: usize) -> i64 {
+    debug_assert!(position < 1 << 10 && rank.unsigned_abs() < 1 << 52);
+    (rank << 10) | position as i64
+}
+
+fn unpack(key: i64) -> usize {
+    (key & ((1 << 10) - 1)) as usize
+}
+
+/// Keeps in `items` (positions) only the `n` with the smallest `rank`, ties to the smaller
+/// position, in no particular order.
+fn keep_smallest(items: &mut Vec<usize>, n: usize, rank: impl Fn(usize) -> i64) {
+    if n >= items.len() {
+        return;
+    }
+    let mut keys: Vec<i64> = items.iter().map(|&i| pack(rank(i), i)).collect();
+    if n > 0 {
+        keys.select_nth_unstable(n - 1);
+    }
+    items.clear();
+    items.extend(keys[..n].iter().map(|&k| unpack(k)));
+}
+
+/// The members of a table as dense, slot-ordered arrays, with their total weight and each
+/// slot's position among them.
+struct Members {
+    slots: Vec<Slot>,
+    weights: Vec<u32>,
+    total: u64,
+    /// Indexed by any `u16`, so looking up a slot read from an entry needs no bounds check.
+    positions: Box<[u16; 1 << 16]>,
+}
+
+impl Members {
+    fn of(weights: &BTreeMap<Slot, u32>) -> Self {
+        let (slots, weights): (Vec<Slot>, Vec<u32>) = weights.iter().map(|(&s, &w)| (s, w)).unzip();
+        let total = weights.iter().map(|&w| u64::from(w)).sum();
+        let mut positions = Box::new([u16::MAX; 1 << 16]);
+        for (i, &slot) in slots.iter().enumerate() {
+            positions[usize::from(slot)] = i as u16;
+        }
+        Self {
+            slots,
+            weights,
+            total,
+            positions,
+        }
+    }
+
+    /// Position of `slot` among the members, `None` if it is not one (or is [`NO_SLOT`]).
+    fn position(&self, slot: Slot) -> Option<usize> {
+        let p = self.positions[usize::from(slot)];
+        (p != u16::MAX).then_some(usize::from(p))
+    }
+
+    /// How many entries each member owns, indexed by position.
+    fn counts(&self, entries: &[TableEntry]) -> Vec<u32> {
+        let mut counts = vec![0u32; self.len()];
+        for entry in entries {
+            if let Some(i) = self.position(entry.owner) {
+                counts[i] += 1;
+            }
+        }
+        counts
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Floor and ceiling of the exact share of a member with `weight`.
+    fn share(&self, weight: u32) -> (u32, u32) {
+        share(weight, self.total)
+    }
+}
+
+/// Each slot of `quotas` as many times as its quota, each slot's turns evenly spread over
+/// the sequence: slot `j`'s `k`-th turn sits at `(k + 1/2) / quota_j` of the way.
+fn interleave(quotas: &[(Slot, u32)]) -> Vec<Slot> {
+    let mut turns: Vec<(u64, u64, Slot)> = quotas
+        .iter()
+        .flat_map(|&(slot, quota)| {
+            (0..u64::from(quota)).map(move |k| (2 * k + 1, 2 * u64::from(quota), slot))
+        })
+        .collect();
+    turns.sort_unstable_by(|a, b| (a.0 * b.1).cmp(&(b.0 * a.1)).then(a.2.cmp(&b.2)));
+    turns.into_iter().map(|(_, _, slot)| slot).collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,365 @@
+//! Unit and property tests of the table, checked exactly on the entries.
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn owners(table: &Table) -> Vec<Slot> {
+    table.entries().iter().map(|e| e.owner).collect()
+}
+
+fn owned(table: &Table, slot: Slot) -> u32 {
+    table.counts().get(&slot).copied().unwrap_or(0)
+}
+
+/// Exact share of `slot` as a fraction `TOTAL * w / W`, returned as (numerator, denominator).
+fn exact_share(table: &Table, slot: Slot) -> (u64, u64) {
+    let total: u64 = table.members().values().map(|&w| u64::from(w)).sum();
+    (TOTAL * u64::from(table.members()[&slot]), total)
+}
+
+/// For each member `s`, how many of its entries each other member inherits (zeros included).
+fn heir_counts(table: &Table) -> BTreeMap<Slot, BTreeMap<Slot, u32>> {
+    let mut all: BTreeMap<Slot, BTreeMap<Slot, u32>> = table
+        .members()
+        .keys()
+        .map(|&s| {
+            let others = table
+                .members()
+                .keys()
+                .filter(|&&o| o != s)
+                .map(|&o| (o, 0))
+                .collect();
+            (s, others)
+        })
+        .collect();
+    for entry in table.entries() {
+        if entry.heir != NO_SLOT {
+            *all.get_mut(&entry.owner)
+                .unwrap()
+                .get_mut(&entry.heir)
+                .unwrap() += 1;
+        }
+    }
+    all
+}
+
+/// The fewest owner changes that can bring `before`'s owners within the shares of `after`'s
+/// members: max(what must come in, what must go out).
+fn minimal_moves(before: &Table, after: &Table) -> u32 {
+    let members = Members::of(after.members());
+    let owned_before = before.counts();
+    let (mut come_in, mut go_out) = (0, 0);
+    for (slot, &weight) in members.slots.iter().zip(&members.weights) {
+        let owned = owned_before.get(slot).copied().unwrap_or(0);
+        let (floor, ceiling) = members.share(weight);
+        come_in += floor.saturating_sub(owned);
+        go_out += owned.saturating_sub(ceiling);
+    }
+    come_in.max(go_out)
+}
+
+fn unit(slots: impl IntoIterator<Item = Slot>) -> Vec<(Slot, u32)> {
+    slots.into_iter().map(|s| (s, 1)).collect()
+}
+
+#[test]
+fn empty_table_names_no_slot() {
+    let table = Table::new();
+    assert!(table.entries().iter().all(|e| *e == TableEntry::EMPTY));
+    table.validate().unwrap();
+}
+
+#[test]
+fn single_member_owns_everything_without_heir() {
+    let table = Table::with_members(unit([7])).unwrap();
+    assert_eq!(owned(&table, 7), TABLE_SIZE as u32);
+    assert!(table.entries().iter().all(|e| e.heir == NO_SLOT));
+    table.validate().unwrap();
+}
+
+#[test]
+fn four_equal_members_split_exactly_and_spread_heirs() {
+    let table = Table::with_members(unit(0..4)).unwrap();
+    for slot in 0..4 {
+        assert_eq!(owned(&table, slot), 16_384);
+    }
+    for (_, heirs) in heir_counts(&table) {
+        let (min, max) = (heirs.values().min().unwrap(), heirs.values().max().unwrap());
+        assert!(max - min <= 1, "heirs uneven: {heirs:?}");
+        assert_eq!(heirs.values().sum::<u32>(), 16_384);
+    }
+}
+
+#[test]
+fn owners_are_spread_over_the_table() {
+    // Every 1/64th of the table holds each of 4 members within one entry of a quarter.
+    let table = Table::with_members(unit(0..4)).unwrap();
+    for chunk in table.entries().chunks(TABLE_SIZE / 64) {
+        for slot in 0..4 {
+            let n = chunk.iter().filter(|e| e.owner == slot).count();
+            assert!(
+                n.abs_diff(chunk.len() / 4) <= 1,
+                "slot {slot} has {n} of {}",
+                chunk.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn removing_the_last_member_empties_the_table() {
+    let mut table = Table::with_members(unit([3])).unwrap();
+    let delta = table.remove(3).unwrap();
+    assert_eq!(delta.moved, TABLE_SIZE as u32);
+    assert!(table.entries().iter().all(|e| *e == TableEntry::EMPTY));
+    table.validate().unwrap();
+}
+
+#[test]
+fn refused_operations_change_nothing() {
+    let mut table = Table::with_members([(0, 1), (1, 2)]).unwrap();
+    let before = table.clone();
+    assert_eq!(table.add(1, 1), Err(TableError::AlreadyMember { slot: 1 }));
+    assert_eq!(
+        table.add(MAX_SLOTS as Slot, 1),
+        Err(TableError::SlotOutOfRange { slot: 512 })
+    );
+    assert_eq!(
+        table.add(2, 0),
+        Err(TableError::BadWeight { slot: 2, weight: 0 })
+    );
+    assert_eq!(
+        table.set_weight(0, MAX_WEIGHT + 1),
+        Err(TableError::BadWeight {
+            slot: 0,
+            weight: MAX_WEIGHT + 1
+        })
+    );
+    assert_eq!(table.remove(5), Err(TableError::NotMember { slot: 5 }));
+    assert_eq!(
+        table.set_weight(5, 1),
+        Err(TableError::NotMember { slot: 5 })
+    );
+    assert_eq!(table, before);
+    assert_eq!(
+        Table::with_members([(1, 1), (1, 1)]),
+        Err(TableError::AlreadyMember { slot: 1 })
+    );
+}
+
+#[test]
+fn error_messages_name_the_slot_and_the_allowed_range() {
+    let message = TableError::BadWeight { slot: 4, weight: 0 }.to_string();
+    assert_eq!(
+        message,
+        "weight 0 for slot 4 is out of range: use 1 to 10000"
+    );
+    let message = TableError::SlotOutOfRange { slot: 600 }.to_string();
+    assert_eq!(
+        message,
+        "slot 600 is out of range: slots are numbered 0 to 511"
+    );
+}
+
+#[test]
+fn delta_lists_exactly_the_changed_entries() {
+    let mut table = Table::with_members(unit(0..5)).unwrap();
+    let before = table.clone();
+    let delta = table.remove(2).unwrap();
+    let expected: Vec<u32> = (0..TABLE_SIZE as u32)
+        .filter(|&i| before.entries()[i as usize] != table.entries()[i as usize])
+        .collect();
+    assert_eq!(delta.changed, expected);
+    assert_eq!(delta.moved, owned(&before, 2));
+}
+
+#[test]
+fn interleave_spreads_each_slot_evenly() {
+    let seq = interleave(&[(1, 3), (2, 1), (3, 2)]);
+    assert_eq!(seq.len(), 6);
+    assert_eq!(seq.iter().filter(|&&s| s == 1).count(), 3);
+    // Slot 1's turns at 1/6, 3/6, 5/6; slot 3's at 1/4, 3/4; slot 2's at 1/2.
+    assert_eq!(seq, vec![1, 3, 1, 2, 3, 1]);
+}
+
+#[test]
+fn a_giver_releases_evenly_spaced_entries() {
+    // Slot 0 owns all 65536 entries; adding three more slots makes it give 3/4 of them,
+    // taken at even spacing, so each newcomer's entries spread over the whole table too.
+    let mut table = Table::with_members(unit([0])).unwrap();
+    table.add(1, 3).unwrap();
+    for chunk in table.entries().chunks(TABLE_SIZE / 16) {
+        let kept = chunk.iter().filter(|e| e.owner == 0).count();
+        assert!(
+            kept.abs_diff(chunk.len() / 4) <= 1,
+            "slot 0 kept {kept} of {}",
+            chunk.len()
+        );
+    }
+}
+
+/// One step of a random scenario; indices pick among current members or free slots.
+#[derive(Debug, Clone)]
+enum Op {
+    Remove(usize),
+    Add(usize, u32),
+    Weight(usize, u32),
+}
+
+fn op(weighted: bool) -> impl Strategy<Value = Op> {
+    let weight = if weighted { 1..=1000u32 } else { 1..=1u32 };
+    prop_oneof![
+        any::<usize>().prop_map(Op::Remove),
+        (any::<usize>(), weight.clone()).prop_map(|(i, w)| Op::Add(i, w)),
+        (any::<usize>(), weight).prop_map(|(i, w)| Op::Weight(i, w)),
+    ]
+}
+
+/// Initial members (1..=256 distinct slots, equal or random weights) and up to 12 operations.
+fn scenario() -> impl Strategy<Value = (Vec<(Slot, u32)>, Vec<Op>, bool)> {
+    any::<bool>().prop_flat_map(|weighted| {
+        let slots =
+            proptest::sample::subsequence((0..MAX_SLOTS as Slot).collect::<Vec<_>>(), 1..=256);
+        let weight = if weighted { 1..=1000u32 } else { 1..=1u32 };
+        let members = slots.prop_flat_map(move |slots| {
+            let n = slots.len();
+            (Just(slots), proptest::collection::vec(weight.clone(), n))
+                .prop_map(|(s, w)| s.into_iter().zip(w).collect::<Vec<_>>())
+        });
+        (
+            members,
+            proptest::collection::vec(op(weighted), 1..12),
+            Just(weighted),
+        )
+    })
+}
+
+/// Applies `op` (ignoring ops that make no sense in the current state), checking every
+/// property of the operation against the table before it.
+fn apply_and_check(table: &mut Table, op: &Op, weighted: bool) -> Result<(), TestCaseError> {
+    let before = table.clone();
+    let members: Vec<Slot> = before.members().keys().copied().collect();
+    match *op {
+        Op::Remove(pick) => {
+            if members.is_empty() {
+                return Ok(());
+            }
+            let dying = members[pick % members.len()];
+            let delta = table.remove(dying).unwrap();
+            for (old, new) in before.entries().iter().zip(table.entries()) {
+                if old.owner == dying {
+                    prop_assert_eq!(
+                        new.owner,
+                        old.heir,
+                        "an orphan went elsewhere than its heir"
+                    );
+                } else {
+                    prop_assert_eq!(new.owner, old.owner, "a survivor's entry moved");
+                }
+            }
+            prop_assert_eq!(delta.moved, owned(&before, dying));
+        }
+        Op::Add(pick, weight) => {
+            // Keep N within 1..=256 as the property range asks.
+            if members.len() >= 256 {
+                return Ok(());
+            }
+            let free: Vec<Slot> = (0..MAX_SLOTS as Slot)
+                .filter(|s| !members.contains(s))
+                .collect();
+            let newcomer = free[pick % free.len()];
+            let delta = table.add(newcomer, weight).unwrap();
+            for (old, new) in before.entries().iter().zip(table.entries()) {
+                if old.owner != new.owner {
+                    prop_assert_eq!(new.owner, newcomer, "an entry moved between old members");
+                }
+            }
+            let (share, total) = exact_share(table, newcomer);
+            prop_assert!(
+                u64::from(delta.moved) <= share.div_ceil(total),
+                "took more than its share plus one"
+            );
+            prop_assert_eq!(delta.moved, owned(table, newcomer));
+            prop_assert_eq!(delta.moved, minimal_moves(&before, table));
+        }
+        Op::Weight(pick, weight) => {
+            if members.is_empty() {
+                return Ok(());
+            }
+            let slot = members[pick % members.len()];
+            let delta = table.set_weight(slot, weight).unwrap();
+            prop_assert_eq!(
+                delta.moved,
+                minimal_moves(&before, table),
+                "not the fewest moves"
+            );
+        }
+    }
+    prop_assert_eq!(table.validate(), Ok(()), "after {:?}", op);
+    if !weighted || !matches!(op, Op::Remove(_)) {
+        prop_assert!(
+            table.is_exactly_balanced(),
+            "not within [floor, ceil] after {:?}",
+            op
+        );
+    }
+    let n = table.members().len();
+    if n > 0 && !weighted {
+        let max = *table.counts().values().max().unwrap();
+        let ratio = f64::from(max) / (TOTAL as f64 / n as f64);
+        prop_assert!(
+            ratio <= 1.0 + n as f64 / TOTAL as f64,
+            "balance {ratio} at N={n}"
+        );
+    }
+    check_heir_spread(table, weighted)
+}
+
+fn check_heir_spread(table: &Table, weighted: bool) -> Result<(), TestCaseError> {
+    let total: u64 = table.members().values().map(|&w| u64::from(w)).sum();
+    let counts = table.counts();
+    for (dying, heirs) in heir_counts(table) {
+        if heirs.is_empty() {
+            continue;
+        }
+        if weighted {
+            let estate = f64::from(counts[&dying]);
+            let rest = (total - u64::from(table.members()[&dying])) as f64;
+            for (heir, &n) in &heirs {
+                let fair = estate * f64::from(table.members()[heir]) / rest;
+                prop_assert!(
+                    (f64::from(n) - fair).abs() < 2.0,
+                    "slot {heir} inherits {n} of {dying}, fair {fair}"
+                );
+            }
+        } else {
+            let (min, max) = (heirs.values().min().unwrap(), heirs.values().max().unwrap());
+            prop_assert!(max - min <= 1, "heirs of {dying} uneven: {min}..{max}");
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(192))]
+
+    #[test]
+    fn operations_keep_every_promise((members, ops, weighted) in scenario()) {
+        let mut table = Table::with_members(members.clone()).unwrap();
+        prop_assert_eq!(table.validate(), Ok(()));
+        prop_assert!(table.is_exactly_balanced());
+        check_heir_spread(&table, weighted)?;
+        for op in &ops {
+            apply_and_check(&mut table, op, weighted)?;
+        }
+        // Determinism: the same sequence from scratch gives the same table.
+        let mut replay = Table::with_members(members).unwrap();
+        for op in &ops {
+            apply_and_check(&mut replay, op, weighted)?;
+        }
+        prop_assert_eq!(owners(&replay), owners(&table));
+        prop_assert_eq!(replay, table);
+    }
+}
