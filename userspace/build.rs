@@ -1,0 +1,30 @@
+//! Compiles the eBPF program and hands its object to this crate through `OUT_DIR`, so the
+//! binary always embeds the object built from the sources beside it, never a stale one.
+use std::{env, path::PathBuf, process::exit};
+
+fn main() {
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
+    let root = manifest_dir
+        .parent()
+        .expect("userspace sits inside the workspace");
+    for input in ["ebpf", "common", "Cargo.lock", ".cargo/config.toml"] {
+        println!("cargo::rerun-if-changed={}", root.join(input).display());
+    }
+    println!("cargo::rerun-if-env-changed=PORTSHARD_BPF_RUSTC");
+
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
+    let built = portshard_toolchain::build_object(&root.join("ebpf"), &root.join("target/ebpf"))
+        .and_then(|object| {
+            std::fs::copy(&object, out_dir.join("portshard.bpf.o")).map_err(|e| {
+                format!(
+                    "copying {} into {}: {e}",
+                    object.display(),
+                    out_dir.display()
+                )
+            })
+        });
+    if let Err(message) = built {
+        println!("cargo::error={message}");
+        exit(1);
+    }
+}

@@ -1,0 +1,522 @@
+//! The kernel side of one service: its program and maps, loaded from the embedded object and
+//! pinned under `<root>/<service>/`, and the few operations userspace performs on them.
+//!
+//! Everything here is a thin wrapper over a syscall. The pins are the state: a handle is
+//! always opened from them, so the process that created them and one that comes later see
+//! the same program and maps.
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    path::{Path, PathBuf},
+    ptr::NonNull,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{Array, Map, MapData, MapError, MapInfo, PerCpuArray, ReusePortSockArray},
+    programs::{ProgramError, SkReuseport, sk_reuseport::SkReuseportAttachType},
+};
+use portshard_common::{Counters, SlotMeta, TABLE_SIZE, Table, TableEntry, names};
+
+use crate::{
+    bpffs::{self, BpffsError},
+    object::{self, MapSpec, OBJECT, ObjectError},
+    table::Slot,
+};
+
+/// A dataplane operation failed; each message names the path, service, slot or socket.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The pin root is unusable.
+    #[error(transparent)]
+    Bpffs(#[from] BpffsError),
+    /// The embedded object is unusable.
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+    /// The service name cannot name a pin directory.
+    #[error("service name {name:?} is invalid: use 1 to 32 characters from a-z, 0-9 and '-'")]
+    BadServiceName {
+        /// The offending name.
+        name: String,
+    },
+    /// Nothing is pinned for the service.
+    #[error(
+        "no dataplane is pinned at {dir}: the service was never started under this pin root, or was stopped"
+    )]
+    NotPinned {
+        /// The service's pin directory.
+        dir: PathBuf,
+    },
+    /// A pin exists but is not what this build uses: never reused silently.
+    #[error(
+        "pinned map {path} has {what} {found}, but this build expects {expected}: it was left by another portshard version or another program; remove {} (after stopping whatever uses it) or use another pin root",
+        path.parent().map_or_else(|| path.display(), |dir| dir.display())
+    )]
+    PinMismatch {
+        /// The mismatching pin.
+        path: PathBuf,
+        /// Which property differs.
+        what: &'static str,
+        /// What the pin has.
+        found: String,
+        /// What this build needs.
+        expected: String,
+    },
+    /// A pin path holds something that is not a map (or cannot be opened).
+    #[error("cannot open pinned map {path}: {source}")]
+    OpenPin {
+        /// The pin.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: MapError,
+    },
+    /// Creating the maps or reading the object failed.
+    #[error("loading the eBPF object for the pins in {dir} failed: {source}")]
+    Load {
+        /// The service's pin directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    /// The verifier or the program pin failed.
+    #[error("{action} the program at {path} failed: {source}")]
+    Program {
+        /// What was being done.
+        action: String,
+        /// The program pin.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: ProgramError,
+    },
+    /// A pin could not be written or removed.
+    #[error("{action} {path} failed: {source}")]
+    PinIo {
+        /// What was being done.
+        action: &'static str,
+        /// The pin or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A map operation failed.
+    #[error("{action} in {path} failed: {source}")]
+    Map {
+        /// What was being done, naming the slot or socket.
+        action: String,
+        /// The map's pin.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: MapError,
+    },
+    /// Memory-mapping the table failed.
+    #[error("memory-mapping the table {path} failed: {source}")]
+    Mmap {
+        /// The table's pin.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+/// Checks that `name` can be a service's pin directory: 1 to 32 of `a-z`, `0-9`, `-`.
+pub fn check_service_name(name: &str) -> Result<()> {
+    let valid = (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if valid {
+        Ok(())
+    } else {
+        Err(DataplaneError::BadServiceName {
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// An open handle on one service's pinned program and maps.
+pub struct Dataplane {
+    dir: PathBuf,
+    program: SkReuseport,
+    sockets: ReusePortSockArray<MapData>,
+    slots: Array<MapData, SlotMeta>,
+    counters: PerCpuArray<MapData, Counters>,
+    table: MappedTable,
+}
+
+impl Dataplane {
+    /// Loads the program for `service` and pins it and its maps under `root/service/`,
+    /// mounting the BPF filesystem if needed. Maps already pinned there are reused if, and
+    /// only if, they are exactly what this build expects; anything else is refused.
+    pub fn create(root: &Path, service: &str) -> Result<Self> {
+        check_service_name(service)?;
+        let dir = root.join(service);
+        bpffs::ensure_dir(&dir)?;
+        for spec in object::map_specs(OBJECT)? {
+            let path = dir.join(spec.name);
+            if path.exists() {
+                check_pin(&path, &spec)?;
+            }
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .load(OBJECT)
+            .map_err(|source| DataplaneError::Load {
+                dir: dir.clone(),
+                source: Box::new(source),
+            })?;
+        let path = dir.join(names::PROGRAM);
+        let program_error = |action: &str| {
+            let (action, path) = (action.to_owned(), path.clone());
+            move |source| DataplaneError::Program {
+                action,
+                path,
+                source,
+            }
+        };
+        let program: &mut SkReuseport = ebpf
+            .program_mut(names::PROGRAM)
+            .ok_or(ObjectError::MissingProgram(names::PROGRAM))?
+            .try_into()
+            .map_err(program_error("using"))?;
+        program
+            .load()
+            .map_err(program_error("verifying and loading"))?;
+        remove_if_present(&path)?;
+        program.pin(&path).map_err(|source| DataplaneError::PinIo {
+            action: "pinning the program at",
+            path: path.clone(),
+            source: io::Error::other(source),
+        })?;
+        Self::open_dir(dir)
+    }
+
+    /// Opens the pins of `service` under `root`, checking every map against this build.
+    pub fn open(root: &Path, service: &str) -> Result<Self> {
+        check_service_name(service)?;
+        Self::open_dir(root.join(service))
+    }
+
+    fn open_dir(dir: PathBuf) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(DataplaneError::NotPinned { dir });
+        }
+        let specs = object::map_specs(OBJECT)?;
+        let mut maps = specs.iter().map(|spec| open_map(&dir, spec));
+        let mut next = || maps.next().expect("one spec per map name");
+        let sockets = typed(&dir, names::SOCKETS, next()?)?;
+        let table_map = next()?;
+        let slots = typed(&dir, names::SLOTS, next()?)?;
+        let counters = typed(&dir, names::COUNTERS, next()?)?;
+        let table = MappedTable::new(table_map, &dir.join(names::TABLE))?;
+        let path = dir.join(names::PROGRAM);
+        let program = SkReuseport::from_pin(&path, SkReuseportAttachType::SelectOrMigrate)
+            .map_err(|source| DataplaneError::Program {
+                action: "opening".to_owned(),
+                path,
+                source,
+            })?;
+        Ok(Self {
+            dir,
+            program,
+            sockets,
+            slots,
+            counters,
+            table,
+        })
+    }
+
+    /// The service's pin directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Attaches the program to the reuseport group of `socket`, which must already be bound
+    /// (and, for TCP, listening): attaching to a lone socket before `listen()` would make
+    /// the group's other sockets fail to listen. The group keeps the program until its
+    /// last socket closes, whatever happens to this process.
+    pub fn attach(&self, socket: BorrowedFd<'_>) -> Result<()> {
+        self.program
+            .attach(socket)
+            .map_err(|source| DataplaneError::Program {
+                action: format!(
+                    "attaching to the reuseport group of socket fd {}",
+                    socket.as_raw_fd()
+                ),
+                path: self.dir.join(names::PROGRAM),
+                source,
+            })
+    }
+
+    /// Puts `socket` in `slot` of the socket array and records `meta` for it.
+    pub fn place(&mut self, slot: Slot, socket: BorrowedFd<'_>, meta: SlotMeta) -> Result<()> {
+        self.sockets
+            .set(u32::from(slot), &socket.as_raw_fd(), 0)
+            .map_err(|source| DataplaneError::Map {
+                action: format!("placing socket fd {} in slot {slot}", socket.as_raw_fd()),
+                path: self.dir.join(names::SOCKETS),
+                source,
+            })?;
+        self.set_meta(slot, meta)
+    }
+
+    /// Empties `slot` of the socket array (a no-op if its socket already closed).
+    pub fn clear(&mut self, slot: Slot) -> Result<()> {
+        match self.sockets.clear_index(&u32::from(slot)) {
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            result => result.map_err(|source| DataplaneError::Map {
+                action: format!("clearing slot {slot}"),
+                path: self.dir.join(names::SOCKETS),
+                source,
+            }),
+        }
+    }
+
+    /// Records `meta` as `slot`'s metadata.
+    pub fn set_meta(&mut self, slot: Slot, meta: SlotMeta) -> Result<()> {
+        self.slots
+            .set(u32::from(slot), meta, 0)
+            .map_err(|source| DataplaneError::Map {
+                action: format!("recording slot {slot}"),
+                path: self.dir.join(names::SLOTS),
+                source,
+            })
+    }
+
+    /// `slot`'s recorded metadata.
+    pub fn meta(&self, slot: Slot) -> Result<SlotMeta> {
+        self.slots
+            .get(&u32::from(slot), 0)
+            .map_err(|source| DataplaneError::Map {
+                action: format!("reading slot {slot}"),
+                path: self.dir.join(names::SLOTS),
+                source,
+            })
+    }
+
+    /// Writes `entries[i]` into the kernel's table for each `i` in `indices`. Each entry is
+    /// one atomic 32-bit store into the mapped table: no syscall, and the program never sees
+    /// half an entry.
+    pub fn write_entries(&self, entries: &[TableEntry], indices: impl IntoIterator<Item = u32>) {
+        for index in indices {
+            self.table.store(index as usize, entries[index as usize]);
+        }
+    }
+
+    /// The kernel's table as it is now.
+    pub fn read_entries(&self) -> Vec<TableEntry> {
+        (0..TABLE_SIZE).map(|i| self.table.load(i)).collect()
+    }
+
+    /// The program's counters, summed over all CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        let per_cpu = self
+            .counters
+            .get(&0, 0)
+            .map_err(|source| DataplaneError::Map {
+                action: "reading the counters".to_owned(),
+                path: self.dir.join(names::COUNTERS),
+                source,
+            })?;
+        let mut sum = Counters::ZERO;
+        for cpu in per_cpu.iter() {
+            for (total, row) in sum.slots.iter_mut().zip(&cpu.slots) {
+                total.selected += row.selected;
+                total.failed_over += row.failed_over;
+                total.probed += row.probed;
+                total.migrated += row.migrated;
+            }
+            sum.fell_through += cpu.fell_through;
+        }
+        Ok(sum)
+    }
+
+    /// Unpins the service's program and maps and removes its directory. Groups the program
+    /// is attached to keep it until their last socket closes.
+    pub fn remove_pins(root: &Path, service: &str) -> Result<()> {
+        check_service_name(service)?;
+        let dir = root.join(service);
+        for name in names::MAPS.iter().chain([&names::PROGRAM]) {
+            remove_if_present(&dir.join(name))?;
+        }
+        match std::fs::remove_dir(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DataplaneError::PinIo {
+                action: "removing pin directory",
+                path: dir,
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Opens the map pinned at `dir/spec.name` after checking it against `spec`.
+fn open_map(dir: &Path, spec: &MapSpec) -> Result<MapData> {
+    let path = dir.join(spec.name);
+    check_pin(&path, spec)?;
+    MapData::from_pin(&path).map_err(|source| DataplaneError::OpenPin { path, source })
+}
+
+/// Refuses a pin that is not exactly the map `spec` describes.
+fn check_pin(path: &Path, spec: &MapSpec) -> Result<()> {
+    let info = MapInfo::from_pin(path).map_err(|source| DataplaneError::OpenPin {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let found_type = info
+        .map_type()
+        .map_or_else(|e| e.to_string(), |t| format!("{t:?}"));
+    let expected_type = map_type_name(spec.map_type);
+    let checks = [
+        ("map type", found_type, expected_type),
+        (
+            "key size",
+            info.key_size().to_string(),
+            spec.key_size.to_string(),
+        ),
+        (
+            "value size",
+            info.value_size().to_string(),
+            spec.value_size.to_string(),
+        ),
+        (
+            "max entries",
+            info.max_entries().to_string(),
+            spec.max_entries.to_string(),
+        ),
+        (
+            "flags",
+            format!("{:#x}", info.map_flags()),
+            format!("{:#x}", spec.flags),
+        ),
+    ];
+    match checks
+        .into_iter()
+        .find(|(_, found, expected)| found != expected)
+    {
+        Some((what, found, expected)) => Err(DataplaneError::PinMismatch {
+            path: path.to_path_buf(),
+            what,
+            found,
+            expected,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The name aya gives a raw `bpf_map_type`, as [`MapInfo::map_type`] reports a pin's.
+fn map_type_name(raw: u32) -> String {
+    aya_obj::generated::bpf_map_type::try_from(raw)
+        .ok()
+        .and_then(|t| aya::maps::MapType::try_from(t).ok())
+        .map_or_else(|| format!("type {raw}"), |t| format!("{t:?}"))
+}
+
+/// Converts an opened map into its typed aya handle.
+fn typed<T>(dir: &Path, name: &str, data: MapData) -> Result<T>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let path = dir.join(name);
+    Map::from_map_data(data)
+        .and_then(T::try_from)
+        .map_err(|source| DataplaneError::OpenPin { path, source })
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DataplaneError::PinIo {
+            action: "unpinning",
+            path: path.to_path_buf(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The table map, memory-mapped: userspace reads and writes entries as 32-bit words.
+struct MappedTable {
+    words: NonNull<AtomicU32>,
+    _map: MapData,
+}
+
+// SAFETY: the mapping is shared memory accessed only through atomics.
+unsafe impl Send for MappedTable {}
+unsafe impl Sync for MappedTable {}
+
+impl MappedTable {
+    const BYTES: usize = size_of::<Table>();
+
+    fn new(map: MapData, path: &Path) -> Result<Self> {
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: maps a BPF_F_MMAPABLE array whose single value is exactly `BYTES` long
+        // (checked against the object's spec when opened); the mapping lives as long as `self`.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                Self::BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DataplaneError::Mmap {
+                path: path.to_path_buf(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(Self {
+            words: NonNull::new(ptr.cast()).expect("mmap never returns null on success"),
+            _map: map,
+        })
+    }
+
+    fn word(&self, index: usize) -> &AtomicU32 {
+        assert!(index < TABLE_SIZE, "table index {index} out of range");
+        // SAFETY: in bounds of the mapping, 4-byte aligned (page-aligned base).
+        unsafe { self.words.add(index).as_ref() }
+    }
+
+    fn store(&self, index: usize, entry: TableEntry) {
+        self.word(index).store(entry.to_word(), Ordering::Relaxed);
+    }
+
+    fn load(&self, index: usize) -> TableEntry {
+        TableEntry::from_word(self.word(index).load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for MappedTable {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`.
+        unsafe { libc::munmap(self.words.as_ptr().cast(), Self::BYTES) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names_are_checked() {
+        for good in ["dns", "a", "web-1", &"x".repeat(32)] {
+            check_service_name(good).unwrap();
+        }
+        for bad in ["", "DNS", "a/b", "..", "a_b", &"x".repeat(33)] {
+            let error = check_service_name(bad).unwrap_err().to_string();
+            assert!(error.contains("use 1 to 32 characters"), "{bad:?}: {error}");
+        }
+    }
+}

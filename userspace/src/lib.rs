@@ -1,0 +1,11 @@
+//! portshard: an eBPF-steered `SO_REUSEPORT` load balancer.
+//!
+//! Pure logic ([`table`], [`object`]) never makes a syscall; the edge modules ([`bpffs`],
+//! [`socket`], [`dataplane`]) are thin wrappers over the kernel, and [`group`] ties a
+//! table to its dataplane.
+pub mod bpffs;
+pub mod dataplane;
+pub mod group;
+pub mod object;
+pub mod socket;
+pub mod table;

@@ -1,0 +1,135 @@
+//! The eBPF object this binary was built with, and what its maps must look like. Parsing
+//! only, no syscalls: the edge compares these specifications with what it finds pinned.
+use portshard_common::names;
+
+/// The compiled program, embedded at build time from `OUT_DIR` (see `build.rs`), so the
+/// binary can never load an object other than the one built from its own sources.
+pub static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portshard.bpf.o"));
+
+/// What a map must be for this build's program to use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapSpec {
+    /// Map (and pin file) name.
+    pub name: &'static str,
+    /// `bpf_map_type` number.
+    pub map_type: u32,
+    /// Key size in bytes.
+    pub key_size: u32,
+    /// Value size in bytes.
+    pub value_size: u32,
+    /// Number of entries.
+    pub max_entries: u32,
+    /// `BPF_F_*` creation flags.
+    pub flags: u32,
+}
+
+/// The object could not be understood.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    /// The ELF does not parse as an eBPF object.
+    #[error("the embedded eBPF object does not parse: {0}")]
+    Parse(#[from] aya_obj::ParseError),
+    /// The program the userspace side loads is absent.
+    #[error("the embedded eBPF object has no program named `{0}`; it was built from other sources")]
+    MissingProgram(&'static str),
+    /// A map the userspace side relies on is absent.
+    #[error("the embedded eBPF object has no map named `{0}`; it was built from other sources")]
+    MissingMap(&'static str),
+}
+
+/// The specifications of every map in [`names::MAPS`], as `object` defines them.
+pub fn map_specs(object: &[u8]) -> Result<Vec<MapSpec>, ObjectError> {
+    let parsed = aya_obj::Object::parse(object)?;
+    names::MAPS
+        .iter()
+        .map(|&name| {
+            let map = parsed.maps.get(name).ok_or(ObjectError::MissingMap(name))?;
+            Ok(MapSpec {
+                name,
+                map_type: map.map_type(),
+                key_size: map.key_size(),
+                value_size: map.value_size(),
+                max_entries: map.max_entries(),
+                flags: map.map_flags(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use portshard_common::{BPF_F_MMAPABLE, Counters, MAX_SLOTS, SlotMeta, Table};
+
+    use super::*;
+
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    const BPF_MAP_TYPE_REUSEPORT_SOCKARRAY: u32 = 20;
+
+    /// The kernel side and the user side agree on every map, because both are built from
+    /// `portshard-common`; this checks that the embedded object really was.
+    #[test]
+    fn embedded_object_matches_the_shared_layout() {
+        let specs = map_specs(OBJECT).unwrap();
+        let expected = [
+            (
+                names::SOCKETS,
+                BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
+                4,
+                MAX_SLOTS,
+                0,
+            ),
+            (
+                names::TABLE,
+                BPF_MAP_TYPE_ARRAY,
+                size_of::<Table>() as u32,
+                1,
+                BPF_F_MMAPABLE,
+            ),
+            (
+                names::SLOTS,
+                BPF_MAP_TYPE_ARRAY,
+                size_of::<SlotMeta>() as u32,
+                MAX_SLOTS,
+                0,
+            ),
+            (
+                names::COUNTERS,
+                BPF_MAP_TYPE_PERCPU_ARRAY,
+                size_of::<Counters>() as u32,
+                1,
+                0,
+            ),
+        ];
+        for (spec, (name, map_type, value_size, max_entries, flags)) in specs.iter().zip(expected) {
+            assert_eq!(
+                spec,
+                &MapSpec {
+                    name,
+                    map_type,
+                    key_size: 4,
+                    value_size,
+                    max_entries,
+                    flags
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn embedded_object_has_the_program() {
+        let parsed = aya_obj::Object::parse(OBJECT).unwrap();
+        assert!(parsed.programs.contains_key(names::PROGRAM));
+    }
+
+    #[test]
+    fn garbage_is_a_parse_error() {
+        let error = map_specs(b"not an elf").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("the embedded eBPF object does not parse")
+        );
+    }
+}
