@@ -1,0 +1,5 @@
+//! Measures portshard against plain `SO_REUSEPORT` on real sockets, each run in a private
+//! network namespace: the kernel tests assert on these measurements, the demo prints them.
+pub mod flows;
+pub mod netns;
+pub mod scenario;
