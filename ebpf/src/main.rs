@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use portshard_common::{
     BPF_F_MMAPABLE, Counters, MAX_SLOTS, PROBE_STEPS, PROBE_STRIDE, SlotCounters, SlotMeta,
-    TABLE_MASK, Table,
+    TABLE_MASK, Table, TableEntry,
 };
 
 /// Slot number to listening socket. The kernel clears a slot the moment its socket closes.
@@ -50,7 +50,7 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
         return SK_PASS;
     };
     let index = ctx.hash() & TABLE_MASK;
-    let entry = table.entries[index as usize];
+    let entry = read(table, index);
 
     let mut chosen = None;
     if select(&ctx, entry.owner) {
@@ -59,8 +59,7 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
         chosen = Some((entry.heir, Choice::Heir));
     } else {
         for step in 1..=PROBE_STEPS {
-            let other =
-                table.entries[(index.wrapping_add(step * PROBE_STRIDE) & TABLE_MASK) as usize];
+            let other = read(table, index.wrapping_add(step * PROBE_STRIDE));
             if other.owner != entry.owner && other.owner != entry.heir && select(&ctx, other.owner)
             {
                 chosen = Some((other.owner, Choice::Probe));
@@ -70,6 +69,15 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
     }
     count(&ctx, chosen);
     SK_PASS
+}
+
+/// Reads entry `index & TABLE_MASK` as the one 32-bit word userspace stores it as, so owner
+/// and heir always come from the same version of the entry.
+#[inline(always)]
+fn read(table: &Table, index: u32) -> TableEntry {
+    let entry: *const TableEntry = &table.entries[(index & TABLE_MASK) as usize];
+    // SAFETY: the entry is 4 bytes, 4-byte aligned, inside the map value.
+    TableEntry::from_word(unsafe { core::ptr::read_volatile(entry.cast::<u32>()) })
 }
 
 /// Asks the kernel to deliver to `slot`'s socket; false if the slot names no socket, or its
@@ -112,7 +120,9 @@ fn bump(row: &mut SlotCounters, migrating: bool, choice: Choice) {
     *counter += 1;
 }
 
-#[cfg(not(test))]
+/// Only for the BPF target: a host check of this crate (clippy over the workspace) links
+/// `std`, whose panic handler would clash.
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}

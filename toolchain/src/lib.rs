@@ -167,6 +167,17 @@ pub fn install_plan(missing: &[Missing]) -> Vec<Command> {
     plan
 }
 
+/// What cargo sets for a build script beyond `CARGO_*`.
+const BUILD_SCRIPT_VARIABLES: [&str; 7] = [
+    "HOST",
+    "TARGET",
+    "OUT_DIR",
+    "OPT_LEVEL",
+    "PROFILE",
+    "DEBUG",
+    "NUM_JOBS",
+];
+
 /// Compiles the eBPF crate at `ebpf_dir` into `target_dir` and returns the object's path.
 ///
 /// Runs a nested cargo with the BPF rustc. Every variable a surrounding cargo, clippy or
@@ -186,12 +197,15 @@ pub fn build_object(ebpf_dir: &Path, target_dir: &Path) -> Result<PathBuf, Strin
     let mut command = Command::new(cargo);
     for (key, _) in env::vars_os() {
         let key = key.to_string_lossy();
-        let inherited_compiler_setting =
+        // What cargo sets for a build script (HOST, TARGET, ...) goes too: aya-ebpf's build
+        // script tracks HOST, and callers that differ in it would rebuild each other's work.
+        let inherited =
             (key.starts_with("CARGO_") && key != "CARGO_HOME" && key != "CARGO_MAKEFLAGS")
                 || key.starts_with("RUSTC")
                 || key.starts_with("RUSTDOC")
-                || key == "RUSTFLAGS";
-        if inherited_compiler_setting {
+                || key == "RUSTFLAGS"
+                || BUILD_SCRIPT_VARIABLES.contains(&key.as_ref());
+        if inherited {
             command.env_remove(key.as_ref());
         }
     }

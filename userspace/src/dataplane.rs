@@ -70,7 +70,7 @@ pub enum DataplaneError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     /// Creating the maps or reading the object failed.
     #[error("loading the eBPF object for the pins in {dir} failed: {source}")]
@@ -90,7 +90,7 @@ pub enum DataplaneError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// A pin could not be written or removed.
     #[error("{action} {path} failed: {source}")]
@@ -112,7 +112,7 @@ pub enum DataplaneError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     /// Memory-mapping the table failed.
     #[error("memory-mapping the table {path} failed: {source}")]
@@ -179,7 +179,7 @@ impl Dataplane {
             move |source| DataplaneError::Program {
                 action,
                 path,
-                source,
+                source: Box::new(source),
             }
         };
         let program: &mut SkReuseport = ebpf
@@ -222,7 +222,7 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Program {
                 action: "opening".to_owned(),
                 path,
-                source,
+                source: Box::new(source),
             })?;
         Ok(Self {
             dir,
@@ -252,7 +252,7 @@ impl Dataplane {
                     socket.as_raw_fd()
                 ),
                 path: self.dir.join(names::PROGRAM),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -263,7 +263,7 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Map {
                 action: format!("placing socket fd {} in slot {slot}", socket.as_raw_fd()),
                 path: self.dir.join(names::SOCKETS),
-                source,
+                source: Box::new(source),
             })?;
         self.set_meta(slot, meta)
     }
@@ -277,7 +277,7 @@ impl Dataplane {
             result => result.map_err(|source| DataplaneError::Map {
                 action: format!("clearing slot {slot}"),
                 path: self.dir.join(names::SOCKETS),
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -289,7 +289,7 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Map {
                 action: format!("recording slot {slot}"),
                 path: self.dir.join(names::SLOTS),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -300,7 +300,7 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Map {
                 action: format!("reading slot {slot}"),
                 path: self.dir.join(names::SLOTS),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -326,7 +326,7 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Map {
                 action: "reading the counters".to_owned(),
                 path: self.dir.join(names::COUNTERS),
-                source,
+                source: Box::new(source),
             })?;
         let mut sum = Counters::ZERO;
         for cpu in per_cpu.iter() {
@@ -364,14 +364,17 @@ impl Dataplane {
 fn open_map(dir: &Path, spec: &MapSpec) -> Result<MapData> {
     let path = dir.join(spec.name);
     check_pin(&path, spec)?;
-    MapData::from_pin(&path).map_err(|source| DataplaneError::OpenPin { path, source })
+    MapData::from_pin(&path).map_err(|source| DataplaneError::OpenPin {
+        path,
+        source: Box::new(source),
+    })
 }
 
 /// Refuses a pin that is not exactly the map `spec` describes.
 fn check_pin(path: &Path, spec: &MapSpec) -> Result<()> {
     let info = MapInfo::from_pin(path).map_err(|source| DataplaneError::OpenPin {
         path: path.to_path_buf(),
-        source,
+        source: Box::new(source),
     })?;
     let found_type = info
         .map_type()
@@ -430,7 +433,10 @@ where
     let path = dir.join(name);
     Map::from_map_data(data)
         .and_then(T::try_from)
-        .map_err(|source| DataplaneError::OpenPin { path, source })
+        .map_err(|source| DataplaneError::OpenPin {
+            path,
+            source: Box::new(source),
+        })
 }
 
 fn remove_if_present(path: &Path) -> Result<()> {

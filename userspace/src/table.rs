@@ -478,7 +478,7 @@ impl ShareCache {
 fn share(weight: u32, total: u64) -> (u32, u32) {
     let scaled = TOTAL * u64::from(weight);
     let floor = (scaled / total) as u32;
-    (floor, floor + u32::from(scaled % total != 0))
+    (floor, floor + u32::from(!scaled.is_multiple_of(total)))
 }
 
 /// Packs a rank and a position (below 1024) into one integer that orders by rank, then by

@@ -1,8 +1,9 @@
 //! `cargo xtask`: the developer commands. Each installs what it needs first, so a fresh
 //! clone on a fresh machine needs nothing but cargo.
 use std::{
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -93,47 +94,98 @@ fn build_ebpf() -> Result<PathBuf> {
 
 fn test(args: &[String]) -> Result<()> {
     build_ebpf()?;
-    cargo(
-        &[
-            "test",
-            "--release",
-            "--workspace",
-            "--exclude",
-            "portshard-ebpf",
-            "--",
-        ],
-        args,
-    )
+    let mut child = cargo_command(&[
+        "test",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "portshard-ebpf",
+        "--lib",
+        "--bins",
+        "--tests",
+        "--",
+    ])
+    .args(args)
+    .stdout(Stdio::piped())
+    .spawn()
+    .context("could not start cargo test")?;
+    // Pass the output through while adding up every test binary's result line.
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            passed += count_before(result, " passed");
+            failed += count_before(result, " failed");
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("cargo test failed ({status})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// The number just before `label` in a `test result:` line (`ok. 18 passed; 0 failed; ...`).
+fn count_before(result: &str, label: &str) -> u64 {
+    result
+        .split(';')
+        .find_map(|part| part.trim_end().strip_suffix(label))
+        .and_then(|part| part.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn demo() -> Result<()> {
     build_ebpf()?;
-    cargo(
-        &[
-            "run",
-            "--release",
-            "--quiet",
-            "--package",
-            "portshard-harness",
-            "--bin",
-            "portshard-demo",
-            "--",
-        ],
-        &[],
-    )
-}
-
-/// Runs cargo in the workspace root with `args` then `extra`, failing on a non-zero exit.
-fn cargo(args: &[&str], extra: &[String]) -> Result<()> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(root())
-        .args(args)
-        .args(extra)
-        .status()
-        .context("could not start cargo")?;
+    let status = cargo_command(&[
+        "run",
+        "--release",
+        "--quiet",
+        "--package",
+        "portshard-harness",
+        "--bin",
+        "portshard-demo",
+    ])
+    .status()
+    .context("could not start cargo run")?;
     if !status.success() {
-        bail!("cargo {} failed ({status})", args.join(" "));
+        bail!("the demo failed ({status})");
     }
     Ok(())
+}
+
+/// Cargo, in the workspace root, with `args`.
+fn cargo_command(args: &[&str]) -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(root()).args(args);
+    command
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_before;
+
+    #[test]
+    fn reads_counts_from_result_lines() {
+        let ok =
+            "ok. 18 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 22.29s";
+        assert_eq!(
+            (count_before(ok, " passed"), count_before(ok, " failed")),
+            (18, 0)
+        );
+        let failed =
+            "FAILED. 5 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.09s";
+        assert_eq!(
+            (
+                count_before(failed, " passed"),
+                count_before(failed, " failed")
+            ),
+            (5, 1)
+        );
+    }
 }

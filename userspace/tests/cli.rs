@@ -1,0 +1,80 @@
+//! The `portshard` command against pins a live group wrote, in a fresh network namespace.
+use std::{os::fd::AsFd as _, process::Command};
+
+use portshard::{
+    group::Group,
+    socket::{Proto, bind_reuseport},
+};
+use portshard_harness::{flows::loopback, netns::NetNs, scenario::PinRoot};
+
+fn portshard(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_portshard"))
+        .args(args)
+        .output()
+        .expect("running portshard")
+}
+
+#[test]
+fn table_reads_the_pins_of_a_running_group() {
+    let _netns = NetNs::enter().expect("kernel tests need root to create a network namespace");
+    let pins = PinRoot::new().expect("creating a pin root on the BPF filesystem");
+    let root = pins.path().to_str().unwrap();
+    let sockets: Vec<_> = (0..3)
+        .map(|_| bind_reuseport(Proto::Tcp, loopback(true, 5300)).unwrap())
+        .collect();
+    let mut group = Group::create(pins.path(), "web").unwrap();
+    for (slot, socket) in sockets.iter().enumerate() {
+        group.add(slot as u16 * 2, socket.as_fd(), 1).unwrap();
+    }
+    group.remove(2).unwrap();
+
+    let out = portshard(&["table", "web", "--bpffs", root, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let slots = json["slots"].as_array().unwrap();
+    let summary: Vec<(u64, &str, u64)> = slots
+        .iter()
+        .map(|s| {
+            (
+                s["slot"].as_u64().unwrap(),
+                s["state"].as_str().unwrap(),
+                s["entries"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [(0, "live", 32_768), (2, "dead", 0), (4, "live", 32_768)]
+    );
+    assert_eq!(
+        slots[0]["pid"].as_u64().unwrap(),
+        u64::from(std::process::id())
+    );
+    assert_eq!(json["balance"].as_f64().unwrap(), 1.0);
+
+    let out = portshard(&["table", "web", "--bpffs", root]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with("service web: 2 slots own entries, balance 1.0000"),
+        "{text}"
+    );
+}
+
+#[test]
+fn table_of_an_unknown_service_says_so() {
+    let pins = PinRoot::new().expect("creating a pin root on the BPF filesystem");
+    let out = portshard(&["table", "nope", "--bpffs", pins.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "no dataplane is pinned at {}/nope",
+            pins.path().display()
+        )),
+        "{stderr}"
+    );
+}
