@@ -4,6 +4,7 @@
 //! Every type is `#[repr(C)]` and plain data. With the `user` feature they implement
 //! `aya::Pod`, so userspace reads and writes exactly the bytes the program sees.
 #![no_std]
+#![warn(missing_docs)]
 
 /// Number of entries in a service's lookup table. A flow's entry is `hash & TABLE_MASK`.
 ///

@@ -12,11 +12,39 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
-use portshard::{dataplane::Dataplane, group::Group, socket::Proto, table::Slot};
+use portshard::{
+    bpffs::BpffsError,
+    dataplane::{Dataplane, DataplaneError},
+    group::{Group, GroupError},
+    socket::Proto,
+    table::Slot,
+};
 use portshard_common::{Counters, MAX_SLOTS, TABLE_SIZE, TableEntry};
 
 use crate::flows::{self, Flows, Landing, Listener};
+
+/// A measurement could not be made (as opposed to measuring something wrong, which the
+/// caller judges from the results).
+#[derive(Debug, thiserror::Error)]
+pub enum MeasureError {
+    /// Sockets or traffic failed.
+    #[error("sending flows: {0}")]
+    Io(#[from] io::Error),
+    /// portshard refused to set up or change the group.
+    #[error(transparent)]
+    Group(#[from] GroupError),
+    /// The dataplane could not be read or removed.
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    /// The pin root could not be made.
+    #[error(transparent)]
+    Bpffs(#[from] BpffsError),
+    /// The traffic did not behave as the scenario needs.
+    #[error("{0}")]
+    Traffic(String),
+}
+
+type Result<T, E = MeasureError> = std::result::Result<T, E>;
 
 /// Port every test service listens on (inside its private namespace).
 pub const SERVICE_PORT: u16 = 5300;
@@ -402,7 +430,7 @@ impl QueuedOnClose {
         for flow in 0..self.connections {
             let client = flows
                 .open(flow)?
-                .with_context(|| format!("connection {flow} refused"))?;
+                .ok_or_else(|| MeasureError::Traffic(format!("connection {flow} refused")))?;
             client.set_read_timeout(Some(Duration::from_secs(2)))?;
             clients.push(client);
         }
@@ -415,11 +443,11 @@ impl QueuedOnClose {
         let deadline = Instant::now() + Duration::from_secs(5);
         while queued(listeners)?.iter().sum::<usize>() < self.connections {
             if Instant::now() > deadline {
-                bail!(
+                return Err(MeasureError::Traffic(format!(
                     "only {:?} of {} connections queued",
                     queued(listeners)?,
                     self.connections
-                );
+                )));
             }
             thread::sleep(Duration::from_millis(1));
         }

@@ -5,6 +5,7 @@
 //! rustc (`rustc-web`) with a prebuilt `core` for `bpfel-unknown-none`, and `bpf-linker` is
 //! built against Debian's LLVM 22. The userspace build script and `cargo xtask` both use this
 //! crate, so the recipe exists once.
+#![warn(missing_docs)]
 use std::{
     env,
     ffi::OsString,
@@ -43,7 +44,10 @@ pub enum Missing {
     /// No `bpf-linker` on `PATH` or in cargo's bin directory.
     BpfLinker,
     /// The BPF rustc exists but has no prebuilt `core` for the target.
-    BpfCore { sysroot: PathBuf },
+    BpfCore {
+        /// The sysroot of the BPF rustc.
+        sysroot: PathBuf,
+    },
 }
 
 impl fmt::Display for Missing {

@@ -82,7 +82,7 @@ pub enum DataplaneError {
         source: Box<aya::EbpfError>,
     },
     /// The verifier or the program pin failed.
-    #[error("{action} the program at {path} failed: {source}")]
+    #[error("{action} ({path}) failed: {source}")]
     Program {
         /// What was being done.
         action: String,
@@ -186,10 +186,10 @@ impl Dataplane {
             .program_mut(names::PROGRAM)
             .ok_or(ObjectError::MissingProgram(names::PROGRAM))?
             .try_into()
-            .map_err(program_error("using"))?;
+            .map_err(program_error("preparing the program"))?;
         program
             .load()
-            .map_err(program_error("verifying and loading"))?;
+            .map_err(program_error("verifying and loading the program"))?;
         remove_if_present(&path)?;
         program.pin(&path).map_err(|source| DataplaneError::PinIo {
             action: "pinning the program at",
@@ -220,7 +220,7 @@ impl Dataplane {
         let path = dir.join(names::PROGRAM);
         let program = SkReuseport::from_pin(&path, SkReuseportAttachType::SelectOrMigrate)
             .map_err(|source| DataplaneError::Program {
-                action: "opening".to_owned(),
+                action: "opening the pinned program".to_owned(),
                 path,
                 source: Box::new(source),
             })?;
@@ -248,7 +248,7 @@ impl Dataplane {
             .attach(socket)
             .map_err(|source| DataplaneError::Program {
                 action: format!(
-                    "attaching to the reuseport group of socket fd {}",
+                    "attaching the program to the reuseport group of socket fd {}",
                     socket.as_raw_fd()
                 ),
                 path: self.dir.join(names::PROGRAM),
