@@ -14,6 +14,7 @@ fn main() {
 
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
     let built = portshard_toolchain::build_object(&root.join("ebpf"), &root.join("target/ebpf"))
+        .map_err(|e| e.to_string())
         .and_then(|object| {
             std::fs::copy(&object, out_dir.join("portshard.bpf.o")).map_err(|e| {
                 format!(

@@ -8,8 +8,8 @@
 
 /// Number of entries in a service's lookup table. A flow's entry is `hash & TABLE_MASK`.
 ///
-/// A power of two so the program indexes with a mask, and large enough that every slot's
-/// share is within one entry of exact (`balance <= 1 + MAX_SLOTS / TABLE_SIZE`).
+/// A power of two so the program indexes with a mask, and large enough that rounding shares
+/// to whole entries costs little: with equal weights, `balance <= 1 + N / TABLE_SIZE`.
 pub const TABLE_SIZE: usize = 1 << 16;
 
 /// Mask that turns the kernel's 4-tuple hash into a table index.
@@ -169,7 +169,36 @@ pub struct Counters {
     pub fell_through: u64,
 }
 
+impl SlotCounters {
+    /// Applies `op` to each counter of `self` and the same counter of `other`.
+    fn combine(&mut self, other: &Self, op: fn(u64, u64) -> u64) {
+        self.selected = op(self.selected, other.selected);
+        self.failed_over = op(self.failed_over, other.failed_over);
+        self.probed = op(self.probed, other.probed);
+        self.migrated = op(self.migrated, other.migrated);
+    }
+}
+
 impl Counters {
+    /// Adds `other` to these counters, counter by counter (to sum the CPUs' copies).
+    pub fn add(&mut self, other: &Self) {
+        self.combine(other, u64::wrapping_add);
+    }
+
+    /// What was counted between `then` and these counters, counter by counter.
+    pub fn since(&self, then: &Self) -> Self {
+        let mut delta = *self;
+        delta.combine(then, u64::wrapping_sub);
+        delta
+    }
+
+    fn combine(&mut self, other: &Self, op: fn(u64, u64) -> u64) {
+        for (mine, theirs) in self.slots.iter_mut().zip(&other.slots) {
+            mine.combine(theirs, op);
+        }
+        self.fell_through = op(self.fell_through, other.fell_through);
+    }
+
     /// All counters at zero.
     pub const ZERO: Self = Self {
         slots: [SlotCounters {

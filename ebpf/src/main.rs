@@ -46,7 +46,7 @@ enum Choice {
 
 #[sk_reuseport(migrate)]
 pub fn steer(ctx: SkReuseportContext) -> u32 {
-    let Some(table) = TABLE.get(0) else {
+    let Some(table) = TABLE.get_ptr(0) else {
         return SK_PASS;
     };
     let index = ctx.hash() & TABLE_MASK;
@@ -72,12 +72,17 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
 }
 
 /// Reads entry `index & TABLE_MASK` as the one 32-bit word userspace stores it as, so owner
-/// and heir always come from the same version of the entry.
+/// and heir always come from the same version of the entry. Goes through a raw pointer:
+/// userspace rewrites the table while the program runs, so no reference to it may exist.
 #[inline(always)]
-fn read(table: &Table, index: u32) -> TableEntry {
-    let entry: *const TableEntry = &table.entries[(index & TABLE_MASK) as usize];
-    // SAFETY: the entry is 4 bytes, 4-byte aligned, inside the map value.
-    TableEntry::from_word(unsafe { core::ptr::read_volatile(entry.cast::<u32>()) })
+fn read(table: *const Table, index: u32) -> TableEntry {
+    // SAFETY: `table` points to the map's value, valid while the program runs; the masked
+    // index is inside it, and each entry is 4 bytes, 4-byte aligned.
+    let word = unsafe {
+        let entry = &raw const (*table).entries[(index & TABLE_MASK) as usize];
+        core::ptr::read_volatile(entry.cast::<u32>())
+    };
+    TableEntry::from_word(word)
 }
 
 /// Asks the kernel to deliver to `slot`'s socket; false if the slot names no socket, or its

@@ -14,7 +14,9 @@ use std::{
 };
 
 use portshard::socket::{self, Proto};
-use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::context;
+use socket2::{Domain, Socket};
 
 /// Source port of flow 0; flow `f` uses `FIRST_SOURCE_PORT + f`.
 pub const FIRST_SOURCE_PORT: u16 = 10_000;
@@ -44,8 +46,11 @@ impl Listener {
     /// A socket that joins the reuseport group on `addr` (see [`socket::bind_reuseport`]).
     pub fn bind(proto: Proto, addr: SocketAddr) -> io::Result<Self> {
         let socket = socket::bind_reuseport(proto, addr).map_err(io::Error::other)?;
-        socket.set_nonblocking(true)?;
-        socket.set_recv_buffer_size(LISTENER_RCVBUF)?;
+        let configure = || {
+            socket.set_nonblocking(true)?;
+            socket.set_recv_buffer_size(LISTENER_RCVBUF)
+        };
+        configure().map_err(|e| context(e, format!("configuring a {proto} listener on {addr}")))?;
         Ok(Self { socket, proto })
     }
 
@@ -173,21 +178,6 @@ impl Flows {
         }
     }
 
-    /// Number of flows.
-    pub fn count(&self) -> usize {
-        self.count
-    }
-
-    /// Transport of the flows.
-    pub fn proto(&self) -> Proto {
-        self.proto
-    }
-
-    /// Where the flows go.
-    pub fn target(&self) -> SocketAddr {
-        self.target
-    }
-
     /// The source address of flow `flow`.
     pub fn source(&self, flow: usize) -> SocketAddr {
         SocketAddr::new(self.target.ip(), FIRST_SOURCE_PORT + flow as u16)
@@ -203,10 +193,7 @@ impl Flows {
     }
 
     fn client(&self, flow: usize) -> io::Result<Socket> {
-        let (kind, protocol) = match self.proto {
-            Proto::Udp => (Type::DGRAM, Protocol::UDP),
-            Proto::Tcp => (Type::STREAM, Protocol::TCP),
-        };
+        let (kind, protocol) = self.proto.socket_type();
         let client = Socket::new(Domain::for_address(self.target), kind, Some(protocol))?;
         if self.proto == Proto::Tcp {
             // Close with a reset: no TIME_WAIT, so the next round reuses the 4-tuple.
@@ -219,8 +206,7 @@ impl Flows {
     /// Opens flow `flow`: sends its datagram, or connects. A refused TCP connection (no
     /// listener) is `Ok(None)`.
     pub fn open(&self, flow: usize) -> io::Result<Option<Socket>> {
-        let client = self.client(flow)?;
-        match self.proto {
+        let opened = self.client(flow).and_then(|client| match self.proto {
             Proto::Udp => {
                 client.send_to(&(flow as u32).to_le_bytes(), &self.target.into())?;
                 Ok(Some(client))
@@ -230,7 +216,16 @@ impl Flows {
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(None),
                 Err(e) => Err(e),
             },
-        }
+        });
+        opened.map_err(|e| {
+            let what = format!(
+                "{} flow {flow} from {} to {}",
+                self.proto,
+                self.source(flow),
+                self.target
+            );
+            context(e, what)
+        })
     }
 
     /// Sends every flow once and records where each landed. `listeners[i]` is `None` for a
@@ -282,13 +277,26 @@ fn drain_all(
     let mut taken = 0;
     for (i, listener) in listeners.iter().enumerate() {
         if let Some(listener) = listener {
-            taken += listener.drain(i, flows, landing, accepted)?;
+            taken += listener
+                .drain(i, flows, landing, accepted)
+                .map_err(|e| context(e, format!("receiving on listener {i}")))?;
         }
     }
     Ok(taken)
 }
 
-/// The loopback address of the family of `ip`, on `port`.
+/// `n` listeners joining the reuseport group on `target`, all open.
+pub fn bind_listeners(
+    proto: Proto,
+    target: SocketAddr,
+    n: usize,
+) -> io::Result<Vec<Option<Listener>>> {
+    (0..n)
+        .map(|_| Listener::bind(proto, target).map(Some))
+        .collect()
+}
+
+/// The IPv6 or IPv4 loopback address, on `port`.
 pub fn loopback(ipv6: bool, port: u16) -> SocketAddr {
     let ip: IpAddr = if ipv6 {
         "::1".parse().unwrap()
@@ -306,13 +314,4 @@ pub fn moved(before: &Landing, after: &Landing) -> usize {
 /// Flows that reached no listener.
 pub fn lost(landing: &Landing) -> usize {
     landing.iter().filter(|l| l.is_none()).count()
-}
-
-/// How many flows landed on each listener, by listener index, up to `listeners`.
-pub fn per_listener(landing: &Landing, listeners: usize) -> Vec<u64> {
-    let mut counts = vec![0; listeners];
-    for l in landing.iter().flatten() {
-        counts[*l] += 1;
-    }
-    counts
 }

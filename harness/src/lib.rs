@@ -4,3 +4,9 @@
 pub mod flows;
 pub mod netns;
 pub mod scenario;
+
+/// `error` with what was being done in front of its message, keeping its kind, so a failure
+/// deep in a scenario still says which flow, listener or file it was about.
+pub(crate) fn context(error: std::io::Error, what: String) -> std::io::Error {
+    std::io::Error::new(error.kind(), format!("{what}: {error}"))
+}

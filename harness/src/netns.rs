@@ -1,34 +1,47 @@
 //! A private network namespace for the calling thread, with loopback up, so a test's sockets
 //! and traffic touch nothing else on the machine.
+use crate::context;
 use std::{
     fs::File,
     io,
+    marker::PhantomData,
     os::fd::{AsRawFd as _, OwnedFd},
 };
 
 /// The calling thread, moved into a fresh network namespace. Dropping the guard moves the
-/// thread back; the namespace disappears with its last socket.
+/// thread back; the namespace disappears with its last socket. The guard cannot leave its
+/// thread: dropped on another, it would move the wrong thread back.
 pub struct NetNs {
     original: OwnedFd,
+    _this_thread_only: PhantomData<*const ()>,
 }
 
 impl NetNs {
     /// Enters a new network namespace and brings its loopback up. Fails with a message that
     /// says what is missing when the process lacks the privileges (root) to do so.
     pub fn enter() -> io::Result<Self> {
-        let original: OwnedFd = File::open("/proc/thread-self/ns/net")?.into();
+        const OWN: &str = "/proc/thread-self/ns/net";
+        let original: OwnedFd = File::open(OWN)
+            .map_err(|e| context(e, format!("opening {OWN}")))?
+            .into();
         // SAFETY: unshare affects only the calling thread's network namespace.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
             let error = io::Error::last_os_error();
-            return Err(io::Error::new(
-                error.kind(),
-                format!(
-                    "creating a network namespace failed ({error}): kernel tests must run as root"
-                ),
+            let hint = if error.kind() == io::ErrorKind::PermissionDenied {
+                ": kernel tests and the demo must run as root"
+            } else {
+                ""
+            };
+            return Err(context(
+                error,
+                format!("creating a network namespace{hint}"),
             ));
         }
-        let guard = Self { original };
-        loopback_up()?;
+        let guard = Self {
+            original,
+            _this_thread_only: PhantomData,
+        };
+        loopback_up().map_err(|e| context(e, "bringing up lo in the new namespace".into()))?;
         Ok(guard)
     }
 }
@@ -37,12 +50,15 @@ impl Drop for NetNs {
     fn drop(&mut self) {
         // SAFETY: `original` is a namespace file descriptor we opened.
         let rc = unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "could not return to the original network namespace: {}",
-            io::Error::last_os_error()
-        );
+        if rc != 0 {
+            // A thread left in a test's namespace would run later tests there; stop now, even
+            // while unwinding from another failure.
+            eprintln!(
+                "could not return to the original network namespace: {}",
+                io::Error::last_os_error()
+            );
+            std::process::abort();
+        }
     }
 }
 
@@ -57,11 +73,17 @@ fn loopback_up() -> io::Result<()> {
     // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write `request`, which is a valid ifreq.
     unsafe {
         if libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) != 0 {
-            return Err(io::Error::last_os_error());
+            return Err(context(
+                io::Error::last_os_error(),
+                "SIOCGIFFLAGS on lo".into(),
+            ));
         }
         request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
         if libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) != 0 {
-            return Err(io::Error::last_os_error());
+            return Err(context(
+                io::Error::last_os_error(),
+                "SIOCSIFFLAGS on lo".into(),
+            ));
         }
     }
     Ok(())
@@ -76,12 +98,16 @@ pub fn raise_fd_limit() -> io::Result<()> {
     };
     // SAFETY: `limit` is a valid out-pointer.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(io::Error::last_os_error());
+        return Err(context(
+            io::Error::last_os_error(),
+            "reading RLIMIT_NOFILE".into(),
+        ));
     }
     limit.rlim_cur = limit.rlim_max;
     // SAFETY: `limit` is a valid rlimit.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-        return Err(io::Error::last_os_error());
+        let what = format!("raising RLIMIT_NOFILE to {}", limit.rlim_max);
+        return Err(context(io::Error::last_os_error(), what));
     }
     Ok(())
 }

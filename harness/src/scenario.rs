@@ -15,20 +15,23 @@ use std::{
 use portshard::{
     bpffs::BpffsError,
     dataplane::{Dataplane, DataplaneError},
-    group::{Group, GroupError},
+    group::{Group, GroupError, Holder},
     socket::Proto,
     table::Slot,
 };
-use portshard_common::{Counters, MAX_SLOTS, TABLE_SIZE, TableEntry};
+use portshard_common::{Counters, MAX_SLOTS, TableEntry};
 
-use crate::flows::{self, Flows, Landing, Listener};
+use crate::{
+    flows::{self, Flows, Landing, Listener},
+    netns::{NetNs, raise_fd_limit},
+};
 
 /// A measurement could not be made (as opposed to measuring something wrong, which the
 /// caller judges from the results).
 #[derive(Debug, thiserror::Error)]
 pub enum MeasureError {
-    /// Sockets or traffic failed.
-    #[error("sending flows: {0}")]
+    /// Sockets or traffic failed (the message says which flow, listener or file).
+    #[error(transparent)]
     Io(#[from] io::Error),
     /// portshard refused to set up or change the group.
     #[error(transparent)]
@@ -104,11 +107,11 @@ pub struct CloseOne {
 impl CloseOne {
     /// The case with enough flows that the share of flows the new listener takes is within
     /// one percentage point of its table share with 4.5 standard deviations to spare:
-    /// `200 000 * p * (1 - p)` flows for `p = 1 / N` (at least 4096).
+    /// `202 500 * p * (1 - p)` flows for `p = 1 / N`, at least 4096.
     pub fn new(proto: Proto, ipv6: bool, listeners: usize, victim: usize) -> Self {
         let p = 1.0 / listeners as f64;
-        let needed = (200_000.0 * p * (1.0 - p)).ceil() as usize;
-        let flows = needed.clamp(4096, 50_000).next_multiple_of(256);
+        let needed = (202_500.0 * p * (1.0 - p)).ceil() as usize;
+        let flows = needed.max(4096).next_multiple_of(256);
         Self {
             proto,
             ipv6,
@@ -125,12 +128,6 @@ impl CloseOne {
 
     fn flows(&self) -> Flows {
         Flows::new(self.proto, self.target(), self.flows)
-    }
-
-    fn bind_listeners(&self, n: usize) -> io::Result<Vec<Option<Listener>>> {
-        (0..n)
-            .map(|_| Listener::bind(self.proto, self.target()).map(Some))
-            .collect()
     }
 }
 
@@ -149,7 +146,7 @@ impl KernelRun {
     /// Measures `case` on a group with no program.
     pub fn measure(case: &CloseOne) -> Result<Self> {
         let flows = case.flows();
-        let mut listeners = case.bind_listeners(case.listeners)?;
+        let mut listeners = flows::bind_listeners(case.proto, case.target(), case.listeners)?;
         let before = flows.round(&listeners)?;
         listeners[case.victim] = None;
         let after_close = flows.round(&listeners)?;
@@ -179,8 +176,6 @@ pub struct PortshardRun {
     pub after_add: Landing,
     /// Entries the new slot took from the table.
     pub entries_taken: u32,
-    /// Entries whose owner changed when the slot was removed (the victim's).
-    pub entries_removed: u32,
     /// Every round where a counter disagreed with the flows seen, described.
     pub counter_errors: Vec<String>,
 }
@@ -190,12 +185,8 @@ impl PortshardRun {
     pub fn measure(case: &CloseOne, pins: &Path) -> Result<Self> {
         let service = "close-one";
         let flows = case.flows();
-        let mut group = Group::create(pins, service)?;
-        let mut listeners = case.bind_listeners(case.listeners)?;
-        for (slot, listener) in listeners.iter().enumerate() {
-            let listener = listener.as_ref().expect("all listeners open");
-            group.add(slot as Slot, listener.as_fd(), 1)?;
-        }
+        let mut listeners = flows::bind_listeners(case.proto, case.target(), case.listeners)?;
+        let mut group = steer(pins, service, &listeners)?;
         let mut counters = CounterCheck::new(group.dataplane())?;
 
         let before = flows.round(&listeners)?;
@@ -216,12 +207,13 @@ impl PortshardRun {
             Some(&failed_over),
         )?;
 
-        let removed = group.remove(case.victim as Slot)?;
+        group.remove(case.victim as Slot)?;
         let after_remove = flows.round(&listeners)?;
         counters.expect("after remove", group.dataplane(), &after_remove, None)?;
 
         let newcomer = Listener::bind(case.proto, case.target())?;
-        let added = group.add(listeners.len() as Slot, newcomer.as_fd(), 1)?;
+        let slot = listeners.len() as Slot;
+        let added = group.add(slot, newcomer.as_fd(), 1, Holder::this_process())?;
         listeners.push(Some(newcomer));
         let after_add = flows.round(&listeners)?;
         counters.expect("after add", group.dataplane(), &after_add, None)?;
@@ -235,7 +227,6 @@ impl PortshardRun {
             after_remove,
             after_add,
             entries_taken: added.moved,
-            entries_removed: removed.moved,
             counter_errors: counters.errors,
         })
     }
@@ -255,10 +246,9 @@ fn with_heir_view<T>(
             heir: e.heir,
         })
         .collect();
-    let all = || 0..TABLE_SIZE as u32;
-    dataplane.write_entries(&view, all());
+    dataplane.write_all(&view)?;
     let result = round();
-    dataplane.write_entries(table, all());
+    dataplane.write_all(table)?;
     Ok(result?)
 }
 
@@ -298,7 +288,7 @@ impl CounterCheck {
                 }
             }
         }
-        let observed = counter_delta(&self.last, &now);
+        let observed = now.since(&self.last);
         for slot in 0..MAX_SLOTS as usize {
             if observed.slots[slot] != expected.slots[slot] {
                 self.errors.push(format!(
@@ -316,19 +306,6 @@ impl CounterCheck {
         self.last = now;
         Ok(())
     }
-}
-
-/// `now - then`, counter by counter.
-pub fn counter_delta(then: &Counters, now: &Counters) -> Counters {
-    let mut delta = *now;
-    for (d, t) in delta.slots.iter_mut().zip(&then.slots) {
-        d.selected -= t.selected;
-        d.failed_over -= t.failed_over;
-        d.probed -= t.probed;
-        d.migrated -= t.migrated;
-    }
-    delta.fell_through -= then.fell_through;
-    delta
 }
 
 /// TCP connections queued, never accepted, when one listener of N closes.
@@ -380,10 +357,11 @@ impl QueuedOnClose {
     }
 
     fn listeners(&self) -> io::Result<Vec<Option<Listener>>> {
-        let target = flows::loopback(self.ipv6, SERVICE_PORT);
-        (0..self.listeners)
-            .map(|_| Listener::bind(Proto::Tcp, target).map(Some))
-            .collect()
+        flows::bind_listeners(
+            Proto::Tcp,
+            flows::loopback(self.ipv6, SERVICE_PORT),
+            self.listeners,
+        )
     }
 
     /// Plain `SO_REUSEPORT` (migration disabled, the kernel's default).
@@ -397,17 +375,14 @@ impl QueuedOnClose {
         let service = "queued";
         let flows = self.flows();
         let mut listeners = self.listeners()?;
-        let mut group = Group::create(pins, service)?;
-        for (slot, listener) in listeners.iter().enumerate() {
-            group.add(slot as Slot, listener.as_ref().expect("open").as_fd(), 1)?;
-        }
+        let group = steer(pins, service, &listeners)?;
         let owners = flows.round(&listeners)?;
         let heirs = with_heir_view(group.dataplane(), group.table().entries(), || {
             flows.round(&listeners)
         })?;
         let before = group.dataplane().counters()?;
         let outcome = self.close_with_queue(&mut listeners)?;
-        let delta = counter_delta(&before, &group.dataplane().counters()?);
+        let delta = group.dataplane().counters()?.since(&before);
         let migrated = delta.slots[..self.listeners]
             .iter()
             .map(|row| row.migrated)
@@ -487,6 +462,41 @@ impl QueuedOnClose {
             reset,
             accepted_by,
         })
+    }
+}
+
+/// A new portshard group for `service` under `pins` with listener `i` in slot `i`, weight 1.
+pub fn steer(pins: &Path, service: &str, listeners: &[Option<Listener>]) -> Result<Group> {
+    let mut group = Group::create(pins, service)?;
+    for (slot, listener) in listeners.iter().enumerate() {
+        if let Some(listener) = listener {
+            group.add(slot as Slot, listener.as_fd(), 1, Holder::this_process())?;
+        }
+    }
+    Ok(group)
+}
+
+/// What every kernel test and the demo run in: this thread in a private network namespace,
+/// the open-file limit raised, and a private pin root (removed first, then the namespace).
+pub struct Sandbox {
+    pins: PinRoot,
+    _netns: NetNs,
+}
+
+impl Sandbox {
+    /// Enters it; fails with what is missing (root, a BPF filesystem) otherwise.
+    pub fn enter() -> Result<Self> {
+        let netns = NetNs::enter()?;
+        raise_fd_limit()?;
+        Ok(Self {
+            pins: PinRoot::new()?,
+            _netns: netns,
+        })
+    }
+
+    /// The private pin root.
+    pub fn pins(&self) -> &Path {
+        self.pins.path()
     }
 }
 

@@ -5,8 +5,7 @@
 use portshard::socket::Proto;
 use portshard_harness::{
     flows::{lost, moved},
-    netns::{NetNs, raise_fd_limit},
-    scenario::{CloseOne, KernelRun, PinRoot, PortshardRun, Ratio, survivor_moved},
+    scenario::{CloseOne, KernelRun, PortshardRun, Ratio, Sandbox, survivor_moved},
 };
 
 fn close_one_each_position(proto: Proto, ipv6: bool, n: usize) {
@@ -16,9 +15,7 @@ fn close_one_each_position(proto: Proto, ipv6: bool, n: usize) {
 }
 
 fn close_one(case: CloseOne) {
-    let _netns = NetNs::enter().expect("kernel tests need root to create a network namespace");
-    raise_fd_limit().expect("raising the open-file limit");
-    let pins = PinRoot::new().expect("creating a pin root on the BPF filesystem");
+    let sandbox = Sandbox::enter().unwrap_or_else(|e| panic!("kernel test sandbox: {e}"));
     let label = format!(
         "{} {} N={} victim={} flows={}",
         case.proto,
@@ -28,7 +25,7 @@ fn close_one(case: CloseOne) {
         case.flows
     );
     let kernel = KernelRun::measure(&case).unwrap_or_else(|e| panic!("{label}: kernel run: {e:#}"));
-    let ours = PortshardRun::measure(&case, pins.path())
+    let ours = PortshardRun::measure(&case, sandbox.pins())
         .unwrap_or_else(|e| panic!("{label}: portshard run: {e:#}"));
 
     for (round, landing) in [

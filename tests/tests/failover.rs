@@ -1,70 +1,43 @@
-//! The program's last resorts, on real sockets in a fresh network namespace: when an entry's
-//! owner and heir are both closed it probes other entries' owners, and with no live slot at
-//! all it lets the kernel's own hash choose. Either way every flow is delivered: the program
-//! never refuses what a live socket could take.
-use std::os::fd::AsFd as _;
-
-use portshard::{group::Group, socket::Proto, table::Slot};
+//! The program's last resorts and the table's other moves, on real sockets in a fresh
+//! network namespace: when an entry's owner and heir are both closed it probes other entries'
+//! owners; with no live slot at all it lets the kernel's own hash choose (either way every
+//! flow is delivered: the program never refuses what a live socket could take); and a weight
+//! change moves flows only to the slot whose weight grew.
+use portshard::socket::Proto;
 use portshard_harness::{
-    flows::{Flows, Listener, loopback, lost},
-    netns::{NetNs, raise_fd_limit},
-    scenario::{PinRoot, SERVICE_PORT, counter_delta},
+    flows::{self, Flows, Listener, loopback, lost, moved},
+    scenario::{SERVICE_PORT, Sandbox, steer},
 };
 
 const LISTENERS: usize = 8;
 const FLOWS: usize = 16_384;
 
-struct Setup {
-    _netns: NetNs,
-    pins: PinRoot,
-    flows: Flows,
-    listeners: Vec<Option<Listener>>,
-}
-
-fn setup(proto: Proto) -> Setup {
-    let netns = NetNs::enter().expect("kernel tests need root to create a network namespace");
-    raise_fd_limit().expect("raising the open-file limit");
-    let pins = PinRoot::new().expect("creating a pin root on the BPF filesystem");
+fn setup(proto: Proto) -> (Sandbox, Flows, Vec<Option<Listener>>) {
+    let sandbox = Sandbox::enter().unwrap_or_else(|e| panic!("kernel test sandbox: {e}"));
     let target = loopback(false, SERVICE_PORT);
-    let listeners = (0..LISTENERS)
-        .map(|_| Listener::bind(proto, target).map(Some))
-        .collect::<Result<_, _>>()
-        .unwrap();
-    Setup {
-        _netns: netns,
-        pins,
-        flows: Flows::new(proto, target, FLOWS),
-        listeners,
-    }
+    let listeners = flows::bind_listeners(proto, target, LISTENERS).unwrap();
+    (sandbox, Flows::new(proto, target, FLOWS), listeners)
 }
 
 fn owner_and_heir_closed(proto: Proto) {
-    let Setup {
-        _netns,
-        pins,
-        flows,
-        mut listeners,
-    } = setup(proto);
-    let mut group = Group::create(pins.path(), "probe").unwrap();
-    for (slot, listener) in listeners.iter().enumerate() {
-        group
-            .add(slot as Slot, listener.as_ref().unwrap().as_fd(), 1)
-            .unwrap();
-    }
+    let (sandbox, flows, mut listeners) = setup(proto);
+    let group = steer(sandbox.pins(), "probe", &listeners).unwrap();
     let before = flows.round(&listeners).unwrap();
     // Close slot 0 and the slot that inherits most of slot 0's entries.
-    let entries = group.table().entries();
     let mut inherits = [0usize; LISTENERS];
-    entries
-        .iter()
-        .filter(|e| e.owner == 0)
-        .for_each(|e| inherits[usize::from(e.heir)] += 1);
+    for entry in group.table().entries().iter().filter(|e| e.owner == 0) {
+        inherits[usize::from(entry.heir)] += 1;
+    }
     let heir = (1..LISTENERS).max_by_key(|&s| inherits[s]).unwrap();
     let counters_before = group.dataplane().counters().unwrap();
     listeners[0] = None;
     listeners[heir] = None;
     let after = flows.round(&listeners).unwrap();
-    let delta = counter_delta(&counters_before, &group.dataplane().counters().unwrap());
+    let delta = group
+        .dataplane()
+        .counters()
+        .unwrap()
+        .since(&counters_before);
 
     assert_eq!(
         lost(&after),
@@ -97,25 +70,19 @@ fn owner_and_heir_closed(proto: Proto) {
 }
 
 fn empty_table_falls_through(proto: Proto) {
-    let Setup {
-        _netns,
-        pins,
-        flows,
-        listeners,
-    } = setup(proto);
-    let mut group = Group::create(pins.path(), "fallthrough").unwrap();
-    for (slot, listener) in listeners.iter().enumerate() {
-        group
-            .add(slot as Slot, listener.as_ref().unwrap().as_fd(), 1)
-            .unwrap();
-    }
+    let (sandbox, flows, listeners) = setup(proto);
+    let mut group = steer(sandbox.pins(), "fallthrough", &listeners).unwrap();
     // Every slot leaves the table while its socket stays open in the group.
     for slot in 0..LISTENERS {
-        group.remove(slot as Slot).unwrap();
+        group.remove(slot as u16).unwrap();
     }
     let counters_before = group.dataplane().counters().unwrap();
     let landing = flows.round(&listeners).unwrap();
-    let delta = counter_delta(&counters_before, &group.dataplane().counters().unwrap());
+    let delta = group
+        .dataplane()
+        .counters()
+        .unwrap()
+        .since(&counters_before);
     assert_eq!(
         lost(&landing),
         0,
@@ -125,6 +92,35 @@ fn empty_table_falls_through(proto: Proto) {
         delta.fell_through as usize, FLOWS,
         "{proto}: fell_through counter"
     );
+}
+
+fn reweighting_moves_only_toward_the_heavier_slot(proto: Proto) {
+    let (sandbox, flows, listeners) = setup(proto);
+    let mut group = steer(sandbox.pins(), "weights", &listeners).unwrap();
+    let before = flows.round(&listeners).unwrap();
+    let delta = group.set_weight(5, 3).unwrap();
+    let after = flows.round(&listeners).unwrap();
+    assert_eq!(lost(&after), 0, "{proto}: flows lost on reweighting");
+    let elsewhere = (0..FLOWS)
+        .filter(|&f| after[f] != before[f] && after[f] != Some(5))
+        .count();
+    assert_eq!(
+        elsewhere, 0,
+        "{proto}: flows moved between slots whose weight did not change"
+    );
+    // Slot 5 goes from 1/8 to 3/10 of the table: it takes 0.175 of it, and that share of flows.
+    let table_share = f64::from(delta.moved) / portshard_common::TABLE_SIZE as f64;
+    let flow_share = moved(&before, &after) as f64 / FLOWS as f64;
+    assert!(
+        (table_share - 0.175).abs() < 1e-4,
+        "{proto}: table moved {table_share}"
+    );
+    assert!(
+        (flow_share - table_share).abs() < 0.015,
+        "{proto}: flows moved {flow_share}, table {table_share}"
+    );
+    let meta = group.dataplane().meta(5).unwrap();
+    assert_eq!(meta.weight, 3, "{proto}: the slot record keeps the weight");
 }
 
 #[test]
@@ -145,4 +141,14 @@ fn udp_empty_table_falls_through_to_the_kernel() {
 #[test]
 fn tcp_empty_table_falls_through_to_the_kernel() {
     empty_table_falls_through(Proto::Tcp);
+}
+
+#[test]
+fn udp_reweighting_moves_only_toward_the_heavier_slot() {
+    reweighting_moves_only_toward_the_heavier_slot(Proto::Udp);
+}
+
+#[test]
+fn tcp_reweighting_moves_only_toward_the_heavier_slot() {
+    reweighting_moves_only_toward_the_heavier_slot(Proto::Tcp);
 }

@@ -6,34 +6,33 @@ use aya::maps::{Array, MapData};
 use portshard::{
     bpffs,
     dataplane::{Dataplane, DataplaneError},
-    group::Group,
+    group::{Group, GroupError, Holder},
     socket::{Proto, bind_reuseport},
 };
-use portshard_common::{SlotState, names};
+use portshard_common::{SlotMeta, SlotState, TableEntry, names};
 use portshard_harness::{
     flows::loopback,
-    netns::NetNs,
-    scenario::{PinRoot, SERVICE_PORT},
+    scenario::{SERVICE_PORT, Sandbox},
 };
 
-fn enter() -> (NetNs, PinRoot) {
-    let netns = NetNs::enter().expect("kernel tests need root to create a network namespace");
-    (
-        netns,
-        PinRoot::new().expect("creating a pin root on the BPF filesystem"),
-    )
+fn enter() -> Sandbox {
+    Sandbox::enter().unwrap_or_else(|e| panic!("kernel test sandbox: {e}"))
 }
 
 #[test]
 fn state_survives_the_process_that_made_it() {
-    let (_netns, pins) = enter();
+    let sandbox = enter();
     let socket = bind_reuseport(Proto::Udp, loopback(false, SERVICE_PORT)).unwrap();
     let entries = {
-        let mut group = Group::create(pins.path(), "keep").unwrap();
-        group.add(3, socket.as_fd(), 2).unwrap();
+        let mut group = Group::create(sandbox.pins(), "keep").unwrap();
+        let holder = Holder {
+            pid: 4242,
+            generation: 7,
+        };
+        group.add(3, socket.as_fd(), 2, holder).unwrap();
         group.table().entries().to_vec()
     };
-    let reopened = Dataplane::open(pins.path(), "keep").unwrap();
+    let reopened = Dataplane::open(sandbox.pins(), "keep").unwrap();
     assert_eq!(
         reopened.read_entries(),
         entries,
@@ -41,8 +40,8 @@ fn state_survives_the_process_that_made_it() {
     );
     let meta = reopened.meta(3).unwrap();
     assert_eq!(
-        (meta.state, meta.weight, meta.pid),
-        (SlotState::Live as u32, 2, std::process::id())
+        (meta.state, meta.weight, meta.pid, meta.generation),
+        (SlotState::Live as u32, 2, 4242, 7)
     );
     assert_eq!(
         meta.cookie,
@@ -51,14 +50,14 @@ fn state_survives_the_process_that_made_it() {
 
     // Creating again over compatible pins keeps the maps, and so the table.
     drop(reopened);
-    let again = Dataplane::create(pins.path(), "keep").unwrap();
+    let again = Dataplane::create(sandbox.pins(), "keep").unwrap();
     assert_eq!(again.read_entries(), entries);
 }
 
 #[test]
 fn a_pin_with_another_layout_is_refused_by_path() {
-    let (_netns, pins) = enter();
-    let dir = pins.path().join("stale");
+    let sandbox = enter();
+    let dir = sandbox.pins().join("stale");
     bpffs::ensure_dir(&dir).unwrap();
     let stale_table = dir.join(names::TABLE);
     Array::<MapData, u64>::create(1, 0)
@@ -66,7 +65,7 @@ fn a_pin_with_another_layout_is_refused_by_path() {
         .pin(&stale_table)
         .unwrap();
 
-    let error = Dataplane::create(pins.path(), "stale")
+    let error = Dataplane::create(sandbox.pins(), "stale")
         .err()
         .expect("a stale pin must be refused");
     let message = error.to_string();
@@ -102,15 +101,15 @@ fn a_pin_with_another_layout_is_refused_by_path() {
 
 #[test]
 fn a_pin_with_another_size_is_refused() {
-    let (_netns, pins) = enter();
-    let dir = pins.path().join("small");
+    let sandbox = enter();
+    let dir = sandbox.pins().join("small");
     bpffs::ensure_dir(&dir).unwrap();
     // Right type, wrong number of entries.
     Array::<MapData, portshard_common::SlotMeta>::create(8, 0)
         .unwrap()
         .pin(dir.join(names::SLOTS))
         .unwrap();
-    let message = Dataplane::create(pins.path(), "small")
+    let message = Dataplane::create(sandbox.pins(), "small")
         .err()
         .unwrap()
         .to_string();
@@ -122,18 +121,18 @@ fn a_pin_with_another_size_is_refused() {
 
 #[test]
 fn removing_pins_leaves_nothing() {
-    let (_netns, pins) = enter();
-    drop(Dataplane::create(pins.path(), "gone").unwrap());
-    Dataplane::remove_pins(pins.path(), "gone").unwrap();
-    assert!(!pins.path().join("gone").exists());
-    let message = Dataplane::open(pins.path(), "gone")
+    let sandbox = enter();
+    drop(Dataplane::create(sandbox.pins(), "gone").unwrap());
+    Dataplane::remove_pins(sandbox.pins(), "gone").unwrap();
+    assert!(!sandbox.pins().join("gone").exists());
+    let message = Dataplane::open(sandbox.pins(), "gone")
         .err()
         .unwrap()
         .to_string();
     assert!(
         message.starts_with(&format!(
             "no dataplane is pinned at {}",
-            pins.path().join("gone").display()
+            sandbox.pins().join("gone").display()
         )),
         "{message}"
     );
@@ -141,7 +140,7 @@ fn removing_pins_leaves_nothing() {
 
 #[test]
 fn a_root_outside_bpffs_is_refused() {
-    let (_netns, _pins) = enter();
+    let _sandbox = enter();
     let dir = std::env::temp_dir().join(format!("portshard-not-bpffs-{}", std::process::id()));
     let message = Dataplane::create(&dir, "x").err().unwrap().to_string();
     assert!(message.contains("is not on a BPF filesystem"), "{message}");
@@ -150,8 +149,8 @@ fn a_root_outside_bpffs_is_refused() {
 
 #[test]
 fn bad_service_names_are_refused() {
-    let (_netns, pins) = enter();
-    let message = Dataplane::create(pins.path(), "../escape")
+    let sandbox = enter();
+    let message = Dataplane::create(sandbox.pins(), "../escape")
         .err()
         .unwrap()
         .to_string();
@@ -163,20 +162,59 @@ fn bad_service_names_are_refused() {
 
 #[test]
 fn a_pin_of_another_type_is_refused() {
-    let (_netns, pins) = enter();
-    let dir = pins.path().join("wrong");
+    let sandbox = enter();
+    let dir = sandbox.pins().join("wrong");
     bpffs::ensure_dir(&dir).unwrap();
     // An ordinary array where the socket array belongs.
     Array::<MapData, u32>::create(512, 0)
         .unwrap()
         .pin(dir.join(names::SOCKETS))
         .unwrap();
-    let message = Dataplane::create(pins.path(), "wrong")
+    let message = Dataplane::create(sandbox.pins(), "wrong")
         .err()
         .unwrap()
         .to_string();
     assert!(
         message.contains("has map type Array, but this build expects ReuseportSockArray"),
         "{message}"
+    );
+}
+
+#[test]
+fn a_group_is_not_created_over_a_live_one() {
+    let sandbox = enter();
+    let socket = bind_reuseport(Proto::Udp, loopback(false, SERVICE_PORT)).unwrap();
+    let mut group = Group::create(sandbox.pins(), "busy").unwrap();
+    group
+        .add(1, socket.as_fd(), 1, Holder::this_process())
+        .unwrap();
+    let written = group.dataplane().read_entries();
+
+    let error = Group::create(sandbox.pins(), "busy")
+        .err()
+        .expect("a live group must be refused");
+    assert!(
+        matches!(error, GroupError::InUse { slot: 1, .. }),
+        "{error}"
+    );
+    let message = error.to_string();
+    assert!(message.contains("slot 1 is recorded live"), "{message}");
+    assert_eq!(
+        group.dataplane().read_entries(),
+        written,
+        "the live table is untouched"
+    );
+
+    // Once its slots are dead, a new group starts clean: no records, an empty table.
+    group.remove(1).unwrap();
+    drop(group);
+    let fresh = Group::create(sandbox.pins(), "busy").unwrap();
+    assert_eq!(fresh.dataplane().meta(1).unwrap(), SlotMeta::FREE);
+    assert!(
+        fresh
+            .dataplane()
+            .read_entries()
+            .iter()
+            .all(|e| *e == TableEntry::EMPTY)
     );
 }

@@ -2,15 +2,10 @@
 //! `SO_REUSEPORT` they are reset; with portshard's migrate program each one moves to the
 //! listener its table entry names as heir, and all are served. Each case in a fresh network
 //! namespace.
-use portshard_harness::{
-    netns::{NetNs, raise_fd_limit},
-    scenario::{PinRoot, QueuedOnClose},
-};
+use portshard_harness::scenario::{QueuedOnClose, Sandbox};
 
 fn queued_on_close(ipv6: bool, listeners: usize) {
-    let _netns = NetNs::enter().expect("kernel tests need root to create a network namespace");
-    raise_fd_limit().expect("raising the open-file limit");
-    let pins = PinRoot::new().expect("creating a pin root on the BPF filesystem");
+    let sandbox = Sandbox::enter().unwrap_or_else(|e| panic!("kernel test sandbox: {e}"));
     let case = QueuedOnClose {
         ipv6,
         listeners,
@@ -36,7 +31,7 @@ fn queued_on_close(ipv6: bool, listeners: usize) {
     );
 
     let ours = case
-        .portshard(pins.path())
+        .portshard(sandbox.pins())
         .unwrap_or_else(|e| panic!("{label}: portshard run: {e:#}"));
     let outcome = &ours.outcome;
     assert!(

@@ -34,7 +34,7 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 pub const BPF_TARGET: &str = "bpfel-unknown-none";
 
 /// Name of the eBPF crate's binary, i.e. of the object file cargo writes.
-pub const OBJECT_NAME: &str = "portshard";
+pub const OBJECT_NAME: &str = "portshard-steer";
 
 /// Something the toolchain lacks, with what installs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,16 +187,11 @@ const BUILD_SCRIPT_VARIABLES: [&str; 7] = [
 /// Runs a nested cargo with the BPF rustc. Every variable a surrounding cargo, clippy or
 /// rustdoc sets for its own compiler is removed first, so the nested build compiles for the
 /// BPF target with the BPF compiler and nothing else.
-pub fn build_object(ebpf_dir: &Path, target_dir: &Path) -> Result<PathBuf, String> {
+pub fn build_object(ebpf_dir: &Path, target_dir: &Path) -> Result<PathBuf, BuildError> {
     let missing = missing();
-    if !missing.is_empty() {
-        let list: Vec<String> = missing.iter().map(ToString::to_string).collect();
-        return Err(format!(
-            "the eBPF toolchain is incomplete (missing: {}); run `cargo xtask setup` to install it",
-            list.join(", ")
-        ));
-    }
-    let linker = bpf_linker().ok_or("bpf-linker vanished after the check")?;
+    let Some(linker) = bpf_linker().filter(|_| missing.is_empty()) else {
+        return Err(BuildError::Incomplete(missing));
+    };
     let cargo = env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
     let mut command = Command::new(cargo);
     for (key, _) in env::vars_os() {
@@ -223,17 +218,13 @@ pub fn build_object(ebpf_dir: &Path, target_dir: &Path) -> Result<PathBuf, Strin
         // A build script's stdout is read by cargo as directives: keep the nested build's
         // output on stderr.
         .stdout(std::io::stderr());
-    let status = command.status().map_err(|e| {
-        format!(
-            "could not run cargo for the eBPF crate in {}: {e}",
-            ebpf_dir.display()
-        )
+    let dir = ebpf_dir.to_path_buf();
+    let status = command.status().map_err(|source| BuildError::Spawn {
+        dir: dir.clone(),
+        source,
     })?;
     if !status.success() {
-        return Err(format!(
-            "compiling the eBPF crate in {} failed ({status}); the compiler's messages are above",
-            ebpf_dir.display()
-        ));
+        return Err(BuildError::Compile { dir, status });
     }
     let object = target_dir
         .join(BPF_TARGET)
@@ -242,9 +233,36 @@ pub fn build_object(ebpf_dir: &Path, target_dir: &Path) -> Result<PathBuf, Strin
     if object.is_file() {
         Ok(object)
     } else {
-        Err(format!(
-            "cargo succeeded but wrote no object at {}",
-            object.display()
-        ))
+        Err(BuildError::NoObject(object))
     }
+}
+
+/// Compiling the eBPF crate failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Parts of the toolchain are missing.
+    #[error(
+        "the eBPF toolchain is incomplete (missing: {}); run `cargo xtask setup` to install it",
+        .0.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    Incomplete(Vec<Missing>),
+    /// Cargo could not be started.
+    #[error("could not run cargo for the eBPF crate in {}: {source}", dir.display())]
+    Spawn {
+        /// The eBPF crate.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The compiler failed; its messages were printed.
+    #[error("compiling the eBPF crate in {} failed ({status}); the compiler's messages are above", dir.display())]
+    Compile {
+        /// The eBPF crate.
+        dir: PathBuf,
+        /// Cargo's exit status.
+        status: std::process::ExitStatus,
+    },
+    /// Cargo reported success but left no object.
+    #[error("cargo succeeded but wrote no object at {}", .0.display())]
+    NoObject(PathBuf),
 }

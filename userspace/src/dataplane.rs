@@ -17,6 +17,7 @@ use aya::{
     maps::{Array, Map, MapData, MapError, MapInfo, PerCpuArray, ReusePortSockArray},
     programs::{ProgramError, SkReuseport, sk_reuseport::SkReuseportAttachType},
 };
+use aya_obj::generated::bpf_prog_type;
 use portshard_common::{Counters, SlotMeta, TABLE_SIZE, Table, TableEntry, names};
 
 use crate::{
@@ -114,6 +115,32 @@ pub enum DataplaneError {
         #[source]
         source: Box<MapError>,
     },
+    /// A table of the wrong length was offered for writing.
+    #[error("refusing to write {len} entries to the table {path}: a table has {TABLE_SIZE}")]
+    TableLength {
+        /// The table's pin.
+        path: PathBuf,
+        /// The offered length.
+        len: usize,
+    },
+    /// An entry index outside the table was offered for writing.
+    #[error("refusing to write entry {index} of the table {path}: entries are 0 to {}", TABLE_SIZE - 1)]
+    TableIndex {
+        /// The table's pin.
+        path: PathBuf,
+        /// The offending index.
+        index: u32,
+    },
+    /// A program pin holds something other than this build's program type.
+    #[error(
+        "pinned program {path} is of type {found}, not SK_REUSEPORT: it was left by another program; remove it or use another pin root"
+    )]
+    ProgramMismatch {
+        /// The pin.
+        path: PathBuf,
+        /// Its type, as the kernel reports it.
+        found: String,
+    },
     /// Memory-mapping the table failed.
     #[error("memory-mapping the table {path} failed: {source}")]
     Mmap {
@@ -210,20 +237,18 @@ impl Dataplane {
             return Err(DataplaneError::NotPinned { dir });
         }
         let specs = object::map_specs(OBJECT)?;
-        let mut maps = specs.iter().map(|spec| open_map(&dir, spec));
-        let mut next = || maps.next().expect("one spec per map name");
-        let sockets = typed(&dir, names::SOCKETS, next()?)?;
-        let table_map = next()?;
-        let slots = typed(&dir, names::SLOTS, next()?)?;
-        let counters = typed(&dir, names::COUNTERS, next()?)?;
-        let table = MappedTable::new(table_map, &dir.join(names::TABLE))?;
-        let path = dir.join(names::PROGRAM);
-        let program = SkReuseport::from_pin(&path, SkReuseportAttachType::SelectOrMigrate)
-            .map_err(|source| DataplaneError::Program {
-                action: "opening the pinned program".to_owned(),
-                path,
-                source: Box::new(source),
-            })?;
+        let open = |name: &'static str| {
+            let spec = specs
+                .iter()
+                .find(|spec| spec.name == name)
+                .ok_or(ObjectError::MissingMap(name))?;
+            open_map(&dir, spec)
+        };
+        let sockets = typed(&dir, names::SOCKETS, open(names::SOCKETS)?)?;
+        let slots = typed(&dir, names::SLOTS, open(names::SLOTS)?)?;
+        let counters = typed(&dir, names::COUNTERS, open(names::COUNTERS)?)?;
+        let table = MappedTable::new(open(names::TABLE)?, &dir.join(names::TABLE))?;
+        let program = open_program(&dir.join(names::PROGRAM))?;
         Ok(Self {
             dir,
             program,
@@ -306,11 +331,32 @@ impl Dataplane {
 
     /// Writes `entries[i]` into the kernel's table for each `i` in `indices`. Each entry is
     /// one atomic 32-bit store into the mapped table: no syscall, and the program never sees
-    /// half an entry.
-    pub fn write_entries(&self, entries: &[TableEntry], indices: impl IntoIterator<Item = u32>) {
-        for index in indices {
+    /// half an entry. Nothing is written unless `entries` is a whole table and every index
+    /// is inside it.
+    pub fn write_entries(&self, entries: &[TableEntry], indices: &[u32]) -> Result<()> {
+        let path = || self.dir.join(names::TABLE);
+        if entries.len() != TABLE_SIZE {
+            return Err(DataplaneError::TableLength {
+                path: path(),
+                len: entries.len(),
+            });
+        }
+        if let Some(&index) = indices.iter().find(|&&i| i as usize >= TABLE_SIZE) {
+            return Err(DataplaneError::TableIndex {
+                path: path(),
+                index,
+            });
+        }
+        for &index in indices {
             self.table.store(index as usize, entries[index as usize]);
         }
+        Ok(())
+    }
+
+    /// Writes the whole table `entries` (see [`Dataplane::write_entries`]).
+    pub fn write_all(&self, entries: &[TableEntry]) -> Result<()> {
+        let all: Vec<u32> = (0..TABLE_SIZE as u32).collect();
+        self.write_entries(entries, &all)
     }
 
     /// The kernel's table as it is now.
@@ -329,15 +375,7 @@ impl Dataplane {
                 source: Box::new(source),
             })?;
         let mut sum = Counters::ZERO;
-        for cpu in per_cpu.iter() {
-            for (total, row) in sum.slots.iter_mut().zip(&cpu.slots) {
-                total.selected += row.selected;
-                total.failed_over += row.failed_over;
-                total.probed += row.probed;
-                total.migrated += row.migrated;
-            }
-            sum.fell_through += cpu.fell_through;
-        }
+        per_cpu.iter().for_each(|cpu| sum.add(cpu));
         Ok(sum)
     }
 
@@ -357,6 +395,32 @@ impl Dataplane {
             }),
             _ => Ok(()),
         }
+    }
+}
+
+/// Opens the program pinned at `path`, refusing anything but an `SK_REUSEPORT` program.
+fn open_program(path: &Path) -> Result<SkReuseport> {
+    let error = |action: &str| {
+        let (action, path) = (action.to_owned(), path.to_path_buf());
+        move |source| DataplaneError::Program {
+            action,
+            path,
+            source: Box::new(source),
+        }
+    };
+    let program = SkReuseport::from_pin(path, SkReuseportAttachType::SelectOrMigrate)
+        .map_err(error("opening the pinned program"))?;
+    let found = program
+        .info()
+        .map_err(error("reading the pinned program's type"))?
+        .program_type();
+    if found == bpf_prog_type::BPF_PROG_TYPE_SK_REUSEPORT {
+        Ok(program)
+    } else {
+        Err(DataplaneError::ProgramMismatch {
+            path: path.to_path_buf(),
+            found: format!("{found:?}"),
+        })
     }
 }
 

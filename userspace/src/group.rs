@@ -6,7 +6,7 @@ use std::{
     path::Path,
 };
 
-use portshard_common::{SlotMeta, SlotState, TABLE_SIZE};
+use portshard_common::{MAX_SLOTS, SlotMeta, SlotState};
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
@@ -29,6 +29,20 @@ pub enum GroupError {
     /// The kernel refused the change.
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    /// The pins are in use by a group someone still serves.
+    #[error(
+        "service {service} at {dir} is still in use (slot {slot} is recorded live, pid {pid}): stop what serves it, or remove {dir} if it is gone"
+    )]
+    InUse {
+        /// The service.
+        service: String,
+        /// Its pin directory.
+        dir: std::path::PathBuf,
+        /// A slot recorded live.
+        slot: Slot,
+        /// The process recorded for it.
+        pid: u32,
+    },
     /// The socket offered for a slot cannot be identified.
     #[error("reading the cookie of socket fd {fd} for slot {slot}: {source}")]
     Cookie {
@@ -42,6 +56,25 @@ pub enum GroupError {
     },
 }
 
+/// Who serves a slot's socket, as recorded in the slot's metadata.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Holder {
+    /// The serving process.
+    pub pid: u32,
+    /// The generation it belongs to.
+    pub generation: u32,
+}
+
+impl Holder {
+    /// This process, generation 0: for sockets the caller serves itself.
+    pub fn this_process() -> Self {
+        Self {
+            pid: std::process::id(),
+            generation: 0,
+        }
+    }
+}
+
 /// A service's table and dataplane.
 pub struct Group {
     service: String,
@@ -51,21 +84,33 @@ pub struct Group {
 
 impl Group {
     /// Creates the dataplane of `service` under the pin root `root` (see
-    /// [`Dataplane::create`]) and writes an empty table to it.
+    /// [`Dataplane::create`]) and starts it empty: no slot records, an empty table. Refuses
+    /// pins whose records say a group is still being served from them, rather than wiping
+    /// that group's table.
     pub fn create(root: &Path, service: &str) -> Result<Self, GroupError> {
-        let dataplane = Dataplane::create(root, service)?;
+        let mut dataplane = Dataplane::create(root, service)?;
+        for slot in 0..MAX_SLOTS as Slot {
+            let meta = dataplane.meta(slot)?;
+            match SlotState::from_raw(meta.state) {
+                Some(SlotState::Live | SlotState::Draining) => {
+                    return Err(GroupError::InUse {
+                        service: service.to_owned(),
+                        dir: dataplane.dir().to_path_buf(),
+                        slot,
+                        pid: meta.pid,
+                    });
+                }
+                Some(SlotState::Free) => {}
+                _ => dataplane.set_meta(slot, SlotMeta::FREE)?,
+            }
+        }
         let table = Table::new();
-        dataplane.write_entries(table.entries(), 0..TABLE_SIZE as u32);
+        dataplane.write_all(table.entries())?;
         Ok(Self {
             service: service.to_owned(),
             dataplane,
             table,
         })
-    }
-
-    /// The service's name.
-    pub fn service(&self) -> &str {
-        &self.service
     }
 
     /// The table as last written to the kernel.
@@ -78,14 +123,16 @@ impl Group {
         &self.dataplane
     }
 
-    /// Puts `socket` (bound with `SO_REUSEPORT`, and listening for TCP) in `slot` with
-    /// `weight`: it takes its share of the table from the most loaded slots and no other
-    /// flow moves. The first socket of a group also gets the program attached.
+    /// Puts `socket` (bound with `SO_REUSEPORT`, and listening for TCP), served by
+    /// `holder`, in `slot` with `weight`: it takes its share of the table from the most
+    /// loaded slots and no other flow moves. The first socket of a group also gets the
+    /// program attached.
     pub fn add(
         &mut self,
         slot: Slot,
         socket: BorrowedFd<'_>,
         weight: u32,
+        holder: Holder,
     ) -> Result<Delta, GroupError> {
         let mut next = self.table.clone();
         let delta = next
@@ -101,13 +148,13 @@ impl Group {
         }
         let meta = SlotMeta {
             cookie,
-            pid: std::process::id(),
+            pid: holder.pid,
             state: SlotState::Live as u32,
-            generation: 0,
+            generation: holder.generation,
             weight,
         };
         self.dataplane.place(slot, socket, meta)?;
-        Ok(self.commit(next, delta))
+        self.commit(next, delta)
     }
 
     /// Takes `slot` out of the table: its entries go to their heirs, where the program
@@ -117,12 +164,14 @@ impl Group {
         let delta = next
             .remove(slot)
             .map_err(|source| self.table_error(source))?;
+        // Empty the slot before the table forgets it: the program then already sends the
+        // slot's flows to their heirs, exactly where the new table puts them, so a failure
+        // here leaves traffic where it would be anyway and the table unchanged.
         let mut meta = self.dataplane.meta(slot)?;
-        let delta = self.commit(next, delta);
         self.dataplane.clear(slot)?;
         meta.state = SlotState::Dead as u32;
         self.dataplane.set_meta(slot, meta)?;
-        Ok(delta)
+        self.commit(next, delta)
     }
 
     /// Changes `slot`'s weight, moving the fewest entries that restore every share.
@@ -134,15 +183,15 @@ impl Group {
         let mut meta = self.dataplane.meta(slot)?;
         meta.weight = weight;
         self.dataplane.set_meta(slot, meta)?;
-        Ok(self.commit(next, delta))
+        self.commit(next, delta)
     }
 
     /// Writes the entries `delta` changed and makes `next` the current table.
-    fn commit(&mut self, next: Table, delta: Delta) -> Delta {
+    fn commit(&mut self, next: Table, delta: Delta) -> Result<Delta, GroupError> {
         self.dataplane
-            .write_entries(next.entries(), delta.changed.iter().copied());
+            .write_entries(next.entries(), &delta.changed)?;
         self.table = next;
-        delta
+        Ok(delta)
     }
 
     fn table_error(&self, source: TableError) -> GroupError {

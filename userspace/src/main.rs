@@ -54,8 +54,8 @@ fn table(root: &std::path::Path, service: &str, json: bool) -> Result<()> {
     );
     let mut out = std::io::stdout().lock();
     if json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
+        serde_json::to_writer_pretty(&mut out, &report).context("writing JSON to stdout")?;
+        writeln!(out).context("writing to stdout")?;
         return Ok(());
     }
     let owners = report.slots.iter().filter(|s| s.entries > 0).count();
@@ -63,20 +63,23 @@ fn table(root: &std::path::Path, service: &str, json: bool) -> Result<()> {
         out,
         "service {}: {owners} slots own entries, balance {:.4}, {} runs fell through to the kernel",
         report.service, report.balance, report.fell_through
-    )?;
+    )
+    .context("writing to stdout")?;
     writeln!(
         out,
-        "{:>4}  {:<8} {:>8} {:>6} {:>8}  {:>10} {:>11} {:>7} {:>8}  heirs",
+        "{:>4}  {:<8} {:>8} {:>6} {:>8} {:>7}  {:>10} {:>11} {:>7} {:>8}  heirs",
         "slot",
         "state",
         "pid",
         "weight",
         "entries",
+        "share",
         "selected",
         "failed_over",
         "probed",
         "migrated"
-    )?;
+    )
+    .context("writing to stdout")?;
     for slot in &report.slots {
         let heirs = match (slot.heirs.values().min(), slot.heirs.values().max()) {
             (Some(min), Some(max)) => {
@@ -87,12 +90,13 @@ fn table(root: &std::path::Path, service: &str, json: bool) -> Result<()> {
         let c = slot.counters;
         writeln!(
             out,
-            "{:>4}  {:<8} {:>8} {:>6} {:>8}  {:>10} {:>11} {:>7} {:>8}  {heirs}",
+            "{:>4}  {:<8} {:>8} {:>6} {:>8} {:>6.2}%  {:>10} {:>11} {:>7} {:>8}  {heirs}",
             slot.slot,
             slot.state,
             slot.pid,
             slot.weight,
             slot.entries,
+            slot.share * 100.0,
             c.selected,
             c.failed_over,
             c.probed,

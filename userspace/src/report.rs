@@ -25,6 +25,8 @@ pub struct SlotReport {
     pub weight: u32,
     /// Table entries it owns.
     pub entries: u32,
+    /// The fraction of the table (and so of new flows) it owns.
+    pub share: f64,
     /// How many of its entries each other slot inherits, by slot.
     pub heirs: BTreeMap<Slot, u32>,
     /// The program's counters for the slot.
@@ -39,14 +41,16 @@ pub struct TableReport {
     /// Slots that own entries or have a record.
     pub slots: Vec<SlotReport>,
     /// Largest `entries / (TABLE_SIZE * weight / total weight)` over the owning slots: 1.0
-    /// is perfect, `1 + N / TABLE_SIZE` the most rounding allows.
+    /// is perfect; rounding to whole entries allows up to `1 + 1 / exact share` (with equal
+    /// weights, `1 + N / TABLE_SIZE`).
     pub balance: f64,
     /// Program runs that found no live slot and let the kernel's hash choose.
     pub fell_through: u64,
 }
 
 impl TableReport {
-    /// Summarises `entries`, the slot records `metas` (indexed by slot) and `counters`.
+    /// Summarises `entries`, the slot records `metas` (indexed by slot; any beyond
+    /// `MAX_SLOTS` are ignored) and `counters`.
     pub fn new(
         service: &str,
         entries: &[TableEntry],
@@ -65,6 +69,7 @@ impl TableReport {
         }
         let slots: Vec<SlotReport> = metas
             .iter()
+            .take(MAX_SLOTS as usize)
             .enumerate()
             .filter(|&(slot, meta)| owned[slot] > 0 || meta.state != SlotState::Free as u32)
             .map(|(slot, meta)| SlotReport {
@@ -74,6 +79,7 @@ impl TableReport {
                 generation: meta.generation,
                 weight: meta.weight,
                 entries: owned[slot],
+                share: f64::from(owned[slot]) / TABLE_SIZE as f64,
                 heirs: std::mem::take(&mut heirs[slot]),
                 counters: counters.slots[slot],
             })
@@ -134,6 +140,7 @@ mod tests {
         let entries: Vec<(Slot, u32)> = report.slots.iter().map(|s| (s.slot, s.entries)).collect();
         assert_eq!(entries, [(0, 16_384), (1, 16_384), (5, 32_768)]);
         assert_eq!(report.balance, 1.0);
+        assert_eq!(report.slots[2].share, 0.5);
         assert_eq!(report.slots[2].counters.selected, 7);
         assert_eq!(report.slots[2].pid, 105);
         // Slot 5's entries go to slots 0 and 1 half and half.

@@ -8,13 +8,22 @@ use std::{
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Transport of a service.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proto {
     /// Datagrams: each 4-tuple is a flow, steered datagram by datagram.
     Udp,
     /// Connections: each SYN is steered once; queued connections migrate on close.
     Tcp,
+}
+
+impl Proto {
+    /// The socket type and protocol that carry this transport.
+    pub fn socket_type(self) -> (Type, Protocol) {
+        match self {
+            Self::Udp => (Type::DGRAM, Protocol::UDP),
+            Self::Tcp => (Type::STREAM, Protocol::TCP),
+        }
+    }
 }
 
 impl fmt::Display for Proto {
@@ -56,10 +65,7 @@ pub fn bind_reuseport(proto: Proto, addr: SocketAddr) -> Result<Socket, SocketEr
             source,
         }
     };
-    let (kind, protocol) = match proto {
-        Proto::Udp => (Type::DGRAM, Protocol::UDP),
-        Proto::Tcp => (Type::STREAM, Protocol::TCP),
-    };
+    let (kind, protocol) = proto.socket_type();
     let socket =
         Socket::new(Domain::for_address(addr), kind, Some(protocol)).map_err(fail("creating"))?;
     socket

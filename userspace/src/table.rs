@@ -5,9 +5,11 @@
 //! - every member owns at most the ceiling of its exact share `TABLE_SIZE * w / W`, and
 //!   after building, adding or reweighting exactly its floor or ceiling;
 //! - removing a slot hands each of its entries to the entry's precomputed heir and changes
-//!   no other owner; the heirs of a slot are chosen so that, after its removal, every
-//!   survivor again owns the floor or ceiling of its new share, which for equal weights
-//!   spreads a slot's heirs over the survivors within one entry of even;
+//!   no other owner; the heirs of a slot are chosen so that, after its removal, no survivor
+//!   exceeds the ceiling of its new share and, wherever that is possible without moving a
+//!   survivor's own entries (always, with equal weights), each owns its floor or ceiling;
+//!   with equal weights this spreads a slot's heirs over the survivors within one entry of
+//!   even, with unequal weights in proportion to weight within two entries;
 //! - adding a slot or changing a weight moves the fewest entries that restore those bounds,
 //!   taking from the most loaded slots, so adding a slot moves only what it takes.
 //!
@@ -33,13 +35,13 @@ pub enum TableError {
         /// The offending slot.
         slot: Slot,
     },
-    /// The slot already owns part of the table.
+    /// The slot is already a member of the table.
     #[error("slot {slot} is already in the table")]
     AlreadyMember {
         /// The offending slot.
         slot: Slot,
     },
-    /// The slot owns no part of the table.
+    /// The slot is not a member of the table.
     #[error("slot {slot} is not in the table")]
     NotMember {
         /// The offending slot.
@@ -64,7 +66,7 @@ pub struct Delta {
     pub moved: u32,
 }
 
-/// The table and the weights of its members (the slots that own entries).
+/// The table and the weights of its members (the slots entitled to a share of it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
     entries: Vec<TableEntry>,
@@ -294,7 +296,7 @@ impl Table {
     }
 
     /// Checks every invariant the kernel and the operations rely on; `Err` names the first
-    /// one broken. Used by the tests and fuzzers after every operation.
+    /// one broken. The property tests run it after every operation.
     pub fn validate(&self) -> Result<(), String> {
         if self.entries.len() != TABLE_SIZE {
             return Err(format!(

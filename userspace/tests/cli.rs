@@ -2,10 +2,13 @@
 use std::{os::fd::AsFd as _, process::Command};
 
 use portshard::{
-    group::Group,
+    group::{Group, Holder},
     socket::{Proto, bind_reuseport},
 };
-use portshard_harness::{flows::loopback, netns::NetNs, scenario::PinRoot};
+use portshard_harness::{
+    flows::loopback,
+    scenario::{PinRoot, Sandbox},
+};
 
 fn portshard(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_portshard"))
@@ -16,15 +19,16 @@ fn portshard(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn table_reads_the_pins_of_a_running_group() {
-    let _netns = NetNs::enter().expect("kernel tests need root to create a network namespace");
-    let pins = PinRoot::new().expect("creating a pin root on the BPF filesystem");
-    let root = pins.path().to_str().unwrap();
+    let sandbox = Sandbox::enter().unwrap_or_else(|e| panic!("kernel test sandbox: {e}"));
+    let root = sandbox.pins().to_str().unwrap();
     let sockets: Vec<_> = (0..3)
         .map(|_| bind_reuseport(Proto::Tcp, loopback(true, 5300)).unwrap())
         .collect();
-    let mut group = Group::create(pins.path(), "web").unwrap();
+    let mut group = Group::create(sandbox.pins(), "web").unwrap();
     for (slot, socket) in sockets.iter().enumerate() {
-        group.add(slot as u16 * 2, socket.as_fd(), 1).unwrap();
+        group
+            .add(slot as u16 * 2, socket.as_fd(), 1, Holder::this_process())
+            .unwrap();
     }
     group.remove(2).unwrap();
 

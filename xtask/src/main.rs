@@ -83,8 +83,7 @@ fn setup() -> Result<()> {
 fn build_ebpf() -> Result<PathBuf> {
     setup()?;
     let root = root();
-    let object = toolchain::build_object(&root.join("ebpf"), &root.join("target/ebpf"))
-        .map_err(anyhow::Error::msg)?;
+    let object = toolchain::build_object(&root.join("ebpf"), &root.join("target/ebpf"))?;
     let size = std::fs::metadata(&object)
         .with_context(|| format!("reading {}", object.display()))?
         .len();

@@ -6,8 +6,7 @@ use anyhow::{Context as _, Result, ensure};
 use portshard::socket::Proto;
 use portshard_harness::{
     flows::{lost, moved},
-    netns::{NetNs, raise_fd_limit},
-    scenario::{CloseOne, KernelRun, PinRoot, PortshardRun, Ratio, survivor_moved},
+    scenario::{CloseOne, KernelRun, PortshardRun, Ratio, Sandbox, survivor_moved},
 };
 
 const LISTENERS: usize = 8;
@@ -15,10 +14,7 @@ const VICTIM: usize = 3;
 const FLOWS: usize = 4096;
 
 fn main() -> Result<()> {
-    let _netns = NetNs::enter()
-        .context("the demo needs root (it creates a network namespace and loads eBPF)")?;
-    raise_fd_limit().context("raising the open-file limit")?;
-    let pins = PinRoot::new().context("creating a pin root on the BPF filesystem")?;
+    let sandbox = Sandbox::enter().context("setting up the demo's private namespace and pins")?;
     let case = CloseOne {
         proto: Proto::Udp,
         ipv6: false,
@@ -33,7 +29,7 @@ fn main() -> Result<()> {
     );
     println!("Listener {VICTIM} closes; nobody reacts; the same flows are sent again.\n");
     let kernel = KernelRun::measure(&case).context("measuring plain SO_REUSEPORT")?;
-    let ours = PortshardRun::measure(&case, pins.path()).context("measuring portshard")?;
+    let ours = PortshardRun::measure(&case, sandbox.pins()).context("measuring portshard")?;
     ensure!(
         ours.counter_errors.is_empty(),
         "counters disagree: {:?}",
