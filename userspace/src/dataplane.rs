@@ -201,14 +201,7 @@ impl Dataplane {
                 source: Box::new(source),
             })?;
         let path = dir.join(names::PROGRAM);
-        let program_error = |action: &str| {
-            let (action, path) = (action.to_owned(), path.clone());
-            move |source| DataplaneError::Program {
-                action,
-                path,
-                source: Box::new(source),
-            }
-        };
+        let program_error = |action: &str| program_error(&path, action.to_owned());
         let program: &mut SkReuseport = ebpf
             .program_mut(names::PROGRAM)
             .ok_or(ObjectError::MissingProgram(names::PROGRAM))?
@@ -269,16 +262,13 @@ impl Dataplane {
     /// the group's other sockets fail to listen. The group keeps the program until its
     /// last socket closes, whatever happens to this process.
     pub fn attach(&self, socket: BorrowedFd<'_>) -> Result<()> {
+        let action = format!(
+            "attaching the program to the reuseport group of socket fd {}",
+            socket.as_raw_fd()
+        );
         self.program
             .attach(socket)
-            .map_err(|source| DataplaneError::Program {
-                action: format!(
-                    "attaching the program to the reuseport group of socket fd {}",
-                    socket.as_raw_fd()
-                ),
-                path: self.dir.join(names::PROGRAM),
-                source: Box::new(source),
-            })
+            .map_err(program_error(&self.dir.join(names::PROGRAM), action))
     }
 
     /// Puts `socket` in `slot` of the socket array and records `meta` for it.
@@ -398,16 +388,19 @@ impl Dataplane {
     }
 }
 
+/// Turns a program error into one that says what was being done and names the pin.
+fn program_error(path: &Path, action: String) -> impl FnOnce(ProgramError) -> DataplaneError {
+    let path = path.to_path_buf();
+    move |source| DataplaneError::Program {
+        action,
+        path,
+        source: Box::new(source),
+    }
+}
+
 /// Opens the program pinned at `path`, refusing anything but an `SK_REUSEPORT` program.
 fn open_program(path: &Path) -> Result<SkReuseport> {
-    let error = |action: &str| {
-        let (action, path) = (action.to_owned(), path.to_path_buf());
-        move |source| DataplaneError::Program {
-            action,
-            path,
-            source: Box::new(source),
-        }
-    };
+    let error = |action: &str| program_error(path, action.to_owned());
     let program = SkReuseport::from_pin(path, SkReuseportAttachType::SelectOrMigrate)
         .map_err(error("opening the pinned program"))?;
     let found = program
