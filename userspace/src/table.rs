@@ -2,16 +2,16 @@
 //! slot inherits it when the owner dies. Pure computation, no syscalls.
 //!
 //! Minimal disruption holds by construction rather than by hashing luck:
-//! - every member owns at most the ceiling of its exact share `TABLE_SIZE * w / W`, and
-//!   after building, adding or reweighting exactly its floor or ceiling;
+//! - every member owns the floor or the ceiling of its exact share `TABLE_SIZE * w / W`
+//!   (with unequal weights, see [`Table::is_exactly_balanced`] for the edge cases);
 //! - removing a slot hands each of its entries to the entry's precomputed heir and changes
 //!   no other owner; the heirs of a slot are chosen so that, after its removal, no survivor
 //!   exceeds the ceiling of its new share and, wherever that is possible without moving a
 //!   survivor's own entries (always, with equal weights), each owns its floor or ceiling;
 //!   with equal weights this spreads a slot's heirs over the survivors within one entry of
 //!   even, with unequal weights in proportion to weight within two entries;
-//! - adding a slot or changing a weight moves the fewest entries that restore those bounds,
-//!   taking from the most loaded slots, so adding a slot moves only what it takes.
+//! - adding a slot moves only the entries it takes, from the most loaded slots; changing a
+//!   weight moves the fewest entries that restore every member's bounds.
 //!
 //! Every operation is deterministic: the same sequence gives the same table.
 use std::{cmp::Ordering, collections::BTreeMap};
@@ -100,7 +100,7 @@ impl Table {
                 return Err(TableError::AlreadyMember { slot });
             }
         }
-        table.rebalance();
+        table.rebalance(None);
         table.assign_heirs();
         Ok(table)
     }
@@ -127,7 +127,7 @@ impl Table {
     }
 
     /// Adds `slot` with `weight`: it takes its share from the most loaded members, and
-    /// nothing else moves.
+    /// nothing else moves (see [`Table::is_exactly_balanced`] for what that can leave).
     pub fn add(&mut self, slot: Slot, weight: u32) -> Result<Delta, TableError> {
         check_slot(slot)?;
         check_weight(slot, weight)?;
@@ -136,7 +136,7 @@ impl Table {
         }
         Ok(self.apply(|table| {
             table.weights.insert(slot, weight);
-            table.rebalance();
+            table.rebalance(Some(slot));
         }))
     }
 
@@ -165,7 +165,7 @@ impl Table {
         }
         Ok(self.apply(|table| {
             table.weights.insert(slot, weight);
-            table.rebalance();
+            table.rebalance(None);
         }))
     }
 
@@ -185,34 +185,60 @@ impl Table {
     }
 
     /// Moves the fewest entries that put every member within `[floor, ceil]` of its exact
-    /// share, and gives every entry without a member owner to a member.
-    fn rebalance(&mut self) {
+    /// share, and gives every entry without a member owner to a member. With `only`, no
+    /// member but that one receives anything (an addition moves only what the newcomer
+    /// takes): members below their floor stay there, and if the newcomer's ceiling cannot
+    /// hold all that members above their ceiling must shed, the least loaded of those keep
+    /// one entry too many.
+    fn rebalance(&mut self, only: Option<Slot>) {
         let members = Members::of(&self.weights);
         let counts = members.counts(&self.entries);
         let shares: Vec<(u32, u32)> = members.weights.iter().map(|&w| members.share(w)).collect();
         let unowned = TABLE_SIZE as u32 - counts.iter().sum::<u32>();
+        let only = only.and_then(|slot| members.position(slot));
+        let may_receive = |i: usize| only.is_none_or(|p| p == i);
+        let excess = |i: usize| {
+            i64::from(counts[i]) * members.total as i64
+                - TOTAL as i64 * i64::from(members.weights[i])
+        };
 
         // The least each member must receive or give to reach its bounds.
         let mut receive: Vec<u32> = (0..members.len())
-            .map(|i| shares[i].0.saturating_sub(counts[i]))
+            .map(|i| {
+                if may_receive(i) {
+                    shares[i].0.saturating_sub(counts[i])
+                } else {
+                    0
+                }
+            })
             .collect();
         let mut give: Vec<u32> = (0..members.len())
             .map(|i| counts[i].saturating_sub(shares[i].1))
             .collect();
-        let released_count = unowned + give.iter().sum::<u32>();
+        let mut released_count = unowned + give.iter().sum::<u32>();
+        if let Some(p) = only {
+            // Whatever the one receiver cannot hold stays with the least loaded givers.
+            let capacity = shares[p].1.saturating_sub(counts[p]);
+            while released_count > capacity {
+                let Some(i) = (0..members.len())
+                    .filter(|&i| give[i] > 0)
+                    .min_by_key(|&i| (excess(i), i))
+                else {
+                    break;
+                };
+                give[i] -= 1;
+                released_count -= 1;
+            }
+        }
         let received_count: u32 = receive.iter().sum();
 
         // Members between their bounds take up the difference, one entry each: those already
         // receiving (or giving) first, so adding a slot moves entries to that slot only, then
         // whoever is furthest below (or above) its exact share; ties to the lower slot.
-        let excess = |i: usize| {
-            i64::from(counts[i]) * members.total as i64
-                - TOTAL as i64 * i64::from(members.weights[i])
-        };
         match released_count.cmp(&received_count) {
             Ordering::Greater => {
                 let mut room: Vec<usize> = (0..members.len())
-                    .filter(|&i| counts[i] + receive[i] < shares[i].1)
+                    .filter(|&i| may_receive(i) && counts[i] + receive[i] < shares[i].1)
                     .collect();
                 keep_smallest(&mut room, (released_count - received_count) as usize, |i| {
                     (i64::from(receive[i] == 0) << 45) + excess(i)
@@ -296,7 +322,8 @@ impl Table {
     }
 
     /// Checks every invariant the kernel and the operations rely on; `Err` names the first
-    /// one broken. The property tests run it after every operation.
+    /// one broken. Shares are bounded by their ceiling, or with unequal weights by one more
+    /// (see [`Table::is_exactly_balanced`]). The property tests run it after every operation.
     pub fn validate(&self) -> Result<(), String> {
         if self.entries.len() != TABLE_SIZE {
             return Err(format!(
@@ -330,11 +357,12 @@ impl Table {
         }
         let counts = self.counts();
         let members = Members::of(&self.weights);
+        let equal = members.weights.windows(2).all(|w| w[0] == w[1]);
         for (&slot, &weight) in members.slots.iter().zip(&members.weights) {
-            let (_, ceiling) = members.share(weight);
+            let ceiling = members.share(weight).1 + u32::from(!equal);
             if counts[&slot] > ceiling {
                 return Err(format!(
-                    "slot {slot} owns {} entries, above the ceiling {ceiling} of its share",
+                    "slot {slot} owns {} entries, more than the {ceiling} its share allows",
                     counts[&slot]
                 ));
             }
@@ -342,10 +370,11 @@ impl Table {
         Ok(())
     }
 
-    /// Whether every member owns the floor or the ceiling of its exact share. Building,
-    /// adding and reweighting always achieve it, and so does removing with equal weights.
-    /// With unequal weights a removal can leave a survivor below its floor: lifting it would
-    /// move flows of a survivor, and the table never does that.
+    /// Whether every member owns the floor or the ceiling of its exact share. With equal
+    /// weights every operation keeps it, and with any weights building and reweighting
+    /// restore it. With unequal weights a removal can leave a survivor below its floor and an
+    /// addition can leave a member one entry above its ceiling, because fixing either would
+    /// move flows of a member that is not involved, which those operations never do.
     pub fn is_exactly_balanced(&self) -> bool {
         let counts = self.counts();
         let members = Members::of(&self.weights);
