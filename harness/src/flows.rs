@@ -179,7 +179,7 @@ impl Flows {
     }
 
     /// The source address of flow `flow`.
-    pub fn source(&self, flow: usize) -> SocketAddr {
+    fn source(&self, flow: usize) -> SocketAddr {
         SocketAddr::new(self.target.ip(), FIRST_SOURCE_PORT + flow as u16)
     }
 

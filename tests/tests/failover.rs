@@ -123,32 +123,25 @@ fn reweighting_moves_only_toward_the_heavier_slot(proto: Proto) {
     assert_eq!(meta.weight, 3, "{proto}: the slot record keeps the weight");
 }
 
-#[test]
-fn udp_owner_and_heir_closed_are_probed() {
-    owner_and_heir_closed(Proto::Udp);
+/// A UDP and a TCP test for each check.
+macro_rules! per_protocol {
+    ($($udp:ident, $tcp:ident => $check:ident;)*) => {
+        $(
+            #[test]
+            fn $udp() {
+                $check(Proto::Udp);
+            }
+
+            #[test]
+            fn $tcp() {
+                $check(Proto::Tcp);
+            }
+        )*
+    };
 }
 
-#[test]
-fn tcp_owner_and_heir_closed_are_probed() {
-    owner_and_heir_closed(Proto::Tcp);
-}
-
-#[test]
-fn udp_empty_table_falls_through_to_the_kernel() {
-    empty_table_falls_through(Proto::Udp);
-}
-
-#[test]
-fn tcp_empty_table_falls_through_to_the_kernel() {
-    empty_table_falls_through(Proto::Tcp);
-}
-
-#[test]
-fn udp_reweighting_moves_only_toward_the_heavier_slot() {
-    reweighting_moves_only_toward_the_heavier_slot(Proto::Udp);
-}
-
-#[test]
-fn tcp_reweighting_moves_only_toward_the_heavier_slot() {
-    reweighting_moves_only_toward_the_heavier_slot(Proto::Tcp);
+per_protocol! {
+    udp_owner_and_heir_closed_are_probed, tcp_owner_and_heir_closed_are_probed => owner_and_heir_closed;
+    udp_empty_table_falls_through_to_the_kernel, tcp_empty_table_falls_through_to_the_kernel => empty_table_falls_through;
+    udp_reweighting_moves_only_toward_the_heavier_slot, tcp_reweighting_moves_only_toward_the_heavier_slot => reweighting_moves_only_toward_the_heavier_slot;
 }
