@@ -3,9 +3,10 @@
 //! owners; with no live slot at all it lets the kernel's own hash choose (either way every
 //! flow is delivered: the program never refuses what a live socket could take); and a weight
 //! change moves flows only to the slot whose weight grew.
-use portshard::socket::Proto;
+use portshard::{group::Group, socket::Proto};
+use portshard_common::Counters;
 use portshard_harness::{
-    flows::{self, Flows, Listener, loopback, lost, moved},
+    flows::{self, Flows, Landing, Listener, loopback, lost, moved},
     scenario::{SERVICE_PORT, Sandbox, steer},
 };
 
@@ -19,6 +20,20 @@ fn setup(proto: Proto) -> (Sandbox, Flows, Vec<Option<Listener>>) {
     (sandbox, Flows::new(proto, target, FLOWS), listeners)
 }
 
+/// Sends every flow once; returns where each landed and what the program counted meanwhile.
+fn counted_round(
+    group: &Group,
+    flows: &Flows,
+    listeners: &[Option<Listener>],
+) -> (Landing, Counters) {
+    let before = group.dataplane().counters().unwrap();
+    let landing = flows.round(listeners).unwrap();
+    (
+        landing,
+        group.dataplane().counters().unwrap().since(&before),
+    )
+}
+
 fn owner_and_heir_closed(proto: Proto) {
     let (sandbox, flows, mut listeners) = setup(proto);
     let group = steer(sandbox.pins(), "probe", &listeners).unwrap();
@@ -29,15 +44,9 @@ fn owner_and_heir_closed(proto: Proto) {
         inherits[usize::from(entry.heir)] += 1;
     }
     let heir = (1..LISTENERS).max_by_key(|&s| inherits[s]).unwrap();
-    let counters_before = group.dataplane().counters().unwrap();
     listeners[0] = None;
     listeners[heir] = None;
-    let after = flows.round(&listeners).unwrap();
-    let delta = group
-        .dataplane()
-        .counters()
-        .unwrap()
-        .since(&counters_before);
+    let (after, delta) = counted_round(&group, &flows, &listeners);
 
     assert_eq!(
         lost(&after),
@@ -76,13 +85,7 @@ fn empty_table_falls_through(proto: Proto) {
     for slot in 0..LISTENERS {
         group.remove(slot as u16).unwrap();
     }
-    let counters_before = group.dataplane().counters().unwrap();
-    let landing = flows.round(&listeners).unwrap();
-    let delta = group
-        .dataplane()
-        .counters()
-        .unwrap()
-        .since(&counters_before);
+    let (landing, delta) = counted_round(&group, &flows, &listeners);
     assert_eq!(
         lost(&landing),
         0,
