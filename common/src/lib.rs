@@ -46,8 +46,10 @@ pub mod names {
     pub const SLOTS: &str = "slots";
     /// Per-CPU array with one [`crate::Counters`] value.
     pub const COUNTERS: &str = "counters";
+    /// Array with one [`crate::ServiceMeta`] value: what the service listens on.
+    pub const SERVICE: &str = "service";
     /// Every map the program's object defines, in a fixed order.
-    pub const MAPS: [&str; 4] = [SOCKETS, TABLE, SLOTS, COUNTERS];
+    pub const MAPS: [&str; 5] = [SOCKETS, TABLE, SLOTS, COUNTERS, SERVICE];
 }
 
 /// One lookup-table entry: the slot that owns the flows hashing here, and the slot that
@@ -131,6 +133,11 @@ pub struct SlotMeta {
     pub generation: u32,
     /// Relative share of the table this slot should own.
     pub weight: u32,
+    /// How many times this slot's worker was restarted after dying.
+    pub restarts: u32,
+    /// Start time of the serving process in clock ticks after boot (`/proc/<pid>/stat`
+    /// field 22), so a restarted daemon never mistakes a reused pid for its worker.
+    pub started: u64,
 }
 
 impl SlotMeta {
@@ -141,7 +148,26 @@ impl SlotMeta {
         state: SlotState::Free as u32,
         generation: 0,
         weight: 0,
+        restarts: 0,
+        started: 0,
     };
+}
+
+/// What a service listens on and how it steers, recorded once when its dataplane is
+/// created, so the CLI and a restarted daemon know the service from its pins alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceMeta {
+    /// Listening address: 16 bytes of IPv6, or an IPv4 address in its first 4 bytes.
+    pub addr: [u8; 16],
+    /// Listening port.
+    pub port: u16,
+    /// 4 or 6.
+    pub family: u8,
+    /// 17 for UDP, 6 for TCP (IP protocol numbers).
+    pub proto: u8,
+    /// 0 for `balance`, 1 for `handover`.
+    pub mode: u32,
 }
 
 /// What the program did for one slot, counted per CPU.
@@ -218,7 +244,8 @@ const _: () = {
     assert!(PROBE_STRIDE % 2 == 1 && PROBE_STRIDE < TABLE_SIZE as u32);
     assert!(size_of::<TableEntry>() == 4);
     assert!(size_of::<Table>() == 4 * TABLE_SIZE);
-    assert!(size_of::<SlotMeta>() == 24);
+    assert!(size_of::<SlotMeta>() == 40);
+    assert!(size_of::<ServiceMeta>() == 24);
     // A per-CPU map value is limited to 32 KiB by the kernel's per-CPU allocator.
     assert!(size_of::<Counters>() <= 32 * 1024);
 };
@@ -230,6 +257,7 @@ mod pod {
     unsafe impl aya::Pod for super::TableEntry {}
     unsafe impl aya::Pod for super::Table {}
     unsafe impl aya::Pod for super::SlotMeta {}
+    unsafe impl aya::Pod for super::ServiceMeta {}
     unsafe impl aya::Pod for super::SlotCounters {}
     unsafe impl aya::Pod for super::Counters {}
 }

@@ -16,8 +16,8 @@ use aya_ebpf::{
     programs::SkReuseportContext,
 };
 use portshard_common::{
-    BPF_F_MMAPABLE, Counters, MAX_SLOTS, PROBE_STEPS, PROBE_STRIDE, SlotCounters, SlotMeta,
-    TABLE_MASK, Table, TableEntry,
+    BPF_F_MMAPABLE, Counters, MAX_SLOTS, PROBE_STEPS, PROBE_STRIDE, ServiceMeta, SlotCounters,
+    SlotMeta, TABLE_MASK, Table, TableEntry,
 };
 
 /// Slot number to listening socket. The kernel clears a slot the moment its socket closes.
@@ -31,6 +31,11 @@ static TABLE: Array<Table> = Array::pinned(1, BPF_F_MMAPABLE);
 /// Userspace's per-slot records; defined here so one object describes every pinned map.
 #[map(name = "slots")]
 static SLOTS: Array<SlotMeta> = Array::pinned(MAX_SLOTS, 0);
+
+/// What the service listens on, for the CLI and a restarted daemon; defined here so one
+/// object describes every pinned map.
+#[map(name = "service")]
+static SERVICE: Array<ServiceMeta> = Array::pinned(1, 0);
 
 /// Per-CPU counters of every decision.
 #[map(name = "counters")]

@@ -28,6 +28,8 @@ fn state_survives_the_process_that_made_it() {
         let holder = Holder {
             pid: 4242,
             generation: 7,
+            started: 99,
+            restarts: 1,
         };
         group.add(3, socket.as_fd(), 2, holder).unwrap();
         group.table().entries().to_vec()

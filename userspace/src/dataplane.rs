@@ -18,11 +18,14 @@ use aya::{
     programs::{ProgramError, SkReuseport, sk_reuseport::SkReuseportAttachType},
 };
 use aya_obj::generated::bpf_prog_type;
-use portshard_common::{Counters, SlotMeta, TABLE_SIZE, Table, TableEntry, names};
+use portshard_common::{
+    Counters, MAX_SLOTS, ServiceMeta, SlotMeta, TABLE_SIZE, Table, TableEntry, names,
+};
 
 use crate::{
     bpffs::{self, BpffsError},
     object::{self, MapSpec, OBJECT, ObjectError},
+    report::{ServiceStatus, TableReport},
     table::Slot,
 };
 
@@ -176,6 +179,7 @@ pub struct Dataplane {
     sockets: ReusePortSockArray<MapData>,
     slots: Array<MapData, SlotMeta>,
     counters: PerCpuArray<MapData, Counters>,
+    service: Array<MapData, ServiceMeta>,
     table: MappedTable,
 }
 
@@ -240,6 +244,7 @@ impl Dataplane {
         let sockets = typed(&dir, names::SOCKETS, open(names::SOCKETS)?)?;
         let slots = typed(&dir, names::SLOTS, open(names::SLOTS)?)?;
         let counters = typed(&dir, names::COUNTERS, open(names::COUNTERS)?)?;
+        let service = typed(&dir, names::SERVICE, open(names::SERVICE)?)?;
         let table = MappedTable::new(open(names::TABLE)?, &dir.join(names::TABLE))?;
         let program = open_program(&dir.join(names::PROGRAM))?;
         Ok(Self {
@@ -248,8 +253,83 @@ impl Dataplane {
             sockets,
             slots,
             counters,
+            service,
             table,
         })
+    }
+
+    /// The services pinned under `root`: every directory there, by name. Empty when `root`
+    /// does not exist.
+    pub fn pinned_services(root: &Path) -> Result<Vec<String>> {
+        let entries = match std::fs::read_dir(root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(DataplaneError::PinIo {
+                    action: "listing pin root",
+                    path: root.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        let mut services = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| DataplaneError::PinIo {
+                action: "listing pin root",
+                path: root.to_path_buf(),
+                source,
+            })?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.path().is_dir() && check_service_name(&name).is_ok() {
+                services.push(name);
+            }
+        }
+        services.sort();
+        Ok(services)
+    }
+
+    /// Everything `status` shows about this service, read from the pins.
+    pub fn status(&self) -> Result<ServiceStatus> {
+        Ok(ServiceStatus::new(&self.service()?, self.table_report()?))
+    }
+
+    /// Everything `table` shows about this service, read from the pins.
+    pub fn table_report(&self) -> Result<TableReport> {
+        let metas = (0..MAX_SLOTS as Slot)
+            .map(|slot| self.meta(slot))
+            .collect::<Result<Vec<_>>>()?;
+        let name = self
+            .dir
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        Ok(TableReport::new(
+            &name,
+            &self.read_entries(),
+            &metas,
+            &self.counters()?,
+        ))
+    }
+
+    /// Records what the service listens on (see [`ServiceMeta`]).
+    pub fn set_service(&mut self, meta: ServiceMeta) -> Result<()> {
+        self.service
+            .set(0, meta, 0)
+            .map_err(|source| DataplaneError::Map {
+                action: "recording the service".to_owned(),
+                path: self.dir.join(names::SERVICE),
+                source: Box::new(source),
+            })
+    }
+
+    /// What the service listens on, as recorded by [`Dataplane::set_service`].
+    pub fn service(&self) -> Result<ServiceMeta> {
+        self.service
+            .get(&0, 0)
+            .map_err(|source| DataplaneError::Map {
+                action: "reading the service record".to_owned(),
+                path: self.dir.join(names::SERVICE),
+                source: Box::new(source),
+            })
     }
 
     /// The service's pin directory.

@@ -2,11 +2,12 @@
 //! written to, changed together. Every change is computed on a copy of the table and only
 //! committed once the kernel took it, so a refused change leaves both sides as they were.
 use std::{
+    collections::BTreeMap,
     os::fd::{AsRawFd as _, BorrowedFd},
     path::Path,
 };
 
-use portshard_common::{MAX_SLOTS, SlotMeta, SlotState};
+use portshard_common::{MAX_SLOTS, ServiceMeta, SlotMeta, SlotState};
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
@@ -63,14 +64,22 @@ pub struct Holder {
     pub pid: u32,
     /// The generation it belongs to.
     pub generation: u32,
+    /// Its start time ([`crate::process::start_time`]), so the record names this process
+    /// even after its pid is reused.
+    pub started: u64,
+    /// How many times the slot's worker was restarted before this one.
+    pub restarts: u32,
 }
 
 impl Holder {
     /// This process, generation 0: for sockets the caller serves itself.
     pub fn this_process() -> Self {
+        let pid = std::process::id();
         Self {
-            pid: std::process::id(),
+            pid,
             generation: 0,
+            started: crate::process::start_time(pid).unwrap_or(0),
+            restarts: 0,
         }
     }
 }
@@ -80,6 +89,9 @@ pub struct Group {
     service: String,
     dataplane: Dataplane,
     table: Table,
+    /// The entries each slot owned when it was removed or drained, given back when it
+    /// returns, so a restarted or undrained worker gets its own flows back.
+    vacated: BTreeMap<Slot, Vec<u32>>,
 }
 
 impl Group {
@@ -110,7 +122,48 @@ impl Group {
             service: service.to_owned(),
             dataplane,
             table,
+            vacated: BTreeMap::new(),
         })
+    }
+
+    /// Takes over the pinned dataplane of `service` as a previous process left it, without
+    /// writing anything: `members` (slot, weight) are the slots the pinned table is over.
+    /// If the pinned table does not fit them (a process died halfway through a change), it
+    /// is rebuilt from scratch over `members`, which moves flows, and `rebuilt` says so.
+    pub fn adopt(
+        root: &Path,
+        service: &str,
+        members: &[(Slot, u32)],
+    ) -> Result<(Self, Option<TableError>), GroupError> {
+        let dataplane = Dataplane::open(root, service)?;
+        let (table, rebuilt) = match Table::adopt(dataplane.read_entries(), members.iter().copied())
+        {
+            Ok(table) => (table, None),
+            Err(error) => {
+                let table = Table::with_members(members.iter().copied()).map_err(|source| {
+                    GroupError::Table {
+                        service: service.to_owned(),
+                        source,
+                    }
+                })?;
+                dataplane.write_all(table.entries())?;
+                (table, Some(error))
+            }
+        };
+        Ok((
+            Self {
+                service: service.to_owned(),
+                dataplane,
+                table,
+                vacated: BTreeMap::new(),
+            },
+            rebuilt,
+        ))
+    }
+
+    /// Records what the service listens on, for `status` and a restarted daemon.
+    pub fn record_service(&mut self, meta: ServiceMeta) -> Result<(), GroupError> {
+        Ok(self.dataplane.set_service(meta)?)
     }
 
     /// The table as last written to the kernel.
@@ -125,8 +178,9 @@ impl Group {
 
     /// Puts `socket` (bound with `SO_REUSEPORT`, and listening for TCP), served by
     /// `holder`, in `slot` with `weight`: it takes its share of the table from the most
-    /// loaded slots and no other flow moves. The first socket of a group also gets the
-    /// program attached.
+    /// loaded slots and no other flow moves; a slot that was removed gets the entries it
+    /// owned back first (see [`Table::rejoin`]). The program is attached to the socket's
+    /// group (again), so a group whose every socket closed meanwhile gets it back.
     pub fn add(
         &mut self,
         slot: Slot,
@@ -135,23 +189,24 @@ impl Group {
         holder: Holder,
     ) -> Result<Delta, GroupError> {
         let mut next = self.table.clone();
+        let former = self.vacated.get(&slot).map_or(&[][..], Vec::as_slice);
         let delta = next
-            .add(slot, weight)
+            .rejoin(slot, weight, former)
             .map_err(|source| self.table_error(source))?;
         let cookie = socket::cookie(socket).map_err(|source| GroupError::Cookie {
             fd: socket.as_raw_fd(),
             slot,
             source,
         })?;
-        if self.table.members().is_empty() {
-            self.dataplane.attach(socket)?;
-        }
+        self.dataplane.attach(socket)?;
         let meta = SlotMeta {
             cookie,
             pid: holder.pid,
             state: SlotState::Live as u32,
             generation: holder.generation,
             weight,
+            restarts: holder.restarts,
+            started: holder.started,
         };
         self.dataplane.place(slot, socket, meta)?;
         self.commit(next, delta)
@@ -159,11 +214,16 @@ impl Group {
 
     /// Takes `slot` out of the table: its entries go to their heirs, where the program
     /// already sends their flows if the slot's socket is closed, so nothing moves twice.
+    /// A slot that is no longer in the table (drained) is only emptied and recorded dead.
     pub fn remove(&mut self, slot: Slot) -> Result<Delta, GroupError> {
         let mut next = self.table.clone();
-        let delta = next
-            .remove(slot)
-            .map_err(|source| self.table_error(source))?;
+        let delta = if self.table.members().contains_key(&slot) {
+            next.remove(slot)
+                .map_err(|source| self.table_error(source))?
+        } else {
+            Delta::default()
+        };
+        let former = self.table.owned_by(slot);
         // Empty the slot before the table forgets it: the program then already sends the
         // slot's flows to their heirs, exactly where the new table puts them, so a failure
         // here leaves traffic where it would be anyway and the table unchanged.
@@ -171,7 +231,47 @@ impl Group {
         self.dataplane.clear(slot)?;
         meta.state = SlotState::Dead as u32;
         self.dataplane.set_meta(slot, meta)?;
+        let delta = self.commit(next, delta)?;
+        if !former.is_empty() {
+            self.vacated.insert(slot, former);
+        }
+        Ok(delta)
+    }
+
+    /// Takes `slot`'s entries away, to their heirs, but leaves its socket in place: its
+    /// worker keeps what it already has (established connections) and gets nothing new.
+    pub fn drain(&mut self, slot: Slot) -> Result<Delta, GroupError> {
+        let mut next = self.table.clone();
+        let delta = next
+            .remove(slot)
+            .map_err(|source| self.table_error(source))?;
+        let former = self.table.owned_by(slot);
+        let mut meta = self.dataplane.meta(slot)?;
+        meta.state = SlotState::Draining as u32;
+        self.dataplane.set_meta(slot, meta)?;
+        let delta = self.commit(next, delta)?;
+        self.vacated.insert(slot, former);
+        Ok(delta)
+    }
+
+    /// Puts a drained `slot` back in the table with `weight`; only it receives entries,
+    /// first those it had when drained.
+    pub fn undrain(&mut self, slot: Slot, weight: u32) -> Result<Delta, GroupError> {
+        let mut next = self.table.clone();
+        let former = self.vacated.get(&slot).map_or(&[][..], Vec::as_slice);
+        let delta = next
+            .rejoin(slot, weight, former)
+            .map_err(|source| self.table_error(source))?;
+        let mut meta = self.dataplane.meta(slot)?;
+        meta.state = SlotState::Live as u32;
+        meta.weight = weight;
+        self.dataplane.set_meta(slot, meta)?;
         self.commit(next, delta)
+    }
+
+    /// Records `meta` for `slot` without touching the table (a restart count, a pid).
+    pub fn set_meta(&mut self, slot: Slot, meta: SlotMeta) -> Result<(), GroupError> {
+        Ok(self.dataplane.set_meta(slot, meta)?)
     }
 
     /// Changes `slot`'s weight, moving the fewest entries that restore every share.
@@ -190,6 +290,11 @@ impl Group {
     fn commit(&mut self, next: Table, delta: Delta) -> Result<Delta, GroupError> {
         self.dataplane
             .write_entries(next.entries(), &delta.changed)?;
+        for slot in next.members().keys() {
+            if !self.table.members().contains_key(slot) {
+                self.vacated.remove(slot);
+            }
+        }
         self.table = next;
         Ok(delta)
     }

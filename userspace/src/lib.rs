@@ -1,13 +1,20 @@
 //! portshard: an eBPF-steered `SO_REUSEPORT` load balancer.
 //!
-//! Pure logic ([`table`], [`object`], [`report`]) never makes a syscall; the edge modules ([`bpffs`],
-//! [`socket`], [`dataplane`]) are thin wrappers over the kernel, and [`group`] ties a
-//! table to its dataplane.
+//! Pure logic ([`table`], [`config`], [`control`], [`object`], [`report`], [`metrics`])
+//! never makes a syscall; the edge modules ([`bpffs`], [`socket`], [`dataplane`],
+//! [`process`]) are thin wrappers over the kernel; [`group`] ties a table to its dataplane,
+//! [`daemon`] runs services, and [`echo`] is the built-in worker.
 #![warn(missing_docs)]
 pub mod bpffs;
+pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod dataplane;
+pub mod echo;
 pub mod group;
+pub mod metrics;
 pub mod object;
+pub mod process;
 pub mod report;
 pub mod socket;
 pub mod table;

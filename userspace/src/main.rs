@@ -1,11 +1,24 @@
-//! The `portshard` command. Read-only commands read the pinned maps directly, so they work
-//! whatever runs (or does not run) the service.
-use std::{io::Write as _, path::PathBuf};
+//! The `portshard` command: the daemon (`serve`), the built-in worker (`echo`) and the CLI.
+//! Read-only commands read the pinned maps directly, so they work whatever runs (or does
+//! not run) the service; commands that change state go through the daemon's control socket.
+use std::{
+    io::{BufRead as _, BufReader, IsTerminal as _, Write as _},
+    net::SocketAddr,
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+};
 
-use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand};
-use portshard::{dataplane::Dataplane, report::TableReport, table::Slot};
-use portshard_common::MAX_SLOTS;
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use portshard::{
+    config::Config,
+    control::{self, Reply, Request},
+    daemon::{self, Options},
+    dataplane::Dataplane,
+    echo,
+    report::StatusReport,
+    table::Slot,
+};
 
 #[derive(Parser)]
 #[command(version, about = "eBPF-steered SO_REUSEPORT load balancer")]
@@ -18,12 +31,45 @@ struct Cli {
         default_value = "/sys/fs/bpf/portshard"
     )]
     bpffs: PathBuf,
+    /// The daemon's control socket.
+    #[arg(
+        long,
+        global = true,
+        env = "PORTSHARD_CONTROL",
+        default_value = "/run/portshard/control.sock"
+    )]
+    control: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: start the configured services and their workers, keep them healthy.
+    Serve {
+        /// The config file (TOML). Without it, a UDP and a TCP echo service on
+        /// 127.0.0.1:5300 with four `portshard echo` workers each.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
+        /// Log lines for humans, or one JSON object per line.
+        #[arg(long, value_enum, default_value = "human")]
+        log_format: LogFormat,
+    },
+    /// Show every service: its slots, their workers, states, entries and counters.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a service's table: entries, share and heirs per slot, balance, counters.
     Table {
         /// The service (its pin directory under --bpffs).
@@ -32,26 +78,190 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Move a slot's table entries to their heirs; its worker keeps its connections.
+    Drain {
+        /// The service.
+        service: String,
+        /// The slot to drain.
+        slot: Slot,
+    },
+    /// Set a slot's weight (a drained slot rejoins the table with it).
+    Weight {
+        /// The service.
+        service: String,
+        /// The slot.
+        slot: Slot,
+        /// The new weight, 1 to 10000.
+        weight: u32,
+    },
+    /// The built-in socket-activated echo worker (run by `serve`, not by hand).
+    Echo,
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve {
+            config,
+            metrics,
+            log_format,
+        } => serve(config, cli.bpffs, cli.control, metrics, log_format),
+        Command::Status { json } => status(&cli.bpffs, json),
         Command::Table { service, json } => table(&cli.bpffs, &service, json),
+        Command::Drain { service, slot } => {
+            request(&cli.control, &Request::Drain { service, slot })
+        }
+        Command::Weight {
+            service,
+            slot,
+            weight,
+        } => request(
+            &cli.control,
+            &Request::Weight {
+                service,
+                slot,
+                weight,
+            },
+        ),
+        Command::Echo => Ok(echo::serve()?),
     }
 }
 
-fn table(root: &std::path::Path, service: &str, json: bool) -> Result<()> {
-    let dataplane = Dataplane::open(root, service)?;
-    let metas = (0..MAX_SLOTS as Slot)
-        .map(|slot| dataplane.meta(slot))
+fn serve(
+    config: Option<PathBuf>,
+    bpffs: PathBuf,
+    control: PathBuf,
+    metrics: Option<SocketAddr>,
+    log_format: LogFormat,
+) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match log_format {
+        LogFormat::Human => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    let config = match config {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading config {}", path.display()))?;
+            Config::parse(&text, &path)?
+        }
+        None => {
+            let exe = std::env::current_exe()
+                .context("finding this program's path for the built-in echo workers")?;
+            Config::builtin(&exe)
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(daemon::serve(
+        config,
+        Options {
+            bpffs,
+            control,
+            metrics,
+        },
+    ))?;
+    Ok(())
+}
+
+/// Sends one request to the daemon and prints its answer; fails on a refusal.
+fn request(path: &Path, request: &Request) -> Result<()> {
+    let mut stream = UnixStream::connect(path).with_context(|| {
+        format!(
+            "the portshard daemon is not running (no daemon answers on control socket {}): start it with `portshard serve`, or pass --control/PORTSHARD_CONTROL",
+            path.display()
+        )
+    })?;
+    stream
+        .write_all(&control::encode_request(request))
+        .with_context(|| format!("sending the request to {}", path.display()))?;
+    let mut line = Vec::new();
+    BufReader::new(&stream)
+        .read_until(b'\n', &mut line)
+        .with_context(|| format!("reading the reply from {}", path.display()))?;
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    }
+    match control::decode_reply(&line)? {
+        Reply::Done { message, .. } => {
+            println!("{message}");
+            Ok(())
+        }
+        Reply::Error { message } => bail!("the daemon refused: {message}"),
+    }
+}
+
+fn status(root: &Path, json: bool) -> Result<()> {
+    let services = Dataplane::pinned_services(root)?
+        .iter()
+        .map(|name| Dataplane::open(root, name)?.status())
         .collect::<Result<Vec<_>, _>>()?;
-    let report = TableReport::new(
-        service,
-        &dataplane.read_entries(),
-        &metas,
-        &dataplane.counters()?,
-    );
+    let report = StatusReport { services };
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer(&mut out, &report).context("writing JSON to stdout")?;
+        writeln!(out).context("writing to stdout")?;
+        return Ok(());
+    }
+    if report.services.is_empty() {
+        writeln!(out, "no service is pinned under {}", root.display())
+            .context("writing to stdout")?;
+    }
+    for service in &report.services {
+        writeln!(
+            out,
+            "{} {} {} ({}): balance {:.4}, {} runs fell through",
+            service.name,
+            service.proto,
+            service.listen,
+            service.mode,
+            service.balance,
+            service.fell_through
+        )
+        .context("writing to stdout")?;
+        writeln!(
+            out,
+            "{:>6}  {:<8} {:>8} {:>4} {:>8} {:>8} {:>10} {:>11} {:>8}",
+            "slot",
+            "state",
+            "pid",
+            "gen",
+            "entries",
+            "restarts",
+            "selected",
+            "failed_over",
+            "migrated"
+        )
+        .context("writing to stdout")?;
+        for slot in &service.slots {
+            writeln!(
+                out,
+                "{:>6}  {:<8} {:>8} {:>4} {:>8} {:>8} {:>10} {:>11} {:>8}",
+                slot.slot,
+                slot.state,
+                slot.pid,
+                slot.generation,
+                slot.entries,
+                slot.restarts,
+                slot.counters.selected,
+                slot.counters.failed_over,
+                slot.counters.migrated
+            )
+            .context("writing to stdout")?;
+        }
+    }
+    Ok(())
+}
+
+fn table(root: &Path, service: &str, json: bool) -> Result<()> {
+    let report = Dataplane::open(root, service)?.table_report()?;
     let mut out = std::io::stdout().lock();
     if json {
         serde_json::to_writer_pretty(&mut out, &report).context("writing JSON to stdout")?;

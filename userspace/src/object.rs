@@ -59,7 +59,7 @@ pub fn map_specs(object: &[u8]) -> Result<Vec<MapSpec>, ObjectError> {
 
 #[cfg(test)]
 mod tests {
-    use portshard_common::{BPF_F_MMAPABLE, Counters, MAX_SLOTS, SlotMeta, Table};
+    use portshard_common::{BPF_F_MMAPABLE, Counters, MAX_SLOTS, ServiceMeta, SlotMeta, Table};
 
     use super::*;
 
@@ -101,7 +101,15 @@ mod tests {
                 1,
                 0,
             ),
+            (
+                names::SERVICE,
+                BPF_MAP_TYPE_ARRAY,
+                size_of::<ServiceMeta>() as u32,
+                1,
+                0,
+            ),
         ];
+        assert_eq!(specs.len(), expected.len());
         for (spec, (name, map_type, value_size, max_entries, flags)) in specs.iter().zip(expected) {
             assert_eq!(
                 spec,

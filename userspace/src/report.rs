@@ -1,10 +1,14 @@
-//! What `portshard table` shows: per slot, the entries it owns, its share, who inherits its
-//! entries and what the program counted; and the table's balance. Computed from what is
-//! pinned, without syscalls.
-use std::collections::BTreeMap;
+//! What `portshard table` and `portshard status` show: per slot, the entries it owns, its
+//! share, who inherits its entries and what the program counted; the table's balance; and
+//! what each service listens on. Computed from what is pinned, without syscalls.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
 
 use portshard_common::{
-    Counters, MAX_SLOTS, NO_SLOT, SlotCounters, SlotMeta, SlotState, TABLE_SIZE, TableEntry,
+    Counters, MAX_SLOTS, NO_SLOT, ServiceMeta, SlotCounters, SlotMeta, SlotState, TABLE_SIZE,
+    TableEntry,
 };
 use serde::Serialize;
 
@@ -23,6 +27,8 @@ pub struct SlotReport {
     pub generation: u32,
     /// Weight in the table.
     pub weight: u32,
+    /// How many times its worker was restarted.
+    pub restarts: u32,
     /// Table entries it owns.
     pub entries: u32,
     /// The fraction of the table (and so of new flows) it owns.
@@ -78,6 +84,7 @@ impl TableReport {
                 pid: meta.pid,
                 generation: meta.generation,
                 weight: meta.weight,
+                restarts: meta.restarts,
                 entries: owned[slot],
                 share: f64::from(owned[slot]) / TABLE_SIZE as f64,
                 heirs: std::mem::take(&mut heirs[slot]),
@@ -101,6 +108,93 @@ impl TableReport {
     }
 }
 
+/// One service as `portshard status` shows it: the design's stable fields (`name`,
+/// `proto`, `listen`, `mode`, and per slot `slot`, `pid`, `state`, `entries`,
+/// `generation`) and more.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServiceStatus {
+    /// Service name.
+    pub name: String,
+    /// `udp` or `tcp`.
+    pub proto: &'static str,
+    /// The address its workers listen on.
+    pub listen: String,
+    /// `balance` or `handover`.
+    pub mode: &'static str,
+    /// See [`TableReport::balance`].
+    pub balance: f64,
+    /// See [`TableReport::fell_through`].
+    pub fell_through: u64,
+    /// Slots that own entries or have a record.
+    pub slots: Vec<SlotReport>,
+}
+
+/// Everything `portshard status --json` prints.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StatusReport {
+    /// The pinned services, by name.
+    pub services: Vec<ServiceStatus>,
+}
+
+impl ServiceStatus {
+    /// The status of a service recorded as `service`, whose table is `table`.
+    pub fn new(service: &ServiceMeta, table: TableReport) -> Self {
+        Self {
+            name: table.service,
+            proto: match service.proto {
+                PROTO_TCP => "tcp",
+                PROTO_UDP => "udp",
+                _ => "unknown",
+            },
+            listen: listen_address(service).to_string(),
+            mode: if service.mode == 1 {
+                "handover"
+            } else {
+                "balance"
+            },
+            balance: table.balance,
+            fell_through: table.fell_through,
+            slots: table.slots,
+        }
+    }
+}
+
+/// IP protocol number of TCP, as [`ServiceMeta::proto`] records it.
+pub const PROTO_TCP: u8 = 6;
+/// IP protocol number of UDP, as [`ServiceMeta::proto`] records it.
+pub const PROTO_UDP: u8 = 17;
+
+/// The socket address a [`ServiceMeta`] records.
+pub fn listen_address(service: &ServiceMeta) -> SocketAddr {
+    let ip = if service.family == 4 {
+        let [a, b, c, d, ..] = service.addr;
+        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(service.addr))
+    };
+    SocketAddr::new(ip, service.port)
+}
+
+/// The record of a service listening on `listen` with IP protocol `proto` in `mode`
+/// (0 balance, 1 handover).
+pub fn service_meta(listen: SocketAddr, proto: u8, mode: u32) -> ServiceMeta {
+    let (addr, family) = match listen.ip() {
+        IpAddr::V4(v4) => {
+            let mut addr = [0; 16];
+            addr[..4].copy_from_slice(&v4.octets());
+            (addr, 4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), 6),
+    };
+    ServiceMeta {
+        addr,
+        port: listen.port(),
+        family,
+        proto,
+        mode,
+    }
+}
+
 fn state_name(raw: u32) -> &'static str {
     match SlotState::from_raw(raw) {
         Some(SlotState::Free) => "free",
@@ -113,6 +207,24 @@ fn state_name(raw: u32) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn service_records_round_trip_their_address() {
+        for addr in [
+            "127.0.0.1:5300",
+            "[::1]:53",
+            "[2001:db8::7]:443",
+            "0.0.0.0:1",
+        ] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let meta = service_meta(addr, PROTO_TCP, 1);
+            assert_eq!(listen_address(&meta), addr);
+            let status =
+                ServiceStatus::new(&meta, TableReport::new("web", &[], &[], &Counters::ZERO));
+            assert_eq!((status.proto, status.mode), ("tcp", "handover"));
+            assert_eq!(status.listen, addr.to_string());
+        }
+    }
+
     use super::*;
     use crate::table::Table;
 
@@ -125,6 +237,8 @@ mod tests {
                 state: SlotState::Live as u32,
                 generation: 0,
                 weight,
+                restarts: 0,
+                started: 0,
             };
         }
         metas

@@ -8,7 +8,7 @@ use std::{
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Transport of a service.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Proto {
     /// Datagrams: each 4-tuple is a flow, steered datagram by datagram.
     Udp,

@@ -47,6 +47,12 @@ pub enum TableError {
         /// The offending slot.
         slot: Slot,
     },
+    /// Entries read back from the kernel do not form a table the operations could leave.
+    #[error("the pinned table is inconsistent with its slot records: {reason}")]
+    Inconsistent {
+        /// The first invariant broken.
+        reason: String,
+    },
     /// The weight is zero or too large.
     #[error("weight {weight} for slot {slot} is out of range: use 1 to {MAX_WEIGHT}")]
     BadWeight {
@@ -105,6 +111,28 @@ impl Table {
         Ok(table)
     }
 
+    /// Takes over a table a previous process computed (`entries`, as read back from the
+    /// kernel, with its `members`), so a restarted daemon goes on from it without moving a
+    /// flow. Refused unless it satisfies every invariant ([`Table::validate`]).
+    pub fn adopt(
+        entries: Vec<TableEntry>,
+        members: impl IntoIterator<Item = (Slot, u32)>,
+    ) -> Result<Self, TableError> {
+        let mut table = Self {
+            entries,
+            weights: BTreeMap::new(),
+        };
+        for (slot, weight) in members {
+            check_slot(slot)?;
+            check_weight(slot, weight)?;
+            table.weights.insert(slot, weight);
+        }
+        table
+            .validate()
+            .map_err(|reason| TableError::Inconsistent { reason })?;
+        Ok(table)
+    }
+
     /// All entries, indexed by `hash & TABLE_MASK`.
     pub fn entries(&self) -> &[TableEntry] {
         &self.entries
@@ -113,6 +141,13 @@ impl Table {
     /// The members and their weights, by slot.
     pub fn members(&self) -> &BTreeMap<Slot, u32> {
         &self.weights
+    }
+
+    /// The indices of the entries `slot` owns, ascending.
+    pub fn owned_by(&self, slot: Slot) -> Vec<u32> {
+        (0..TABLE_SIZE as u32)
+            .filter(|&i| self.entries[i as usize].owner == slot)
+            .collect()
     }
 
     /// How many entries each member owns (the `entries` of `status`), in one pass.
@@ -138,6 +173,51 @@ impl Table {
             table.weights.insert(slot, weight);
             table.rebalance(Some(slot));
         }))
+    }
+
+    /// Adds `slot` back after a removal: it first takes back the entries in `former` (the
+    /// indices it owned, from [`Table::owned_by`] before its removal) from members that can spare
+    /// them, so a restarted worker gets its old flows back and, if nothing else changed
+    /// meanwhile, the table returns to exactly the owners it had; anything still missing
+    /// comes as in [`Table::add`]. As with `add`, only `slot` receives entries.
+    pub fn rejoin(&mut self, slot: Slot, weight: u32, former: &[u32]) -> Result<Delta, TableError> {
+        check_slot(slot)?;
+        check_weight(slot, weight)?;
+        if self.weights.contains_key(&slot) {
+            return Err(TableError::AlreadyMember { slot });
+        }
+        Ok(self.apply(|table| {
+            table.weights.insert(slot, weight);
+            table.take_back(slot, former);
+            table.rebalance(Some(slot));
+        }))
+    }
+
+    /// Gives `slot` each entry of `former` whose owner stays at or above its floor, until
+    /// `slot` reaches its ceiling.
+    fn take_back(&mut self, slot: Slot, former: &[u32]) {
+        let members = Members::of(&self.weights);
+        let mut counts = members.counts(&self.entries);
+        let Some(p) = members.position(slot) else {
+            return;
+        };
+        let ceiling = members.share(members.weights[p]).1;
+        for &index in former {
+            if counts[p] >= ceiling {
+                break;
+            }
+            let Some(entry) = self.entries.get_mut(index as usize) else {
+                continue;
+            };
+            let Some(o) = members.position(entry.owner).filter(|&o| o != p) else {
+                continue;
+            };
+            if counts[o] > members.share(members.weights[o]).0 {
+                entry.owner = slot;
+                counts[o] -= 1;
+                counts[p] += 1;
+            }
+        }
     }
 
     /// Removes `slot`: each entry it owned goes to that entry's heir, which is where the

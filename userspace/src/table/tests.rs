@@ -204,6 +204,8 @@ fn a_giver_releases_evenly_spaced_entries() {
 #[derive(Debug, Clone)]
 enum Op {
     Remove(usize),
+    /// A member dies and comes back (a worker restarted into its slot).
+    Rejoin(usize),
     Add(usize, u32),
     Weight(usize, u32),
 }
@@ -212,6 +214,7 @@ fn op(weighted: bool) -> impl Strategy<Value = Op> {
     let weight = if weighted { 1..=1000u32 } else { 1..=1u32 };
     prop_oneof![
         any::<usize>().prop_map(Op::Remove),
+        any::<usize>().prop_map(Op::Rejoin),
         (any::<usize>(), weight.clone()).prop_map(|(i, w)| Op::Add(i, w)),
         (any::<usize>(), weight).prop_map(|(i, w)| Op::Weight(i, w)),
     ]
@@ -260,6 +263,30 @@ fn apply_and_check(table: &mut Table, op: &Op, weighted: bool) -> Result<(), Tes
                 }
             }
             prop_assert_eq!(delta.moved, owned(&before, dying));
+        }
+        Op::Rejoin(pick) => {
+            if members.is_empty() {
+                return Ok(());
+            }
+            let slot = members[pick % members.len()];
+            let weight = before.members()[&slot];
+            let former = table.owned_by(slot);
+            let removal = table.remove(slot).unwrap();
+            let after_removal = table.clone();
+            let delta = table.rejoin(slot, weight, &former).unwrap();
+            for (old, new) in after_removal.entries().iter().zip(table.entries()) {
+                if old.owner != new.owner {
+                    prop_assert_eq!(new.owner, slot, "an entry moved between other members");
+                }
+            }
+            if !weighted || before.is_exactly_balanced() {
+                prop_assert_eq!(
+                    owners(table),
+                    owners(&before),
+                    "the slot did not get its entries back"
+                );
+                prop_assert_eq!(delta.moved, removal.moved);
+            }
         }
         Op::Add(pick, weight) => {
             // Keep N within 1..=256 as the property range asks.

@@ -1,0 +1,461 @@
+//! The real `portshard serve` as tests and the demo drive it: started on a private pin root
+//! and control socket, watched through its pins, killed and restarted; and the clients that
+//! talk to its workers, which say who answered (`"<slot> <pid>"`, the protocol of
+//! `portshard echo` and of the tests' Python worker).
+use std::{
+    collections::BTreeMap,
+    io::{self, BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use portshard::{
+    control::{self, Reply, Request},
+    dataplane::Dataplane,
+    report::ServiceStatus,
+    table::Slot,
+};
+
+use crate::{context, scenario::MeasureError};
+
+type Result<T, E = MeasureError> = std::result::Result<T, E>;
+
+/// Which worker answered: its slot and pid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Answer {
+    /// The worker's `PORTSHARD_SLOT`.
+    pub slot: Slot,
+    /// The worker's pid.
+    pub pid: u32,
+}
+
+impl Answer {
+    /// Parses `"<slot> <pid>"` at the start of `text`; the rest is returned.
+    fn parse(text: &str) -> Option<(Self, &str)> {
+        let mut parts = text.splitn(3, ' ');
+        let slot = parts.next()?.parse().ok()?;
+        let pid = parts.next()?.trim_end().parse().ok()?;
+        Some((Self { slot, pid }, parts.next().unwrap_or("")))
+    }
+}
+
+/// A `portshard serve` process on its own pin root and control socket, with its log in a
+/// file (its workers inherit stderr and outlive it, so a pipe would never close).
+pub struct DaemonRun {
+    exe: PathBuf,
+    config: PathBuf,
+    pins: PathBuf,
+    control: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl DaemonRun {
+    /// Writes `config` next to the control socket and starts `exe serve` on `pins`.
+    pub fn start(exe: &Path, config: &str, pins: &Path) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "portshard-daemon-{}",
+            pins.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        ));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| context(e, format!("creating {}", dir.display())))?;
+        let config_path = dir.join("portshard.toml");
+        std::fs::write(&config_path, config)
+            .map_err(|e| context(e, format!("writing {}", config_path.display())))?;
+        let mut run = Self {
+            exe: exe.to_path_buf(),
+            config: config_path,
+            pins: pins.to_path_buf(),
+            control: dir.join("control.sock"),
+            log: dir.join("daemon.log"),
+            child: None,
+        };
+        run.spawn()?;
+        Ok(run)
+    }
+
+    /// Starts the daemon (again) with the same config, pins and control socket.
+    pub fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| context(e, format!("opening {}", self.log.display())))?;
+        let child = Command::new(&self.exe)
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--bpffs")
+            .arg(&self.pins)
+            .arg("--control")
+            .arg(&self.control)
+            .stdin(Stdio::null())
+            .stdout(
+                log.try_clone()
+                    .map_err(|e| context(e, "duplicating the log fd".into()))?,
+            )
+            .stderr(log)
+            .spawn()
+            .map_err(|e| context(e, format!("starting {}", self.exe.display())))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until the daemon answers on its control socket.
+    pub fn wait_control(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.request(&Request::Ping).is_ok() {
+                return Ok(());
+            }
+            if let Some(child) = &mut self.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(MeasureError::Traffic(format!(
+                    "the daemon exited with {status}; its log:\n{}",
+                    self.log_text()
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(MeasureError::Traffic(format!(
+                    "the daemon did not answer on {} within {timeout:?}; its log:\n{}",
+                    self.control.display(),
+                    self.log_text()
+                )));
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits until the daemon answers and every service in `workers` (name, count) has
+    /// that many live slots, then returns the status.
+    pub fn wait_ready(
+        &mut self,
+        workers: &[(&str, usize)],
+        timeout: Duration,
+    ) -> Result<Vec<ServiceStatus>> {
+        let deadline = Instant::now() + timeout;
+        self.wait_control(timeout)?;
+        loop {
+            let status = self.status()?;
+            let ready = workers.iter().all(|&(name, count)| {
+                status.iter().find(|s| s.name == name).is_some_and(|s| {
+                    s.slots
+                        .iter()
+                        .filter(|slot| slot.state == "live" && slot.pid != 0)
+                        .count()
+                        == count
+                })
+            });
+            if ready {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                return Err(MeasureError::Traffic(format!(
+                    "services not ready within {timeout:?}: {status:?}; daemon log:\n{}",
+                    self.log_text()
+                )));
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Every pinned service's status, read from the pins as `portshard status` does.
+    pub fn status(&self) -> Result<Vec<ServiceStatus>> {
+        Ok(Dataplane::pinned_services(&self.pins)?
+            .iter()
+            .map(|name| Dataplane::open(&self.pins, name)?.status())
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Sends one control request.
+    pub fn request(&self, request: &Request) -> Result<Reply> {
+        let mut stream = UnixStream::connect(&self.control)
+            .map_err(|e| context(e, format!("connecting to {}", self.control.display())))?;
+        stream
+            .write_all(&control::encode_request(request))
+            .map_err(|e| context(e, "sending a control request".into()))?;
+        let mut line = Vec::new();
+        BufReader::new(&stream)
+            .read_until(b'\n', &mut line)
+            .map_err(|e| context(e, "reading a control reply".into()))?;
+        control::decode_reply(line.trim_ascii_end())
+            .map_err(|e| MeasureError::Traffic(format!("control reply: {e}")))
+    }
+
+    /// `SIGKILL`s the daemon (not its workers) and reaps it.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child
+                .kill()
+                .map_err(|e| context(e, "killing the daemon".into()))?;
+            child
+                .wait()
+                .map_err(|e| context(e, "reaping the daemon".into()))?;
+        }
+        Ok(())
+    }
+
+    /// `SIGTERM`s the daemon and waits for it: it stops its workers and removes the pins.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            return Err(MeasureError::Traffic("the daemon is not running".into()));
+        };
+        // SAFETY: plain kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        Ok(child
+            .wait()
+            .map_err(|e| context(e, "waiting for the daemon".into()))?)
+    }
+
+    /// The pin root.
+    pub fn pins(&self) -> &Path {
+        &self.pins
+    }
+
+    /// The control socket.
+    pub fn control(&self) -> &Path {
+        &self.control
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for DaemonRun {
+    /// Leaves nothing behind: stops the daemon (which stops its workers); if it is gone,
+    /// kills the workers its pins record.
+    fn drop(&mut self) {
+        if self.terminate().is_err()
+            && let Ok(status) = self.status()
+        {
+            for slot in status.iter().flat_map(|s| &s.slots) {
+                if slot.pid != 0 {
+                    // SAFETY: plain kill(2); the pid is a worker this run started.
+                    unsafe { libc::kill(slot.pid as i32, libc::SIGKILL) };
+                }
+            }
+        }
+        if let Some(dir) = self.control.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Each live slot's pid, per service: what must not change across a daemon restart.
+pub fn workers(status: &[ServiceStatus]) -> BTreeMap<String, BTreeMap<Slot, u32>> {
+    status
+        .iter()
+        .map(|s| {
+            let live = s
+                .slots
+                .iter()
+                .filter(|slot| slot.state == "live")
+                .map(|slot| (slot.slot, slot.pid))
+                .collect();
+            (s.name.clone(), live)
+        })
+        .collect()
+}
+
+/// Datagrams sent between two pauses of a round.
+const PACE_EVERY: usize = 64;
+/// The pause.
+const PACE: Duration = Duration::from_micros(500);
+
+/// UDP flows to a service: one socket each, so one 4-tuple each.
+pub struct UdpFlows {
+    sockets: Vec<UdpSocket>,
+    round: u32,
+}
+
+impl UdpFlows {
+    /// `count` flows from the loopback address of `target`'s family.
+    pub fn new(target: SocketAddr, count: usize) -> Result<Self> {
+        let local: SocketAddr = if target.is_ipv6() {
+            "[::1]:0".parse().expect("literal")
+        } else {
+            "127.0.0.1:0".parse().expect("literal")
+        };
+        let sockets = (0..count)
+            .map(|flow| {
+                let socket = UdpSocket::bind(local)
+                    .map_err(|e| context(e, format!("binding flow {flow}")))?;
+                socket
+                    .connect(target)
+                    .map_err(|e| context(e, format!("connecting flow {flow} to {target}")))?;
+                socket
+                    .set_nonblocking(true)
+                    .map_err(|e| context(e, format!("flow {flow}")))?;
+                Ok(socket)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { sockets, round: 0 })
+    }
+
+    /// Sends one datagram on each flow in `which` and collects the answers: `None` for a
+    /// flow none answered within `timeout`.
+    pub fn round_of(
+        &mut self,
+        which: &[usize],
+        timeout: Duration,
+    ) -> Result<BTreeMap<usize, Option<Answer>>> {
+        self.round += 1;
+        let mut answers: BTreeMap<usize, Option<Answer>> =
+            which.iter().map(|&f| (f, None)).collect();
+        for (sent, &flow) in which.iter().enumerate() {
+            // Paced, so a burst never overflows a worker's receive buffer (about 270
+            // small datagrams by default): loss then means steering lost the flow.
+            if sent % PACE_EVERY == PACE_EVERY - 1 {
+                thread::sleep(PACE);
+            }
+            let payload = format!("r{} f{flow}", self.round);
+            match self.sockets[flow].send(payload.as_bytes()) {
+                Ok(_) => {}
+                // The previous round's worker of this flow may just have died.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                Err(e) => return Err(context(e, format!("sending on flow {flow}")).into()),
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        let mut buffer = [0u8; 512];
+        let mut pending: Vec<usize> = which.to_vec();
+        while !pending.is_empty() && Instant::now() < deadline {
+            pending.retain(|&flow| {
+                let expected = format!("r{} f{flow}", self.round);
+                loop {
+                    match self.sockets[flow].recv(&mut buffer) {
+                        Ok(n) => {
+                            let text = String::from_utf8_lossy(&buffer[..n]);
+                            if let Some((answer, rest)) = Answer::parse(&text)
+                                && rest == expected
+                            {
+                                answers.insert(flow, Some(answer));
+                                return false;
+                            }
+                        }
+                        Err(_) => return true,
+                    }
+                }
+            });
+            thread::sleep(Duration::from_micros(200));
+        }
+        Ok(answers)
+    }
+
+    /// [`UdpFlows::round_of`] over every flow.
+    pub fn round(&mut self, timeout: Duration) -> Result<Vec<Option<Answer>>> {
+        let all: Vec<usize> = (0..self.sockets.len()).collect();
+        Ok(self.round_of(&all, timeout)?.into_values().collect())
+    }
+
+    /// Every flow's answer, sending again to the flows not yet answered until all are or
+    /// `timeout` passes: for a baseline while freshly started workers begin reading.
+    pub fn settle(&mut self, timeout: Duration) -> Result<Vec<Answer>> {
+        let deadline = Instant::now() + timeout;
+        let mut answers: BTreeMap<usize, Option<Answer>> =
+            (0..self.sockets.len()).map(|f| (f, None)).collect();
+        loop {
+            let missing: Vec<usize> = answers
+                .iter()
+                .filter(|(_, a)| a.is_none())
+                .map(|(&f, _)| f)
+                .collect();
+            if missing.is_empty() {
+                return Ok(answers
+                    .into_values()
+                    .map(|a| a.expect("all answered"))
+                    .collect());
+            }
+            if Instant::now() > deadline {
+                return Err(MeasureError::Traffic(format!(
+                    "{} of {} flows never answered within {timeout:?}",
+                    missing.len(),
+                    self.sockets.len()
+                )));
+            }
+            for (flow, answer) in self.round_of(&missing, Duration::from_millis(500))? {
+                answers.insert(flow, answer);
+            }
+        }
+    }
+
+    /// Sends on `flow` every `interval` until an answer satisfies `wanted`, and returns when
+    /// that happened and the answer; `None` after `timeout`.
+    pub fn first_answer(
+        &mut self,
+        flow: usize,
+        wanted: impl Fn(Answer) -> bool,
+        interval: Duration,
+        timeout: Duration,
+    ) -> Result<Option<(Instant, Answer)>> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(Some(answer)) = self.round_of(&[flow], interval)?.remove(&flow)
+                && wanted(answer)
+            {
+                return Ok(Some((Instant::now(), answer)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// How many flows there are.
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+}
+
+/// Opens a TCP connection to `target` and reads the worker's greeting.
+pub fn tcp_greeting(target: SocketAddr, timeout: Duration) -> Result<(TcpStream, Answer)> {
+    let stream = TcpStream::connect_timeout(&target, timeout)
+        .map_err(|e| context(e, format!("connecting to {target}")))?;
+    let answer = read_greeting(&stream, timeout)?;
+    Ok((stream, answer))
+}
+
+/// Reads the `"<slot> <pid>\n"` line a worker sends first on a connection.
+pub fn read_greeting(stream: &TcpStream, timeout: Duration) -> Result<Answer> {
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| context(e, "setting a read timeout".into()))?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(|e| context(e, "reading the greeting".into()))?;
+    Answer::parse(&line)
+        .map(|(answer, _)| answer)
+        .ok_or_else(|| MeasureError::Traffic(format!("bad greeting {line:?}")))
+}
+
+/// Sends `text` on an open connection and checks it comes back (after the greeting).
+pub fn echo(stream: &mut TcpStream, text: &str, timeout: Duration) -> Result<()> {
+    stream
+        .write_all(text.as_bytes())
+        .map_err(|e| context(e, "writing on a held connection".into()))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| context(e, "setting a read timeout".into()))?;
+    let mut back = vec![0u8; text.len()];
+    io::Read::read_exact(stream, &mut back).map_err(|e| context(e, "reading the echo".into()))?;
+    if back == text.as_bytes() {
+        Ok(())
+    } else {
+        Err(MeasureError::Traffic(format!(
+            "echo returned {:?} for {text:?}",
+            String::from_utf8_lossy(&back)
+        )))
+    }
+}

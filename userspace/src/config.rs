@@ -1,0 +1,522 @@
+//! The daemon's configuration: the TOML schema of the design, parsed and validated as a
+//! whole before anything starts. Pure: it reads text, never files or sockets.
+//!
+//! Every error names the file, the line and column, the service and the field, and says
+//! what is allowed; all errors of a file are reported at once.
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use portshard_common::MAX_SLOTS;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::{dataplane::check_service_name, socket::Proto, table::MAX_WEIGHT};
+
+/// The most workers a service may have: half the slots, so that a reload can start a whole
+/// new generation beside the running one.
+pub const MAX_WORKERS: u32 = MAX_SLOTS / 2;
+
+/// The most services one daemon runs.
+pub const MAX_SERVICES: usize = 64;
+
+/// How a service steers new work (see the design's "Modes").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The consistent table over every live worker.
+    Balance,
+    /// New work to the newest generation only; older ones drain.
+    Handover,
+}
+
+impl Mode {
+    /// The name used in the config and in `status`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Balance => "balance",
+            Self::Handover => "handover",
+        }
+    }
+}
+
+/// When and how often a dead worker is restarted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestartPolicy {
+    /// Delay before the first restart; doubles with each crash in a row.
+    pub delay: Duration,
+    /// The longest delay.
+    pub delay_max: Duration,
+    /// Crashes of one slot within `window` after which it is no longer restarted.
+    pub limit: u32,
+    /// A worker that lived this long ends a crash loop: the delay starts again from `delay`.
+    pub window: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            delay: Duration::from_millis(100),
+            delay_max: Duration::from_secs(30),
+            limit: 10,
+            window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One validated service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Unique name, also its pin directory: `[a-z0-9-]{1,32}`.
+    pub name: String,
+    /// Transport.
+    pub proto: Proto,
+    /// Address every worker's socket is bound to.
+    pub listen: SocketAddr,
+    /// How many copies of `command` run.
+    pub workers: u32,
+    /// Program and arguments of a worker.
+    pub command: Vec<String>,
+    /// How new work is steered.
+    pub mode: Mode,
+    /// Weight of each worker's slot.
+    pub weight: u32,
+    /// Keep existing UDP flows on their worker in balance mode (used by the flow table).
+    pub sticky: bool,
+    /// A draining worker idle this long is stopped (used by handover).
+    pub drain_idle: Duration,
+    /// A draining worker is stopped after this long at the latest (used by handover).
+    pub drain_timeout: Duration,
+    /// Capacity of the UDP flow table, in flows.
+    pub flow_table: u32,
+    /// How dead workers are restarted.
+    pub restart: RestartPolicy,
+    /// How long a stopping worker gets between SIGTERM and SIGKILL.
+    pub stop_timeout: Duration,
+}
+
+/// A whole validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The services, in file order.
+    pub services: Vec<Service>,
+}
+
+/// One thing wrong in a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line, 0 when the problem has no place (an empty file).
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// `service "name" field `workers``, or empty for a syntax error.
+    pub what: String,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+/// The config was refused; nothing was started.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The file (or `<built-in>`).
+    pub origin: PathBuf,
+    /// Everything wrong, in file order.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.problems.len();
+        write!(
+            f,
+            "config {} is invalid ({count} problem{}); nothing was started",
+            self.origin.display(),
+            if count == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  {}:{}:{}: ", self.origin.display(), p.line, p.column)?;
+            if !p.what.is_empty() {
+                write!(f, "{}: ", p.what)?;
+            }
+            f.write_str(&p.message)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    service: Vec<Spanned<RawService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+    proto: Spanned<String>,
+    listen: Spanned<String>,
+    workers: Spanned<i64>,
+    command: Spanned<Vec<String>>,
+    mode: Option<Spanned<String>>,
+    weight: Option<Spanned<i64>>,
+    sticky: Option<bool>,
+    drain_idle: Option<Spanned<String>>,
+    drain_timeout: Option<Spanned<String>>,
+    flow_table: Option<Spanned<i64>>,
+    restart_delay: Option<Spanned<String>>,
+    restart_delay_max: Option<Spanned<String>>,
+    restart_limit: Option<Spanned<i64>>,
+    restart_window: Option<Spanned<String>>,
+    stop_timeout: Option<Spanned<String>>,
+}
+
+/// Byte offsets to line and column.
+struct Lines<'a>(&'a str);
+
+impl Lines<'_> {
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let before = &self.0[..offset.min(self.0.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        (line, column)
+    }
+}
+
+/// Collects the problems of one file.
+struct Checker<'a> {
+    lines: Lines<'a>,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn report(&mut self, span: Range<usize>, what: String, message: String) {
+        let (line, column) = self.lines.position(span.start);
+        self.problems.push(Problem {
+            line,
+            column,
+            what,
+            message,
+        });
+    }
+
+    fn duration(
+        &mut self,
+        field: Option<Spanned<String>>,
+        what: &str,
+        default: Duration,
+    ) -> Duration {
+        let Some(field) = field else {
+            return default;
+        };
+        match humantime::parse_duration(field.get_ref()) {
+            Ok(duration) if !duration.is_zero() => duration,
+            Ok(_) => {
+                self.report(
+                    field.span(),
+                    what.to_owned(),
+                    "must be longer than zero".to_owned(),
+                );
+                default
+            }
+            Err(e) => {
+                self.report(
+                    field.span(),
+                    what.to_owned(),
+                    format!(
+                        "{:?} is not a duration ({e}): write it like \"100ms\", \"30s\" or \"5m\"",
+                        field.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn integer(&mut self, field: &Spanned<i64>, what: &str, allowed: Range<u32>) -> u32 {
+        let value = *field.get_ref();
+        match u32::try_from(value) {
+            Ok(v) if allowed.contains(&v) => v,
+            _ => {
+                self.report(
+                    field.span(),
+                    what.to_owned(),
+                    format!(
+                        "{value} is out of range: use {} to {}",
+                        allowed.start,
+                        allowed.end - 1
+                    ),
+                );
+                allowed.start
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates `text`, read from `origin` (named in errors).
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let mut checker = Checker {
+            lines: Lines(text),
+            problems: Vec::new(),
+        };
+        let fail = |problems| ConfigError {
+            origin: origin.to_path_buf(),
+            problems,
+        };
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                checker.report(span, String::new(), e.message().to_owned());
+                return Err(fail(checker.problems));
+            }
+        };
+        if raw.service.is_empty() {
+            checker.problems.push(Problem {
+                line: 0,
+                column: 0,
+                what: String::new(),
+                message: "no service: add at least one [[service]] table".to_owned(),
+            });
+        }
+        if raw.service.len() > MAX_SERVICES {
+            let span = raw.service[MAX_SERVICES].span();
+            checker.report(
+                span,
+                String::new(),
+                format!(
+                    "{} services, at most {MAX_SERVICES} are allowed",
+                    raw.service.len()
+                ),
+            );
+        }
+        let mut names: BTreeMap<String, usize> = BTreeMap::new();
+        let mut addresses: BTreeMap<(Proto, SocketAddr), String> = BTreeMap::new();
+        let mut services = Vec::new();
+        for (index, raw) in raw.service.into_iter().enumerate() {
+            let raw = raw.into_inner();
+            let service = check_service(&mut checker, raw, index);
+            let Some(service) = service else { continue };
+            services.push(service);
+        }
+        // Uniqueness, once every service parsed.
+        for (service, position) in services.iter().zip(0..) {
+            if let Some(&first) = names.get(&service.0.name) {
+                let span = service.1.name.clone();
+                checker.report(
+                    span,
+                    format!("service {:?} field `name`", service.0.name),
+                    format!(
+                        "duplicate name: service #{} already has it; names must be unique",
+                        first + 1
+                    ),
+                );
+            } else {
+                names.insert(service.0.name.clone(), position);
+            }
+            let key = (service.0.proto, service.0.listen);
+            if let Some(other) = addresses.get(&key) {
+                checker.report(
+                    service.1.listen.clone(),
+                    format!("service {:?} field `listen`", service.0.name),
+                    format!(
+                        "duplicate address: service {other:?} already listens on {} {}; give each service its own address or port",
+                        key.0, key.1
+                    ),
+                );
+            } else {
+                addresses.insert(key, service.0.name.clone());
+            }
+        }
+        if !checker.problems.is_empty() {
+            checker.problems.sort_by_key(|p| (p.line, p.column));
+            return Err(fail(checker.problems));
+        }
+        Ok(Self {
+            services: services.into_iter().map(|(s, _)| s).collect(),
+        })
+    }
+
+    /// The built-in default: a UDP and a TCP echo service on 127.0.0.1:5300, four workers
+    /// each, served by `portshard echo` (`exe` is the path of this binary).
+    pub fn builtin(exe: &Path) -> Self {
+        let echo = |name: &str, proto| Service {
+            name: name.to_owned(),
+            proto,
+            listen: SocketAddr::from(([127, 0, 0, 1], BUILTIN_PORT)),
+            workers: 4,
+            command: vec![exe.display().to_string(), "echo".to_owned()],
+            mode: Mode::Balance,
+            weight: 1,
+            sticky: false,
+            drain_idle: DEFAULT_DRAIN_IDLE,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            flow_table: DEFAULT_FLOW_TABLE,
+            restart: RestartPolicy::default(),
+            stop_timeout: DEFAULT_STOP_TIMEOUT,
+        };
+        Self {
+            services: vec![echo("echo-udp", Proto::Udp), echo("echo-tcp", Proto::Tcp)],
+        }
+    }
+}
+
+/// The port of the built-in default services.
+pub const BUILTIN_PORT: u16 = 5300;
+const DEFAULT_DRAIN_IDLE: Duration = Duration::from_secs(30);
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default capacity of the UDP flow table.
+pub const DEFAULT_FLOW_TABLE: u32 = 65_536;
+/// Largest UDP flow table a service may ask for.
+pub const MAX_FLOW_TABLE: u32 = 1 << 24;
+
+/// Where the fields that must be unique were written.
+struct Spans {
+    name: Range<usize>,
+    listen: Range<usize>,
+}
+
+/// Validates one service; `None` (with problems reported) if it cannot be used.
+fn check_service(
+    checker: &mut Checker<'_>,
+    raw: RawService,
+    index: usize,
+) -> Option<(Service, Spans)> {
+    let before = checker.problems.len();
+    let name = raw.name.get_ref().clone();
+    let label = if check_service_name(&name).is_ok() {
+        format!("service {name:?}")
+    } else {
+        checker.report(
+            raw.name.span(),
+            format!("service #{} field `name`", index + 1),
+            format!("{name:?} is not a valid name: use 1 to 32 characters from a-z, 0-9 and '-'"),
+        );
+        format!("service #{}", index + 1)
+    };
+    let what = |field: &str| format!("{label} field `{field}`");
+
+    let proto = match raw.proto.get_ref().as_str() {
+        "udp" => Proto::Udp,
+        "tcp" => Proto::Tcp,
+        other => {
+            checker.report(
+                raw.proto.span(),
+                what("proto"),
+                format!("{other:?} is not a transport: use \"udp\" or \"tcp\""),
+            );
+            Proto::Udp
+        }
+    };
+    let listen = match raw.listen.get_ref().parse::<SocketAddr>() {
+        Ok(addr) if addr.port() != 0 => addr,
+        Ok(_) => {
+            checker.report(
+                raw.listen.span(),
+                what("listen"),
+                "port 0 is not allowed: workers of one service must share a fixed port".to_owned(),
+            );
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        }
+        Err(_) => {
+            checker.report(
+                raw.listen.span(),
+                what("listen"),
+                format!(
+                    "{:?} is not an address: write \"127.0.0.1:5300\" or \"[::1]:5300\"",
+                    raw.listen.get_ref()
+                ),
+            );
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        }
+    };
+    let workers = checker.integer(&raw.workers, &what("workers"), 1..MAX_WORKERS + 1);
+    let command = raw.command.get_ref().clone();
+    if command.first().is_none_or(|program| program.is_empty()) {
+        checker.report(
+            raw.command.span(),
+            what("command"),
+            "is empty: give the program and its arguments, like [\"/usr/bin/my-server\", \"--flag\"]"
+                .to_owned(),
+        );
+    } else if command.iter().any(|arg| arg.contains('\0')) {
+        checker.report(
+            raw.command.span(),
+            what("command"),
+            "contains a NUL character, which no program argument can hold".to_owned(),
+        );
+    }
+    let mode = match raw.mode.as_ref().map(|m| m.get_ref().as_str()) {
+        None | Some("balance") => Mode::Balance,
+        Some("handover") => Mode::Handover,
+        Some(other) => {
+            checker.report(
+                raw.mode.as_ref().map_or(0..0, Spanned::span),
+                what("mode"),
+                format!("{other:?} is not a mode: use \"balance\" or \"handover\""),
+            );
+            Mode::Balance
+        }
+    };
+    let weight = raw.weight.as_ref().map_or(1, |w| {
+        checker.integer(w, &what("weight"), 1..MAX_WEIGHT + 1)
+    });
+    let flow_table = raw.flow_table.as_ref().map_or(DEFAULT_FLOW_TABLE, |f| {
+        checker.integer(f, &what("flow_table"), 1..MAX_FLOW_TABLE + 1)
+    });
+    let defaults = RestartPolicy::default();
+    let restart = RestartPolicy {
+        delay: checker.duration(raw.restart_delay, &what("restart_delay"), defaults.delay),
+        delay_max: checker.duration(
+            raw.restart_delay_max,
+            &what("restart_delay_max"),
+            defaults.delay_max,
+        ),
+        limit: raw.restart_limit.as_ref().map_or(defaults.limit, |l| {
+            checker.integer(l, &what("restart_limit"), 1..1_000_001)
+        }),
+        window: checker.duration(raw.restart_window, &what("restart_window"), defaults.window),
+    };
+    let service = Service {
+        name,
+        proto,
+        listen,
+        workers,
+        command,
+        mode,
+        weight,
+        sticky: raw.sticky.unwrap_or(false),
+        drain_idle: checker.duration(raw.drain_idle, &what("drain_idle"), DEFAULT_DRAIN_IDLE),
+        drain_timeout: checker.duration(
+            raw.drain_timeout,
+            &what("drain_timeout"),
+            DEFAULT_DRAIN_TIMEOUT,
+        ),
+        flow_table,
+        restart,
+        stop_timeout: checker.duration(
+            raw.stop_timeout,
+            &what("stop_timeout"),
+            DEFAULT_STOP_TIMEOUT,
+        ),
+    };
+    (checker.problems.len() == before).then(|| {
+        (
+            service,
+            Spans {
+                name: raw.name.span(),
+                listen: raw.listen.span(),
+            },
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,261 @@
+//! Config parsing: the design's example, defaults, and one test per kind of mistake, each
+//! checking the line, the field and the advice of the error.
+use proptest::prelude::*;
+
+use super::*;
+
+const FILE: &str = "/etc/portshard.toml";
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new(FILE))
+}
+
+/// The single problem of `text`, as printed: `file:line:col: what: message`.
+fn problem(text: &str) -> String {
+    let error = parse(text).unwrap_err();
+    assert_eq!(error.problems.len(), 1, "{error}");
+    error.to_string().lines().nth(1).unwrap().trim().to_owned()
+}
+
+const DNS: &str = r#"
+[[service]]
+name = "dns"
+proto = "udp"
+listen = "127.0.0.1:5300"
+workers = 4
+command = ["/usr/bin/my-server", "--flag"]
+mode = "balance"
+"#;
+
+#[test]
+fn the_design_example_parses_with_defaults() {
+    let config = parse(DNS).unwrap();
+    let dns = &config.services[0];
+    assert_eq!(dns.name, "dns");
+    assert_eq!(dns.proto, Proto::Udp);
+    assert_eq!(dns.listen, "127.0.0.1:5300".parse().unwrap());
+    assert_eq!(dns.workers, 4);
+    assert_eq!(dns.command, ["/usr/bin/my-server", "--flag"]);
+    assert_eq!(dns.mode, Mode::Balance);
+    assert_eq!(dns.weight, 1);
+    assert!(!dns.sticky);
+    assert_eq!(dns.drain_idle, Duration::from_secs(30));
+    assert_eq!(dns.drain_timeout, Duration::from_secs(300));
+    assert_eq!(dns.flow_table, 65_536);
+    assert_eq!(dns.restart, RestartPolicy::default());
+}
+
+#[test]
+fn every_optional_field_is_read() {
+    let text = r#"
+[[service]]
+name = "web"
+proto = "tcp"
+listen = "[::1]:8080"
+workers = 256
+command = ["srv"]
+mode = "handover"
+weight = 3
+sticky = true
+drain_idle = "5s"
+drain_timeout = "2m"
+flow_table = 1024
+restart_delay = "50ms"
+restart_delay_max = "2s"
+restart_limit = 3
+restart_window = "10s"
+stop_timeout = "1s"
+"#;
+    let web = parse(text).unwrap().services.remove(0);
+    assert_eq!(web.listen, "[::1]:8080".parse().unwrap());
+    assert_eq!(
+        (web.proto, web.mode, web.workers, web.weight),
+        (Proto::Tcp, Mode::Handover, 256, 3)
+    );
+    assert!(web.sticky);
+    assert_eq!(web.drain_idle, Duration::from_secs(5));
+    assert_eq!(web.drain_timeout, Duration::from_secs(120));
+    assert_eq!(web.flow_table, 1024);
+    assert_eq!(
+        web.restart,
+        RestartPolicy {
+            delay: Duration::from_millis(50),
+            delay_max: Duration::from_secs(2),
+            limit: 3,
+            window: Duration::from_secs(10),
+        }
+    );
+    assert_eq!(web.stop_timeout, Duration::from_secs(1));
+}
+
+#[test]
+fn a_udp_and_a_tcp_service_may_share_an_address() {
+    let text = format!(
+        "{DNS}{}",
+        DNS.replace("\"dns\"", "\"dns-tcp\"")
+            .replace("\"udp\"", "\"tcp\"")
+    );
+    assert_eq!(parse(&text).unwrap().services.len(), 2);
+}
+
+#[test]
+fn duplicate_name_names_both_services() {
+    let text = format!("{DNS}{}", DNS.replace("5300", "5301"));
+    assert_eq!(
+        problem(&text),
+        format!(
+            "{FILE}:11:8: service \"dns\" field `name`: duplicate name: service #1 already has it; names must be unique"
+        )
+    );
+}
+
+#[test]
+fn duplicate_address_is_refused() {
+    let text = format!("{DNS}{}", DNS.replace("\"dns\"", "\"dns2\""));
+    assert_eq!(
+        problem(&text),
+        format!(
+            "{FILE}:13:10: service \"dns2\" field `listen`: duplicate address: service \"dns\" already listens on udp 127.0.0.1:5300; give each service its own address or port"
+        )
+    );
+}
+
+#[test]
+fn bad_values_name_their_field_and_what_is_allowed() {
+    let cases = [
+        (
+            "workers = 4",
+            "workers = 0",
+            "6:11: service \"dns\" field `workers`: 0 is out of range: use 1 to 256",
+        ),
+        (
+            "workers = 4",
+            "workers = 257",
+            "6:11: service \"dns\" field `workers`: 257 is out of range: use 1 to 256",
+        ),
+        (
+            "\"127.0.0.1:5300\"",
+            "\"localhost\"",
+            "5:10: service \"dns\" field `listen`: \"localhost\" is not an address: write \"127.0.0.1:5300\" or \"[::1]:5300\"",
+        ),
+        (
+            "\"127.0.0.1:5300\"",
+            "\"127.0.0.1:0\"",
+            "5:10: service \"dns\" field `listen`: port 0 is not allowed: workers of one service must share a fixed port",
+        ),
+        (
+            "[\"/usr/bin/my-server\", \"--flag\"]",
+            "[]",
+            "7:11: service \"dns\" field `command`: is empty: give the program and its arguments, like [\"/usr/bin/my-server\", \"--flag\"]",
+        ),
+        (
+            "\"udp\"",
+            "\"sctp\"",
+            "4:9: service \"dns\" field `proto`: \"sctp\" is not a transport: use \"udp\" or \"tcp\"",
+        ),
+        (
+            "\"balance\"",
+            "\"random\"",
+            "8:8: service \"dns\" field `mode`: \"random\" is not a mode: use \"balance\" or \"handover\"",
+        ),
+        (
+            "name = \"dns\"",
+            "name = \"DNS!\"",
+            "3:8: service #1 field `name`: \"DNS!\" is not a valid name: use 1 to 32 characters from a-z, 0-9 and '-'",
+        ),
+        (
+            "mode = \"balance\"",
+            "drain_idle = \"soon\"",
+            "8:14: service \"dns\" field `drain_idle`: \"soon\" is not a duration (expected number at 0): write it like \"100ms\", \"30s\" or \"5m\"",
+        ),
+        (
+            "mode = \"balance\"",
+            "weight = 0",
+            "8:10: service \"dns\" field `weight`: 0 is out of range: use 1 to 10000",
+        ),
+    ];
+    for (from, to, expected) in cases {
+        let text = DNS.replace(from, to);
+        assert_eq!(problem(&text), format!("{FILE}:{expected}"), "{to}");
+    }
+}
+
+#[test]
+fn unknown_keys_and_syntax_errors_point_at_the_place() {
+    let unknown = problem(&DNS.replace("mode = \"balance\"", "modes = \"balance\""));
+    assert!(
+        unknown.starts_with(&format!(
+            "{FILE}:8:1: unknown field `modes`, expected one of"
+        )),
+        "{unknown}"
+    );
+    let missing = problem(&DNS.replace("workers = 4\n", ""));
+    assert!(missing.contains("missing field `workers`"), "{missing}");
+    let syntax = problem("[[service]\nname = 1");
+    assert!(syntax.starts_with(&format!("{FILE}:1:")), "{syntax}");
+    let wrong_type = problem(&DNS.replace("workers = 4", "workers = \"four\""));
+    assert!(
+        wrong_type.starts_with(&format!("{FILE}:6:11: invalid type")),
+        "{wrong_type}"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = DNS
+        .replace("workers = 4", "workers = 0")
+        .replace("\"udp\"", "\"sctp\"");
+    let error = parse(&text).unwrap_err();
+    assert_eq!(error.problems.len(), 2);
+    assert_eq!((error.problems[0].line, error.problems[1].line), (4, 6));
+    assert!(error.to_string().starts_with(&format!(
+        "config {FILE} is invalid (2 problems); nothing was started"
+    )));
+}
+
+#[test]
+fn an_empty_file_says_what_to_add() {
+    assert!(problem("").ends_with("no service: add at least one [[service]] table"));
+}
+
+#[test]
+fn the_builtin_default_is_a_valid_config() {
+    let builtin = Config::builtin(Path::new("/usr/bin/portshard"));
+    let text: String = builtin
+        .services
+        .iter()
+        .map(|s| {
+            format!(
+                "[[service]]\nname = {:?}\nproto = \"{}\"\nlisten = \"{}\"\nworkers = {}\ncommand = {:?}\n",
+                s.name, s.proto, s.listen, s.workers, s.command
+            )
+        })
+        .collect();
+    assert_eq!(parse(&text).unwrap(), builtin);
+}
+
+proptest! {
+    /// Whatever the bytes, parsing returns a config or a located error; it never panics.
+    #[test]
+    fn arbitrary_text_never_panics(text in "\\PC*") {
+        if let Err(error) = parse(&text) {
+            prop_assert!(!error.problems.is_empty());
+        }
+    }
+
+    /// Mutating one value of a valid file gives either a valid config or errors that all
+    /// carry a line inside the file.
+    #[test]
+    fn mutated_values_are_located(value in "[ -~]{0,12}", line in 2usize..8) {
+        let mut lines: Vec<String> = DNS.lines().map(str::to_owned).collect();
+        if let Some((key, _)) = lines[line].split_once(" = ") {
+            lines[line] = format!("{key} = {value}");
+        }
+        let text = lines.join("\n");
+        if let Err(error) = parse(&text) {
+            for p in &error.problems {
+                prop_assert!(p.line >= 1 && p.line <= lines.len(), "{}", error);
+            }
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The Prometheus (OpenMetrics text) exposition of a status snapshot: per service and slot,
+//! the program's counters, table entries and worker restarts. Pure: it formats what it is
+//! given, with the maintained `prometheus-client` crate doing the encoding.
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::report::StatusReport;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SlotLabels {
+    service: String,
+    slot: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabels {
+    service: String,
+    state: String,
+}
+
+/// The OpenMetrics text of `status`.
+pub fn encode_status(status: &StatusReport) -> String {
+    let mut registry = Registry::with_prefix("portshard");
+    let slot_counter = |registry: &mut Registry, name: &str, help: &str| {
+        let family = Family::<SlotLabels, Counter>::default();
+        registry.register(name, help, family.clone());
+        family
+    };
+    let selected = slot_counter(
+        &mut registry,
+        "selected",
+        "New flows and connections sent to the slot as its table entry's owner",
+    );
+    let failed_over = slot_counter(
+        &mut registry,
+        "failed_over",
+        "New flows sent to the slot as heir because the owner's socket was gone",
+    );
+    let probed = slot_counter(
+        &mut registry,
+        "probed",
+        "New flows sent to the slot by the probe because owner and heir were gone",
+    );
+    let migrated = slot_counter(
+        &mut registry,
+        "migrated",
+        "Queued connections of a closing listener handed to the slot",
+    );
+    let restarts = slot_counter(
+        &mut registry,
+        "worker_restarts",
+        "Times the slot's worker was restarted after it died",
+    );
+    let entries = Family::<SlotLabels, Gauge>::default();
+    registry.register(
+        "table_entries",
+        "Lookup-table entries the slot owns (its share of new flows, out of 65536)",
+        entries.clone(),
+    );
+    let fell_through = Family::<ServiceLabels, Counter>::default();
+    registry.register(
+        "fell_through",
+        "Program runs that found no live slot and let the kernel's hash choose",
+        fell_through.clone(),
+    );
+    let workers = Family::<WorkerLabels, Gauge>::default();
+    registry.register(
+        "workers",
+        "Slots of the service by state (live, draining, dead)",
+        workers.clone(),
+    );
+    for service in &status.services {
+        fell_through
+            .get_or_create(&ServiceLabels {
+                service: service.name.clone(),
+            })
+            .inc_by(service.fell_through);
+        for slot in &service.slots {
+            let labels = SlotLabels {
+                service: service.name.clone(),
+                slot: slot.slot.to_string(),
+            };
+            selected
+                .get_or_create(&labels)
+                .inc_by(slot.counters.selected);
+            failed_over
+                .get_or_create(&labels)
+                .inc_by(slot.counters.failed_over);
+            probed.get_or_create(&labels).inc_by(slot.counters.probed);
+            migrated
+                .get_or_create(&labels)
+                .inc_by(slot.counters.migrated);
+            restarts
+                .get_or_create(&labels)
+                .inc_by(u64::from(slot.restarts));
+            entries.get_or_create(&labels).set(i64::from(slot.entries));
+            workers
+                .get_or_create(&WorkerLabels {
+                    service: service.name.clone(),
+                    state: slot.state.to_owned(),
+                })
+                .inc();
+        }
+    }
+    let mut text = String::new();
+    encode(&mut text, &registry).expect("writing to a String cannot fail");
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use portshard_common::{Counters, MAX_SLOTS, SlotMeta, SlotState};
+
+    use super::*;
+    use crate::report::{PROTO_UDP, ServiceStatus, TableReport, service_meta};
+    use crate::table::Table;
+
+    #[test]
+    fn counters_entries_and_restarts_are_exposed_per_slot() {
+        let table = Table::with_members([(0, 1), (1, 1)]).unwrap();
+        let mut metas = vec![SlotMeta::FREE; MAX_SLOTS as usize];
+        for (slot, meta) in metas.iter_mut().enumerate().take(2) {
+            *meta = SlotMeta {
+                pid: 10 + slot as u32,
+                state: SlotState::Live as u32,
+                weight: 1,
+                restarts: 3 * slot as u32,
+                ..SlotMeta::FREE
+            };
+        }
+        let mut counters = Counters::ZERO;
+        counters.slots[1].selected = 12;
+        counters.slots[0].migrated = 5;
+        counters.fell_through = 2;
+        let service = ServiceStatus::new(
+            &service_meta("127.0.0.1:53".parse().unwrap(), PROTO_UDP, 0),
+            TableReport::new("dns", table.entries(), &metas, &counters),
+        );
+        let text = encode_status(&StatusReport {
+            services: vec![service],
+        });
+        for line in [
+            "portshard_selected_total{service=\"dns\",slot=\"1\"} 12",
+            "portshard_migrated_total{service=\"dns\",slot=\"0\"} 5",
+            "portshard_worker_restarts_total{service=\"dns\",slot=\"1\"} 3",
+            "portshard_table_entries{service=\"dns\",slot=\"0\"} 32768",
+            "portshard_fell_through_total{service=\"dns\"} 2",
+            "portshard_workers{service=\"dns\",state=\"live\"} 2",
+            "# EOF",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! Worker processes: started by socket activation, watched and signalled through pidfds,
+//! identified across daemon restarts by their start time. Thin wrappers over syscalls.
+//!
+//! A worker is started with `fork` and `execve` rather than `std::process::Command`,
+//! because socket activation needs `LISTEN_PID` to be the worker's own pid, which only the
+//! child knows; the child writes it into an environment buffer prepared before the fork,
+//! and calls nothing but async-signal-safe functions.
+use std::{
+    ffi::{CString, OsStr},
+    io,
+    os::{
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::{Path, PathBuf},
+};
+
+/// The fd a socket-activated server finds its socket on (`SD_LISTEN_FDS_START`).
+pub const LISTEN_FD: RawFd = 3;
+
+/// A worker could not be started or watched.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The program was not found or cannot be run.
+    #[error(
+        "cannot run {program:?}: {reason}; give an absolute path or a program on PATH in `command`"
+    )]
+    NotRunnable {
+        /// The program as configured.
+        program: String,
+        /// Why.
+        reason: String,
+    },
+    /// A syscall failed.
+    #[error("{action}: {source}")]
+    Os {
+        /// What was being done, naming the pid or program.
+        action: String,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn os(action: impl Into<String>) -> impl FnOnce(io::Error) -> ProcessError {
+    let action = action.into();
+    move |source| ProcessError::Os { action, source }
+}
+
+/// A running worker as its starter knows it.
+#[derive(Debug)]
+pub struct Spawned {
+    /// Its pid.
+    pub pid: u32,
+    /// A pidfd on it: readable once it exits, and signals sent through it cannot reach a
+    /// process that reused the pid.
+    pub pidfd: OwnedFd,
+}
+
+/// How a worker ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+    /// It was not this process's child (adopted after a daemon restart), so the kernel
+    /// reports its end but not how.
+    Unknown,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Self::Code(code) => write!(f, "exit code {code}"),
+            Self::Signal(signal) => write!(f, "signal {signal} ({})", signal_name(signal)),
+            Self::Unknown => f.write_str("unknown status (adopted worker, not our child)"),
+        }
+    }
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGINT => "SIGINT",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGPIPE => "SIGPIPE",
+        _ => "other",
+    }
+}
+
+/// Where `program` would be run from: itself if it names a path, else the first
+/// executable of that name on `PATH`.
+pub fn resolve(program: &str) -> Result<PathBuf, ProcessError> {
+    let not_runnable = |reason: String| ProcessError::NotRunnable {
+        program: program.to_owned(),
+        reason,
+    };
+    let executable = |path: &Path| {
+        CString::new(path.as_os_str().as_bytes())
+            .ok()
+            .is_some_and(|c| {
+                // SAFETY: `c` is a valid NUL-terminated path.
+                unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
+            })
+            && path.is_file()
+    };
+    if program.contains('/') {
+        let path = PathBuf::from(program);
+        return if executable(&path) {
+            Ok(path)
+        } else {
+            Err(not_runnable("no executable file at that path".to_owned()))
+        };
+    }
+    let search = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    std::env::split_paths(&search)
+        .map(|dir| dir.join(program))
+        .find(|path| executable(path))
+        .ok_or_else(|| not_runnable("not found on PATH".to_owned()))
+}
+
+/// The socket-activation environment of a worker, besides `LISTEN_PID`.
+pub struct Activation<'a> {
+    /// `LISTEN_FDNAMES`: the service name.
+    pub name: &'a str,
+    /// `PORTSHARD_SLOT`.
+    pub slot: u16,
+}
+
+const STRIPPED: [&str; 5] = [
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "PORTSHARD_SLOT",
+    "NOTIFY_SOCKET",
+];
+
+/// Starts `command` (resolved to `program`) with `socket` as fd 3 and the systemd
+/// socket-activation variables, in its own process group, with stdin on `/dev/null` and
+/// stdout and stderr inherited. The caller keeps its own `socket` and should close it once
+/// the worker has it, so the worker's exit closes the socket.
+pub fn spawn(
+    program: &Path,
+    command: &[String],
+    socket: BorrowedFd<'_>,
+    activation: &Activation<'_>,
+) -> Result<Spawned, ProcessError> {
+    let name = command.first().map_or("", String::as_str);
+    let cstring = |bytes: &[u8]| {
+        CString::new(bytes).map_err(|_| ProcessError::NotRunnable {
+            program: name.to_owned(),
+            reason: "an argument contains a NUL byte".to_owned(),
+        })
+    };
+    let path = cstring(program.as_os_str().as_bytes())?;
+    let args = command
+        .iter()
+        .map(|a| cstring(a.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut env: Vec<CString> = std::env::vars_os()
+        .filter(|(key, _)| !STRIPPED.iter().any(|s| OsStr::new(s) == key))
+        .filter_map(|(key, value)| {
+            let mut pair = key.as_bytes().to_vec();
+            pair.push(b'=');
+            pair.extend_from_slice(value.as_bytes());
+            CString::new(pair).ok()
+        })
+        .collect();
+    env.push(cstring(b"LISTEN_FDS=1")?);
+    env.push(cstring(
+        format!("LISTEN_FDNAMES={}", activation.name).as_bytes(),
+    )?);
+    env.push(cstring(
+        format!("PORTSHARD_SLOT={}", activation.slot).as_bytes(),
+    )?);
+    // Filled in by the child with its own pid; 20 digits hold any pid.
+    let mut listen_pid = b"LISTEN_PID=".to_vec();
+    listen_pid.resize(listen_pid.len() + 21, 0);
+    let pid_at = b"LISTEN_PID=".len();
+    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    envp.push(listen_pid.as_ptr().cast());
+    envp.push(std::ptr::null());
+
+    // Every fd the child rearranges sits above 3 first, so no dup2 clobbers another.
+    let high = |fd: RawFd, what: &str| {
+        // SAFETY: duplicating an fd we hold; the result is a fresh fd we own.
+        let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
+        if new < 0 {
+            Err(os(format!("duplicating {what} for {name}"))(
+                io::Error::last_os_error(),
+            ))
+        } else {
+            // SAFETY: `new` is a fresh fd owned by nobody else.
+            Ok(unsafe { OwnedFd::from_raw_fd(new) })
+        }
+    };
+    let null = std::fs::File::open("/dev/null").map_err(os("opening /dev/null"))?;
+    let null = high(null.as_raw_fd(), "/dev/null")?;
+    let socket = high(socket.as_raw_fd(), "the listening socket")?;
+    let (report_read, report_write) = pipe().map_err(os("creating the exec report pipe"))?;
+
+    // SAFETY: the child only calls async-signal-safe functions on memory prepared above,
+    // then execs or exits.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(os(format!("forking a worker for {name}"))(
+            io::Error::last_os_error(),
+        ));
+    }
+    if pid == 0 {
+        // SAFETY: in the child of a fork: async-signal-safe calls only.
+        unsafe {
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::setpgid(0, 0);
+            let ok = libc::dup2(null.as_raw_fd(), 0) == 0
+                && libc::dup2(socket.as_raw_fd(), LISTEN_FD) == LISTEN_FD;
+            if ok {
+                write_decimal(listen_pid.as_ptr().add(pid_at).cast_mut(), libc::getpid());
+                libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            }
+            let errno = *libc::__errno_location();
+            libc::write(
+                report_write.as_raw_fd(),
+                (&raw const errno).cast(),
+                size_of::<i32>(),
+            );
+            libc::_exit(127);
+        }
+    }
+    drop(report_write);
+    let pid = pid as u32;
+    // Our unreaped child cannot be replaced by another process with its pid.
+    let pidfd = pidfd_open(pid).map_err(os(format!("opening a pidfd on worker {pid}")))?;
+    let mut errno = [0u8; 4];
+    let mut read = 0;
+    while read < errno.len() {
+        // SAFETY: reading into the rest of a local buffer.
+        let n = unsafe {
+            libc::read(
+                report_read.as_raw_fd(),
+                errno[read..].as_mut_ptr().cast(),
+                errno.len() - read,
+            )
+        };
+        match n {
+            0 => break,
+            n if n > 0 => read += n as usize,
+            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+            _ => break,
+        }
+    }
+    if read == errno.len() {
+        let _ = reap(pidfd.as_fd());
+        return Err(ProcessError::NotRunnable {
+            program: name.to_owned(),
+            reason: io::Error::from_raw_os_error(i32::from_ne_bytes(errno)).to_string(),
+        });
+    }
+    Ok(Spawned { pid, pidfd })
+}
+
+/// Writes `value` in decimal, NUL-terminated, at `at` (which has room for 21 bytes), with
+/// no allocation: it runs in a forked child.
+///
+/// # Safety
+/// `at` must be valid for 21 bytes of writes.
+unsafe fn write_decimal(at: *mut u8, value: libc::pid_t) {
+    let mut digits = [0u8; 20];
+    let mut n = value.unsigned_abs();
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        // SAFETY: i < len <= 20 < 21.
+        unsafe { *at.add(i) = digits[len - 1 - i] };
+    }
+    // SAFETY: len <= 20 < 21.
+    unsafe { *at.add(len) = 0 };
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two fds.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds are fresh and ours.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A pidfd on `pid` (`pidfd_open`); fails with `ESRCH` if no such process exists.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; a non-negative result is a fresh fd.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        // SAFETY: `fd` is a fresh fd we own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+}
+
+/// Sends `signal` to the process behind `pidfd` (never to a process that reused its pid).
+pub fn signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
+    // SAFETY: plain syscall with a valid fd.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Collects the exit of the process behind `pidfd` if it has ended: `Ok(None)` while it
+/// runs, [`Exit::Unknown`] if it is not our child.
+pub fn reap(pidfd: BorrowedFd<'_>) -> io::Result<Option<Exit>> {
+    const P_PIDFD: libc::idtype_t = 3;
+    // SAFETY: a zeroed siginfo is a valid out-buffer.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and out-pointer.
+    let rc = unsafe {
+        libc::waitid(
+            P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        )
+    };
+    if rc != 0 {
+        let error = io::Error::last_os_error();
+        return if error.raw_os_error() == Some(libc::ECHILD) {
+            Ok(Some(Exit::Unknown))
+        } else {
+            Err(error)
+        };
+    }
+    // SAFETY: waitid filled `info` (or left it zeroed when nothing exited).
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    Ok(Some(match info.si_code {
+        libc::CLD_EXITED => Exit::Code(status),
+        _ => Exit::Signal(status),
+    }))
+}
+
+/// The start time of `pid` in clock ticks after boot (`/proc/<pid>/stat` field 22): with
+/// the pid, it names one process for the life of the machine.
+pub fn start_time(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_start_time(&stat).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("/proc/{pid}/stat has no start time"),
+        )
+    })
+}
+
+/// Field 22 of a `/proc/<pid>/stat` line; the command name (field 2) may hold spaces and
+/// parentheses, so fields are counted after its last `)`.
+fn parse_start_time(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_survives_odd_command_names() {
+        let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(parse_start_time(stat), Some(987_654));
+        assert_eq!(parse_start_time("garbage"), None);
+    }
+
+    #[test]
+    fn this_process_has_a_start_time() {
+        assert!(start_time(std::process::id()).unwrap() > 0);
+    }
+
+    #[test]
+    fn decimal_writing_needs_no_allocation() {
+        let mut buffer = [0xffu8; 21];
+        // SAFETY: the buffer has 21 bytes.
+        unsafe { write_decimal(buffer.as_mut_ptr(), 4_194_304) };
+        assert_eq!(&buffer[..8], b"4194304\0");
+    }
+
+    #[test]
+    fn missing_programs_are_explained() {
+        let error = resolve("surely-no-such-program-here").unwrap_err();
+        assert!(error.to_string().contains("not found on PATH"), "{error}");
+        let plain =
+            std::env::temp_dir().join(format!("portshard-not-executable-{}", std::process::id()));
+        std::fs::write(&plain, "data").unwrap();
+        let refused = resolve(plain.to_str().unwrap());
+        std::fs::remove_file(&plain).unwrap();
+        assert!(
+            refused
+                .unwrap_err()
+                .to_string()
+                .contains("no executable file")
+        );
+        assert!(resolve("sh").unwrap().is_absolute());
+    }
+}

@@ -1,0 +1,549 @@
+//! `portshard serve` for real: the daemon runs socket-activated workers written in Python
+//! (an unmodified socket-activated server), each test in a fresh network namespace with its
+//! own pin root and control socket. Workers are killed, stopped and the daemon itself is
+//! killed and restarted, while clients check who answers every flow and connection.
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use portshard::{control::Request, table::Slot};
+use portshard_harness::{
+    daemon::{Answer, DaemonRun, UdpFlows, echo, read_greeting, tcp_greeting, workers},
+    scenario::Sandbox,
+};
+
+const EXE: &str = env!("CARGO_BIN_EXE_portshard");
+const WORKER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workers/echo.py");
+const PORT: u16 = 5300;
+const READY: Duration = Duration::from_secs(20);
+
+fn target() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], PORT))
+}
+
+/// A config of `services` (name, proto, workers), all served by the Python worker.
+fn config(services: &[(&str, &str, usize)]) -> String {
+    services
+        .iter()
+        .map(|(name, proto, workers)| {
+            format!(
+                "[[service]]\nname = \"{name}\"\nproto = \"{proto}\"\nlisten = \"127.0.0.1:{PORT}\"\nworkers = {workers}\ncommand = [\"python3\", \"{WORKER}\"]\nrestart_delay = \"100ms\"\nstop_timeout = \"2s\"\n\n"
+            )
+        })
+        .collect()
+}
+
+fn sandbox() -> Sandbox {
+    Sandbox::enter().unwrap_or_else(|e| panic!("kernel test sandbox (needs root and BPF): {e}"))
+}
+
+fn signal(pid: u32, signal: i32) {
+    // SAFETY: plain kill(2) on a worker pid the test read from the pins.
+    assert_eq!(
+        unsafe { libc::kill(pid as i32, signal) },
+        0,
+        "kill({pid}, {signal})"
+    );
+}
+
+/// The pid of the live worker of `slot`, if it has one.
+fn live_pid(daemon: &DaemonRun, service: &str, slot: Slot) -> Option<u32> {
+    workers(&daemon.status().unwrap())
+        .get(service)
+        .and_then(|slots| slots.get(&slot).copied())
+}
+
+fn pid_of(daemon: &DaemonRun, service: &str, slot: Slot) -> u32 {
+    live_pid(daemon, service, slot)
+        .unwrap_or_else(|| panic!("{service} slot {slot} has no live worker"))
+}
+
+/// Waits until `slot`'s worker answers `flow`: a restarted worker has started reading.
+fn wait_serving(flows: &mut UdpFlows, flow: usize, slot: Slot) {
+    flows
+        .first_answer(flow, |a| a.slot == slot, Duration::from_millis(10), READY)
+        .unwrap()
+        .unwrap_or_else(|| panic!("slot {slot} never answered flow {flow}"));
+}
+
+#[test]
+fn udp_worker_killed_fails_over_at_once_and_its_replacement_gets_its_flows_back() {
+    let sandbox = sandbox();
+    let mut daemon = DaemonRun::start(
+        Path::new(EXE),
+        &config(&[("dns", "udp", 8)]),
+        sandbox.pins(),
+    )
+    .unwrap();
+    daemon.wait_ready(&[("dns", 8)], READY).unwrap();
+    let mut flows = UdpFlows::new(target(), 4096).unwrap();
+    let before = flows.settle(READY).unwrap();
+
+    let victim: Slot = 3;
+    let victim_pid = pid_of(&daemon, "dns", victim);
+    let orphans: Vec<usize> = (0..flows.len())
+        .filter(|&f| before[f].slot == victim)
+        .collect();
+    assert!(!orphans.is_empty());
+    let killed = Instant::now();
+    signal(victim_pid, libc::SIGKILL);
+    let (answered, heir) = flows
+        .first_answer(
+            orphans[0],
+            |a| a.slot != victim,
+            Duration::from_millis(1),
+            Duration::from_secs(2),
+        )
+        .unwrap()
+        .expect("the dead worker's flow was never answered");
+    let failover = answered - killed;
+
+    let after_kill = flows.round(Duration::from_secs(2)).unwrap();
+    let mut survivors_moved = 0;
+    let mut survivors_lost = 0;
+    for (flow, answer) in after_kill.iter().enumerate() {
+        match (before[flow].slot == victim, answer) {
+            (true, Some(a)) => assert_ne!(a.slot, victim, "flow {flow} still on the dead slot"),
+            (true, None) => panic!("orphaned flow {flow} not answered by an heir"),
+            (false, Some(a)) => survivors_moved += usize::from(*a != before[flow]),
+            (false, None) => survivors_lost += 1,
+        }
+    }
+
+    let replaced = loop {
+        if let Some(pid) = live_pid(&daemon, "dns", victim)
+            && pid != victim_pid
+        {
+            break (Instant::now() - killed, pid);
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "no replacement worker"
+        );
+        thread::sleep(Duration::from_millis(1));
+    };
+    // The replacement gets its entries back as soon as it is spawned; measure once it reads.
+    wait_serving(&mut flows, orphans[0], victim);
+    let after_restart = flows.round(Duration::from_secs(3)).unwrap();
+    let mut back = 0;
+    for (flow, answer) in after_restart.iter().enumerate() {
+        let answer = answer.unwrap_or_else(|| panic!("flow {flow} lost after the restart"));
+        if before[flow].slot == victim {
+            assert_eq!(
+                answer,
+                Answer {
+                    slot: victim,
+                    pid: replaced.1
+                },
+                "flow {flow}"
+            );
+            back += 1;
+        } else {
+            assert_eq!(answer, before[flow], "healthy flow {flow} moved");
+        }
+    }
+    eprintln!(
+        "udp: {} flows, {} on the killed slot; first answer from heir slot {} {failover:?} after SIGKILL; survivors moved {survivors_moved}, lost {survivors_lost}; replacement pid {} in status after {:?}; {back} flows back on it",
+        flows.len(),
+        orphans.len(),
+        heir.slot,
+        replaced.1,
+        replaced.0
+    );
+    assert_eq!(survivors_moved, 0);
+    assert_eq!(survivors_lost, 0);
+    assert!(
+        failover < Duration::from_millis(10),
+        "failover took {failover:?}"
+    );
+    assert!(
+        replaced.0 < Duration::from_millis(100) + Duration::from_secs(1),
+        "replacement took {:?}",
+        replaced.0
+    );
+    let log = daemon.log_text();
+    assert!(
+        log.contains(&format!("pid={victim_pid}")) && log.contains("signal 9 (SIGKILL)"),
+        "{log}"
+    );
+}
+
+#[test]
+fn tcp_worker_killed_with_a_full_accept_queue_resets_nothing() {
+    let sandbox = sandbox();
+    let mut daemon = DaemonRun::start(
+        Path::new(EXE),
+        &config(&[("web", "tcp", 8)]),
+        sandbox.pins(),
+    )
+    .unwrap();
+    daemon.wait_ready(&[("web", 8)], READY).unwrap();
+    let victim: Slot = 5;
+    let victim_pid = pid_of(&daemon, "web", victim);
+    signal(victim_pid, libc::SIGSTOP);
+    let connections: Vec<TcpStream> = (0..512)
+        .map(|i| TcpStream::connect(target()).unwrap_or_else(|e| panic!("connection {i}: {e}")))
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    let queued: Vec<&TcpStream> = connections
+        .iter()
+        .filter(|c| read_greeting(c, Duration::from_millis(5)).is_err())
+        .collect();
+    assert!(
+        !queued.is_empty(),
+        "no connection waited in the stopped worker's queue"
+    );
+    signal(victim_pid, libc::SIGKILL);
+    let mut by_slot: BTreeMap<Slot, usize> = BTreeMap::new();
+    let mut reset = 0;
+    for connection in &queued {
+        match read_greeting(connection, Duration::from_secs(3)) {
+            Ok(answer) => {
+                assert_ne!(answer.slot, victim);
+                *by_slot.entry(answer.slot).or_default() += 1;
+            }
+            Err(_) => reset += 1,
+        }
+    }
+    let status = daemon.status().unwrap();
+    let migrated: u64 = status[0].slots.iter().map(|s| s.counters.migrated).sum();
+    eprintln!(
+        "tcp: {} connections, {} queued at the stopped worker; after SIGKILL {reset} reset, {} answered by {} other workers {by_slot:?}; migrated counter {migrated}",
+        connections.len(),
+        queued.len(),
+        queued.len() - reset,
+        by_slot.len()
+    );
+    assert_eq!(reset, 0);
+    assert!(
+        migrated >= queued.len() as u64,
+        "migrated {migrated} < queued {}",
+        queued.len()
+    );
+}
+
+/// One burst of load: a UDP round and `connections` TCP connections.
+struct Burst {
+    lost: usize,
+    moved: usize,
+    failed_connections: usize,
+}
+
+fn burst(flows: &mut UdpFlows, base: &[Answer], connections: usize) -> Burst {
+    let answers = flows.round(Duration::from_secs(2)).unwrap();
+    let lost = answers.iter().filter(|a| a.is_none()).count();
+    let moved = answers
+        .iter()
+        .zip(base)
+        .filter(|(a, b)| a.is_some_and(|a| a != **b))
+        .count();
+    let failed_connections = (0..connections)
+        .filter(|_| tcp_greeting(target(), Duration::from_secs(2)).is_err())
+        .count();
+    Burst {
+        lost,
+        moved,
+        failed_connections,
+    }
+}
+
+#[test]
+fn daemon_killed_and_restarted_under_load_moves_and_loses_nothing() {
+    let sandbox = sandbox();
+    let services = [("dns", "udp", 8), ("web", "tcp", 8)];
+    let mut daemon = DaemonRun::start(Path::new(EXE), &config(&services), sandbox.pins()).unwrap();
+    let before = workers(&daemon.wait_ready(&[("dns", 8), ("web", 8)], READY).unwrap());
+    let mut flows = UdpFlows::new(target(), 1024).unwrap();
+    let base = flows.settle(READY).unwrap();
+    let mut held: Vec<TcpStream> = (0..16)
+        .map(|_| tcp_greeting(target(), Duration::from_secs(2)).unwrap().0)
+        .collect();
+
+    let mut bursts = vec![burst(&mut flows, &base, 32)];
+    daemon.kill9().unwrap();
+    bursts.push(burst(&mut flows, &base, 32));
+    bursts.push(burst(&mut flows, &base, 32));
+    daemon.spawn().unwrap();
+    bursts.push(burst(&mut flows, &base, 32));
+    daemon.wait_control(READY).unwrap();
+    bursts.push(burst(&mut flows, &base, 32));
+    let after = workers(&daemon.status().unwrap());
+    for (i, connection) in held.iter_mut().enumerate() {
+        echo(connection, &format!("held {i}\n"), Duration::from_secs(2)).unwrap();
+    }
+
+    let json = Command::new(EXE)
+        .args(["status", "--json", "--bpffs"])
+        .arg(daemon.pins())
+        .output()
+        .unwrap();
+    assert!(
+        json.status.success(),
+        "{}",
+        String::from_utf8_lossy(&json.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let from_cli: BTreeMap<String, BTreeMap<Slot, u32>> = json["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let slots = s["slots"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|slot| slot["state"] == "live")
+                .map(|slot| {
+                    (
+                        slot["slot"].as_u64().unwrap() as Slot,
+                        slot["pid"].as_u64().unwrap() as u32,
+                    )
+                })
+                .collect();
+            (s["name"].as_str().unwrap().to_owned(), slots)
+        })
+        .collect();
+    let total = |f: fn(&Burst) -> usize| bursts.iter().map(f).sum::<usize>();
+    eprintln!(
+        "daemon kill -9 and restart: {} bursts of {} UDP flows and 32 connections: lost {}, moved {}, failed connections {}; 16 held connections echo; workers before {before:?} after {after:?}",
+        bursts.len(),
+        flows.len(),
+        total(|b| b.lost),
+        total(|b| b.moved),
+        total(|b| b.failed_connections)
+    );
+    assert_eq!(total(|b| b.lost), 0);
+    assert_eq!(total(|b| b.moved), 0);
+    assert_eq!(total(|b| b.failed_connections), 0);
+    assert_eq!(after, before, "workers changed across the daemon restart");
+    assert_eq!(from_cli, before, "status --json disagrees");
+    assert!(daemon.log_text().contains("adopted running worker"));
+}
+
+#[test]
+fn a_worker_dying_while_the_daemon_is_down_fails_over_and_is_restarted_on_adoption() {
+    let sandbox = sandbox();
+    let mut daemon = DaemonRun::start(
+        Path::new(EXE),
+        &config(&[("dns", "udp", 4)]),
+        sandbox.pins(),
+    )
+    .unwrap();
+    daemon.wait_ready(&[("dns", 4)], READY).unwrap();
+    let mut flows = UdpFlows::new(target(), 1024).unwrap();
+    let base = flows.settle(READY).unwrap();
+    daemon.kill9().unwrap();
+    let victim: Slot = 1;
+    let victim_pid = pid_of(&daemon, "dns", victim);
+    signal(victim_pid, libc::SIGKILL);
+    thread::sleep(Duration::from_millis(50));
+    let down = flows.round(Duration::from_secs(2)).unwrap();
+    for (flow, answer) in down.iter().enumerate() {
+        let answer = answer.unwrap_or_else(|| panic!("flow {flow} lost while the daemon was down"));
+        if base[flow].slot == victim {
+            assert_ne!(answer.slot, victim);
+        } else {
+            assert_eq!(
+                answer, base[flow],
+                "healthy flow {flow} moved while the daemon was down"
+            );
+        }
+    }
+    let failed_over: u64 = daemon.status().unwrap()[0]
+        .slots
+        .iter()
+        .map(|s| s.counters.failed_over)
+        .sum();
+    assert!(
+        failed_over > 0,
+        "the kernel did not fail over through the heirs"
+    );
+
+    daemon.spawn().unwrap();
+    daemon.wait_ready(&[("dns", 4)], READY).unwrap();
+    let replacement = pid_of(&daemon, "dns", victim);
+    assert_ne!(replacement, victim_pid);
+    let orphan = (0..flows.len()).find(|&f| base[f].slot == victim).unwrap();
+    wait_serving(&mut flows, orphan, victim);
+    let after = flows.round(Duration::from_secs(3)).unwrap();
+    for (flow, answer) in after.iter().enumerate() {
+        let answer = answer.unwrap_or_else(|| panic!("flow {flow} lost after adoption"));
+        let expected = if base[flow].slot == victim {
+            Answer {
+                slot: victim,
+                pid: replacement,
+            }
+        } else {
+            base[flow]
+        };
+        assert_eq!(answer, expected, "flow {flow}");
+    }
+}
+
+#[test]
+fn drain_and_weight_go_through_the_daemon_and_move_only_that_slot() {
+    let sandbox = sandbox();
+    let mut daemon = DaemonRun::start(
+        Path::new(EXE),
+        &config(&[("dns", "udp", 4)]),
+        sandbox.pins(),
+    )
+    .unwrap();
+    daemon.wait_ready(&[("dns", 4)], READY).unwrap();
+    let mut flows = UdpFlows::new(target(), 2048).unwrap();
+    let base = flows.settle(READY).unwrap();
+    let control = daemon.control().to_str().unwrap().to_owned();
+    let cli = |args: &[&str]| {
+        Command::new(EXE)
+            .args(args)
+            .args(["--control", &control])
+            .output()
+            .unwrap()
+    };
+    let drained = cli(&["drain", "dns", "2"]);
+    assert!(
+        drained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drained.stderr)
+    );
+    assert!(String::from_utf8_lossy(&drained.stdout).contains("16384 entries moved"));
+    let during = flows.round(Duration::from_secs(2)).unwrap();
+    for (flow, answer) in during.iter().enumerate() {
+        let answer = answer.unwrap();
+        if base[flow].slot == 2 {
+            assert_ne!(answer.slot, 2, "flow {flow} still goes to the drained slot");
+        } else {
+            assert_eq!(
+                answer, base[flow],
+                "flow {flow} of a slot not drained moved"
+            );
+        }
+    }
+    let status = daemon.status().unwrap();
+    let slot2 = status[0].slots.iter().find(|s| s.slot == 2).unwrap();
+    assert_eq!((slot2.state, slot2.entries), ("draining", 0));
+
+    let back = cli(&["weight", "dns", "2", "1"]);
+    assert!(
+        back.status.success(),
+        "{}",
+        String::from_utf8_lossy(&back.stderr)
+    );
+    let restored = flows.round(Duration::from_secs(2)).unwrap();
+    let returned = restored
+        .iter()
+        .zip(&base)
+        .filter(|(a, b)| a.unwrap() == **b)
+        .count();
+    assert!(
+        returned > flows.len() * 99 / 100,
+        "only {returned} flows back where they were"
+    );
+
+    for (args, expected) in [
+        (&["drain", "nope", "1"][..], "no service \"nope\""),
+        (&["drain", "dns", "9"][..], "slot 9 has no running worker"),
+        (
+            &["weight", "dns", "1", "0"][..],
+            "weight 0 for slot 1 is out of range",
+        ),
+    ] {
+        let refused = cli(args);
+        assert!(!refused.status.success());
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    // A malformed request gets an error reply and the daemon keeps serving.
+    let reply = daemon
+        .request(&Request::Drain {
+            service: "dns".into(),
+            slot: u16::MAX,
+        })
+        .unwrap();
+    assert!(format!("{reply:?}").contains("Error"));
+    assert!(daemon.request(&Request::Ping).is_ok());
+}
+
+#[test]
+fn bad_config_second_daemon_and_absent_daemon_get_clear_errors() {
+    let sandbox = sandbox();
+    let dir = tempdir();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, config(&[("dns", "udp", 0)])).unwrap();
+    let out = Command::new(EXE)
+        .args(["serve", "--config"])
+        .arg(&bad)
+        .arg("--bpffs")
+        .arg(sandbox.pins())
+        .arg("--control")
+        .arg(dir.join("c.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}:5:11: service \"dns\" field `workers`: 0 is out of range",
+            bad.display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        std::fs::read_dir(sandbox.pins()).unwrap().next().is_none(),
+        "something was started"
+    );
+
+    let absent = Command::new(EXE)
+        .args(["drain", "dns", "1", "--control"])
+        .arg(dir.join("c.sock"))
+        .output()
+        .unwrap();
+    assert!(!absent.status.success());
+    assert!(
+        String::from_utf8_lossy(&absent.stderr).contains("the portshard daemon is not running")
+    );
+
+    let mut daemon = DaemonRun::start(
+        Path::new(EXE),
+        &config(&[("dns", "udp", 2)]),
+        sandbox.pins(),
+    )
+    .unwrap();
+    daemon.wait_ready(&[("dns", 2)], READY).unwrap();
+    let second = Command::new(EXE)
+        .args(["serve", "--bpffs"])
+        .arg(sandbox.pins())
+        .arg("--control")
+        .arg(dir.join("other.sock"))
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr)
+            .contains("another portshard daemon already serves pin root"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let status = daemon.terminate().unwrap();
+    assert!(status.success());
+    assert!(
+        std::fs::read_dir(sandbox.pins()).unwrap().next().is_none(),
+        "pins left after SIGTERM"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "portshard-cli-{}-{:?}",
+        std::process::id(),
+        thread::current().id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
