@@ -96,6 +96,7 @@ fn test(args: &[String]) -> Result<()> {
     let mut child = cargo_command(&[
         "test",
         "--release",
+        "--no-fail-fast",
         "--workspace",
         "--exclude",
         "portshard-ebpf",
