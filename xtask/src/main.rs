@@ -31,6 +31,13 @@ enum Task {
     },
     /// Show flows surviving a listener's close: plain SO_REUSEPORT vs portshard (needs root).
     Demo,
+    /// Build and run the daemon in the foreground (`portshard serve`; needs root). Without
+    /// arguments it serves the built-in default: UDP and TCP echo on 127.0.0.1:5300.
+    Run {
+        /// Arguments for `portshard serve`, e.g. `--config portshard.toml`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -39,6 +46,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => build_ebpf().map(drop),
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
+        Task::Run { args } => run(&args),
     }
 }
 
@@ -155,6 +163,28 @@ fn demo() -> Result<()> {
     .context("could not start cargo run")?;
     if !status.success() {
         bail!("the demo failed ({status})");
+    }
+    Ok(())
+}
+
+fn run(args: &[String]) -> Result<()> {
+    setup()?;
+    let status = cargo_command(&[
+        "run",
+        "--release",
+        "--quiet",
+        "--package",
+        "portshard",
+        "--bin",
+        "portshard",
+        "--",
+        "serve",
+    ])
+    .args(args)
+    .status()
+    .context("could not start cargo run")?;
+    if !status.success() {
+        bail!("portshard serve exited with {status}");
     }
     Ok(())
 }
