@@ -873,16 +873,13 @@ async fn control_connection(
     events: mpsc::UnboundedSender<Event>,
 ) -> io::Result<()> {
     let uid = stream.peer_cred()?.uid();
-    let (read, mut write) = stream.into_split();
-    if uid != 0 {
+    // A peer that is not root gets its requests read (so it sees the refusal rather than a
+    // broken pipe) and each refused; nothing reaches the daemon.
+    let refusal = (uid != 0).then(|| {
         warn!(uid, "control connection refused: not root");
-        let reply = Reply::Error {
-            message: format!(
-                "permission denied: uid {uid} is not root; only root may control portshard"
-            ),
-        };
-        return write.write_all(&control::encode_reply(&reply)).await;
-    }
+        format!("permission denied: uid {uid} is not root; only root may control portshard")
+    });
+    let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read);
     let mut line = Vec::new();
     loop {
@@ -898,13 +895,13 @@ async fn control_connection(
         if line.last() == Some(&b'\n') {
             line.pop();
         }
-        let reply = match control::decode_request(&line) {
-            _ if too_long => Reply::Error {
-                message: control::ProtocolError::TooLong.to_string(),
-            },
-            Err(error) => Reply::Error {
-                message: error.to_string(),
-            },
+        let decoded = match &refusal {
+            Some(message) => Err(message.clone()),
+            None if too_long => Err(control::ProtocolError::TooLong.to_string()),
+            None => control::decode_request(&line).map_err(|error| error.to_string()),
+        };
+        let reply = match decoded {
+            Err(message) => Reply::Error { message },
             Ok(request) => {
                 let (tx, rx) = oneshot::channel();
                 if events.send(Event::Control { request, reply: tx }).is_err() {
@@ -916,7 +913,7 @@ async fn control_connection(
             }
         };
         write.write_all(&control::encode_reply(&reply)).await?;
-        if too_long {
+        if too_long || refusal.is_some() {
             return Ok(());
         }
     }

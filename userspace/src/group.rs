@@ -89,8 +89,9 @@ pub struct Group {
     service: String,
     dataplane: Dataplane,
     table: Table,
-    /// The entries each slot owned when it was removed or drained, given back when it
-    /// returns, so a restarted or undrained worker gets its own flows back.
+    /// The entries each slot owned in its own right (not inherited from another vacated
+    /// slot) when it was removed or drained, given back when it returns, so a restarted or
+    /// undrained worker gets its own flows back.
     vacated: BTreeMap<Slot, Vec<u32>>,
 }
 
@@ -189,9 +190,8 @@ impl Group {
         holder: Holder,
     ) -> Result<Delta, GroupError> {
         let mut next = self.table.clone();
-        let former = self.vacated.get(&slot).map_or(&[][..], Vec::as_slice);
         let delta = next
-            .rejoin(slot, weight, former)
+            .rejoin(slot, weight, &self.wanted_back(slot))
             .map_err(|source| self.table_error(source))?;
         let cookie = socket::cookie(socket).map_err(|source| GroupError::Cookie {
             fd: socket.as_raw_fd(),
@@ -223,7 +223,7 @@ impl Group {
         } else {
             Delta::default()
         };
-        let former = self.table.owned_by(slot);
+        let former = self.own_entries(slot);
         // Empty the slot before the table forgets it: the program then already sends the
         // slot's flows to their heirs, exactly where the new table puts them, so a failure
         // here leaves traffic where it would be anyway and the table unchanged.
@@ -245,7 +245,7 @@ impl Group {
         let delta = next
             .remove(slot)
             .map_err(|source| self.table_error(source))?;
-        let former = self.table.owned_by(slot);
+        let former = self.own_entries(slot);
         let mut meta = self.dataplane.meta(slot)?;
         meta.state = SlotState::Draining as u32;
         self.dataplane.set_meta(slot, meta)?;
@@ -258,9 +258,8 @@ impl Group {
     /// first those it had when drained.
     pub fn undrain(&mut self, slot: Slot, weight: u32) -> Result<Delta, GroupError> {
         let mut next = self.table.clone();
-        let former = self.vacated.get(&slot).map_or(&[][..], Vec::as_slice);
         let delta = next
-            .rejoin(slot, weight, former)
+            .rejoin(slot, weight, &self.wanted_back(slot))
             .map_err(|source| self.table_error(source))?;
         let mut meta = self.dataplane.meta(slot)?;
         meta.state = SlotState::Live as u32;
@@ -284,6 +283,34 @@ impl Group {
         meta.weight = weight;
         self.dataplane.set_meta(slot, meta)?;
         self.commit(next, delta)
+    }
+
+    /// The entries `slot` owns in its own right: those it holds, less those it inherited
+    /// from a slot that is still vacated (that slot takes them back when it returns).
+    fn own_entries(&self, slot: Slot) -> Vec<u32> {
+        let inherited: std::collections::BTreeSet<u32> = self
+            .vacated
+            .iter()
+            .filter(|&(&other, _)| other != slot)
+            .flat_map(|(_, entries)| entries.iter().copied())
+            .collect();
+        let mut own = self.table.owned_by(slot);
+        own.retain(|index| !inherited.contains(index));
+        own
+    }
+
+    /// The entries a returning `slot` asks for, in order: its own former entries, then
+    /// those of slots still vacated. Taking the latter first (rather than whatever the
+    /// rebalance picks) means a survivor's own flows never move when several slots return
+    /// one by one: those entries move anyway when their slot returns.
+    fn wanted_back(&self, slot: Slot) -> Vec<u32> {
+        let own = self.vacated.get(&slot).into_iter().flatten();
+        let others = self
+            .vacated
+            .iter()
+            .filter(|&(&other, _)| other != slot)
+            .flat_map(|(_, entries)| entries);
+        own.chain(others).copied().collect()
     }
 
     /// Writes the entries `delta` changed and makes `next` the current table.

@@ -173,11 +173,15 @@ fn serve(
 
 /// Sends one request to the daemon and prints its answer; fails on a refusal.
 fn request(path: &Path, request: &Request) -> Result<()> {
-    let mut stream = UnixStream::connect(path).with_context(|| {
-        format!(
-            "the portshard daemon is not running (no daemon answers on control socket {}): start it with `portshard serve`, or pass --control/PORTSHARD_CONTROL",
+    let mut stream = UnixStream::connect(path).map_err(|error| match error.kind() {
+        std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
+            "permission denied on control socket {}: only root may control portshard",
             path.display()
-        )
+        ),
+        _ => anyhow::anyhow!(
+            "the portshard daemon is not running (no daemon answers on control socket {}: {error}): start it with `portshard serve`, or pass --control/PORTSHARD_CONTROL",
+            path.display()
+        ),
     })?;
     stream
         .write_all(&control::encode_request(request))

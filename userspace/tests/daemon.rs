@@ -553,3 +553,212 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Runs the CLI as an unprivileged user (`nobody`) against `daemon`'s control socket.
+fn cli_as_nobody(daemon: &DaemonRun, args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt as _;
+    Command::new(EXE)
+        .args(args)
+        .arg("--control")
+        .arg(daemon.control())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap()
+}
+
+/// Sends raw `bytes` on a new control connection and returns every reply line, up to the
+/// daemon closing the connection or `lines` replies.
+fn raw_control(daemon: &DaemonRun, bytes: &[u8], lines: usize) -> Vec<String> {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(daemon.control()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(bytes).unwrap();
+    BufReader::new(stream)
+        .lines()
+        .take(lines)
+        .map(|line| line.unwrap())
+        .collect()
+}
+
+#[test]
+fn the_control_socket_refuses_non_root_and_answers_garbage_with_errors() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let sandbox = sandbox();
+    let mut daemon = DaemonRun::start(
+        Path::new(EXE),
+        &config(&[("dns", "udp", 2)]),
+        sandbox.pins(),
+    )
+    .unwrap();
+    let before = workers(&daemon.wait_ready(&[("dns", 2)], READY).unwrap());
+    let mode = std::fs::metadata(daemon.control()).unwrap().permissions();
+    assert_eq!(mode.mode() & 0o777, 0o600, "control socket mode");
+
+    // Mode 0600 keeps other users out at connect(2) already...
+    let denied = cli_as_nobody(&daemon, &["drain", "dns", "1"]);
+    assert!(!denied.status.success());
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert!(
+        stderr.contains("permission denied on control socket"),
+        "{stderr}"
+    );
+    // ...and should the mode be opened up, the daemon still checks the peer's credentials.
+    std::fs::set_permissions(daemon.control(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let refused = cli_as_nobody(&daemon, &["drain", "dns", "1"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("the daemon refused: permission denied: uid 65534 is not root"),
+        "{stderr}"
+    );
+
+    for (garbage, expected) in [
+        (&b"\x00\xff\xfe not json\n"[..], "malformed request"),
+        (b"{\"v\":1}\n", "malformed request"),
+        (
+            b"{\"v\":1,\"request\":{\"op\":\"reboot\"}}\n",
+            "unknown variant",
+        ),
+        (
+            b"{\"v\":9,\"request\":{\"op\":\"ping\"}}\n",
+            "protocol version 9 is not supported",
+        ),
+        (&[b'x'; 10_000][..], "longer than 4096 bytes"),
+    ] {
+        let replies = raw_control(&daemon, garbage, 1);
+        assert_eq!(replies.len(), 1, "no reply to {garbage:?}");
+        let reply = portshard::control::decode_reply(replies[0].as_bytes()).unwrap();
+        match reply {
+            portshard::control::Reply::Error { message } => {
+                assert!(message.contains(expected), "{message}")
+            }
+            other => panic!("{other:?} for garbage {garbage:?}"),
+        }
+    }
+    // Several requests on one connection, the bad one in the middle: each gets its reply.
+    let replies = raw_control(
+        &daemon,
+        b"{\"v\":1,\"request\":{\"op\":\"ping\"}}\n]]]\n{\"v\":1,\"request\":{\"op\":\"ping\"}}\n",
+        3,
+    );
+    let kinds: Vec<bool> = replies
+        .iter()
+        .map(|line| {
+            matches!(
+                portshard::control::decode_reply(line.as_bytes()).unwrap(),
+                portshard::control::Reply::Done { .. }
+            )
+        })
+        .collect();
+    assert_eq!(kinds, [true, false, true]);
+    assert_eq!(
+        workers(&daemon.status().unwrap()),
+        before,
+        "nothing changed"
+    );
+    assert!(daemon.request(&Request::Ping).is_ok());
+    assert!(
+        daemon
+            .log_text()
+            .contains("control connection refused: not root")
+    );
+}
+
+/// SIGKILLs the live workers of `slots` at once and waits until each has a replacement
+/// and every flow is answered again; returns the new pids.
+fn kill_and_wait_replaced(
+    daemon: &DaemonRun,
+    flows: &mut UdpFlows,
+    slots: &[Slot],
+) -> BTreeMap<Slot, u32> {
+    let old: Vec<u32> = slots.iter().map(|&s| pid_of(daemon, "dns", s)).collect();
+    old.iter().for_each(|&pid| signal(pid, libc::SIGKILL));
+    let deadline = Instant::now() + READY;
+    let replaced = loop {
+        let now: BTreeMap<Slot, u32> = slots
+            .iter()
+            .filter_map(|&s| live_pid(daemon, "dns", s).map(|pid| (s, pid)))
+            .filter(|(_, pid)| !old.contains(pid))
+            .collect();
+        if now.len() == slots.len() {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "not replaced: {now:?}");
+        thread::sleep(Duration::from_millis(5));
+    };
+    // The killed workers answer nothing, so once every flow is answered, every
+    // replacement that owns flows reads.
+    let deadline = Instant::now() + READY;
+    while flows
+        .round(Duration::from_secs(1))
+        .unwrap()
+        .iter()
+        .any(Option::is_none)
+    {
+        assert!(Instant::now() < deadline, "replacements never all answered");
+    }
+    replaced
+}
+
+fn selected(daemon: &DaemonRun) -> u64 {
+    daemon.status().unwrap()[0]
+        .slots
+        .iter()
+        .map(|s| s.counters.selected)
+        .sum()
+}
+
+#[test]
+fn workers_dying_together_get_their_own_flows_back_and_a_group_whose_workers_all_died_is_rebuilt() {
+    let sandbox = sandbox();
+    let mut daemon = DaemonRun::start(
+        Path::new(EXE),
+        &config(&[("dns", "udp", 4)]),
+        sandbox.pins(),
+    )
+    .unwrap();
+    let mut pids = workers(&daemon.wait_ready(&[("dns", 4)], READY).unwrap())["dns"].clone();
+    let mut flows = UdpFlows::new(target(), 2048).unwrap();
+    let base = flows.settle(READY).unwrap();
+
+    // Two at once: each replacement gets exactly its own flows back. Then all four: the
+    // group vanishes with its last socket and the daemon makes a new one, attaches the
+    // program again and balances it (no flow has a live worker to stay with, so the
+    // layout need not be the old one).
+    for (dying, own_flows_back) in [(&[1, 2][..], true), (&[0, 1, 2, 3][..], false)] {
+        pids.extend(kill_and_wait_replaced(&daemon, &mut flows, dying));
+        let selected_before = selected(&daemon);
+        let after = flows.round(Duration::from_secs(3)).unwrap();
+        let steered = selected(&daemon) - selected_before;
+        let mut moved = 0;
+        for (flow, answer) in after.iter().enumerate() {
+            let answer = answer.unwrap_or_else(|| panic!("flow {flow} lost after {dying:?} died"));
+            assert_eq!(
+                answer.pid, pids[&answer.slot],
+                "flow {flow}: a stale worker"
+            );
+            moved += usize::from(answer.slot != base[flow].slot);
+        }
+        let entries: Vec<u32> = daemon.status().unwrap()[0]
+            .slots
+            .iter()
+            .filter(|s| s.state == "live")
+            .map(|s| s.entries)
+            .collect();
+        eprintln!(
+            "slots {dying:?} killed together: {} flows, {moved} not back on their own slot; {steered} steered by the program; entries per slot {entries:?}",
+            flows.len()
+        );
+        if own_flows_back {
+            assert_eq!(moved, 0, "flows not back on their own slot");
+        }
+        assert!(
+            steered >= flows.len() as u64,
+            "the program did not steer the group: {steered} selections"
+        );
+        assert_eq!(entries, [16384; 4]);
+    }
+}
