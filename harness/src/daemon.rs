@@ -47,7 +47,8 @@ impl Answer {
 /// file (its workers inherit stderr and outlive it, so a pipe would never close).
 pub struct DaemonRun {
     exe: PathBuf,
-    config: PathBuf,
+    /// `None`: the built-in default.
+    config: Option<PathBuf>,
     pins: PathBuf,
     control: PathBuf,
     log: PathBuf,
@@ -57,6 +58,15 @@ pub struct DaemonRun {
 impl DaemonRun {
     /// Writes `config` next to the control socket and starts `exe serve` on `pins`.
     pub fn start(exe: &Path, config: &str, pins: &Path) -> Result<Self> {
+        Self::start_with(exe, Some(config), pins)
+    }
+
+    /// Starts `exe serve` on `pins` with no `--config`: the built-in default services.
+    pub fn start_builtin(exe: &Path, pins: &Path) -> Result<Self> {
+        Self::start_with(exe, None, pins)
+    }
+
+    fn start_with(exe: &Path, config: Option<&str>, pins: &Path) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!(
             "portshard-daemon-{}",
             pins.file_name()
@@ -64,9 +74,14 @@ impl DaemonRun {
         ));
         std::fs::create_dir_all(&dir)
             .map_err(|e| context(e, format!("creating {}", dir.display())))?;
-        let config_path = dir.join("portshard.toml");
-        std::fs::write(&config_path, config)
-            .map_err(|e| context(e, format!("writing {}", config_path.display())))?;
+        let config_path = config
+            .map(|config| {
+                let path = dir.join("portshard.toml");
+                std::fs::write(&path, config)
+                    .map_err(|e| context(e, format!("writing {}", path.display())))?;
+                Ok::<_, MeasureError>(path)
+            })
+            .transpose()?;
         let mut run = Self {
             exe: exe.to_path_buf(),
             config: config_path,
@@ -86,10 +101,12 @@ impl DaemonRun {
             .append(true)
             .open(&self.log)
             .map_err(|e| context(e, format!("opening {}", self.log.display())))?;
-        let child = Command::new(&self.exe)
-            .arg("serve")
-            .arg("--config")
-            .arg(&self.config)
+        let mut command = Command::new(&self.exe);
+        command.arg("serve");
+        if let Some(config) = &self.config {
+            command.arg("--config").arg(config);
+        }
+        let child = command
             .arg("--bpffs")
             .arg(&self.pins)
             .arg("--control")
@@ -458,4 +475,101 @@ pub fn echo(stream: &mut TcpStream, text: &str, timeout: Duration) -> Result<()>
             String::from_utf8_lossy(&back)
         )))
     }
+}
+
+/// What became of the TCP connections waiting in a worker's accept queue when it was
+/// killed.
+#[derive(Debug)]
+pub struct KilledWithQueue {
+    /// Connections opened in all.
+    pub opened: usize,
+    /// Connections that waited, unaccepted, in the killed worker's queue.
+    pub queued: usize,
+    /// Of those, how many were answered by another worker, per slot.
+    pub answered_by: BTreeMap<Slot, usize>,
+    /// Of those, how many were reset or never answered.
+    pub reset: usize,
+}
+
+/// Stops the worker `pid` (SIGSTOP), opens `connections` connections to `target`, so the
+/// ones steered to it wait in its accept queue, then SIGKILLs it and reads every waiting
+/// connection's greeting: with portshard each should come from another worker.
+pub fn kill_with_queue(
+    pid: u32,
+    target: SocketAddr,
+    connections: usize,
+) -> Result<KilledWithQueue> {
+    signal(pid, libc::SIGSTOP)?;
+    // kill(2) returns before the stop takes effect: a worker woken in accept(2) meanwhile
+    // would still take a connection, and die holding it unanswered.
+    wait_stopped(pid, Duration::from_secs(2))?;
+    let opened: Vec<TcpStream> = (0..connections)
+        .map(|i| {
+            TcpStream::connect_timeout(&target, Duration::from_secs(2))
+                .map_err(|e| context(e, format!("opening connection {i} to {target}")))
+        })
+        .collect::<io::Result<_>>()?;
+    thread::sleep(Duration::from_millis(300));
+    // Queued at the stopped worker: no greeting, even after a second, longer look (a live
+    // worker on a loaded machine may just be slow).
+    let queued: Vec<&TcpStream> = opened
+        .iter()
+        .filter(|c| read_greeting(c, Duration::from_millis(5)).is_err())
+        .filter(|c| read_greeting(c, Duration::from_millis(50)).is_err())
+        .collect();
+    signal(pid, libc::SIGKILL)?;
+    let mut outcome = KilledWithQueue {
+        opened: opened.len(),
+        queued: queued.len(),
+        answered_by: BTreeMap::new(),
+        reset: 0,
+    };
+    for connection in queued {
+        match read_greeting(connection, Duration::from_secs(3)) {
+            Ok(answer) => *outcome.answered_by.entry(answer.slot).or_default() += 1,
+            Err(_) => outcome.reset += 1,
+        }
+    }
+    Ok(outcome)
+}
+
+/// Waits until every thread of `pid` is stopped (state `T` in `/proc/<pid>/task/*/stat`).
+fn wait_stopped(pid: u32, timeout: Duration) -> Result<()> {
+    let tasks = PathBuf::from(format!("/proc/{pid}/task"));
+    let deadline = Instant::now() + timeout;
+    loop {
+        let states = std::fs::read_dir(&tasks)
+            .and_then(|dir| {
+                dir.map(|task| std::fs::read_to_string(task?.path().join("stat")))
+                    .collect::<io::Result<Vec<String>>>()
+            })
+            .map_err(|e| context(e, format!("reading {}", tasks.display())))?;
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        let stopped = states.iter().all(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T'))
+        });
+        if stopped {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(MeasureError::Traffic(format!(
+                "pid {pid} did not stop within {timeout:?} of SIGSTOP"
+            )));
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Sends `signal` to `pid`.
+pub fn signal(pid: u32, signal: i32) -> Result<()> {
+    // SAFETY: plain kill(2).
+    if unsafe { libc::kill(pid as i32, signal) } != 0 {
+        return Err(context(
+            io::Error::last_os_error(),
+            format!("sending signal {signal} to pid {pid}"),
+        )
+        .into());
+    }
+    Ok(())
 }

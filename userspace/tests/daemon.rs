@@ -13,7 +13,7 @@ use std::{
 
 use portshard::{control::Request, table::Slot};
 use portshard_harness::{
-    daemon::{Answer, DaemonRun, UdpFlows, echo, read_greeting, tcp_greeting, workers},
+    daemon::{Answer, DaemonRun, UdpFlows, echo, kill_with_queue, tcp_greeting, workers},
     scenario::Sandbox,
 };
 
@@ -42,13 +42,8 @@ fn sandbox() -> Sandbox {
     Sandbox::enter().unwrap_or_else(|e| panic!("kernel test sandbox (needs root and BPF): {e}"))
 }
 
-fn signal(pid: u32, signal: i32) {
-    // SAFETY: plain kill(2) on a worker pid the test read from the pins.
-    assert_eq!(
-        unsafe { libc::kill(pid as i32, signal) },
-        0,
-        "kill({pid}, {signal})"
-    );
+fn signal(pid: u32, number: i32) {
+    portshard_harness::daemon::signal(pid, number).unwrap();
 }
 
 /// The pid of the live worker of `slot`, if it has one.
@@ -184,52 +179,20 @@ fn tcp_worker_killed_with_a_full_accept_queue_resets_nothing() {
     .unwrap();
     daemon.wait_ready(&[("web", 8)], READY).unwrap();
     let victim: Slot = 5;
-    let victim_pid = pid_of(&daemon, "web", victim);
-    signal(victim_pid, libc::SIGSTOP);
-    let connections: Vec<TcpStream> = (0..512)
-        .map(|i| TcpStream::connect(target()).unwrap_or_else(|e| panic!("connection {i}: {e}")))
-        .collect();
-    thread::sleep(Duration::from_millis(300));
-    // Queued at the stopped worker: no greeting, even after a second, longer look (a live
-    // worker on a loaded machine may just be slow).
-    let silent: Vec<&TcpStream> = connections
-        .iter()
-        .filter(|c| read_greeting(c, Duration::from_millis(5)).is_err())
-        .collect();
-    let queued: Vec<&TcpStream> = silent
-        .into_iter()
-        .filter(|c| read_greeting(c, Duration::from_millis(50)).is_err())
-        .collect();
-    assert!(
-        !queued.is_empty(),
-        "no connection waited in the stopped worker's queue"
-    );
-    signal(victim_pid, libc::SIGKILL);
-    let mut by_slot: BTreeMap<Slot, usize> = BTreeMap::new();
-    let mut reset = 0;
-    for connection in &queued {
-        match read_greeting(connection, Duration::from_secs(3)) {
-            Ok(answer) => {
-                assert_ne!(answer.slot, victim);
-                *by_slot.entry(answer.slot).or_default() += 1;
-            }
-            Err(_) => reset += 1,
-        }
-    }
+    let outcome = kill_with_queue(pid_of(&daemon, "web", victim), target(), 512).unwrap();
     let status = daemon.status().unwrap();
     let migrated: u64 = status[0].slots.iter().map(|s| s.counters.migrated).sum();
-    eprintln!(
-        "tcp: {} connections, {} queued at the stopped worker; after SIGKILL {reset} reset, {} answered by {} other workers {by_slot:?}; migrated counter {migrated}",
-        connections.len(),
-        queued.len(),
-        queued.len() - reset,
-        by_slot.len()
-    );
-    assert_eq!(reset, 0);
+    eprintln!("tcp: {outcome:?}; migrated counter {migrated}");
     assert!(
-        migrated >= queued.len() as u64,
+        outcome.queued > 0,
+        "no connection waited in the stopped worker's queue"
+    );
+    assert_eq!(outcome.reset, 0);
+    assert!(!outcome.answered_by.contains_key(&victim));
+    assert!(
+        migrated >= outcome.queued as u64,
         "migrated {migrated} < queued {}",
-        queued.len()
+        outcome.queued
     );
 }
 

@@ -29,7 +29,8 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Show flows surviving a listener's close: plain SO_REUSEPORT vs portshard (needs root).
+    /// Run the daemon on its built-in default, kill a UDP and a TCP worker, and compare
+    /// with plain SO_REUSEPORT on the same flows (needs root).
     Demo,
     /// Build and run the daemon in the foreground (`portshard serve`; needs root). Without
     /// arguments it serves the built-in default: UDP and TCP echo on 127.0.0.1:5300.
@@ -150,6 +151,21 @@ fn count_before(result: &str, label: &str) -> u64 {
 
 fn demo() -> Result<()> {
     build_ebpf()?;
+    // The demo runs the real daemon, the `portshard` binary next to its own.
+    let built = cargo_command(&[
+        "build",
+        "--release",
+        "--quiet",
+        "--package",
+        "portshard",
+        "--bin",
+        "portshard",
+    ])
+    .status()
+    .context("could not start cargo build")?;
+    if !built.success() {
+        bail!("building portshard failed ({built})");
+    }
     let status = cargo_command(&[
         "run",
         "--release",
