@@ -54,9 +54,9 @@ proto = "tcp"
 listen = "[::1]:8080"
 workers = 256
 command = ["srv"]
-mode = "handover"
+mode = "balance"
 weight = 3
-sticky = true
+sticky = false
 drain_idle = "5s"
 drain_timeout = "2m"
 flow_table = 1024
@@ -70,9 +70,9 @@ stop_timeout = "1s"
     assert_eq!(web.listen, "[::1]:8080".parse().unwrap());
     assert_eq!(
         (web.proto, web.mode, web.workers, web.weight),
-        (Proto::Tcp, Mode::Handover, 256, 3)
+        (Proto::Tcp, Mode::Balance, 256, 3)
     );
-    assert!(web.sticky);
+    assert!(!web.sticky);
     assert_eq!(web.drain_idle, Duration::from_secs(5));
     assert_eq!(web.drain_timeout, Duration::from_secs(120));
     assert_eq!(web.flow_table, 1024);
@@ -86,6 +86,22 @@ stop_timeout = "1s"
         }
     );
     assert_eq!(web.stop_timeout, Duration::from_secs(1));
+}
+
+#[test]
+fn handover_and_sticky_are_refused_until_this_release_has_them() {
+    let text = "[[service]]\nname = \"web\"\nproto = \"udp\"\nlisten = \"127.0.0.1:1\"\nworkers = 1\ncommand = [\"srv\"]\nmode = \"handover\"\nsticky = true\n";
+    let error = parse(text).unwrap_err().to_string();
+    assert!(
+        error.contains(&format!("{FILE}:7:8: service \"web\" field `mode`: \"handover\" is not available in this release")),
+        "{error}"
+    );
+    assert!(
+        error.contains(&format!(
+            "{FILE}:8:10: service \"web\" field `sticky`: true is not available in this release"
+        )),
+        "{error}"
+    );
 }
 
 #[test]
