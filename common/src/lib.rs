@@ -48,8 +48,10 @@ pub mod names {
     pub const COUNTERS: &str = "counters";
     /// Array with one [`crate::ServiceMeta`] value: what the service listens on.
     pub const SERVICE: &str = "service";
+    /// LRU hash from a UDP flow's hash to its [`crate::Flow`]: the flow table.
+    pub const FLOWS: &str = "flows";
     /// Every map the program's object defines, in a fixed order.
-    pub const MAPS: [&str; 5] = [SOCKETS, TABLE, SLOTS, COUNTERS, SERVICE];
+    pub const MAPS: [&str; 6] = [SOCKETS, TABLE, SLOTS, COUNTERS, SERVICE, FLOWS];
 }
 
 /// One lookup-table entry: the slot that owns the flows hashing here, and the slot that
@@ -89,6 +91,33 @@ impl TableEntry {
 pub struct Table {
     /// Indexed by `hash & TABLE_MASK`.
     pub entries: [TableEntry; TABLE_SIZE],
+    /// [`TABLE_FLOWS`] and other switches, read by the program with the entry it needs,
+    /// so a switch costs no extra map lookup.
+    pub flags: u32,
+    /// Keeps the size a multiple of 8.
+    pub reserved: u32,
+}
+
+/// [`Table::flags`] bit: UDP flows stick to the slot that took their first datagram (the
+/// flow table) while its socket lives; only new flows, and flows whose slot is gone,
+/// are steered by the table. Set for UDP services in `handover` mode or with `sticky`.
+pub const TABLE_FLOWS: u32 = 1;
+
+/// Index of the [`Table::flags`] word when the table is read as 32-bit words.
+pub const FLAGS_WORD: usize = TABLE_SIZE;
+
+/// A flow table value: which slot (of which generation) a UDP flow belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    /// The slot whose socket receives the flow's datagrams.
+    pub slot: u16,
+    /// Keeps `generation` aligned.
+    pub reserved: u16,
+    /// The slot's generation when the flow was placed (for listings).
+    pub generation: u32,
+    /// Coarse monotonic time (ns since boot) of the flow's latest datagram.
+    pub last_seen: u64,
 }
 
 /// What a slot is doing, as recorded in [`SlotMeta::state`].
@@ -103,6 +132,9 @@ pub enum SlotState {
     Dead = 2,
     /// The socket stays open for its existing flows but takes no new ones.
     Draining = 3,
+    /// A new generation's socket, placed but owning no entries until its generation is
+    /// ready and switched to.
+    Starting = 4,
 }
 
 impl SlotState {
@@ -113,6 +145,7 @@ impl SlotState {
             1 => Some(Self::Live),
             2 => Some(Self::Dead),
             3 => Some(Self::Draining),
+            4 => Some(Self::Starting),
             _ => None,
         }
     }
@@ -168,6 +201,11 @@ pub struct ServiceMeta {
     pub proto: u8,
     /// 0 for `balance`, 1 for `handover`.
     pub mode: u32,
+    /// Capacity of the flow table; 0 when the service has none (TCP, or UDP in `balance`
+    /// mode without `sticky`).
+    pub flow_table: u32,
+    /// Keeps the size a multiple of 8.
+    pub reserved: u32,
 }
 
 /// What the program did for one slot, counted per CPU.
@@ -183,6 +221,8 @@ pub struct SlotCounters {
     pub probed: u64,
     /// Queued connections of a closing TCP listener handed to this slot.
     pub migrated: u64,
+    /// Datagrams of known flows delivered here by the flow table.
+    pub flow_hits: u64,
 }
 
 /// The value of the per-CPU `counters` map: one row per slot and the service-wide rest.
@@ -193,6 +233,10 @@ pub struct Counters {
     pub slots: [SlotCounters; MAX_SLOTS as usize],
     /// Program runs that found no live slot and let the kernel's own hash choose.
     pub fell_through: u64,
+    /// Flows entered in the flow table (first datagram of a flow not in it).
+    pub flows_new: u64,
+    /// Datagrams of a known flow whose slot's socket was gone, steered by the table again.
+    pub flows_owner_gone: u64,
 }
 
 impl SlotCounters {
@@ -202,6 +246,7 @@ impl SlotCounters {
         self.failed_over = op(self.failed_over, other.failed_over);
         self.probed = op(self.probed, other.probed);
         self.migrated = op(self.migrated, other.migrated);
+        self.flow_hits = op(self.flow_hits, other.flow_hits);
     }
 }
 
@@ -223,6 +268,8 @@ impl Counters {
             mine.combine(theirs, op);
         }
         self.fell_through = op(self.fell_through, other.fell_through);
+        self.flows_new = op(self.flows_new, other.flows_new);
+        self.flows_owner_gone = op(self.flows_owner_gone, other.flows_owner_gone);
     }
 
     /// All counters at zero.
@@ -232,8 +279,11 @@ impl Counters {
             failed_over: 0,
             probed: 0,
             migrated: 0,
+            flow_hits: 0,
         }; MAX_SLOTS as usize],
         fell_through: 0,
+        flows_new: 0,
+        flows_owner_gone: 0,
     };
 }
 
@@ -243,9 +293,10 @@ const _: () = {
     assert!(MAX_SLOTS < NO_SLOT as u32);
     assert!(PROBE_STRIDE % 2 == 1 && PROBE_STRIDE < TABLE_SIZE as u32);
     assert!(size_of::<TableEntry>() == 4);
-    assert!(size_of::<Table>() == 4 * TABLE_SIZE);
+    assert!(size_of::<Table>() == 4 * TABLE_SIZE + 8);
     assert!(size_of::<SlotMeta>() == 40);
-    assert!(size_of::<ServiceMeta>() == 24);
+    assert!(size_of::<ServiceMeta>() == 32);
+    assert!(size_of::<Flow>() == 16);
     // A per-CPU map value is limited to 32 KiB by the kernel's per-CPU allocator.
     assert!(size_of::<Counters>() <= 32 * 1024);
 };
@@ -260,4 +311,5 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceMeta {}
     unsafe impl aya::Pod for super::SlotCounters {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::Flow {}
 }

@@ -6,18 +6,23 @@
 //! order: the entry's owner, its heir, the owners of a few other entries, and otherwise lets
 //! the kernel's own hash choose (`SK_PASS` without a selection). It never returns `SK_DROP`,
 //! so no flow that a live socket could take is refused.
+//!
+//! With the flow table on (UDP in `handover` mode or with `sticky`), a datagram of a known
+//! flow goes to the slot that took the flow's first datagram while that slot's socket
+//! lives; only new flows, and flows whose slot is gone, go through the table.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::sk_action::SK_PASS,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::{map, sk_reuseport},
-    maps::{Array, PerCpuArray, ReusePortSockArray},
+    maps::{Array, LruHashMap, PerCpuArray, ReusePortSockArray},
     programs::SkReuseportContext,
 };
 use portshard_common::{
-    BPF_F_MMAPABLE, Counters, MAX_SLOTS, PROBE_STEPS, PROBE_STRIDE, ServiceMeta, SlotCounters,
-    SlotMeta, TABLE_MASK, Table, TableEntry,
+    BPF_F_MMAPABLE, Counters, Flow, MAX_SLOTS, PROBE_STEPS, PROBE_STRIDE, ServiceMeta,
+    SlotCounters, SlotMeta, TABLE_FLOWS, TABLE_MASK, Table, TableEntry,
 };
 
 /// Slot number to listening socket. The kernel clears a slot the moment its socket closes.
@@ -41,6 +46,11 @@ static SERVICE: Array<ServiceMeta> = Array::pinned(1, 0);
 #[map(name = "counters")]
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(1, 0);
 
+/// The flow table: a UDP flow's hash to the slot that owns it. Userspace sizes it per
+/// service at load time; least recently used flows make room for new ones.
+#[map(name = "flows")]
+static FLOWS: LruHashMap<u32, Flow> = LruHashMap::pinned(1, 0);
+
 /// How a slot came to be chosen; picks the counter to bump.
 #[derive(Clone, Copy)]
 enum Choice {
@@ -54,26 +64,73 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
     let Some(table) = TABLE.get_ptr(0) else {
         return SK_PASS;
     };
-    let index = ctx.hash() & TABLE_MASK;
-    let entry = read(table, index);
+    let hash = ctx.hash();
+    // SAFETY: `table` points to the map's value; the flags word is inside it.
+    let flags = unsafe { core::ptr::read_volatile(&raw const (*table).flags) };
+    let Some(counters) = COUNTERS.get_ptr_mut(0) else {
+        return SK_PASS;
+    };
+    // SAFETY: this CPU's value of a per-CPU array; the program cannot be preempted by
+    // itself on this CPU while it holds it.
+    let counters = unsafe { &mut *counters };
+    if flags & TABLE_FLOWS == 0 {
+        let chosen = choose(&ctx, table, hash);
+        count(counters, ctx.migrating_sk().is_some(), chosen);
+        return SK_PASS;
+    }
 
-    let mut chosen = None;
-    if select(&ctx, entry.owner) {
-        chosen = Some((entry.owner, Choice::Owner));
-    } else if select(&ctx, entry.heir) {
-        chosen = Some((entry.heir, Choice::Heir));
-    } else {
-        for step in 1..=PROBE_STEPS {
-            let other = read(table, index.wrapping_add(step * PROBE_STRIDE));
-            if other.owner != entry.owner && other.owner != entry.heir && select(&ctx, other.owner)
-            {
-                chosen = Some((other.owner, Choice::Probe));
-                break;
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let known = FLOWS.get_ptr_mut(hash);
+    if let Some(flow) = known {
+        // SAFETY: a value pointer of the flow table, valid while the program runs.
+        let flow = unsafe { &mut *flow };
+        if select(&ctx, flow.slot) {
+            if flow.last_seen != now {
+                flow.last_seen = now;
             }
+            if let Some(row) = counters.slots.get_mut(usize::from(flow.slot)) {
+                row.flow_hits += 1;
+            }
+            return SK_PASS;
+        }
+        counters.flows_owner_gone += 1;
+    }
+    let chosen = choose(&ctx, table, hash);
+    count(counters, false, chosen);
+    if let Some((slot, _)) = chosen {
+        let generation = SLOTS.get(u32::from(slot)).map_or(0, |meta| meta.generation);
+        let flow = Flow {
+            slot,
+            reserved: 0,
+            generation,
+            last_seen: now,
+        };
+        if FLOWS.insert(hash, flow, 0).is_ok() && known.is_none() {
+            counters.flows_new += 1;
         }
     }
-    count(&ctx, chosen);
     SK_PASS
+}
+
+/// The slot the table picks for `hash`, and how: its entry's owner, else the entry's heir,
+/// else the owner of one of a few unrelated entries; `None` if none has a live socket.
+#[inline(always)]
+fn choose(ctx: &SkReuseportContext, table: *const Table, hash: u32) -> Option<(u16, Choice)> {
+    let index = hash & TABLE_MASK;
+    let entry = read(table, index);
+    if select(ctx, entry.owner) {
+        return Some((entry.owner, Choice::Owner));
+    }
+    if select(ctx, entry.heir) {
+        return Some((entry.heir, Choice::Heir));
+    }
+    for step in 1..=PROBE_STEPS {
+        let other = read(table, index.wrapping_add(step * PROBE_STRIDE));
+        if other.owner != entry.owner && other.owner != entry.heir && select(ctx, other.owner) {
+            return Some((other.owner, Choice::Probe));
+        }
+    }
+    None
 }
 
 /// Reads entry `index & TABLE_MASK` as the one 32-bit word userspace stores it as, so owner
@@ -99,13 +156,7 @@ fn select(ctx: &SkReuseportContext, slot: u16) -> bool {
 
 /// Bumps this CPU's counter for the decision taken.
 #[inline(always)]
-fn count(ctx: &SkReuseportContext, chosen: Option<(u16, Choice)>) {
-    let Some(counters) = COUNTERS.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: the pointer is this CPU's value of a per-CPU array; the program cannot be
-    // preempted by itself on this CPU while it holds it.
-    let counters = unsafe { &mut *counters };
+fn count(counters: &mut Counters, migrating: bool, chosen: Option<(u16, Choice)>) {
     let Some((slot, choice)) = chosen else {
         counters.fell_through += 1;
         return;
@@ -113,7 +164,7 @@ fn count(ctx: &SkReuseportContext, chosen: Option<(u16, Choice)>) {
     let Some(row) = counters.slots.get_mut(usize::from(slot)) else {
         return;
     };
-    bump(row, ctx.migrating_sk().is_some(), choice);
+    bump(row, migrating, choice);
 }
 
 #[inline(always)]

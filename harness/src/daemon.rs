@@ -510,12 +510,16 @@ pub fn kill_with_queue(
         })
         .collect::<io::Result<_>>()?;
     thread::sleep(Duration::from_millis(300));
-    // Queued at the stopped worker: no greeting, even after a second, longer look (a live
-    // worker on a loaded machine may just be slow).
-    let queued: Vec<&TcpStream> = opened
+    // Queued at the stopped worker: no greeting, even at a second look a second later (a
+    // live worker on a loaded machine may just be slow).
+    let silent: Vec<&TcpStream> = opened
         .iter()
         .filter(|c| read_greeting(c, Duration::from_millis(5)).is_err())
-        .filter(|c| read_greeting(c, Duration::from_millis(50)).is_err())
+        .collect();
+    thread::sleep(Duration::from_secs(1));
+    let queued: Vec<&TcpStream> = silent
+        .into_iter()
+        .filter(|c| read_greeting(c, Duration::from_millis(5)).is_err())
         .collect();
     signal(pid, libc::SIGKILL)?;
     let mut outcome = KilledWithQueue {

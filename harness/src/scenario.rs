@@ -467,7 +467,7 @@ impl QueuedOnClose {
 
 /// A new portshard group for `service` under `pins` with listener `i` in slot `i`, weight 1.
 pub fn steer(pins: &Path, service: &str, listeners: &[Option<Listener>]) -> Result<Group> {
-    let mut group = Group::create(pins, service)?;
+    let mut group = Group::create(pins, service, 0)?;
     for (slot, listener) in listeners.iter().enumerate() {
         if let Some(listener) = listener {
             group.add(slot as Slot, listener.as_fd(), 1, Holder::this_process())?;

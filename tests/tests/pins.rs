@@ -24,7 +24,7 @@ fn state_survives_the_process_that_made_it() {
     let sandbox = enter();
     let socket = bind_reuseport(Proto::Udp, loopback(false, SERVICE_PORT)).unwrap();
     let entries = {
-        let mut group = Group::create(sandbox.pins(), "keep").unwrap();
+        let mut group = Group::create(sandbox.pins(), "keep", 0).unwrap();
         let holder = Holder {
             pid: 4242,
             generation: 7,
@@ -52,7 +52,7 @@ fn state_survives_the_process_that_made_it() {
 
     // Creating again over compatible pins keeps the maps, and so the table.
     drop(reopened);
-    let again = Dataplane::create(sandbox.pins(), "keep").unwrap();
+    let again = Dataplane::create(sandbox.pins(), "keep", 0).unwrap();
     assert_eq!(again.read_entries(), entries);
 }
 
@@ -67,7 +67,7 @@ fn a_pin_with_another_layout_is_refused_by_path() {
         .pin(&stale_table)
         .unwrap();
 
-    let error = Dataplane::create(sandbox.pins(), "stale")
+    let error = Dataplane::create(sandbox.pins(), "stale", 0)
         .err()
         .expect("a stale pin must be refused");
     let message = error.to_string();
@@ -111,7 +111,7 @@ fn a_pin_with_another_size_is_refused() {
         .unwrap()
         .pin(dir.join(names::SLOTS))
         .unwrap();
-    let message = Dataplane::create(sandbox.pins(), "small")
+    let message = Dataplane::create(sandbox.pins(), "small", 0)
         .err()
         .unwrap()
         .to_string();
@@ -124,7 +124,7 @@ fn a_pin_with_another_size_is_refused() {
 #[test]
 fn removing_pins_leaves_nothing() {
     let sandbox = enter();
-    drop(Dataplane::create(sandbox.pins(), "gone").unwrap());
+    drop(Dataplane::create(sandbox.pins(), "gone", 0).unwrap());
     Dataplane::remove_pins(sandbox.pins(), "gone").unwrap();
     assert!(!sandbox.pins().join("gone").exists());
     let message = Dataplane::open(sandbox.pins(), "gone")
@@ -144,7 +144,7 @@ fn removing_pins_leaves_nothing() {
 fn a_root_outside_bpffs_is_refused() {
     let _sandbox = enter();
     let dir = std::env::temp_dir().join(format!("portshard-not-bpffs-{}", std::process::id()));
-    let message = Dataplane::create(&dir, "x").err().unwrap().to_string();
+    let message = Dataplane::create(&dir, "x", 0).err().unwrap().to_string();
     assert!(message.contains("is not on a BPF filesystem"), "{message}");
     assert!(!dir.exists(), "nothing created outside bpffs");
 }
@@ -152,7 +152,7 @@ fn a_root_outside_bpffs_is_refused() {
 #[test]
 fn bad_service_names_are_refused() {
     let sandbox = enter();
-    let message = Dataplane::create(sandbox.pins(), "../escape")
+    let message = Dataplane::create(sandbox.pins(), "../escape", 0)
         .err()
         .unwrap()
         .to_string();
@@ -172,7 +172,7 @@ fn a_pin_of_another_type_is_refused() {
         .unwrap()
         .pin(dir.join(names::SOCKETS))
         .unwrap();
-    let message = Dataplane::create(sandbox.pins(), "wrong")
+    let message = Dataplane::create(sandbox.pins(), "wrong", 0)
         .err()
         .unwrap()
         .to_string();
@@ -186,13 +186,13 @@ fn a_pin_of_another_type_is_refused() {
 fn a_group_is_not_created_over_a_live_one() {
     let sandbox = enter();
     let socket = bind_reuseport(Proto::Udp, loopback(false, SERVICE_PORT)).unwrap();
-    let mut group = Group::create(sandbox.pins(), "busy").unwrap();
+    let mut group = Group::create(sandbox.pins(), "busy", 0).unwrap();
     group
         .add(1, socket.as_fd(), 1, Holder::this_process())
         .unwrap();
     let written = group.dataplane().read_entries();
 
-    let error = Group::create(sandbox.pins(), "busy")
+    let error = Group::create(sandbox.pins(), "busy", 0)
         .err()
         .expect("a live group must be refused");
     assert!(
@@ -210,7 +210,7 @@ fn a_group_is_not_created_over_a_live_one() {
     // Once its slots are dead, a new group starts clean: no records, an empty table.
     group.remove(1).unwrap();
     drop(group);
-    let fresh = Group::create(sandbox.pins(), "busy").unwrap();
+    let fresh = Group::create(sandbox.pins(), "busy", 0).unwrap();
     assert_eq!(fresh.dataplane().meta(1).unwrap(), SlotMeta::FREE);
     assert!(
         fresh

@@ -85,18 +85,35 @@ pub struct Service {
     pub mode: Mode,
     /// Weight of each worker's slot.
     pub weight: u32,
-    /// Keep existing UDP flows on their worker in balance mode (used by the flow table).
+    /// Keep existing UDP flows on their worker in balance mode (the flow table).
     pub sticky: bool,
-    /// A draining worker idle this long is stopped (used by handover).
+    /// A worker of an old generation with no flow traffic (UDP) or no open connection
+    /// (TCP) for this long is stopped.
     pub drain_idle: Duration,
-    /// A draining worker is stopped after this long at the latest (used by handover).
+    /// A worker of an old generation is stopped after this long at the latest.
     pub drain_timeout: Duration,
+    /// A new generation's workers must stay up this long before new work is switched to
+    /// them; one that exits sooner rolls the reload back.
+    pub ready_delay: Duration,
     /// Capacity of the UDP flow table, in flows.
     pub flow_table: u32,
     /// How dead workers are restarted.
     pub restart: RestartPolicy,
     /// How long a stopping worker gets between SIGTERM and SIGKILL.
     pub stop_timeout: Duration,
+}
+
+impl Service {
+    /// Capacity of the service's flow table, 0 if it has none: UDP services in `handover`
+    /// mode, or with `sticky`, keep each flow on the worker that took its first datagram.
+    pub fn flow_capacity(&self) -> u32 {
+        let sticky_flows = self.mode == Mode::Handover || self.sticky;
+        if self.proto == Proto::Udp && sticky_flows {
+            self.flow_table
+        } else {
+            0
+        }
+    }
 }
 
 /// A whole validated configuration.
@@ -174,6 +191,7 @@ struct RawService {
     restart_limit: Option<Spanned<i64>>,
     restart_window: Option<Spanned<String>>,
     stop_timeout: Option<Spanned<String>>,
+    ready_delay: Option<Spanned<String>>,
 }
 
 /// Byte offsets to line and column.
@@ -360,6 +378,7 @@ impl Config {
             flow_table: DEFAULT_FLOW_TABLE,
             restart: RestartPolicy::default(),
             stop_timeout: DEFAULT_STOP_TIMEOUT,
+            ready_delay: DEFAULT_READY_DELAY,
         };
         Self {
             services: vec![echo("echo-udp", Proto::Udp), echo("echo-tcp", Proto::Tcp)],
@@ -372,6 +391,7 @@ pub const BUILTIN_PORT: u16 = 5300;
 const DEFAULT_DRAIN_IDLE: Duration = Duration::from_secs(30);
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_READY_DELAY: Duration = Duration::from_secs(1);
 /// Default capacity of the UDP flow table.
 pub const DEFAULT_FLOW_TABLE: u32 = 65_536;
 /// Largest UDP flow table a service may ask for.
@@ -455,16 +475,7 @@ fn check_service(
     }
     let mode = match raw.mode.as_ref().map(|m| m.get_ref().as_str()) {
         None | Some("balance") => Mode::Balance,
-        Some("handover") => {
-            // Parsed, so the schema stays the design's, but refused until the daemon runs
-            // generations: accepting it would silently balance instead.
-            checker.report(
-                raw.mode.as_ref().map_or(0..0, Spanned::span),
-                what("mode"),
-                "\"handover\" is not available in this release (socket generations are not implemented yet): use \"balance\"".to_owned(),
-            );
-            Mode::Handover
-        }
+        Some("handover") => Mode::Handover,
         Some(other) => {
             checker.report(
                 raw.mode.as_ref().map_or(0..0, Spanned::span),
@@ -475,13 +486,6 @@ fn check_service(
         }
     };
     let sticky = raw.sticky.as_ref().is_some_and(|s| *s.get_ref());
-    if sticky {
-        checker.report(
-            raw.sticky.as_ref().map_or(0..0, Spanned::span),
-            what("sticky"),
-            "true is not available in this release (the UDP flow table is not implemented yet): leave it out or set false".to_owned(),
-        );
-    }
     let weight = raw.weight.as_ref().map_or(1, |w| {
         checker.integer(w, &what("weight"), 1..MAX_WEIGHT + 1)
     });
@@ -523,6 +527,7 @@ fn check_service(
             &what("stop_timeout"),
             DEFAULT_STOP_TIMEOUT,
         ),
+        ready_delay: checker.duration(raw.ready_delay, &what("ready_delay"), DEFAULT_READY_DELAY),
     };
     (checker.problems.len() == before).then(|| {
         (

@@ -37,6 +37,13 @@ pub enum Request {
         /// The new weight.
         weight: u32,
     },
+    /// Starts a new generation of the service's workers (with its configuration as the
+    /// config file now says) and switches new work to it once it is ready. The daemon
+    /// answers with [`Reply::Progress`] lines, then `Done` or, after a rollback, `Error`.
+    Reload {
+        /// The service.
+        service: String,
+    },
 }
 
 /// The daemon's answer.
@@ -50,11 +57,23 @@ pub enum Reply {
         /// Table entries whose owner changed.
         moved: u32,
     },
-    /// Refused; nothing changed.
+    /// Refused, or rolled back; nothing changed.
     Error {
         /// What was wrong and what to do.
         message: String,
     },
+    /// A step of a longer request; more replies follow.
+    Progress {
+        /// What just happened.
+        message: String,
+    },
+}
+
+impl Reply {
+    /// Whether this is the request's last reply.
+    pub fn is_final(&self) -> bool {
+        !matches!(self, Self::Progress { .. })
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -165,6 +184,9 @@ mod tests {
                 service: "web".into(),
                 slot: 0,
                 weight: 7,
+            },
+            Request::Reload {
+                service: "web".into(),
             },
         ] {
             let bytes = encode_request(&request);

@@ -5,8 +5,16 @@
 //! giving it its entries back. A restarted daemon adopts the running workers and the pinned
 //! state without moving a flow.
 //!
+//! Every worker belongs to a generation. `portshard reload` (and SIGHUP) starts a new one in
+//! free slots and switches new work to it once it stayed up (see [`generations`]); the old
+//! one keeps what it has and is stopped once idle.
+//!
 //! Everything that changes state happens on one task, in the order events arrive; the
 //! other tasks only watch pidfds, timers and sockets and send it events.
+mod generations;
+
+pub use generations::read_config;
+
 use std::{
     collections::BTreeMap,
     io,
@@ -42,6 +50,9 @@ use crate::{
 /// Where the daemon keeps its state and listens.
 #[derive(Clone, Debug)]
 pub struct Options {
+    /// The config file, read again by `reload` and SIGHUP; `None` for the built-in
+    /// default.
+    pub config: Option<PathBuf>,
     /// Pin root on a BPF filesystem.
     pub bpffs: PathBuf,
     /// Path of the control socket.
@@ -81,6 +92,14 @@ pub enum DaemonError {
         /// Why.
         #[source]
         source: SocketError,
+    },
+    /// Every slot of a service is taken.
+    #[error(
+        "service {service}: all {MAX_SLOTS} slots are in use (workers of every generation): wait for an old generation to drain, or lower `workers`"
+    )]
+    NoFreeSlot {
+        /// The service.
+        service: String,
     },
     /// Another daemon holds the pin root.
     #[error(
@@ -158,6 +177,7 @@ pub async fn serve(config: Config, options: Options) -> Result<(), DaemonError> 
     let (events, inbox) = mpsc::unbounded_channel();
     let mut daemon = Daemon {
         root: options.bpffs.clone(),
+        config: options.config.clone(),
         services: Vec::new(),
         events: events.clone(),
         stopping: false,
@@ -250,10 +270,22 @@ enum Event {
     },
     /// A dead slot's restart delay is over.
     RestartDue { service: usize, slot: Slot },
-    /// A control request; the reply goes back on `reply`.
+    /// A reload's new generation has stayed up for its ready delay.
+    ReloadReady { service: usize, generation: u32 },
+    /// A worker asked to stop had its stop timeout: SIGKILL it if it still runs.
+    StopOverdue {
+        service: usize,
+        slot: Slot,
+        pid: u32,
+    },
+    /// Time to look at the retiring workers again.
+    Tick,
+    /// SIGHUP: read the config file again and apply what changed.
+    Hangup,
+    /// A control request; its replies go back on `reply`, the last one final.
     Control {
         request: Request,
-        reply: oneshot::Sender<Reply>,
+        reply: mpsc::UnboundedSender<Reply>,
     },
     /// The metrics endpoint wants a snapshot.
     Scrape { reply: oneshot::Sender<String> },
@@ -261,23 +293,66 @@ enum Event {
     Stop,
 }
 
+/// What a worker is there for.
+enum Role {
+    /// Takes new work in its service's current generation; restarted when it dies.
+    Current,
+    /// Of a new generation not switched to yet: its exit rolls the reload back.
+    Staged,
+    /// Of an old generation, or beyond the configured count: keeps the flows and
+    /// connections it has, takes no new ones, is stopped once idle for `drain_idle` or
+    /// after `drain_timeout`, and its slot is freed when it exits.
+    Retiring(Drain),
+}
+
+/// A retiring worker's activity, as last seen.
+struct Drain {
+    since: Instant,
+    idle_since: Instant,
+    /// Datagrams delivered to its slot so far (UDP), to notice new ones.
+    delivered: u64,
+}
+
+impl Drain {
+    fn new(delivered: u64) -> Self {
+        let now = Instant::now();
+        Self {
+            since: now,
+            idle_since: now,
+            delivered,
+        }
+    }
+}
+
 /// One worker process serving a slot.
 struct Worker {
     pid: u32,
     pidfd: OwnedFd,
     since: Instant,
+    generation: u32,
+    role: Role,
     /// Ended by this daemon's request (a stop), so its exit is not a crash.
     stopping: bool,
 }
 
 /// What a slot of a running service is doing.
 enum SlotRun {
-    /// A worker serves it (live or draining, as its record says).
+    /// A worker serves it.
     Serving(Worker),
     /// Its worker died; a restart is scheduled.
     Waiting,
     /// Its worker crashed too often in a row; it is no longer restarted.
     GaveUp,
+}
+
+impl SlotRun {
+    /// Whether the slot counts towards its service's current generation.
+    fn is_current(&self) -> bool {
+        match self {
+            Self::Serving(worker) => matches!(worker.role, Role::Current),
+            Self::Waiting | Self::GaveUp => true,
+        }
+    }
 }
 
 /// A slot's crash history, kept across its workers.
@@ -295,10 +370,22 @@ struct Running {
     group: Group,
     slots: BTreeMap<Slot, SlotRun>,
     crashes: BTreeMap<Slot, Crashes>,
+    /// The generation that takes new work.
+    generation: u32,
+    /// The reload under way, if any.
+    reload: Option<generations::Reload>,
+}
+
+impl Running {
+    /// The lowest slot no worker of any generation uses.
+    fn free_slot(&self) -> Option<Slot> {
+        (0..MAX_SLOTS as Slot).find(|slot| !self.slots.contains_key(slot))
+    }
 }
 
 struct Daemon {
     root: PathBuf,
+    config: Option<PathBuf>,
     services: Vec<Running>,
     events: mpsc::UnboundedSender<Event>,
     stopping: bool,
@@ -310,38 +397,64 @@ impl Daemon {
     /// Creates or adopts every service and starts its missing workers.
     fn start(&mut self, config: Config, programs: Vec<PathBuf>) -> Result<(), DaemonError> {
         for (spec, program) in config.services.into_iter().zip(programs) {
-            let index = self.services.len();
-            let pinned = self.root.join(&spec.name).join(names::PROGRAM).exists();
-            let (group, adopted) = if pinned {
-                self.adopted = true;
-                adopt(&self.root, &spec)?
-            } else {
-                let mut group = Group::create(&self.root, &spec.name)?;
-                group.record_service(service_record(&spec))?;
-                (group, Adopted::default())
-            };
-            self.services.push(Running {
-                spec,
-                program,
-                group,
-                slots: BTreeMap::new(),
-                crashes: adopted.crashes,
-            });
-            for (slot, worker) in adopted.alive {
-                self.watch(index, slot, &worker);
-                self.services[index]
-                    .slots
-                    .insert(slot, SlotRun::Serving(worker));
-            }
-            for slot in adopted.dead {
-                self.slot_died(index, slot, Duration::ZERO);
-            }
-            let workers = self.services[index].spec.workers as Slot;
-            for slot in 0..workers {
-                if !self.services[index].slots.contains_key(&slot) {
-                    self.start_worker(index, slot)?;
-                }
-            }
+            self.add_service(spec, program)?;
+        }
+        Ok(())
+    }
+
+    /// Creates (or adopts, if pinned) one service and starts its missing workers.
+    fn add_service(&mut self, spec: Service, program: PathBuf) -> Result<(), DaemonError> {
+        let index = self.services.len();
+        let pinned = self.root.join(&spec.name).join(names::PROGRAM).exists();
+        let (group, adopted) = if pinned {
+            self.adopted = true;
+            adopt(&self.root, &spec)?
+        } else {
+            let mut group = Group::create(&self.root, &spec.name, spec.flow_capacity())?;
+            group.record_service(service_record(&spec))?;
+            (group, Adopted::default())
+        };
+        self.services.push(Running {
+            spec,
+            program,
+            group,
+            slots: BTreeMap::new(),
+            crashes: adopted.crashes,
+            generation: adopted.generation.max(1),
+            reload: None,
+        });
+        for (slot, worker) in adopted.alive {
+            self.watch(index, slot, &worker);
+            self.services[index]
+                .slots
+                .insert(slot, SlotRun::Serving(worker));
+        }
+        for slot in adopted.dead {
+            self.slot_died(index, slot, Duration::ZERO);
+        }
+        self.resize(index)
+    }
+
+    /// Starts or retires current workers until the service has as many as configured.
+    fn resize(&mut self, index: usize) -> Result<(), DaemonError> {
+        let running = &self.services[index];
+        let current: Vec<Slot> = running
+            .slots
+            .iter()
+            .filter(|(_, run)| run.is_current())
+            .map(|(&slot, _)| slot)
+            .collect();
+        let wanted = running.spec.workers as usize;
+        for &slot in current.iter().skip(wanted) {
+            self.retire(index, slot)?;
+        }
+        for _ in current.len()..wanted {
+            let slot = self.services[index]
+                .free_slot()
+                .ok_or_else(|| DaemonError::NoFreeSlot {
+                    service: self.services[index].spec.name.clone(),
+                })?;
+            self.start_worker(index, slot)?;
         }
         Ok(())
     }
@@ -364,20 +477,36 @@ impl Daemon {
             }
             let _ = events.send(Event::Stop);
         });
+        let events = self.events.clone();
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                warn!(
-                    "SIGHUP ignored: this portshard has no config reload; restart the daemon to apply a new config (workers and flows are kept)"
-                );
+                if events.send(Event::Hangup).is_err() {
+                    return;
+                }
+            }
+        });
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(generations::TICK);
+            loop {
+                ticks.tick().await;
+                if events.send(Event::Tick).is_err() {
+                    return;
+                }
             }
         });
         while let Some(event) = inbox.recv().await {
             match event {
                 Event::Exited { service, slot, pid } => self.exited(service, slot, pid),
                 Event::RestartDue { service, slot } => self.restart(service, slot),
-                Event::Control { request, reply } => {
-                    let _ = reply.send(self.control(request));
-                }
+                Event::ReloadReady {
+                    service,
+                    generation,
+                } => self.reload_ready(service, generation),
+                Event::StopOverdue { service, slot, pid } => self.stop_overdue(service, slot, pid),
+                Event::Tick => self.tick(),
+                Event::Hangup => self.hangup(),
+                Event::Control { request, reply } => self.control(request, reply),
                 Event::Scrape { reply } => {
                     let _ = reply.send(metrics::encode_status(&self.status()));
                 }
@@ -386,24 +515,37 @@ impl Daemon {
         }
     }
 
-    /// Binds a socket for `slot`, starts a worker on it, puts it in the table (getting
-    /// back the entries the slot had, if it had any) and closes the daemon's copy.
+    /// Starts a worker of the current generation in `slot` and puts it in the table,
+    /// getting back the entries the slot had, if it had any.
     fn start_worker(&mut self, index: usize, slot: Slot) -> Result<(), DaemonError> {
+        self.launch(index, slot, Role::Current)
+    }
+
+    /// Binds a socket for `slot`, starts a worker on it (a staged one with the reload's
+    /// command and generation, else the service's), hands the socket to the group (into
+    /// the table, or staged), closes the daemon's copy and watches the worker.
+    fn launch(&mut self, index: usize, slot: Slot, role: Role) -> Result<(), DaemonError> {
         let running = &mut self.services[index];
-        let spec = &running.spec;
+        let (spec, program, generation) = match (&role, &running.reload) {
+            (Role::Staged, Some(reload)) => (
+                reload.spec.clone(),
+                reload.program.clone(),
+                reload.generation,
+            ),
+            _ => (
+                running.spec.clone(),
+                running.program.clone(),
+                running.generation,
+            ),
+        };
         let socket = socket::bind_reuseport(spec.proto, spec.listen).map_err(|source| {
             DaemonError::Socket {
                 service: spec.name.clone(),
                 source,
             }
         })?;
-        let worker_error = |source| DaemonError::Worker {
-            service: spec.name.clone(),
-            slot,
-            source,
-        };
         let spawned = process::spawn(
-            &running.program,
+            &program,
             &spec.command,
             socket.as_fd(),
             &Activation {
@@ -411,15 +553,28 @@ impl Daemon {
                 slot,
             },
         )
-        .map_err(worker_error)?;
+        .map_err(|source| DaemonError::Worker {
+            service: spec.name.clone(),
+            slot,
+            source,
+        })?;
         let restarts = running.crashes.get(&slot).map_or(0, |c| c.restarts);
         let holder = Holder {
             pid: spawned.pid,
-            generation: 1,
+            generation,
             started: process::start_time(spawned.pid).unwrap_or(0),
             restarts,
         };
-        if let Err(error) = running.group.add(slot, socket.as_fd(), spec.weight, holder) {
+        let placed = match role {
+            Role::Staged => running
+                .group
+                .stage(slot, socket.as_fd(), spec.weight, holder),
+            _ => running
+                .group
+                .add(slot, socket.as_fd(), spec.weight, holder)
+                .map(drop),
+        };
+        if let Err(error) = placed {
             let _ = process::signal(spawned.pidfd.as_fd(), libc::SIGKILL);
             return Err(error.into());
         }
@@ -428,13 +583,17 @@ impl Daemon {
             service = %spec.name,
             slot,
             pid = spawned.pid,
+            generation,
             restarts,
+            staged = matches!(role, Role::Staged),
             "worker started"
         );
         let worker = Worker {
             pid: spawned.pid,
             pidfd: spawned.pidfd,
             since: Instant::now(),
+            generation,
+            role,
             stopping: false,
         };
         self.watch(index, slot, &worker);
@@ -462,7 +621,9 @@ impl Daemon {
         });
     }
 
-    /// A worker ended: heal the table and schedule its restart.
+    /// A worker ended. A current worker's slot is healed (its entries go to their heirs)
+    /// and restarted; a retiring worker's slot is freed; a staged worker's exit rolls its
+    /// reload back.
     fn exited(&mut self, index: usize, slot: Slot, pid: u32) {
         let running = &mut self.services[index];
         let Some(SlotRun::Serving(worker)) = running.slots.get(&slot) else {
@@ -477,6 +638,28 @@ impl Daemon {
             .unwrap_or(Exit::Unknown);
         let lived = worker.since.elapsed();
         let stopping = worker.stopping;
+        let generation = worker.generation;
+        match worker.role {
+            Role::Current => {}
+            Role::Staged => {
+                running.slots.remove(&slot);
+                self.release(index, slot);
+                if !stopping && !self.stopping {
+                    let reason = format!(
+                        "the worker in slot {slot} (pid {pid}) ended ({exit}) {} ms after it started",
+                        lived.as_millis()
+                    );
+                    self.rollback(index, &reason);
+                }
+                return;
+            }
+            Role::Retiring(_) => {
+                info!(service = %running.spec.name, slot, pid, generation, %exit, "old worker exited; its slot is free");
+                running.slots.remove(&slot);
+                self.release(index, slot);
+                return;
+            }
+        }
         let entries = running
             .group
             .table()
@@ -500,11 +683,20 @@ impl Daemon {
         if let Err(error) = running.group.remove(slot) {
             error!(service = %running.spec.name, slot, %error, "cannot take the dead slot out of the table");
         }
-        if stopping || self.stopping || slot as u32 >= running.spec.workers {
+        if stopping || self.stopping {
             running.slots.remove(&slot);
             return;
         }
         self.slot_died(index, slot, lived);
+    }
+
+    /// Frees `slot` of service `index` for good (see [`Group::release`]).
+    fn release(&mut self, index: usize, slot: Slot) {
+        let running = &mut self.services[index];
+        running.crashes.remove(&slot);
+        if let Err(error) = running.group.release(slot) {
+            error!(service = %running.spec.name, slot, %error, "cannot free the slot");
+        }
     }
 
     /// Records a crash of `slot` (whose worker lived `lived`) and schedules its restart,
@@ -556,9 +748,11 @@ impl Daemon {
             return;
         }
         let running = &mut self.services[index];
-        let Some(SlotRun::Waiting) = running.slots.remove(&slot) else {
+        // The slot may have been freed (its generation replaced) and taken again since.
+        if !matches!(running.slots.get(&slot), Some(SlotRun::Waiting)) {
             return;
-        };
+        }
+        running.slots.remove(&slot);
         running.crashes.entry(slot).or_default().restarts += 1;
         if let Err(error) = self.start_worker(index, slot) {
             error!(service = %self.services[index].spec.name, slot, %error, "restarting the worker failed");
@@ -566,8 +760,9 @@ impl Daemon {
         }
     }
 
-    /// Answers a control request; a refused one changes nothing.
-    fn control(&mut self, request: Request) -> Reply {
+    /// Answers a control request on `reply`; a refused one changes nothing. A reload
+    /// answers when its new generation is switched to or rolled back.
+    fn control(&mut self, request: Request, reply: mpsc::UnboundedSender<Reply>) {
         let result = match request {
             Request::Ping => Ok(Reply::Done {
                 message: format!(
@@ -583,8 +778,13 @@ impl Daemon {
                 slot,
                 weight,
             } => self.weight(&service, slot, weight),
+            Request::Reload { service } => match self.reload_request(&service, reply.clone()) {
+                // The reload replies itself, as it goes.
+                Ok(()) => return,
+                Err(message) => Err(message),
+            },
         };
-        result.unwrap_or_else(|message| Reply::Error { message })
+        let _ = reply.send(result.unwrap_or_else(|message| Reply::Error { message }));
     }
 
     fn find(&mut self, service: &str) -> Result<&mut Running, String> {
@@ -601,7 +801,21 @@ impl Daemon {
 
     fn slot_state(running: &Running, slot: Slot) -> Result<SlotState, String> {
         let pid = match running.slots.get(&slot) {
-            Some(SlotRun::Serving(worker)) => worker.pid,
+            Some(SlotRun::Serving(worker)) if matches!(worker.role, Role::Current) => worker.pid,
+            Some(SlotRun::Serving(worker)) => {
+                return Err(format!(
+                    "service {} slot {slot} (pid {}) belongs to generation {}, which is {} generation {}: only the current generation's slots can be drained or weighted",
+                    running.spec.name,
+                    worker.pid,
+                    worker.generation,
+                    if matches!(worker.role, Role::Staged) {
+                        "starting to replace"
+                    } else {
+                        "replaced by"
+                    },
+                    running.generation
+                ));
+            }
             _ => {
                 return Err(format!(
                     "service {} slot {slot} has no running worker: `portshard status` lists its slots",
@@ -649,7 +863,7 @@ impl Daemon {
         let running = self.find(service)?;
         let state = Self::slot_state(running, slot)?;
         let delta = if state == SlotState::Draining {
-            running.group.undrain(slot, weight)
+            running.group.admit(slot, weight)
         } else {
             running.group.set_weight(slot, weight)
         }
@@ -730,7 +944,12 @@ fn service_record(spec: &Service) -> portshard_common::ServiceMeta {
         Proto::Udp => PROTO_UDP,
         Proto::Tcp => PROTO_TCP,
     };
-    report::service_meta(spec.listen, proto, u32::from(spec.mode == Mode::Handover))
+    report::service_meta(
+        spec.listen,
+        proto,
+        u32::from(spec.mode == Mode::Handover),
+        spec.flow_capacity(),
+    )
 }
 
 /// What adoption found: workers still running, slots whose workers died while no daemon
@@ -740,12 +959,15 @@ struct Adopted {
     alive: Vec<(Slot, Worker)>,
     dead: Vec<Slot>,
     crashes: BTreeMap<Slot, Crashes>,
+    /// The generation that takes new work (0 if none was recorded).
+    generation: u32,
 }
 
 /// Takes over the pinned state of `spec` left by a previous daemon: the workers its
 /// records name that still run (same pid and start time) are kept with every entry they
-/// own; slots whose workers died meanwhile are taken out of the table (their flows already
-/// go to the heirs) and restarted.
+/// own, and an old generation's go on draining; slots whose workers died meanwhile are
+/// taken out of the table (their flows already go to the heirs) and restarted; a reload
+/// the previous daemon left halfway is rolled back.
 fn adopt(root: &Path, spec: &Service) -> Result<(Group, Adopted), DaemonError> {
     let dataplane = Dataplane::open(root, &spec.name)?;
     let pinned = dataplane.service()?;
@@ -778,56 +1000,76 @@ fn adopt(root: &Path, spec: &Service) -> Result<(Group, Adopted), DaemonError> {
     if let Some(reason) = rebuilt {
         warn!(service = %spec.name, %reason, "rebuilt the table from scratch; some flows moved");
     }
-    let mut adopted = Adopted::default();
+    // The current generation: the newest with live slots (else with any recorded slot).
+    let newest = |states: &[SlotState]| {
+        metas
+            .iter()
+            .filter(|m| SlotState::from_raw(m.state).is_some_and(|s| states.contains(&s)))
+            .map(|m| m.generation)
+            .max()
+    };
+    let generation = newest(&[SlotState::Live])
+        .or_else(|| newest(&[SlotState::Dead, SlotState::Draining]))
+        .unwrap_or(1);
+    let mut adopted = Adopted {
+        generation,
+        ..Adopted::default()
+    };
     for (slot, meta) in metas.iter().enumerate() {
         let slot = slot as Slot;
-        let state = SlotState::from_raw(meta.state);
-        if meta.state != SlotState::Free as u32 {
-            adopted.crashes.insert(
-                slot,
-                Crashes {
-                    in_a_row: 0,
-                    restarts: meta.restarts,
-                },
-            );
-        }
-        let recorded = matches!(state, Some(SlotState::Live | SlotState::Draining));
+        let Some(state) = SlotState::from_raw(meta.state).filter(|&s| s != SlotState::Free) else {
+            continue;
+        };
+        adopted.crashes.insert(
+            slot,
+            Crashes {
+                in_a_row: 0,
+                restarts: meta.restarts,
+            },
+        );
+        let recorded = matches!(
+            state,
+            SlotState::Live | SlotState::Draining | SlotState::Starting
+        );
         let alive = recorded.then(|| alive(meta)).flatten();
-        match alive {
-            Some(pidfd) if u32::from(slot) < spec.workers => {
+        let worker = |pidfd, role, stopping| Worker {
+            pid: meta.pid,
+            pidfd,
+            since: Instant::now(),
+            generation: meta.generation,
+            role,
+            stopping,
+        };
+        let old = meta.generation < generation;
+        match (state, alive) {
+            (SlotState::Starting, Some(pidfd)) => {
+                warn!(service = %spec.name, slot, pid = meta.pid, generation = meta.generation, "a reload was under way when the previous daemon stopped; stopping its new worker");
+                let _ = process::signal(pidfd.as_fd(), libc::SIGKILL);
+                group.release(slot)?;
+                adopted
+                    .alive
+                    .push((slot, worker(pidfd, Role::Staged, true)));
+            }
+            (SlotState::Starting, None) => group.release(slot)?,
+            (_, Some(pidfd)) if old => {
+                info!(service = %spec.name, slot, pid = meta.pid, generation = meta.generation, "adopted an old generation's worker; it goes on draining");
+                adopted
+                    .alive
+                    .push((slot, worker(pidfd, Role::Retiring(Drain::new(0)), false)));
+            }
+            (_, Some(pidfd)) => {
                 info!(service = %spec.name, slot, pid = meta.pid, "adopted running worker");
-                adopted.alive.push((
-                    slot,
-                    Worker {
-                        pid: meta.pid,
-                        pidfd,
-                        since: Instant::now(),
-                        stopping: false,
-                    },
-                ));
+                adopted
+                    .alive
+                    .push((slot, worker(pidfd, Role::Current, false)));
             }
-            Some(pidfd) => {
-                info!(service = %spec.name, slot, pid = meta.pid, "stopping a worker beyond the configured count");
-                if group.table().members().contains_key(&slot) {
-                    group.drain(slot)?;
-                }
-                let _ = process::signal(pidfd.as_fd(), libc::SIGTERM);
-                let worker = Worker {
-                    pid: meta.pid,
-                    pidfd,
-                    since: Instant::now(),
-                    stopping: true,
-                };
-                adopted.alive.push((slot, worker));
-            }
-            None if recorded || group.table().members().contains_key(&slot) => {
+            (_, None) if old => group.release(slot)?,
+            (_, None) if recorded || group.table().members().contains_key(&slot) => {
                 warn!(service = %spec.name, slot, pid = meta.pid, "worker died while no daemon ran; its entries go to their heirs");
                 group.remove(slot)?;
-                if u32::from(slot) < spec.workers {
-                    adopted.dead.push(slot);
-                }
+                adopted.dead.push(slot);
             }
-            None => {}
+            (_, None) => {}
         }
     }
     Ok((group, adopted))
@@ -850,7 +1092,11 @@ fn describe(meta: &portshard_common::ServiceMeta) -> String {
     } else {
         "balance"
     };
-    format!("{proto} {} ({mode})", listen_address(meta))
+    let flows = match meta.flow_table {
+        0 => String::new(),
+        n => format!(", flow table of {n}"),
+    };
+    format!("{proto} {} ({mode}{flows})", listen_address(meta))
 }
 
 /// Accepts control connections: root only, one request per line.
@@ -903,13 +1149,20 @@ async fn control_connection(
         let reply = match decoded {
             Err(message) => Reply::Error { message },
             Ok(request) => {
-                let (tx, rx) = oneshot::channel();
+                let (tx, mut rx) = mpsc::unbounded_channel();
                 if events.send(Event::Control { request, reply: tx }).is_err() {
                     return Ok(());
                 }
-                rx.await.unwrap_or(Reply::Error {
-                    message: "the daemon is stopping".to_owned(),
-                })
+                // Progress replies go out as they come; the final one ends the request.
+                loop {
+                    let reply = rx.recv().await.unwrap_or(Reply::Error {
+                        message: "the daemon is stopping".to_owned(),
+                    });
+                    if reply.is_final() {
+                        break reply;
+                    }
+                    write.write_all(&control::encode_reply(&reply)).await?;
+                }
             }
         };
         write.write_all(&control::encode_reply(&reply)).await?;

@@ -14,18 +14,19 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{Array, Map, MapData, MapError, MapInfo, PerCpuArray, ReusePortSockArray},
+    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, ReusePortSockArray},
     programs::{ProgramError, SkReuseport, sk_reuseport::SkReuseportAttachType},
 };
 use aya_obj::generated::bpf_prog_type;
 use portshard_common::{
-    Counters, MAX_SLOTS, ServiceMeta, SlotMeta, TABLE_SIZE, Table, TableEntry, names,
+    Counters, FLAGS_WORD, Flow, MAX_SLOTS, ServiceMeta, SlotMeta, TABLE_SIZE, Table, TableEntry,
+    names,
 };
 
 use crate::{
     bpffs::{self, BpffsError},
     object::{self, MapSpec, OBJECT, ObjectError},
-    report::{ServiceStatus, TableReport},
+    report::{FlowReport, FlowTableReport, ServiceStatus, TableReport},
     table::Slot,
 };
 
@@ -180,18 +181,22 @@ pub struct Dataplane {
     slots: Array<MapData, SlotMeta>,
     counters: PerCpuArray<MapData, Counters>,
     service: Array<MapData, ServiceMeta>,
+    flows: HashMap<MapData, u32, Flow>,
+    flow_capacity: u32,
     table: MappedTable,
 }
 
 impl Dataplane {
     /// Loads the program for `service` and pins it and its maps under `root/service/`,
-    /// mounting the BPF filesystem if needed. Maps already pinned there are reused if, and
-    /// only if, they are exactly what this build expects; anything else is refused.
-    pub fn create(root: &Path, service: &str) -> Result<Self> {
+    /// mounting the BPF filesystem if needed, with room for `flow_capacity` flows in the
+    /// flow table (at least 1). Maps already pinned there are reused if, and only if, they
+    /// are exactly what this build expects; anything else is refused.
+    pub fn create(root: &Path, service: &str, flow_capacity: u32) -> Result<Self> {
         check_service_name(service)?;
         let dir = root.join(service);
         bpffs::ensure_dir(&dir)?;
-        for spec in object::map_specs(OBJECT)? {
+        let flow_capacity = flow_capacity.max(1);
+        for spec in object::map_specs(OBJECT, flow_capacity)? {
             let path = dir.join(spec.name);
             if path.exists() {
                 check_pin(&path, &spec)?;
@@ -199,6 +204,7 @@ impl Dataplane {
         }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
+            .map_max_entries(names::FLOWS, flow_capacity)
             .load(OBJECT)
             .map_err(|source| DataplaneError::Load {
                 dir: dir.clone(),
@@ -233,7 +239,15 @@ impl Dataplane {
         if !dir.is_dir() {
             return Err(DataplaneError::NotPinned { dir });
         }
-        let specs = object::map_specs(OBJECT)?;
+        // The flow table's size is the service's own; everything else is this build's.
+        let flows_pin = dir.join(names::FLOWS);
+        let flow_capacity = MapInfo::from_pin(&flows_pin)
+            .map_err(|source| DataplaneError::OpenPin {
+                path: flows_pin,
+                source: Box::new(source),
+            })?
+            .max_entries();
+        let specs = object::map_specs(OBJECT, flow_capacity)?;
         let open = |name: &'static str| {
             let spec = specs
                 .iter()
@@ -245,6 +259,7 @@ impl Dataplane {
         let slots = typed(&dir, names::SLOTS, open(names::SLOTS)?)?;
         let counters = typed(&dir, names::COUNTERS, open(names::COUNTERS)?)?;
         let service = typed(&dir, names::SERVICE, open(names::SERVICE)?)?;
+        let flows = typed(&dir, names::FLOWS, open(names::FLOWS)?)?;
         let table = MappedTable::new(open(names::TABLE)?, &dir.join(names::TABLE))?;
         let program = open_program(&dir.join(names::PROGRAM))?;
         Ok(Self {
@@ -254,6 +269,8 @@ impl Dataplane {
             slots,
             counters,
             service,
+            flows,
+            flow_capacity,
             table,
         })
     }
@@ -290,7 +307,21 @@ impl Dataplane {
 
     /// Everything `status` shows about this service, read from the pins.
     pub fn status(&self) -> Result<ServiceStatus> {
-        Ok(ServiceStatus::new(&self.service()?, self.table_report()?))
+        let service = self.service()?;
+        let flow_table = if service.flow_table > 0 {
+            Some(FlowTableReport::new(
+                self.flow_capacity,
+                self.flows()?.len() as u64,
+                &self.counters()?,
+            ))
+        } else {
+            None
+        };
+        Ok(ServiceStatus::new(
+            &service,
+            self.table_report()?,
+            flow_table,
+        ))
     }
 
     /// Everything `table` shows about this service, read from the pins.
@@ -434,6 +465,49 @@ impl Dataplane {
         (0..TABLE_SIZE).map(|i| self.table.load(i)).collect()
     }
 
+    /// Sets the table's switches ([`portshard_common::TABLE_FLOWS`]): one atomic store the
+    /// program sees on its next run.
+    pub fn set_flags(&self, flags: u32) {
+        self.table.word(FLAGS_WORD).store(flags, Ordering::Relaxed);
+    }
+
+    /// The table's switches as the program reads them.
+    pub fn flags(&self) -> u32 {
+        self.table.word(FLAGS_WORD).load(Ordering::Relaxed)
+    }
+
+    /// Every flow in the flow table, by flow hash. Flows evicted or added meanwhile may be
+    /// missed or seen: it is a snapshot for listings, not a transaction.
+    pub fn flows(&self) -> Result<Vec<(u32, Flow)>> {
+        self.flows
+            .iter()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|source| DataplaneError::Map {
+                action: "listing the flow table".to_owned(),
+                path: self.dir.join(names::FLOWS),
+                source: Box::new(source),
+            })
+    }
+
+    /// Everything `portshard flows` shows about this service, read from the pins.
+    pub fn flow_report(&self) -> Result<FlowReport> {
+        let name = self
+            .dir
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        Ok(FlowReport::new(
+            &name,
+            self.flow_capacity,
+            &self.flows()?,
+            coarse_now_ns(),
+        ))
+    }
+
+    /// How many flows the flow table holds at most.
+    pub fn flow_capacity(&self) -> u32 {
+        self.flow_capacity
+    }
+
     /// The program's counters, summed over all CPUs.
     pub fn counters(&self) -> Result<Counters> {
         let per_cpu = self
@@ -495,6 +569,17 @@ fn open_program(path: &Path) -> Result<SkReuseport> {
             found: format!("{found:?}"),
         })
     }
+}
+
+/// The clock the program stamps flows with (`bpf_ktime_get_coarse_ns`), in nanoseconds.
+fn coarse_now_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC_COARSE always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// Opens the map pinned at `dir/spec.name` after checking it against `spec`.
@@ -626,8 +711,9 @@ impl MappedTable {
         })
     }
 
+    /// Entry `index`, or the flags word at [`FLAGS_WORD`].
     fn word(&self, index: usize) -> &AtomicU32 {
-        assert!(index < TABLE_SIZE, "table index {index} out of range");
+        assert!(index <= FLAGS_WORD, "table word {index} out of range");
         // SAFETY: in bounds of the mapping, 4-byte aligned (page-aligned base).
         unsafe { self.words.add(index).as_ref() }
     }

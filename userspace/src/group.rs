@@ -7,7 +7,7 @@ use std::{
     path::Path,
 };
 
-use portshard_common::{MAX_SLOTS, ServiceMeta, SlotMeta, SlotState};
+use portshard_common::{MAX_SLOTS, ServiceMeta, SlotMeta, SlotState, TABLE_FLOWS};
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
@@ -99,13 +99,13 @@ impl Group {
     /// Creates the dataplane of `service` under the pin root `root` (see
     /// [`Dataplane::create`]) and starts it empty: no slot records, an empty table. Refuses
     /// pins whose records say a group is still being served from them, rather than wiping
-    /// that group's table.
-    pub fn create(root: &Path, service: &str) -> Result<Self, GroupError> {
-        let mut dataplane = Dataplane::create(root, service)?;
+    /// that group's table. The flow table holds `flow_capacity` flows.
+    pub fn create(root: &Path, service: &str, flow_capacity: u32) -> Result<Self, GroupError> {
+        let mut dataplane = Dataplane::create(root, service, flow_capacity)?;
         for slot in 0..MAX_SLOTS as Slot {
             let meta = dataplane.meta(slot)?;
             match SlotState::from_raw(meta.state) {
-                Some(SlotState::Live | SlotState::Draining) => {
+                Some(SlotState::Live | SlotState::Draining | SlotState::Starting) => {
                     return Err(GroupError::InUse {
                         service: service.to_owned(),
                         dir: dataplane.dir().to_path_buf(),
@@ -162,9 +162,13 @@ impl Group {
         ))
     }
 
-    /// Records what the service listens on, for `status` and a restarted daemon.
+    /// Records what the service listens on, for `status` and a restarted daemon, and
+    /// switches the program's flow table on if the service has one.
     pub fn record_service(&mut self, meta: ServiceMeta) -> Result<(), GroupError> {
-        Ok(self.dataplane.set_service(meta)?)
+        self.dataplane.set_service(meta)?;
+        let flags = if meta.flow_table > 0 { TABLE_FLOWS } else { 0 };
+        self.dataplane.set_flags(flags);
+        Ok(())
     }
 
     /// The table as last written to the kernel.
@@ -254,9 +258,68 @@ impl Group {
         Ok(delta)
     }
 
-    /// Puts a drained `slot` back in the table with `weight`; only it receives entries,
-    /// first those it had when drained.
-    pub fn undrain(&mut self, slot: Slot, weight: u32) -> Result<Delta, GroupError> {
+    /// Places `socket`, served by `holder` of a generation not yet switched to, in `slot`
+    /// without giving it any entry: it takes no new work until [`Group::substitute`] or
+    /// [`Group::admit`] gives it some, and [`Group::release`] takes it back out.
+    pub fn stage(
+        &mut self,
+        slot: Slot,
+        socket: BorrowedFd<'_>,
+        weight: u32,
+        holder: Holder,
+    ) -> Result<(), GroupError> {
+        let cookie = socket::cookie(socket).map_err(|source| GroupError::Cookie {
+            fd: socket.as_raw_fd(),
+            slot,
+            source,
+        })?;
+        self.dataplane.attach(socket)?;
+        let meta = SlotMeta {
+            cookie,
+            pid: holder.pid,
+            state: SlotState::Starting as u32,
+            generation: holder.generation,
+            weight,
+            restarts: holder.restarts,
+            started: holder.started,
+        };
+        Ok(self.dataplane.place(slot, socket, meta)?)
+    }
+
+    /// Gives the staged slot `new` every entry `old` owns (see [`Table::substitute`]):
+    /// `old`'s flows move once, to `new`, and nothing else moves. `old` keeps its socket
+    /// and what it already has, draining; `new` takes new work.
+    pub fn substitute(&mut self, old: Slot, new: Slot) -> Result<Delta, GroupError> {
+        let mut next = self.table.clone();
+        let delta = next
+            .substitute(old, new)
+            .map_err(|source| self.table_error(source))?;
+        let mut old_meta = self.dataplane.meta(old)?;
+        let mut new_meta = self.dataplane.meta(new)?;
+        old_meta.state = SlotState::Draining as u32;
+        new_meta.state = SlotState::Live as u32;
+        new_meta.weight = old_meta.weight;
+        self.dataplane.set_meta(new, new_meta)?;
+        self.dataplane.set_meta(old, old_meta)?;
+        self.commit(next, delta)
+    }
+
+    /// Empties `slot` and forgets it: its socket is out of the socket array and its record
+    /// free, for a worker that is gone for good (an old generation's, or a rolled-back new
+    /// one's). A slot still in the table is taken out first, its entries to their heirs.
+    pub fn release(&mut self, slot: Slot) -> Result<(), GroupError> {
+        if self.table.members().contains_key(&slot) {
+            self.remove(slot)?;
+        }
+        self.dataplane.clear(slot)?;
+        self.dataplane.set_meta(slot, SlotMeta::FREE)?;
+        self.vacated.remove(&slot);
+        Ok(())
+    }
+
+    /// Puts a drained or staged `slot` in the table with `weight`; only it receives
+    /// entries, first those it had when drained.
+    pub fn admit(&mut self, slot: Slot, weight: u32) -> Result<Delta, GroupError> {
         let mut next = self.table.clone();
         let delta = next
             .rejoin(slot, weight, &self.wanted_back(slot))

@@ -94,6 +94,20 @@ enum Command {
         /// The new weight, 1 to 10000.
         weight: u32,
     },
+    /// Start a new generation of a service's workers (its config as the file now says) and
+    /// switch new work to it once it is ready; exits non-zero if it was rolled back.
+    Reload {
+        /// The service.
+        service: String,
+    },
+    /// List a service's UDP flow table: flows per slot and generation.
+    Flows {
+        /// The service (its pin directory under --bpffs).
+        service: String,
+        /// Print JSON (every flow) instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// The built-in socket-activated echo worker (run by `serve`, not by hand).
     Echo,
 }
@@ -123,6 +137,8 @@ fn main() -> Result<()> {
                 weight,
             },
         ),
+        Command::Reload { service } => request(&cli.control, &Request::Reload { service }),
+        Command::Flows { service, json } => flows(&cli.bpffs, &service, json),
         Command::Echo => Ok(echo::serve()?),
     }
 }
@@ -144,12 +160,9 @@ fn serve(
         LogFormat::Human => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
-    let config = match config {
-        Some(path) => {
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading config {}", path.display()))?;
-            Config::parse(&text, &path)?
-        }
+    let path = config;
+    let config = match &path {
+        Some(path) => daemon::read_config(path).map_err(anyhow::Error::msg)?,
         None => {
             let exe = std::env::current_exe()
                 .context("finding this program's path for the built-in echo workers")?;
@@ -163,6 +176,7 @@ fn serve(
     runtime.block_on(daemon::serve(
         config,
         Options {
+            config: path,
             bpffs,
             control,
             metrics,
@@ -186,20 +200,61 @@ fn request(path: &Path, request: &Request) -> Result<()> {
     stream
         .write_all(&control::encode_request(request))
         .with_context(|| format!("sending the request to {}", path.display()))?;
-    let mut line = Vec::new();
-    BufReader::new(&stream)
-        .read_until(b'\n', &mut line)
-        .with_context(|| format!("reading the reply from {}", path.display()))?;
-    if line.last() == Some(&b'\n') {
-        line.pop();
-    }
-    match control::decode_reply(&line)? {
-        Reply::Done { message, .. } => {
-            println!("{message}");
-            Ok(())
+    // Progress lines, then the final reply.
+    let mut reader = BufReader::new(&stream);
+    loop {
+        let mut line = Vec::new();
+        reader
+            .read_until(b'\n', &mut line)
+            .with_context(|| format!("reading the reply from {}", path.display()))?;
+        if line.is_empty() {
+            bail!(
+                "the daemon closed the control connection {} without answering",
+                path.display()
+            );
         }
-        Reply::Error { message } => bail!("the daemon refused: {message}"),
+        match control::decode_reply(line.trim_ascii_end())? {
+            Reply::Progress { message } => println!("{message}"),
+            Reply::Done { message, .. } => {
+                println!("{message}");
+                return Ok(());
+            }
+            Reply::Error { message } => bail!("the daemon refused: {message}"),
+        }
     }
+}
+
+/// Prints a service's flow table, read from its pins.
+fn flows(root: &Path, service: &str, json: bool) -> Result<()> {
+    let report = Dataplane::open(root, service)?.flow_report()?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer(&mut out, &report).context("writing JSON to stdout")?;
+        writeln!(out).context("writing to stdout")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "service {service}: {} of {} flows",
+        report.flows.len(),
+        report.capacity
+    )
+    .context("writing to stdout")?;
+    writeln!(
+        out,
+        "{:>6} {:>10} {:>8} {:>14}",
+        "slot", "generation", "flows", "newest idle ms"
+    )
+    .context("writing to stdout")?;
+    for group in &report.by_slot {
+        writeln!(
+            out,
+            "{:>6} {:>10} {:>8} {:>14}",
+            group.slot, group.generation, group.flows, group.least_idle_ms
+        )
+        .context("writing to stdout")?;
+    }
+    Ok(())
 }
 
 fn status(root: &Path, json: bool) -> Result<()> {

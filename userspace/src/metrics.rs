@@ -54,6 +54,11 @@ pub fn encode_status(status: &StatusReport) -> String {
         "migrated",
         "Queued connections of a closing listener handed to the slot",
     );
+    let flow_hits = slot_counter(
+        &mut registry,
+        "flow_hits",
+        "Datagrams of known UDP flows the flow table delivered to the slot",
+    );
     let restarts = slot_counter(
         &mut registry,
         "worker_restarts",
@@ -71,18 +76,66 @@ pub fn encode_status(status: &StatusReport) -> String {
         "Program runs that found no live slot and let the kernel's hash choose",
         fell_through.clone(),
     );
+    let service_counter = |registry: &mut Registry, name: &str, help: &str| {
+        let family = Family::<ServiceLabels, Counter>::default();
+        registry.register(name, help, family.clone());
+        family
+    };
+    let flows_new = service_counter(
+        &mut registry,
+        "flow_table_new",
+        "UDP flows entered in the flow table",
+    );
+    let flows_owner_gone = service_counter(
+        &mut registry,
+        "flow_table_owner_gone",
+        "Datagrams of known flows whose slot was gone, steered by the table again",
+    );
+    let flows_evicted = service_counter(
+        &mut registry,
+        "flow_table_evictions",
+        "Flows dropped from the flow table to make room for new ones",
+    );
+    let flows = Family::<ServiceLabels, Gauge>::default();
+    registry.register(
+        "flow_table_flows",
+        "UDP flows the flow table holds",
+        flows.clone(),
+    );
+    let generation = Family::<ServiceLabels, Gauge>::default();
+    registry.register(
+        "generation",
+        "The newest generation of the service's workers that takes new work",
+        generation.clone(),
+    );
     let workers = Family::<WorkerLabels, Gauge>::default();
     registry.register(
         "workers",
-        "Slots of the service by state (live, draining, dead)",
+        "Slots of the service by state (live, draining, dead, starting)",
         workers.clone(),
     );
     for service in &status.services {
+        let labels = ServiceLabels {
+            service: service.name.clone(),
+        };
         fell_through
-            .get_or_create(&ServiceLabels {
-                service: service.name.clone(),
-            })
+            .get_or_create(&labels)
             .inc_by(service.fell_through);
+        if let Some(table) = &service.flow_table {
+            flows_new.get_or_create(&labels).inc_by(table.new);
+            flows_owner_gone
+                .get_or_create(&labels)
+                .inc_by(table.owner_gone);
+            flows_evicted.get_or_create(&labels).inc_by(table.evictions);
+            flows
+                .get_or_create(&labels)
+                .set(i64::try_from(table.flows).unwrap_or(i64::MAX));
+        }
+        if let Some(newest) = service.generations.iter().rfind(|g| g.state == "ready") {
+            generation
+                .get_or_create(&labels)
+                .set(i64::from(newest.generation));
+        }
         for slot in &service.slots {
             let labels = SlotLabels {
                 service: service.name.clone(),
@@ -95,6 +148,9 @@ pub fn encode_status(status: &StatusReport) -> String {
                 .get_or_create(&labels)
                 .inc_by(slot.counters.failed_over);
             probed.get_or_create(&labels).inc_by(slot.counters.probed);
+            flow_hits
+                .get_or_create(&labels)
+                .inc_by(slot.counters.flow_hits);
             migrated
                 .get_or_create(&labels)
                 .inc_by(slot.counters.migrated);
@@ -120,7 +176,7 @@ mod tests {
     use portshard_common::{Counters, MAX_SLOTS, SlotMeta, SlotState};
 
     use super::*;
-    use crate::report::{PROTO_UDP, ServiceStatus, TableReport, service_meta};
+    use crate::report::{FlowTableReport, PROTO_UDP, ServiceStatus, TableReport, service_meta};
     use crate::table::Table;
 
     #[test]
@@ -140,9 +196,12 @@ mod tests {
         counters.slots[1].selected = 12;
         counters.slots[0].migrated = 5;
         counters.fell_through = 2;
+        counters.slots[0].flow_hits = 9;
+        counters.flows_new = 4;
         let service = ServiceStatus::new(
-            &service_meta("127.0.0.1:53".parse().unwrap(), PROTO_UDP, 0),
+            &service_meta("127.0.0.1:53".parse().unwrap(), PROTO_UDP, 0, 16),
             TableReport::new("dns", table.entries(), &metas, &counters),
+            Some(FlowTableReport::new(16, 3, &counters)),
         );
         let text = encode_status(&StatusReport {
             services: vec![service],
@@ -154,6 +213,11 @@ mod tests {
             "portshard_table_entries{service=\"dns\",slot=\"0\"} 32768",
             "portshard_fell_through_total{service=\"dns\"} 2",
             "portshard_workers{service=\"dns\",state=\"live\"} 2",
+            "portshard_flow_hits_total{service=\"dns\",slot=\"0\"} 9",
+            "portshard_flow_table_new_total{service=\"dns\"} 4",
+            "portshard_flow_table_evictions_total{service=\"dns\"} 1",
+            "portshard_flow_table_flows{service=\"dns\"} 3",
+            "portshard_generation{service=\"dns\"} 0",
             "# EOF",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");

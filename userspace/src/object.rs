@@ -38,8 +38,9 @@ pub enum ObjectError {
     MissingMap(&'static str),
 }
 
-/// The specifications of every map in [`names::MAPS`], as `object` defines them.
-pub fn map_specs(object: &[u8]) -> Result<Vec<MapSpec>, ObjectError> {
+/// The specifications of every map in [`names::MAPS`], as `object` defines them, with the
+/// flow table sized for `flow_capacity` flows (its size is per service, set at load time).
+pub fn map_specs(object: &[u8], flow_capacity: u32) -> Result<Vec<MapSpec>, ObjectError> {
     let parsed = aya_obj::Object::parse(object)?;
     names::MAPS
         .iter()
@@ -50,7 +51,11 @@ pub fn map_specs(object: &[u8]) -> Result<Vec<MapSpec>, ObjectError> {
                 map_type: map.map_type(),
                 key_size: map.key_size(),
                 value_size: map.value_size(),
-                max_entries: map.max_entries(),
+                max_entries: if name == names::FLOWS {
+                    flow_capacity
+                } else {
+                    map.max_entries()
+                },
                 flags: map.map_flags(),
             })
         })
@@ -59,19 +64,22 @@ pub fn map_specs(object: &[u8]) -> Result<Vec<MapSpec>, ObjectError> {
 
 #[cfg(test)]
 mod tests {
-    use portshard_common::{BPF_F_MMAPABLE, Counters, MAX_SLOTS, ServiceMeta, SlotMeta, Table};
+    use portshard_common::{
+        BPF_F_MMAPABLE, Counters, Flow, MAX_SLOTS, ServiceMeta, SlotMeta, Table,
+    };
 
     use super::*;
 
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
     const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
     const BPF_MAP_TYPE_REUSEPORT_SOCKARRAY: u32 = 20;
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 
     /// The kernel side and the user side agree on every map, because both are built from
     /// `portshard-common`; this checks that the embedded object really was.
     #[test]
     fn embedded_object_matches_the_shared_layout() {
-        let specs = map_specs(OBJECT).unwrap();
+        let specs = map_specs(OBJECT, 1234).unwrap();
         let expected = [
             (
                 names::SOCKETS,
@@ -108,6 +116,13 @@ mod tests {
                 1,
                 0,
             ),
+            (
+                names::FLOWS,
+                BPF_MAP_TYPE_LRU_HASH,
+                size_of::<Flow>() as u32,
+                1234,
+                0,
+            ),
         ];
         assert_eq!(specs.len(), expected.len());
         for (spec, (name, map_type, value_size, max_entries, flags)) in specs.iter().zip(expected) {
@@ -133,7 +148,7 @@ mod tests {
 
     #[test]
     fn garbage_is_a_parse_error() {
-        let error = map_specs(b"not an elf").unwrap_err();
+        let error = map_specs(b"not an elf", 1).unwrap_err();
         assert!(
             error
                 .to_string()

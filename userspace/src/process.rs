@@ -369,6 +369,18 @@ pub fn reap(pidfd: BorrowedFd<'_>) -> io::Result<Option<Exit>> {
     }))
 }
 
+/// Whether the process behind `pidfd` has ended (its pidfd is readable), without waiting.
+pub fn has_exited(pidfd: BorrowedFd<'_>) -> bool {
+    let mut poll = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no waiting.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    ready > 0 && poll.revents & libc::POLLIN != 0
+}
+
 /// The start time of `pid` in clock ticks after boot (`/proc/<pid>/stat` field 22): with
 /// the pid, it names one process for the life of the machine.
 pub fn start_time(pid: u32) -> io::Result<u64> {
@@ -388,9 +400,81 @@ fn parse_start_time(stat: &str) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// How many established TCP connections with local port `port` the process `pid` holds:
+/// its socket descriptors (`/proc/<pid>/fd`) matched against its network namespace's
+/// connection tables (`/proc/<pid>/net/tcp` and `tcp6`).
+pub fn established_connections(pid: u32, port: u16) -> io::Result<usize> {
+    let mut inodes = std::collections::BTreeSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        // A descriptor closed while listing is simply not counted.
+        let Ok(target) = std::fs::read_link(fd?.path()) else {
+            continue;
+        };
+        if let Some(inode) = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:["))
+            .and_then(|t| t.strip_suffix(']'))
+            .and_then(|t| t.parse::<u64>().ok())
+        {
+            inodes.insert(inode);
+        }
+    }
+    let mut count = 0;
+    for table in ["tcp", "tcp6"] {
+        match std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
+            Ok(text) => {
+                count += established_inodes(&text, port)
+                    .filter(|inode| inodes.contains(inode))
+                    .count();
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(count)
+}
+
+/// The inodes of the established connections with local port `port` in a
+/// `/proc/net/tcp{,6}` table (`sl local_address rem_address st ... inode`, hex ports).
+fn established_inodes(table: &str, port: u16) -> impl Iterator<Item = u64> + '_ {
+    const ESTABLISHED: &str = "01";
+    table.lines().skip(1).filter_map(move |line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local_port = fields.get(1)?.rsplit_once(':')?.1;
+        let local_port = u16::from_str_radix(local_port, 16).ok()?;
+        (local_port == port && *fields.get(3)? == ESTABLISHED)
+            .then(|| fields.get(9)?.parse().ok())
+            .flatten()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn established_connections_are_read_from_the_tcp_table() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:14B4 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1 0 100 0 0 10 0
+   1: 0100007F:14B4 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 222 1 0 20 4 30 10 -1
+   2: 0100007F:C350 0100007F:14B4 01 00000000:00000000 00:00000000 00000000     0        0 333 1 0 20 4 30 10 -1
+   3: 0100007F:14B4 0100007F:C351 06 00000000:00000000 03:00000000 00000000     0        0 0 3 0
+";
+        assert_eq!(established_inodes(table, 5300).collect::<Vec<_>>(), [222]);
+        assert_eq!(established_inodes(table, 50000).collect::<Vec<_>>(), [333]);
+    }
+
+    #[test]
+    fn this_process_holds_its_connections() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _server = listener.accept().unwrap();
+        assert_eq!(
+            established_connections(std::process::id(), port).unwrap(),
+            1
+        );
+    }
 
     #[test]
     fn start_time_survives_odd_command_names() {

@@ -7,7 +7,7 @@ use std::{
 };
 
 use portshard_common::{
-    Counters, MAX_SLOTS, NO_SLOT, ServiceMeta, SlotCounters, SlotMeta, SlotState, TABLE_SIZE,
+    Counters, Flow, MAX_SLOTS, NO_SLOT, ServiceMeta, SlotCounters, SlotMeta, SlotState, TABLE_SIZE,
     TableEntry,
 };
 use serde::Serialize;
@@ -19,7 +19,7 @@ use crate::table::Slot;
 pub struct SlotReport {
     /// Slot number.
     pub slot: Slot,
-    /// `live`, `dead`, `draining` or `free`.
+    /// `live`, `dead`, `draining`, `starting` or `free`.
     pub state: &'static str,
     /// Process serving the slot's socket.
     pub pid: u32,
@@ -127,6 +127,157 @@ pub struct ServiceStatus {
     pub fell_through: u64,
     /// Slots that own entries or have a record.
     pub slots: Vec<SlotReport>,
+    /// The generations that have slots, oldest first.
+    pub generations: Vec<GenerationReport>,
+    /// The UDP flow table, if the service has one.
+    pub flow_table: Option<FlowTableReport>,
+}
+
+/// One generation of a service's workers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GenerationReport {
+    /// Its number: each reload starts the next one.
+    pub generation: u32,
+    /// `starting` (its workers are not switched to yet), `ready` (it takes new work),
+    /// `draining` (it keeps only what it has) or `exited`.
+    pub state: &'static str,
+    /// Its slots.
+    pub slots: Vec<Slot>,
+}
+
+/// The flow table's use: how often known flows were found, how many were new, and how many
+/// were dropped to make room.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FlowTableReport {
+    /// Flows it holds at most.
+    pub capacity: u32,
+    /// Flows it holds now.
+    pub flows: u64,
+    /// Datagrams of known flows delivered to their slot.
+    pub hits: u64,
+    /// Flows entered.
+    pub new: u64,
+    /// Datagrams of known flows whose slot's socket was gone (steered by the table again).
+    pub owner_gone: u64,
+    /// Flows dropped to make room for new ones (entered but no longer held).
+    pub evictions: u64,
+}
+
+impl FlowTableReport {
+    /// The flow table of `capacity` holding `flows` now, with the program's `counters`.
+    pub fn new(capacity: u32, flows: u64, counters: &Counters) -> Self {
+        Self {
+            capacity,
+            flows,
+            hits: counters.slots.iter().map(|s| s.flow_hits).sum(),
+            new: counters.flows_new,
+            owner_gone: counters.flows_owner_gone,
+            evictions: counters.flows_new.saturating_sub(flows),
+        }
+    }
+}
+
+/// The generations of `slots`, oldest first, each in the state of its most advanced slot.
+pub fn generations(slots: &[SlotReport]) -> Vec<GenerationReport> {
+    let mut by_generation: BTreeMap<u32, Vec<&SlotReport>> = BTreeMap::new();
+    for slot in slots.iter().filter(|s| s.state != "free") {
+        by_generation.entry(slot.generation).or_default().push(slot);
+    }
+    by_generation
+        .into_iter()
+        .map(|(generation, slots)| {
+            let any = |state: &str| slots.iter().any(|s| s.state == state);
+            let state = if any("starting") {
+                "starting"
+            } else if any("live") {
+                "ready"
+            } else if any("draining") {
+                "draining"
+            } else {
+                "exited"
+            };
+            GenerationReport {
+                generation,
+                state,
+                slots: slots.iter().map(|s| s.slot).collect(),
+            }
+        })
+        .collect()
+}
+
+/// One flow of the flow table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FlowLine {
+    /// The kernel's hash of the flow's 4-tuple (the table key).
+    pub hash: u32,
+    /// The slot it belongs to.
+    pub slot: Slot,
+    /// That slot's generation when the flow was placed.
+    pub generation: u32,
+    /// Milliseconds since its latest datagram.
+    pub idle_ms: u64,
+}
+
+/// The flows of one slot and generation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FlowGroup {
+    /// The slot.
+    pub slot: Slot,
+    /// The generation.
+    pub generation: u32,
+    /// How many flows.
+    pub flows: usize,
+    /// Milliseconds since the latest datagram of any of them.
+    pub least_idle_ms: u64,
+}
+
+/// What `portshard flows` prints: the flow table, flow by flow and per slot.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FlowReport {
+    /// Service name.
+    pub service: String,
+    /// Flows the table holds at most.
+    pub capacity: u32,
+    /// Per slot and generation, by slot.
+    pub by_slot: Vec<FlowGroup>,
+    /// Every flow, by hash.
+    pub flows: Vec<FlowLine>,
+}
+
+impl FlowReport {
+    /// Summarises `flows` (hash, flow) of a table of `capacity`, read at coarse monotonic
+    /// time `now_ns` (the program's clock).
+    pub fn new(service: &str, capacity: u32, flows: &[(u32, Flow)], now_ns: u64) -> Self {
+        let mut lines: Vec<FlowLine> = flows
+            .iter()
+            .map(|(hash, flow)| FlowLine {
+                hash: *hash,
+                slot: flow.slot,
+                generation: flow.generation,
+                idle_ms: now_ns.saturating_sub(flow.last_seen) / 1_000_000,
+            })
+            .collect();
+        lines.sort_by_key(|line| line.hash);
+        let mut groups: BTreeMap<(Slot, u32), FlowGroup> = BTreeMap::new();
+        for line in &lines {
+            let group = groups
+                .entry((line.slot, line.generation))
+                .or_insert(FlowGroup {
+                    slot: line.slot,
+                    generation: line.generation,
+                    flows: 0,
+                    least_idle_ms: u64::MAX,
+                });
+            group.flows += 1;
+            group.least_idle_ms = group.least_idle_ms.min(line.idle_ms);
+        }
+        Self {
+            service: service.to_owned(),
+            capacity,
+            by_slot: groups.into_values().collect(),
+            flows: lines,
+        }
+    }
 }
 
 /// Everything `portshard status --json` prints.
@@ -137,8 +288,13 @@ pub struct StatusReport {
 }
 
 impl ServiceStatus {
-    /// The status of a service recorded as `service`, whose table is `table`.
-    pub fn new(service: &ServiceMeta, table: TableReport) -> Self {
+    /// The status of a service recorded as `service`, whose table is `table`, with its
+    /// flow table's figures if it has one.
+    pub fn new(
+        service: &ServiceMeta,
+        table: TableReport,
+        flow_table: Option<FlowTableReport>,
+    ) -> Self {
         Self {
             name: table.service,
             proto: match service.proto {
@@ -154,7 +310,9 @@ impl ServiceStatus {
             },
             balance: table.balance,
             fell_through: table.fell_through,
+            generations: generations(&table.slots),
             slots: table.slots,
+            flow_table,
         }
     }
 }
@@ -176,8 +334,8 @@ pub fn listen_address(service: &ServiceMeta) -> SocketAddr {
 }
 
 /// The record of a service listening on `listen` with IP protocol `proto` in `mode`
-/// (0 balance, 1 handover).
-pub fn service_meta(listen: SocketAddr, proto: u8, mode: u32) -> ServiceMeta {
+/// (0 balance, 1 handover), with a flow table of `flow_table` flows (0: none).
+pub fn service_meta(listen: SocketAddr, proto: u8, mode: u32, flow_table: u32) -> ServiceMeta {
     let (addr, family) = match listen.ip() {
         IpAddr::V4(v4) => {
             let mut addr = [0; 16];
@@ -192,6 +350,8 @@ pub fn service_meta(listen: SocketAddr, proto: u8, mode: u32) -> ServiceMeta {
         family,
         proto,
         mode,
+        flow_table,
+        reserved: 0,
     }
 }
 
@@ -201,6 +361,7 @@ fn state_name(raw: u32) -> &'static str {
         Some(SlotState::Live) => "live",
         Some(SlotState::Dead) => "dead",
         Some(SlotState::Draining) => "draining",
+        Some(SlotState::Starting) => "starting",
         None => "unknown",
     }
 }
@@ -216,10 +377,13 @@ mod tests {
             "0.0.0.0:1",
         ] {
             let addr: SocketAddr = addr.parse().unwrap();
-            let meta = service_meta(addr, PROTO_TCP, 1);
+            let meta = service_meta(addr, PROTO_TCP, 1, 0);
             assert_eq!(listen_address(&meta), addr);
-            let status =
-                ServiceStatus::new(&meta, TableReport::new("web", &[], &[], &Counters::ZERO));
+            let status = ServiceStatus::new(
+                &meta,
+                TableReport::new("web", &[], &[], &Counters::ZERO),
+                None,
+            );
             assert_eq!((status.proto, status.mode), ("tcp", "handover"));
             assert_eq!(status.listen, addr.to_string());
         }
@@ -286,5 +450,74 @@ mod tests {
         assert_eq!(json["slots"][0]["state"], "live");
         assert_eq!(json["slots"][0]["entries"], 65_536);
         assert_eq!(json["slots"][0]["counters"]["failed_over"], 0);
+    }
+
+    #[test]
+    fn generations_take_the_state_of_their_most_advanced_slot() {
+        let table = Table::with_members([(0, 1), (2, 1)]).unwrap();
+        let mut metas = metas(&[(0, 1), (1, 1), (2, 1), (3, 1)]);
+        for (slot, generation, state) in [
+            (0, 1, SlotState::Draining),
+            (1, 1, SlotState::Dead),
+            (2, 2, SlotState::Live),
+            (3, 3, SlotState::Starting),
+        ] {
+            metas[slot].generation = generation;
+            metas[slot].state = state as u32;
+        }
+        metas.push(SlotMeta::FREE);
+        let report = TableReport::new("web", table.entries(), &metas, &Counters::ZERO);
+        let states: Vec<(u32, &str, Vec<Slot>)> = generations(&report.slots)
+            .into_iter()
+            .map(|g| (g.generation, g.state, g.slots))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                (1, "draining", vec![0, 1]),
+                (2, "ready", vec![2]),
+                (3, "starting", vec![3])
+            ]
+        );
+    }
+
+    #[test]
+    fn flow_table_figures_add_up() {
+        let mut counters = Counters::ZERO;
+        counters.slots[0].flow_hits = 5;
+        counters.slots[3].flow_hits = 7;
+        counters.flows_new = 100;
+        counters.flows_owner_gone = 2;
+        let report = FlowTableReport::new(64, 60, &counters);
+        assert_eq!(
+            (report.hits, report.new, report.owner_gone, report.evictions),
+            (12, 100, 2, 40)
+        );
+    }
+
+    #[test]
+    fn flows_are_grouped_by_slot_and_generation() {
+        let flow = |slot, generation, last_seen| Flow {
+            slot,
+            reserved: 0,
+            generation,
+            last_seen,
+        };
+        let flows = [
+            (9, flow(1, 2, 5_000_000_000)),
+            (3, flow(1, 2, 7_000_000_000)),
+            (5, flow(0, 1, 1_000_000_000)),
+        ];
+        let report = FlowReport::new("dns", 64, &flows, 8_000_000_000);
+        let groups: Vec<(Slot, u32, usize, u64)> = report
+            .by_slot
+            .iter()
+            .map(|g| (g.slot, g.generation, g.flows, g.least_idle_ms))
+            .collect();
+        assert_eq!(groups, [(0, 1, 1, 7000), (1, 2, 2, 1000)]);
+        assert_eq!(
+            report.flows.iter().map(|f| f.hash).collect::<Vec<_>>(),
+            [3, 5, 9]
+        );
     }
 }

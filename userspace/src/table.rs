@@ -236,6 +236,29 @@ impl Table {
         }))
     }
 
+    /// Puts `new` in `old`'s place with `old`'s weight: every entry `old` owns becomes
+    /// `new`'s and no other owner changes. A reload switches each slot of the old generation
+    /// to one of the new this way, so each flow moves at most once.
+    pub fn substitute(&mut self, old: Slot, new: Slot) -> Result<Delta, TableError> {
+        check_slot(new)?;
+        let weight = *self
+            .weights
+            .get(&old)
+            .ok_or(TableError::NotMember { slot: old })?;
+        if self.weights.contains_key(&new) {
+            return Err(TableError::AlreadyMember { slot: new });
+        }
+        Ok(self.apply(|table| {
+            table.weights.remove(&old);
+            table.weights.insert(new, weight);
+            for entry in &mut table.entries {
+                if entry.owner == old {
+                    entry.owner = new;
+                }
+            }
+        }))
+    }
+
     /// Changes `slot`'s weight, moving the fewest entries that bring every member back
     /// within one entry of its share.
     pub fn set_weight(&mut self, slot: Slot, weight: u32) -> Result<Delta, TableError> {

@@ -24,7 +24,7 @@ fn table_reads_the_pins_of_a_running_group() {
     let sockets: Vec<_> = (0..3)
         .map(|_| bind_reuseport(Proto::Tcp, loopback(true, 5300)).unwrap())
         .collect();
-    let mut group = Group::create(sandbox.pins(), "web").unwrap();
+    let mut group = Group::create(sandbox.pins(), "web", 0).unwrap();
     for (slot, socket) in sockets.iter().enumerate() {
         group
             .add(slot as u16 * 2, socket.as_fd(), 1, Holder::this_process())

@@ -54,9 +54,9 @@ proto = "tcp"
 listen = "[::1]:8080"
 workers = 256
 command = ["srv"]
-mode = "balance"
+mode = "handover"
 weight = 3
-sticky = false
+sticky = true
 drain_idle = "5s"
 drain_timeout = "2m"
 flow_table = 1024
@@ -65,14 +65,15 @@ restart_delay_max = "2s"
 restart_limit = 3
 restart_window = "10s"
 stop_timeout = "1s"
+ready_delay = "250ms"
 "#;
     let web = parse(text).unwrap().services.remove(0);
     assert_eq!(web.listen, "[::1]:8080".parse().unwrap());
     assert_eq!(
         (web.proto, web.mode, web.workers, web.weight),
-        (Proto::Tcp, Mode::Balance, 256, 3)
+        (Proto::Tcp, Mode::Handover, 256, 3)
     );
-    assert!(!web.sticky);
+    assert!(web.sticky);
     assert_eq!(web.drain_idle, Duration::from_secs(5));
     assert_eq!(web.drain_timeout, Duration::from_secs(120));
     assert_eq!(web.flow_table, 1024);
@@ -86,22 +87,21 @@ stop_timeout = "1s"
         }
     );
     assert_eq!(web.stop_timeout, Duration::from_secs(1));
+    assert_eq!(web.ready_delay, Duration::from_millis(250));
 }
 
 #[test]
-fn handover_and_sticky_are_refused_until_this_release_has_them() {
-    let text = "[[service]]\nname = \"web\"\nproto = \"udp\"\nlisten = \"127.0.0.1:1\"\nworkers = 1\ncommand = [\"srv\"]\nmode = \"handover\"\nsticky = true\n";
-    let error = parse(text).unwrap_err().to_string();
-    assert!(
-        error.contains(&format!("{FILE}:7:8: service \"web\" field `mode`: \"handover\" is not available in this release")),
-        "{error}"
-    );
-    assert!(
-        error.contains(&format!(
-            "{FILE}:8:10: service \"web\" field `sticky`: true is not available in this release"
-        )),
-        "{error}"
-    );
+fn only_udp_services_in_handover_mode_or_sticky_have_a_flow_table() {
+    let service = |proto: &str, extra: &str| {
+        let text = format!(
+            "[[service]]\nname = \"s\"\nproto = \"{proto}\"\nlisten = \"127.0.0.1:1\"\nworkers = 1\ncommand = [\"srv\"]\nflow_table = 99\n{extra}"
+        );
+        parse(&text).unwrap().services.remove(0)
+    };
+    assert_eq!(service("udp", "mode = \"handover\"").flow_capacity(), 99);
+    assert_eq!(service("udp", "sticky = true").flow_capacity(), 99);
+    assert_eq!(service("udp", "").flow_capacity(), 0);
+    assert_eq!(service("tcp", "mode = \"handover\"").flow_capacity(), 0);
 }
 
 #[test]

@@ -208,6 +208,8 @@ enum Op {
     Rejoin(usize),
     Add(usize, u32),
     Weight(usize, u32),
+    /// A member is replaced by a slot not in the table (a reload's switch).
+    Substitute(usize, usize),
 }
 
 fn op(weighted: bool) -> impl Strategy<Value = Op> {
@@ -217,6 +219,7 @@ fn op(weighted: bool) -> impl Strategy<Value = Op> {
         any::<usize>().prop_map(Op::Rejoin),
         (any::<usize>(), weight.clone()).prop_map(|(i, w)| Op::Add(i, w)),
         (any::<usize>(), weight).prop_map(|(i, w)| Op::Weight(i, w)),
+        (any::<usize>(), any::<usize>()).prop_map(|(i, j)| Op::Substitute(i, j)),
     ]
 }
 
@@ -332,6 +335,23 @@ fn apply_and_check(table: &mut Table, op: &Op, weighted: bool) -> Result<(), Tes
                 minimal_moves(&before, table),
                 "not the fewest moves"
             );
+        }
+        Op::Substitute(pick, new_pick) => {
+            if members.is_empty() {
+                return Ok(());
+            }
+            let old = members[pick % members.len()];
+            let free: Vec<Slot> = (0..MAX_SLOTS as Slot)
+                .filter(|s| !members.contains(s))
+                .collect();
+            let new = free[new_pick % free.len()];
+            let delta = table.substitute(old, new).unwrap();
+            for (was, is) in before.entries().iter().zip(table.entries()) {
+                let expected = if was.owner == old { new } else { was.owner };
+                prop_assert_eq!(is.owner, expected, "an entry went elsewhere");
+            }
+            prop_assert_eq!(delta.moved, owned(&before, old));
+            prop_assert_eq!(table.members().get(&new), before.members().get(&old));
         }
     }
     prop_assert_eq!(table.validate(), Ok(()), "after {:?}", op);
