@@ -230,6 +230,24 @@ impl DaemonRun {
             .map_err(|e| context(e, "waiting for the daemon".into()))?)
     }
 
+    /// Replaces the config file (for `portshard reload` and SIGHUP to read).
+    pub fn set_config(&self, config: &str) -> Result<()> {
+        let path = self.config.as_ref().ok_or_else(|| {
+            MeasureError::Traffic("the daemon runs the built-in default, not a file".into())
+        })?;
+        std::fs::write(path, config)
+            .map_err(|e| context(e, format!("writing {}", path.display())).into())
+    }
+
+    /// Sends SIGHUP to the daemon: it reads its config file again.
+    pub fn hangup(&self) -> Result<()> {
+        let child = self
+            .child
+            .as_ref()
+            .ok_or_else(|| MeasureError::Traffic("the daemon is not running".into()))?;
+        signal(child.id(), libc::SIGHUP)
+    }
+
     /// The pin root.
     pub fn pins(&self) -> &Path {
         &self.pins

@@ -9,7 +9,7 @@ use portshard::{
     group::{Group, GroupError, Holder},
     socket::{Proto, bind_reuseport},
 };
-use portshard_common::{SlotMeta, SlotState, TableEntry, names};
+use portshard_common::{SlotMeta, SlotState, Table, TableEntry, names};
 use portshard_harness::{
     flows::loopback,
     scenario::{SERVICE_PORT, Sandbox},
@@ -80,7 +80,10 @@ fn a_pin_with_another_layout_is_refused_by_path() {
         "names the pin: {message}"
     );
     assert!(
-        message.contains("has value size 8, but this build expects 262144"),
+        message.contains(&format!(
+            "has value size 8, but this build expects {}",
+            size_of::<Table>()
+        )),
         "names what differs: {message}"
     );
     assert!(

@@ -603,6 +603,15 @@ impl Daemon {
         Ok(())
     }
 
+    /// Sends `event` to this task after `delay`.
+    fn after(&self, delay: Duration, event: Event) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = events.send(event);
+        });
+    }
+
     /// Sends [`Event::Exited`] when `worker` ends.
     fn watch(&self, service: usize, slot: Slot, worker: &Worker) {
         let events = self.events.clone();
@@ -732,14 +741,13 @@ impl Daemon {
             delay
         };
         running.slots.insert(slot, SlotRun::Waiting);
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = events.send(Event::RestartDue {
+        self.after(
+            delay,
+            Event::RestartDue {
                 service: index,
                 slot,
-            });
-        });
+            },
+        );
     }
 
     /// A restart delay is over: start the slot's replacement worker.

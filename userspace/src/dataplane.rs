@@ -329,10 +329,7 @@ impl Dataplane {
         let metas = (0..MAX_SLOTS as Slot)
             .map(|slot| self.meta(slot))
             .collect::<Result<Vec<_>>>()?;
-        let name = self
-            .dir
-            .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let name = self.name();
         Ok(TableReport::new(
             &name,
             &self.read_entries(),
@@ -361,6 +358,13 @@ impl Dataplane {
                 path: self.dir.join(names::SERVICE),
                 source: Box::new(source),
             })
+    }
+
+    /// The service's name: its pin directory's.
+    pub fn name(&self) -> String {
+        self.dir
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
     }
 
     /// The service's pin directory.
@@ -491,10 +495,7 @@ impl Dataplane {
 
     /// Everything `portshard flows` shows about this service, read from the pins.
     pub fn flow_report(&self) -> Result<FlowReport> {
-        let name = self
-            .dir
-            .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let name = self.name();
         Ok(FlowReport::new(
             &name,
             self.flow_capacity,

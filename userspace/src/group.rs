@@ -197,22 +197,7 @@ impl Group {
         let delta = next
             .rejoin(slot, weight, &self.wanted_back(slot))
             .map_err(|source| self.table_error(source))?;
-        let cookie = socket::cookie(socket).map_err(|source| GroupError::Cookie {
-            fd: socket.as_raw_fd(),
-            slot,
-            source,
-        })?;
-        self.dataplane.attach(socket)?;
-        let meta = SlotMeta {
-            cookie,
-            pid: holder.pid,
-            state: SlotState::Live as u32,
-            generation: holder.generation,
-            weight,
-            restarts: holder.restarts,
-            started: holder.started,
-        };
-        self.dataplane.place(slot, socket, meta)?;
+        self.seat(slot, socket, weight, holder, SlotState::Live)?;
         self.commit(next, delta)
     }
 
@@ -268,6 +253,18 @@ impl Group {
         weight: u32,
         holder: Holder,
     ) -> Result<(), GroupError> {
+        self.seat(slot, socket, weight, holder, SlotState::Starting)
+    }
+
+    /// Attaches the program to `socket`'s group, puts the socket in `slot` and records it.
+    fn seat(
+        &mut self,
+        slot: Slot,
+        socket: BorrowedFd<'_>,
+        weight: u32,
+        holder: Holder,
+        state: SlotState,
+    ) -> Result<(), GroupError> {
         let cookie = socket::cookie(socket).map_err(|source| GroupError::Cookie {
             fd: socket.as_raw_fd(),
             slot,
@@ -277,7 +274,7 @@ impl Group {
         let meta = SlotMeta {
             cookie,
             pid: holder.pid,
-            state: SlotState::Starting as u32,
+            state: state as u32,
             generation: holder.generation,
             weight,
             restarts: holder.restarts,

@@ -198,14 +198,13 @@ impl Daemon {
                 humantime::format_duration(ready_delay)
             ));
         }
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(ready_delay).await;
-            let _ = events.send(Event::ReloadReady {
+        self.after(
+            ready_delay,
+            Event::ReloadReady {
                 service: index,
                 generation,
-            });
-        });
+            },
+        );
         Ok(())
     }
 
@@ -433,15 +432,15 @@ impl Daemon {
         if let Err(error) = process::signal(worker.pidfd.as_fd(), libc::SIGTERM) {
             warn!(service = %running.spec.name, slot, pid = worker.pid, %error, "cannot send SIGTERM");
         }
-        let (events, pid, timeout) = (self.events.clone(), worker.pid, running.spec.stop_timeout);
-        tokio::spawn(async move {
-            tokio::time::sleep(timeout).await;
-            let _ = events.send(Event::StopOverdue {
+        let (pid, timeout) = (worker.pid, running.spec.stop_timeout);
+        self.after(
+            timeout,
+            Event::StopOverdue {
                 service: index,
                 slot,
                 pid,
-            });
-        });
+            },
+        );
     }
 
     /// A worker sent SIGTERM had its stop timeout: SIGKILL it if it still runs.

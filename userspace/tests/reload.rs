@@ -1,0 +1,460 @@
+//! Zero-downtime upgrades for real: `portshard reload` and SIGHUP start a new generation of
+//! socket-activated Python workers under load, in a fresh network namespace per test, while
+//! clients check who answers every flow and connection, that nothing is reset or lost, and
+//! that the old generation drains and exits.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    process::{Command, Output},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use portshard::{report::ServiceStatus, socket::Proto, table::Slot};
+use portshard_harness::{
+    daemon::{Answer, DaemonRun, UdpFlows, echo, tcp_greeting, workers},
+    flows::{Flows, Listener, bind_listeners, moved},
+    scenario::Sandbox,
+};
+
+const EXE: &str = env!("CARGO_BIN_EXE_portshard");
+const WORKER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workers/echo.py");
+const PORT: u16 = 5300;
+const READY: Duration = Duration::from_secs(20);
+const DRAIN_IDLE: Duration = Duration::from_secs(1);
+
+fn target() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], PORT))
+}
+
+/// One service of the Python worker with `extra` config lines.
+fn config(name: &str, proto: &str, workers: usize, extra: &str) -> String {
+    format!(
+        "[[service]]\nname = \"{name}\"\nproto = \"{proto}\"\nlisten = \"127.0.0.1:{PORT}\"\nworkers = {workers}\ncommand = [\"python3\", \"{WORKER}\"]\nrestart_delay = \"100ms\"\nstop_timeout = \"2s\"\nready_delay = \"300ms\"\ndrain_idle = \"{}ms\"\n{extra}\n",
+        DRAIN_IDLE.as_millis()
+    )
+}
+
+fn sandbox() -> Sandbox {
+    Sandbox::enter().unwrap_or_else(|e| panic!("kernel test sandbox (needs root and BPF): {e}"))
+}
+
+/// The daemon serving one service (see [`config`]), once its workers are up.
+fn start(sandbox: &Sandbox, name: &str, proto: &str, workers: usize, extra: &str) -> DaemonRun {
+    let config = config(name, proto, workers, extra);
+    let mut daemon = DaemonRun::start(Path::new(EXE), &config, sandbox.pins()).unwrap();
+    daemon.wait_ready(&[(name, workers)], READY).unwrap();
+    daemon
+}
+
+fn reload(daemon: &DaemonRun, service: &str) -> Output {
+    Command::new(EXE)
+        .args(["reload", service, "--control"])
+        .arg(daemon.control())
+        .output()
+        .unwrap()
+}
+
+fn live_pids(daemon: &DaemonRun, service: &str) -> BTreeMap<Slot, u32> {
+    workers(&daemon.status().unwrap())
+        .remove(service)
+        .unwrap_or_default()
+}
+
+fn status_of(daemon: &DaemonRun, service: &str) -> ServiceStatus {
+    daemon
+        .status()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == service)
+        .unwrap()
+}
+
+/// Each generation of `service` and its state, oldest first.
+fn generations(daemon: &DaemonRun, service: &str) -> Vec<(u32, &'static str)> {
+    status_of(daemon, service)
+        .generations
+        .iter()
+        .map(|g| (g.generation, g.state))
+        .collect()
+}
+
+fn running(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Waits until none of `pids` runs; returns how long that took.
+fn wait_exited(pids: &BTreeSet<u32>, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    while pids.iter().any(|&pid| running(pid)) {
+        assert!(
+            start.elapsed() < timeout,
+            "old workers {:?} still run after {timeout:?}",
+            pids.iter().filter(|&&p| running(p)).collect::<Vec<_>>()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    start.elapsed()
+}
+
+/// What the TCP clients saw: (when the connection was opened, who answered), and failures.
+#[derive(Default)]
+struct TcpLoad {
+    answers: Vec<(Instant, u32)>,
+    failures: Vec<String>,
+}
+
+#[test]
+fn tcp_handover_under_load_resets_nothing_and_sends_new_connections_to_the_new_generation() {
+    let sandbox = sandbox();
+    let daemon = start(&sandbox, "web", "tcp", 4, "mode = \"handover\"");
+    let old: BTreeSet<u32> = live_pids(&daemon, "web").into_values().collect();
+    let mut held: Vec<(TcpStream, Answer)> = (0..16)
+        .map(|_| tcp_greeting(target(), Duration::from_secs(2)).unwrap())
+        .collect();
+
+    let load = Arc::new(Mutex::new(TcpLoad::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..3)
+        .map(|client| {
+            let (load, stop) = (load.clone(), stop.clone());
+            thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let opened = Instant::now();
+                    let outcome = tcp_greeting(target(), Duration::from_secs(2)).and_then(
+                        |(mut stream, answer)| {
+                            echo(
+                                &mut stream,
+                                &format!("c{client} {n}\n"),
+                                Duration::from_secs(2),
+                            )
+                            .map(|()| answer)
+                        },
+                    );
+                    let mut load = load.lock().unwrap();
+                    match outcome {
+                        Ok(answer) => load.answers.push((opened, answer.pid)),
+                        Err(e) => load.failures.push(format!("connection {n}: {e}")),
+                    }
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    let asked = Instant::now();
+    let reloaded = reload(&daemon, "web");
+    let switched = Instant::now();
+    let stdout = String::from_utf8_lossy(&reloaded.stdout).into_owned();
+    assert!(
+        reloaded.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&reloaded.stderr)
+    );
+    thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    clients.into_iter().for_each(|c| c.join().unwrap());
+
+    let new: BTreeSet<u32> = live_pids(&daemon, "web").into_values().collect();
+    assert_eq!(new.len(), 4);
+    assert!(new.is_disjoint(&old), "no new generation: {new:?}");
+    assert_eq!(generations(&daemon, "web"), [(1, "draining"), (2, "ready")]);
+    // Held connections keep working on their old workers, which wait for them.
+    for (i, (stream, answer)) in held.iter_mut().enumerate() {
+        assert!(old.contains(&answer.pid));
+        echo(stream, &format!("held {i}\n"), Duration::from_secs(2)).unwrap();
+    }
+    assert!(
+        old.iter().all(|&pid| running(pid)),
+        "an old worker left early"
+    );
+    drop(held);
+    let drained = wait_exited(&old, DRAIN_IDLE * 5 + Duration::from_secs(5));
+
+    let load = load.lock().unwrap();
+    let after: Vec<u32> = load
+        .answers
+        .iter()
+        .filter(|(opened, _)| *opened > switched)
+        .map(|&(_, pid)| pid)
+        .collect();
+    let stray: Vec<u32> = after
+        .iter()
+        .copied()
+        .filter(|pid| !new.contains(pid))
+        .collect();
+    eprintln!(
+        "tcp handover: {} connections under load ({} opened after the switch), {} failed; reload took {:?}; old workers exited {drained:?} after their last held connection closed; reload said: {stdout}",
+        load.answers.len() + load.failures.len(),
+        after.len(),
+        load.failures.len(),
+        switched - asked
+    );
+    assert!(load.failures.is_empty(), "{:?}", load.failures);
+    assert!(!after.is_empty());
+    assert!(
+        stray.is_empty(),
+        "connections after the switch on old pids {stray:?}"
+    );
+    assert!(
+        status_of(&daemon, "web")
+            .slots
+            .iter()
+            .all(|s| s.generation == 2)
+    );
+}
+
+/// One UDP round on `flows`: (answers equal to `expected`, other answers, lost).
+fn round_against(flows: &mut UdpFlows, expected: &[Answer]) -> (usize, usize, usize) {
+    let answers = flows.round(Duration::from_secs(2)).unwrap();
+    let same = answers
+        .iter()
+        .zip(expected)
+        .filter(|(a, e)| **a == Some(**e))
+        .count();
+    let lost = answers.iter().filter(|a| a.is_none()).count();
+    (same, answers.len() - same - lost, lost)
+}
+
+#[test]
+fn udp_handover_keeps_live_flows_on_their_generation_and_sends_new_ones_to_the_new() {
+    let sandbox = sandbox();
+    let daemon = start(&sandbox, "dns", "udp", 4, "mode = \"handover\"");
+    let old: BTreeSet<u32> = live_pids(&daemon, "dns").into_values().collect();
+    let mut live = UdpFlows::new(target(), 4096).unwrap();
+    let base = live.settle(READY).unwrap();
+
+    // Reload while the live flows keep sending.
+    let child = Command::new(EXE)
+        .args(["reload", "dns", "--control"])
+        .arg(daemon.control())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut rounds = vec![round_against(&mut live, &base)];
+    let reloaded = child.wait_with_output().unwrap();
+    assert!(
+        reloaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reloaded.stderr)
+    );
+    for _ in 0..3 {
+        rounds.push(round_against(&mut live, &base));
+    }
+    let new: BTreeSet<u32> = live_pids(&daemon, "dns").into_values().collect();
+    assert!(new.is_disjoint(&old));
+    let mut fresh = UdpFlows::new(target(), 1024).unwrap();
+    let fresh_answers = fresh.settle(READY).unwrap();
+    let fresh_on_new = fresh_answers
+        .iter()
+        .filter(|a| new.contains(&a.pid))
+        .count();
+    rounds.push(round_against(&mut live, &base));
+    let table = status_of(&daemon, "dns").flow_table.unwrap();
+    // `portshard flows` lists each flow with the slot and generation that answered it.
+    let listed = Command::new(EXE)
+        .args(["flows", "dns", "--json", "--bpffs"])
+        .arg(daemon.pins())
+        .output()
+        .unwrap();
+    assert!(listed.status.success());
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let per_generation = |generation: u64| -> u64 {
+        listed["by_slot"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|g| g["generation"] == generation)
+            .map(|g| g["flows"].as_u64().unwrap())
+            .sum()
+    };
+
+    // The live flows go quiet: the old generation idles out and exits.
+    let quiet = Instant::now();
+    let drained = wait_exited(&old, DRAIN_IDLE * 5 + Duration::from_secs(5));
+    let after_exit = live.round(Duration::from_secs(2)).unwrap();
+    let moved_to_new = after_exit
+        .iter()
+        .filter(|a| a.is_some_and(|a| new.contains(&a.pid)))
+        .count();
+    let owner_gone = status_of(&daemon, "dns").flow_table.unwrap().owner_gone;
+
+    // Plain SO_REUSEPORT on the same kind of reload: new sockets join, then the old close.
+    let (kernel_joined, kernel_closed) = plain_reuseport_reload();
+    eprintln!(
+        "udp handover: {} live flows, rounds (same worker, other worker, lost) {rounds:?}; {fresh_on_new}/{} new flows on generation 2; flow table {table:?}; old generation exited {:?} after the flows went quiet (drain_idle {DRAIN_IDLE:?}); then {moved_to_new} live flows on generation 2, owner_gone {owner_gone}; plain SO_REUSEPORT: {kernel_joined} of 4096 live flows moved when the new sockets joined, {kernel_closed} when the old closed",
+        live.len(),
+        fresh.len(),
+        drained.max(quiet.elapsed()),
+    );
+    for (same, other, lost) in &rounds {
+        assert_eq!((*same, *other, *lost), (live.len(), 0, 0));
+    }
+    assert_eq!(
+        fresh_on_new,
+        fresh.len(),
+        "new flows went to the old generation"
+    );
+    assert_eq!(moved_to_new, live.len());
+    // Each flow entered the table once; its later datagrams were hits.
+    assert_eq!(table.new, (live.len() + fresh.len()) as u64);
+    assert!(table.hits >= (rounds.len() * live.len()) as u64);
+    assert_eq!(owner_gone, live.len() as u64);
+    assert_eq!(
+        (per_generation(1), per_generation(2)),
+        (live.len() as u64, fresh.len() as u64)
+    );
+}
+
+/// Plain `SO_REUSEPORT`: 4 UDP sockets and 4096 flows; 4 new sockets join (a new
+/// generation), then the 4 old ones close. Returns the flows moved by each step.
+fn plain_reuseport_reload() -> (usize, usize) {
+    let plain = SocketAddr::from(([127, 0, 0, 1], PORT + 1));
+    let flows = Flows::new(Proto::Udp, plain, 4096);
+    let mut listeners = bind_listeners(Proto::Udp, plain, 4).unwrap();
+    let before = flows.round(&listeners).unwrap();
+    for _ in 0..4 {
+        listeners.push(Some(Listener::bind(Proto::Udp, plain).unwrap()));
+    }
+    let joined = flows.round(&listeners).unwrap();
+    for old in &mut listeners[..4] {
+        *old = None;
+    }
+    let closed = flows.round(&listeners).unwrap();
+    (moved(&before, &joined), moved(&joined, &closed))
+}
+
+#[test]
+fn sticky_balance_adding_a_worker_moves_no_live_flow() {
+    let sandbox = sandbox();
+    let mut daemon = start(&sandbox, "dns", "udp", 4, "sticky = true");
+    let mut live = UdpFlows::new(target(), 4096).unwrap();
+    let base = live.settle(READY).unwrap();
+    daemon
+        .set_config(&config("dns", "udp", 5, "sticky = true"))
+        .unwrap();
+    daemon.hangup().unwrap();
+    let pids = daemon.wait_ready(&[("dns", 5)], READY).unwrap();
+    let newcomer = pids[0]
+        .slots
+        .iter()
+        .find(|s| s.slot == 4)
+        .expect("a fifth slot")
+        .pid;
+    let after = round_against(&mut live, &base);
+    let mut fresh = UdpFlows::new(target(), 2048).unwrap();
+    let on_newcomer = fresh
+        .settle(READY)
+        .unwrap()
+        .iter()
+        .filter(|a| a.pid == newcomer)
+        .count();
+    eprintln!(
+        "sticky balance: a fifth worker joined 4; live flows (same, other, lost) {after:?}; {on_newcomer}/{} new flows on the newcomer (table share 0.2)",
+        fresh.len()
+    );
+    assert_eq!(after, (live.len(), 0, 0));
+    let share = on_newcomer as f64 / fresh.len() as f64;
+    assert!((0.15..0.25).contains(&share), "newcomer share {share}");
+}
+
+#[test]
+fn a_failing_generation_is_rolled_back_and_a_balance_reload_moves_each_flow_once() {
+    let sandbox = sandbox();
+    let good = config("dns", "udp", 3, "");
+    let daemon = start(&sandbox, "dns", "udp", 3, "");
+    let before = live_pids(&daemon, "dns");
+    let mut live = UdpFlows::new(target(), 2048).unwrap();
+    let base = live.settle(READY).unwrap();
+
+    let failing = good.replace(
+        &format!("command = [\"python3\", \"{WORKER}\"]"),
+        "command = [\"python3\", \"-c\", \"import sys; sys.exit(3)\"]",
+    );
+    daemon.set_config(&failing).unwrap();
+    let refused = reload(&daemon, "dns");
+    let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("generation 2 rolled back") && stderr.contains("exit code 3"),
+        "{stderr}"
+    );
+    assert_eq!(
+        live_pids(&daemon, "dns"),
+        before,
+        "the old generation changed"
+    );
+    let status = status_of(&daemon, "dns");
+    assert!(
+        status
+            .slots
+            .iter()
+            .all(|s| s.generation == 1 && s.state == "live")
+    );
+    assert_eq!(round_against(&mut live, &base), (live.len(), 0, 0));
+
+    // Fixed: the reload goes through; in balance mode (no flow table) each old slot's
+    // flows move, all of them to one new slot.
+    daemon.set_config(&good).unwrap();
+    let done = reload(&daemon, "dns");
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let after = live.round(Duration::from_secs(2)).unwrap();
+    let mut successor: BTreeMap<Slot, BTreeSet<Slot>> = BTreeMap::new();
+    for (flow, answer) in after.iter().enumerate() {
+        let answer = answer.unwrap_or_else(|| panic!("flow {flow} lost in the reload"));
+        successor
+            .entry(base[flow].slot)
+            .or_default()
+            .insert(answer.slot);
+    }
+    eprintln!(
+        "rollback: reload exited {:?} with {stderr}; balance reload: old slot -> new slots {successor:?}",
+        refused.status.code()
+    );
+    let targets: BTreeSet<Slot> = successor.values().flatten().copied().collect();
+    assert!(successor.values().all(|s| s.len() == 1), "{successor:?}");
+    assert_eq!(targets.len(), before.len(), "{successor:?}");
+    assert!(targets.is_disjoint(&before.keys().copied().collect()));
+}
+
+#[test]
+fn a_restarted_daemon_goes_on_draining_the_old_generation() {
+    let sandbox = sandbox();
+    let mut daemon = start(&sandbox, "web", "tcp", 2, "mode = \"handover\"");
+    let old: BTreeSet<u32> = live_pids(&daemon, "web").into_values().collect();
+    let (mut held, answer) = tcp_greeting(target(), Duration::from_secs(2)).unwrap();
+    assert!(reload(&daemon, "web").status.success());
+    let new = live_pids(&daemon, "web");
+    daemon.kill9().unwrap();
+    daemon.spawn().unwrap();
+    daemon.wait_ready(&[("web", 2)], READY).unwrap();
+    assert_eq!(live_pids(&daemon, "web"), new, "the new generation changed");
+    assert_eq!(generations(&daemon, "web"), [(1, "draining"), (2, "ready")]);
+    // The old worker holding the connection is still there for it.
+    echo(&mut held, "still here\n", Duration::from_secs(2)).unwrap();
+    assert!(running(answer.pid));
+    drop(held);
+    let drained = wait_exited(&old, DRAIN_IDLE * 5 + Duration::from_secs(5));
+    let (_, fresh) = tcp_greeting(target(), Duration::from_secs(2)).unwrap();
+    assert!(new.values().any(|&pid| pid == fresh.pid));
+    eprintln!(
+        "restart mid-drain: old generation exited {drained:?} after its last connection closed"
+    );
+    assert!(
+        daemon
+            .log_text()
+            .contains("adopted an old generation's worker")
+    );
+}
