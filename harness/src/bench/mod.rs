@@ -91,12 +91,12 @@ impl Budget {
     pub const FULL: Self = Self {
         close_one_flows: None,
         balance_flows: 100_000,
-        overhead_rounds: 7,
-        udp_datagrams: 100_000,
-        tcp_connections: 4_000,
-        prog_rounds: 5,
-        prog_runs: 50_000,
-        failovers: 7,
+        overhead_rounds: 11,
+        udp_datagrams: 200_000,
+        tcp_connections: 8_000,
+        prog_rounds: 7,
+        prog_runs: 100_000,
+        failovers: 15,
         rebuild_repetitions: 25,
     };
 

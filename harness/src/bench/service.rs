@@ -60,7 +60,8 @@ fn live(daemon: &DaemonRun, service: &str) -> Result<Vec<(Slot, u32)>> {
 
 /// `failover_us`: the time from a worker's `SIGKILL` to the first answer from its heir on
 /// one of its flows, which is probed every [`PROBE_EVERY`]; median over `failovers` kills
-/// of different workers (each replaced by the daemon before the next).
+/// of different workers (each replaced by the daemon, and the replacement answering, before
+/// the next). `exit_us` is when the killed worker had ended (its pidfd readable).
 pub fn failover(exe: &Path, pins: &Path, budget: &Budget) -> Result<Figure> {
     let name = "failover";
     let config = service(exe, name, "udp", FAILOVER_PORT, FAILOVER_WORKERS);
@@ -81,7 +82,9 @@ pub fn failover(exe: &Path, pins: &Path, budget: &Budget) -> Result<Figure> {
         let (answered, exited) = first_other_answer(&flow, &identity, pidfd.as_fd(), started)?;
         failovers.push(answered.as_secs_f64() * 1e6);
         exits.push(exited.as_secs_f64() * 1e6);
-        wait_replaced(&daemon, name, slot, pid)?;
+        // The next kill's heir may be this slot: wait until its new worker answers.
+        let replacement = wait_replaced(&daemon, name, slot, pid)?;
+        flow_of(target, &format!("{slot} {replacement} "))?;
     }
     let summary = |values: &[f64]| {
         Summary::of(values)
@@ -175,15 +178,15 @@ fn readable(fd: BorrowedFd<'_>) -> io::Result<bool> {
     }
 }
 
-/// Waits until `slot` has a live worker other than `pid`.
-fn wait_replaced(daemon: &DaemonRun, service: &str, slot: Slot, pid: u32) -> Result<()> {
+/// Waits until `slot` has a live worker other than `pid`, and returns its pid.
+fn wait_replaced(daemon: &DaemonRun, service: &str, slot: Slot, pid: u32) -> Result<u32> {
     let deadline = Instant::now() + ROUND_LIMIT;
     while Instant::now() < deadline {
-        if live(daemon, service)?
+        if let Some(&(_, replacement)) = live(daemon, service)?
             .iter()
-            .any(|&(s, p)| s == slot && p != pid)
+            .find(|&&(s, p)| s == slot && p != pid)
         {
-            return Ok(());
+            return Ok(replacement);
         }
         thread::sleep(Duration::from_millis(5));
     }
