@@ -99,17 +99,22 @@ fn setup() -> Result<()> {
 
 fn build_ebpf() -> Result<PathBuf> {
     setup()?;
-    let root = root();
-    let object = toolchain::build_object(
-        &root.join("ebpf"),
-        &root.join("target/ebpf"),
-        toolchain::OBJECT_NAME,
-    )?;
+    let object = ebpf_object(toolchain::OBJECT_NAME)?;
     let size = std::fs::metadata(&object)
         .with_context(|| format!("reading {}", object.display()))?
         .len();
     println!("build-ebpf: {} ({size} bytes)", object.display());
     Ok(object)
+}
+
+/// Compiles the eBPF crate (every object it has) and returns the path of object `name`.
+fn ebpf_object(name: &str) -> Result<PathBuf> {
+    let root = root();
+    Ok(toolchain::build_object(
+        &root.join("ebpf"),
+        &root.join("target/ebpf"),
+        name,
+    )?)
 }
 
 fn test(args: &[String]) -> Result<()> {
@@ -225,13 +230,9 @@ fn build_portshard() -> Result<()> {
 
 fn bench(quick: bool) -> Result<()> {
     build_ebpf()?;
-    let root = root();
-    let reference = toolchain::build_object(
-        &root.join("ebpf"),
-        &root.join("target/ebpf"),
-        toolchain::REFERENCE_OBJECT_NAME,
-    )?;
+    let reference = ebpf_object(toolchain::REFERENCE_OBJECT_NAME)?;
     build_portshard()?;
+    let root = root();
     let mut bench = cargo_command(&[
         "run",
         "--release",
