@@ -65,9 +65,10 @@ pub type Result<T, E = BenchError> = std::result::Result<T, E>;
 /// (under 1 minute) with fewer flows, rounds and repetitions.
 #[derive(Debug, Clone, Copy)]
 pub struct Budget {
-    /// Flows per close-one case; `None` for the count that resolves the joining share to
-    /// one percentage point (see [`crate::scenario::CloseOne::new`]).
-    pub close_one_flows: Option<usize>,
+    /// Flows per `survivor_moved` case; `None` for [`crate::scenario::CloseOne::new`]'s
+    /// count. (`add_moved` always uses that count, which resolves the joining share to one
+    /// percentage point.)
+    pub survivor_flows: Option<usize>,
     /// UDP flows over which balance is observed.
     pub balance_flows: usize,
     /// Rounds of each overhead measurement, with and without the program.
@@ -89,7 +90,7 @@ pub struct Budget {
 impl Budget {
     /// The full run.
     pub const FULL: Self = Self {
-        close_one_flows: None,
+        survivor_flows: None,
         balance_flows: 100_000,
         overhead_rounds: 11,
         udp_datagrams: 200_000,
@@ -102,11 +103,11 @@ impl Budget {
 
     /// The quick run.
     pub const QUICK: Self = Self {
-        close_one_flows: Some(4096),
+        survivor_flows: Some(4096),
         balance_flows: 20_000,
         overhead_rounds: 5,
-        udp_datagrams: 20_000,
-        tcp_connections: 1_000,
+        udp_datagrams: 50_000,
+        tcp_connections: 2_000,
         prog_rounds: 3,
         prog_runs: 10_000,
         failovers: 3,

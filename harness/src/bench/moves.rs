@@ -21,7 +21,7 @@ use crate::{
 /// Listener counts every figure here is measured at.
 pub const LISTENERS: [usize; 3] = [4, 16, 64];
 
-/// The figures' value: absolute distance allowed between the joining share and `1/(N+1)`.
+/// `add_moved` target: the largest distance (absolute) between the joining share and `1/(N+1)`.
 pub const ADD_TOLERANCE: f64 = 0.01;
 
 /// Both sides of one close-one case, with portshard's counters checked against the flows.
@@ -38,21 +38,17 @@ fn measure(case: &CloseOne, pins: &Path) -> Result<(KernelRun, PortshardRun)> {
     Ok((kernel, ours))
 }
 
-fn case(listeners: usize, victim: usize, budget: &Budget) -> CloseOne {
-    let mut case = CloseOne::new(Proto::Udp, false, listeners, victim);
-    if let Some(flows) = budget.close_one_flows {
-        case.flows = flows;
-    }
-    case
-}
-
 /// `survivor_moved_n{N}_{first,middle,last}`: of the flows not on the listener that
 /// closed, the share that moved, for N in [`LISTENERS`].
 pub fn survivors(pins: &Path, budget: &Budget) -> Result<Vec<Figure>> {
     let mut figures = Vec::new();
     for n in LISTENERS {
         for (position, victim) in [("first", 0), ("middle", n / 2), ("last", n - 1)] {
-            let (kernel, ours) = measure(&case(n, victim, budget), pins)?;
+            let mut case = CloseOne::new(Proto::Udp, false, n, victim);
+            if let Some(flows) = budget.survivor_flows {
+                case.flows = flows;
+            }
+            let (kernel, ours) = measure(&case, pins)?;
             let theirs = survivor_moved(&kernel.before, &kernel.after_close, victim);
             let mine = survivor_moved(&ours.before, &ours.after_close, victim);
             figures.push(
@@ -74,10 +70,10 @@ pub fn survivors(pins: &Path, budget: &Budget) -> Result<Vec<Figure>> {
 /// `add_moved_n{N}`: the share of all flows that moved when one listener joined N, for N
 /// in [`LISTENERS`]. Measured in the close-one case of N + 1 listeners whose last closes,
 /// so N remain when one joins; `table` is the exact share of entries the newcomer took.
-pub fn additions(pins: &Path, budget: &Budget) -> Result<Vec<Figure>> {
+pub fn additions(pins: &Path) -> Result<Vec<Figure>> {
     let mut figures = Vec::new();
     for n in LISTENERS {
-        let case = case(n + 1, n, budget);
+        let case = CloseOne::new(Proto::Udp, false, n + 1, n);
         let (kernel, ours) = measure(&case, pins)?;
         let share = |before: &Landing, after: &Landing| Ratio {
             part: flows::moved(before, after),

@@ -57,7 +57,7 @@ fn main() -> Result<()> {
             "survivor_moved",
             Box::new(|| moves::survivors(pins, &budget)),
         ),
-        ("add_moved", Box::new(|| moves::additions(pins, &budget))),
+        ("add_moved", Box::new(|| moves::additions(pins))),
         (
             "balance_flows",
             Box::new(|| moves::observed_balance(pins, &budget)),
