@@ -13,17 +13,21 @@ fn main() {
     println!("cargo::rerun-if-env-changed=PORTSHARD_BPF_RUSTC");
 
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
-    let built = portshard_toolchain::build_object(&root.join("ebpf"), &root.join("target/ebpf"))
-        .map_err(|e| e.to_string())
-        .and_then(|object| {
-            std::fs::copy(&object, out_dir.join("portshard.bpf.o")).map_err(|e| {
-                format!(
-                    "copying {} into {}: {e}",
-                    object.display(),
-                    out_dir.display()
-                )
-            })
-        });
+    let built = portshard_toolchain::build_object(
+        &root.join("ebpf"),
+        &root.join("target/ebpf"),
+        portshard_toolchain::OBJECT_NAME,
+    )
+    .map_err(|e| e.to_string())
+    .and_then(|object| {
+        std::fs::copy(&object, out_dir.join("portshard.bpf.o")).map_err(|e| {
+            format!(
+                "copying {} into {}: {e}",
+                object.display(),
+                out_dir.display()
+            )
+        })
+    });
     if let Err(message) = built {
         println!("cargo::error={message}");
         exit(1);

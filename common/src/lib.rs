@@ -54,6 +54,21 @@ pub mod names {
     pub const MAPS: [&str; 6] = [SOCKETS, TABLE, SLOTS, COUNTERS, SERVICE, FLOWS];
 }
 
+/// The reference programs `cargo xtask bench` measures the program against, in their own
+/// object (`portshard-reference`), never loaded by the daemon.
+pub mod reference {
+    /// Program that only returns `SK_PASS`: the floor of any `SK_REUSEPORT` program.
+    pub const PASS: &str = "ref_pass";
+    /// Program that does one array lookup and one `select_reuseport`.
+    pub const SELECT: &str = "ref_select";
+    /// `REUSEPORT_SOCKARRAY` of the reference group: slot number to socket.
+    pub const SOCKETS: &str = "ref_sockets";
+    /// Array of `u32`: the slot each masked hash goes to.
+    pub const SLOT_OF: &str = "ref_slots";
+    /// Entries of both maps; a power of two, so the hash is masked into the array.
+    pub const SLOTS: u32 = 64;
+}
+
 /// One lookup-table entry: the slot that owns the flows hashing here, and the slot that
 /// takes them over if the owner's socket is gone.
 #[repr(C)]
@@ -292,6 +307,7 @@ const _: () = {
     assert!(TABLE_SIZE.is_power_of_two() && TABLE_SIZE >= 65_536);
     assert!(MAX_SLOTS < NO_SLOT as u32);
     assert!(PROBE_STRIDE % 2 == 1 && PROBE_STRIDE < TABLE_SIZE as u32);
+    assert!(reference::SLOTS.is_power_of_two());
     assert!(size_of::<TableEntry>() == 4);
     assert!(size_of::<Table>() == 4 * TABLE_SIZE + 8);
     assert!(size_of::<SlotMeta>() == 40);

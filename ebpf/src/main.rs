@@ -25,6 +25,8 @@ use portshard_common::{
     SlotCounters, SlotMeta, TABLE_FLOWS, TABLE_MASK, Table, TableEntry,
 };
 
+mod runtime;
+
 /// Slot number to listening socket. The kernel clears a slot the moment its socket closes.
 #[map(name = "sockets")]
 static SOCKETS: ReusePortSockArray = ReusePortSockArray::pinned(MAX_SLOTS, 0);
@@ -180,17 +182,3 @@ fn bump(row: &mut SlotCounters, migrating: bool, choice: Choice) {
     };
     *counter += 1;
 }
-
-/// Only for the BPF target: a host check of this crate (clippy over the workspace) links
-/// `std`, whose panic handler would clash.
-#[cfg(target_arch = "bpf")]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-/// The kernel checks the license of programs that call GPL-only helpers; ours calls none,
-/// but the verifier log is clearer with one.
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -33,8 +33,13 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The compiler target of the eBPF program.
 pub const BPF_TARGET: &str = "bpfel-unknown-none";
 
-/// Name of the eBPF crate's binary, i.e. of the object file cargo writes.
+/// Name of the eBPF crate's production binary (the object the daemon loads), i.e. of the
+/// object file cargo writes.
 pub const OBJECT_NAME: &str = "portshard-steer";
+
+/// Name of the eBPF crate's binary with the reference programs `cargo xtask bench` measures
+/// portshard's program against; never loaded by the daemon.
+pub const REFERENCE_OBJECT_NAME: &str = "portshard-reference";
 
 /// Something the toolchain lacks, with what installs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,12 +187,13 @@ const BUILD_SCRIPT_VARIABLES: [&str; 7] = [
     "NUM_JOBS",
 ];
 
-/// Compiles the eBPF crate at `ebpf_dir` into `target_dir` and returns the object's path.
+/// Compiles the eBPF crate at `ebpf_dir` (all its binaries) into `target_dir` and returns
+/// the path of the object `name` (e.g. [`OBJECT_NAME`]).
 ///
 /// Runs a nested cargo with the BPF rustc. Every variable a surrounding cargo, clippy or
 /// rustdoc sets for its own compiler is removed first, so the nested build compiles for the
 /// BPF target with the BPF compiler and nothing else.
-pub fn build_object(ebpf_dir: &Path, target_dir: &Path) -> Result<PathBuf, BuildError> {
+pub fn build_object(ebpf_dir: &Path, target_dir: &Path, name: &str) -> Result<PathBuf, BuildError> {
     let missing = missing();
     let Some(linker) = bpf_linker().filter(|_| missing.is_empty()) else {
         return Err(BuildError::Incomplete(missing));
@@ -226,10 +232,7 @@ pub fn build_object(ebpf_dir: &Path, target_dir: &Path) -> Result<PathBuf, Build
     if !status.success() {
         return Err(BuildError::Compile { dir, status });
     }
-    let object = target_dir
-        .join(BPF_TARGET)
-        .join("release")
-        .join(OBJECT_NAME);
+    let object = target_dir.join(BPF_TARGET).join("release").join(name);
     if object.is_file() {
         Ok(object)
     } else {

@@ -143,6 +143,18 @@ fn main() -> Result<()> {
     }
 }
 
+/// Every table change works on a copy of the 256 KiB table. glibc's adaptive threshold soon
+/// serves such blocks from the heap and keeps their pages once they are freed (about 20 MiB
+/// with 8 services of 32 workers); a fixed threshold maps each large block on its own and
+/// gives it back to the kernel when it is freed.
+fn return_large_frees_to_the_os() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only tunes the allocator; it runs before the daemon starts any thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 fn serve(
     config: Option<PathBuf>,
     bpffs: PathBuf,
@@ -150,6 +162,7 @@ fn serve(
     metrics: Option<SocketAddr>,
     log_format: LogFormat,
 ) -> Result<()> {
+    return_large_frees_to_the_os();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()

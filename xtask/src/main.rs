@@ -39,6 +39,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Measure every figure, portshard next to plain SO_REUSEPORT, print the table and write
+    /// target/bench/report.json (needs root; at most 5 minutes, `--quick` under 1).
+    Bench {
+        /// Fewer flows, rounds and repetitions.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -48,6 +55,7 @@ fn main() -> Result<()> {
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
         Task::Run { args } => run(&args),
+        Task::Bench { quick } => bench(quick),
     }
 }
 
@@ -91,13 +99,22 @@ fn setup() -> Result<()> {
 
 fn build_ebpf() -> Result<PathBuf> {
     setup()?;
-    let root = root();
-    let object = toolchain::build_object(&root.join("ebpf"), &root.join("target/ebpf"))?;
+    let object = ebpf_object(toolchain::OBJECT_NAME)?;
     let size = std::fs::metadata(&object)
         .with_context(|| format!("reading {}", object.display()))?
         .len();
     println!("build-ebpf: {} ({size} bytes)", object.display());
     Ok(object)
+}
+
+/// Compiles the eBPF crate (every object it has) and returns the path of object `name`.
+fn ebpf_object(name: &str) -> Result<PathBuf> {
+    let root = root();
+    Ok(toolchain::build_object(
+        &root.join("ebpf"),
+        &root.join("target/ebpf"),
+        name,
+    )?)
 }
 
 fn test(args: &[String]) -> Result<()> {
@@ -152,20 +169,7 @@ fn count_before(result: &str, label: &str) -> u64 {
 fn demo() -> Result<()> {
     build_ebpf()?;
     // The demo runs the real daemon, the `portshard` binary next to its own.
-    let built = cargo_command(&[
-        "build",
-        "--release",
-        "--quiet",
-        "--package",
-        "portshard",
-        "--bin",
-        "portshard",
-    ])
-    .status()
-    .context("could not start cargo build")?;
-    if !built.success() {
-        bail!("building portshard failed ({built})");
-    }
+    build_portshard()?;
     let status = cargo_command(&[
         "run",
         "--release",
@@ -201,6 +205,57 @@ fn run(args: &[String]) -> Result<()> {
     .context("could not start cargo run")?;
     if !status.success() {
         bail!("portshard serve exited with {status}");
+    }
+    Ok(())
+}
+
+/// Builds the `portshard` binary (release), for what runs the real daemon.
+fn build_portshard() -> Result<()> {
+    let built = cargo_command(&[
+        "build",
+        "--release",
+        "--quiet",
+        "--package",
+        "portshard",
+        "--bin",
+        "portshard",
+    ])
+    .status()
+    .context("could not start cargo build")?;
+    if !built.success() {
+        bail!("building portshard failed ({built})");
+    }
+    Ok(())
+}
+
+fn bench(quick: bool) -> Result<()> {
+    build_ebpf()?;
+    let reference = ebpf_object(toolchain::REFERENCE_OBJECT_NAME)?;
+    build_portshard()?;
+    let root = root();
+    let mut bench = cargo_command(&[
+        "run",
+        "--release",
+        "--quiet",
+        "--package",
+        "portshard-harness",
+        "--bin",
+        "portshard-bench",
+        "--",
+    ]);
+    bench
+        .arg("--reference")
+        .arg(reference)
+        .arg("--portshard")
+        .arg(root.join("target/release/portshard"))
+        .arg("--out")
+        .arg(root.join("target/bench/report.json"));
+    if quick {
+        bench.arg("--quick");
+    }
+    let status = bench.status().context("could not start cargo run")?;
+    if !status.success() {
+        bail!("the bench failed ({status})");
     }
     Ok(())
 }
