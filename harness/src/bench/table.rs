@@ -79,7 +79,7 @@ impl Change {
 /// changed entries into a real (pinned, memory-mapped) table, and both together.
 pub fn rebuild(pins: &Path, budget: &Budget) -> Result<Vec<Figure>> {
     let service = "rebuild";
-    let dataplane = Dataplane::create(pins, service)?;
+    let dataplane = Dataplane::create(pins, service, 0)?;
     let base = equal(REBUILD_MEMBERS)?;
     dataplane.write_all(base.entries())?;
     let mut figures = Vec::new();
