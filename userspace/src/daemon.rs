@@ -270,8 +270,8 @@ enum Event {
     },
     /// A dead slot's restart delay is over.
     RestartDue { service: usize, slot: Slot },
-    /// A reload's new generation has stayed up for its ready delay.
-    ReloadReady { service: usize, generation: u32 },
+    /// Reload attempt `attempt` has had its new generation up for its ready delay.
+    ReloadReady { service: usize, attempt: u64 },
     /// A worker asked to stop had its stop timeout: SIGKILL it if it still runs.
     StopOverdue {
         service: usize,
@@ -374,6 +374,8 @@ struct Running {
     generation: u32,
     /// The reload under way, if any.
     reload: Option<generations::Reload>,
+    /// Reloads attempted so far, to tell one attempt's timers from the next one's.
+    attempts: u64,
 }
 
 impl Running {
@@ -422,6 +424,7 @@ impl Daemon {
             crashes: adopted.crashes,
             generation: adopted.generation.max(1),
             reload: None,
+            attempts: 0,
         });
         for (slot, worker) in adopted.alive {
             self.watch(index, slot, &worker);
@@ -499,10 +502,7 @@ impl Daemon {
             match event {
                 Event::Exited { service, slot, pid } => self.exited(service, slot, pid),
                 Event::RestartDue { service, slot } => self.restart(service, slot),
-                Event::ReloadReady {
-                    service,
-                    generation,
-                } => self.reload_ready(service, generation),
+                Event::ReloadReady { service, attempt } => self.reload_ready(service, attempt),
                 Event::StopOverdue { service, slot, pid } => self.stop_overdue(service, slot, pid),
                 Event::Tick => self.tick(),
                 Event::Hangup => self.hangup(),

@@ -35,7 +35,7 @@ fn target() -> SocketAddr {
 /// One service of the Python worker with `extra` config lines.
 fn config(name: &str, proto: &str, workers: usize, extra: &str) -> String {
     format!(
-        "[[service]]\nname = \"{name}\"\nproto = \"{proto}\"\nlisten = \"127.0.0.1:{PORT}\"\nworkers = {workers}\ncommand = [\"python3\", \"{WORKER}\"]\nrestart_delay = \"100ms\"\nstop_timeout = \"2s\"\nready_delay = \"300ms\"\ndrain_idle = \"{}ms\"\n{extra}\n",
+        "[[service]]\nname = \"{name}\"\nproto = \"{proto}\"\nlisten = \"127.0.0.1:{PORT}\"\nworkers = {workers}\ncommand = [\"python3\", \"{WORKER}\"]\nrestart_delay = \"100ms\"\nstop_timeout = \"2s\"\ndrain_idle = \"{}ms\"\n{extra}\n",
         DRAIN_IDLE.as_millis()
     )
 }
@@ -362,6 +362,11 @@ fn sticky_balance_adding_a_worker_moves_no_live_flow() {
         fresh.len()
     );
     assert_eq!(after, (live.len(), 0, 0));
+    assert_eq!(
+        generations(&daemon, "dns"),
+        [(1, "ready")],
+        "a worker count change took a new generation"
+    );
     let share = on_newcomer as f64 / fresh.len() as f64;
     assert!((0.15..0.25).contains(&share), "newcomer share {share}");
 }

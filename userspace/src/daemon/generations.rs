@@ -34,6 +34,8 @@ pub(super) const TICK: Duration = Duration::from_millis(250);
 
 /// A reload under way: the generation being started and who asked for it.
 pub(super) struct Reload {
+    /// Which attempt this is (see [`Event::ReloadReady`]).
+    attempt: u64,
     pub(super) generation: u32,
     pub(super) spec: Service,
     pub(super) program: PathBuf,
@@ -63,6 +65,21 @@ pub fn read_config(path: &Path) -> Result<Config, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("reading config {}: {e}", path.display()))?;
     Config::parse(&text, path).map_err(|e| e.to_string())
+}
+
+/// Refuses a change of what the service's pins record (address, protocol, mode, flow
+/// table), which no running service can take.
+fn same_pins(running: &Service, wanted: &Service) -> Result<(), String> {
+    let (pinned, wanted) = (service_record(running), service_record(wanted));
+    if pinned == wanted {
+        return Ok(());
+    }
+    Err(format!(
+        "service {}: the address, protocol, mode and flow table of a running service cannot change (from {} to {}): stop portshard, remove the service's pins and start it again",
+        running.name,
+        super::describe(&pinned),
+        super::describe(&wanted)
+    ))
 }
 
 /// Datagrams, connections and flows the program sent to `slot`: what a retiring UDP
@@ -140,14 +157,7 @@ impl Daemon {
                 reload.generation
             ));
         }
-        let (pinned, wanted) = (service_record(&running.spec), service_record(&spec));
-        if pinned != wanted {
-            return Err(format!(
-                "service {name}: a reload cannot change the address, protocol, mode or flow table (from {} to {}): stop portshard, remove the service's pins and start it again",
-                super::describe(&pinned),
-                super::describe(&wanted)
-            ));
-        }
+        same_pins(&running.spec, &spec)?;
         let free: Vec<Slot> = (0..MAX_SLOTS as Slot)
             .filter(|slot| !running.slots.contains_key(slot))
             .take(spec.workers as usize)
@@ -162,7 +172,10 @@ impl Daemon {
         }
         let generation = running.generation + 1;
         let ready_delay = spec.ready_delay;
+        running.attempts += 1;
+        let attempt = running.attempts;
         running.reload = Some(Reload {
+            attempt,
             generation,
             spec,
             program,
@@ -202,7 +215,7 @@ impl Daemon {
             ready_delay,
             Event::ReloadReady {
                 service: index,
-                generation,
+                attempt,
             },
         );
         Ok(())
@@ -210,13 +223,9 @@ impl Daemon {
 
     /// A reload's new workers stayed up for the ready delay: switch to them, unless one of
     /// them ended meanwhile (its exit event may still be on its way).
-    pub(super) fn reload_ready(&mut self, index: usize, generation: u32) {
+    pub(super) fn reload_ready(&mut self, index: usize, attempt: u64) {
         let running = &self.services[index];
-        let Some(reload) = running
-            .reload
-            .as_ref()
-            .filter(|r| r.generation == generation)
-        else {
+        let Some(reload) = running.reload.as_ref().filter(|r| r.attempt == attempt) else {
             return;
         };
         let gone = reload
@@ -483,7 +492,8 @@ impl Daemon {
         }
     }
 
-    /// Brings one service in line with `spec` (see [`Daemon::hangup`]).
+    /// Brings one service in line with `spec` (see [`Daemon::hangup`]): a new command
+    /// takes a new generation; the rest applies to the running one.
     fn apply(&mut self, spec: Service) -> Result<(), String> {
         let program = process::resolve(&spec.command[0]).map_err(|e| e.to_string())?;
         let Ok(index) = self.index_of(&spec.name) else {
@@ -493,15 +503,22 @@ impl Daemon {
         if running.spec == spec {
             return Ok(());
         }
-        let only_workers = Service {
-            workers: running.spec.workers,
-            ..spec.clone()
-        } == running.spec;
-        if only_workers {
-            info!(service = %spec.name, from = running.spec.workers, to = spec.workers, "worker count changed");
-            running.spec.workers = spec.workers;
-            return self.resize(index).map_err(|e| e.to_string());
+        if running.spec.command != spec.command {
+            return self.reload(index, spec, program, None);
         }
-        self.reload(index, spec, program, None)
+        same_pins(&running.spec, &spec)?;
+        info!(service = %spec.name, "applying the changed settings to the running generation");
+        if spec.weight != running.spec.weight {
+            let members: Vec<Slot> = running.group.table().members().keys().copied().collect();
+            for slot in members {
+                running
+                    .group
+                    .set_weight(slot, spec.weight)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        running.spec = spec;
+        running.program = program;
+        self.resize(index).map_err(|e| e.to_string())
     }
 }
