@@ -4,7 +4,7 @@
 use std::{
     io,
     net::{SocketAddr, UdpSocket},
-    os::fd::{AsFd as _, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
     path::Path,
     sync::atomic::{AtomicUsize, Ordering},
     thread,
@@ -37,6 +37,9 @@ pub const MIN_RATIO: f64 = 0.97;
 /// How long a UDP round waits for datagrams still on their way after the last send.
 const STRAGGLERS: Duration = Duration::from_millis(200);
 
+/// What a UDP round's sent count reads while the sender is still sending.
+const NOT_YET: usize = usize::MAX;
+
 const UDP_PORT: u16 = 5302;
 const TCP_PORT: u16 = 5303;
 
@@ -60,7 +63,8 @@ fn interleaved(
             Ok(())
         } else {
             SkReuseport::detach(member).map_err(BenchError::bpf(format!(
-                "detaching the program from the group of socket fd {member:?}"
+                "detaching the program from the group of socket fd {}",
+                member.as_raw_fd()
             )))
         }
     };
@@ -100,14 +104,15 @@ fn figure(name: &str, rates: &Rounds) -> Result<Figure> {
         .extra("rate_without", summary(&rates.without)?.median))
 }
 
-/// A portshard group over `LISTENERS` fresh listeners of `proto` on `target`.
-fn group(
+/// A portshard group for `service` over `count` fresh listeners of `proto` on `target`.
+pub(super) fn group(
     pins: &Path,
     service: &str,
     proto: Proto,
     target: SocketAddr,
+    count: usize,
 ) -> Result<(Vec<Option<Listener>>, Group)> {
-    let listeners = flows::bind_listeners(proto, target, LISTENERS)?;
+    let listeners = flows::bind_listeners(proto, target, count)?;
     let group = scenario::steer(pins, service, &listeners)?;
     Ok((listeners, group))
 }
@@ -118,7 +123,7 @@ fn group(
 pub fn udp(pins: &Path, budget: &Budget) -> Result<Figure> {
     let target = flows::loopback(false, UDP_PORT);
     let service = "udp-overhead";
-    let (listeners, group) = group(pins, service, Proto::Udp, target)?;
+    let (listeners, group) = group(pins, service, Proto::Udp, target, LISTENERS)?;
     let senders = senders(target, ephemeral(UDP_FLOWS))?;
     let member = listeners[0].as_ref().expect("all open").as_fd();
     let rates = interleaved(&group, member, budget.overhead_rounds, || {
@@ -136,8 +141,7 @@ fn udp_round(
     listeners: &[Option<Listener>],
     datagrams: usize,
 ) -> Result<f64> {
-    const UNKNOWN: usize = usize::MAX;
-    let sent = AtomicUsize::new(UNKNOWN);
+    let sent = AtomicUsize::new(NOT_YET);
     let start = Instant::now();
     let (received, last) = thread::scope(|scope| {
         let receiver = scope.spawn(|| receive_all(listeners, &sent, start));
@@ -174,7 +178,7 @@ fn receive_all(
             last = Instant::now();
         }
         let sent = sent.load(Ordering::Acquire);
-        let done = sent != usize::MAX && (received >= sent || last.elapsed() > STRAGGLERS);
+        let done = sent != NOT_YET && (received >= sent || last.elapsed() > STRAGGLERS);
         if done || start.elapsed() > ROUND_LIMIT + STRAGGLERS {
             return Ok((received, last));
         }
@@ -225,7 +229,7 @@ pub(super) fn drain(listeners: &[Option<Listener>]) -> io::Result<usize> {
 pub fn tcp(pins: &Path, budget: &Budget) -> Result<Figure> {
     let target = flows::loopback(false, TCP_PORT);
     let service = "tcp-overhead";
-    let (listeners, group) = group(pins, service, Proto::Tcp, target)?;
+    let (listeners, group) = group(pins, service, Proto::Tcp, target, LISTENERS)?;
     let member = listeners[0].as_ref().expect("all open").as_fd();
     let rates = interleaved(&group, member, budget.overhead_rounds, || {
         tcp_round(target, &listeners, budget.tcp_connections)

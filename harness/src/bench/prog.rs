@@ -21,13 +21,13 @@ use portshard_common::{names, reference};
 
 use super::{
     BenchError, Budget, ROUND_LIMIT, Result,
-    overhead::{drain, ephemeral, senders},
+    overhead::{self, drain, ephemeral, senders},
     report::{Figure, Summary, Target, paired_ratios},
 };
 use crate::{
     context,
     flows::{self, FIRST_SOURCE_PORT, Flows, Listener},
-    scenario::{self, MeasureError},
+    scenario::MeasureError,
 };
 
 /// Listeners of each measured group.
@@ -53,24 +53,19 @@ enum Stat<'a> {
 }
 
 impl Stat<'_> {
-    /// Total run time (ns) and run count so far.
-    fn read(&self) -> Result<(u64, u64)> {
-        let info = match self {
-            Self::Loaded(program) => program.info(),
-            Self::Pinned(path) => ProgramInfo::from_pin(path),
-        }
-        .map_err(BenchError::bpf(format!(
-            "reading the statistics of {}",
-            self.name()
+    /// Total run time (ns) and run count so far of the program measured as `name`.
+    fn read(&self, name: &str) -> Result<(u64, u64)> {
+        let (info, what) = match self {
+            Self::Loaded(program) => (program.info(), format!("reference program {name}")),
+            Self::Pinned(path) => (
+                ProgramInfo::from_pin(path),
+                format!("program {}", path.display()),
+            ),
+        };
+        let info = info.map_err(BenchError::bpf(format!(
+            "reading the run-time statistics of {what}"
         )))?;
         Ok((info.run_time().as_nanos() as u64, info.run_count()))
-    }
-
-    fn name(&self) -> String {
-        match self {
-            Self::Loaded(_) => "a reference program".to_owned(),
-            Self::Pinned(path) => path.display().to_string(),
-        }
     }
 }
 
@@ -85,7 +80,7 @@ struct Subject<'a> {
 impl Subject<'_> {
     /// Runs the program `runs` times (one datagram each) and returns its mean ns per run.
     fn measure(&self, runs: usize) -> Result<f64> {
-        let (time_before, count_before) = self.stat.read()?;
+        let (time_before, count_before) = self.stat.read(self.name)?;
         let start = Instant::now();
         let mut sent = 0;
         while sent < runs && start.elapsed() < ROUND_LIMIT {
@@ -102,7 +97,7 @@ impl Subject<'_> {
             }
         }
         drain(&self.listeners)?;
-        let (time_after, count_after) = self.stat.read()?;
+        let (time_after, count_after) = self.stat.read(self.name)?;
         let runs = count_after.saturating_sub(count_before);
         if runs == 0 {
             return Err(MeasureError::Traffic(format!(
@@ -189,8 +184,8 @@ fn portshard_group(
     service: &str,
     port: u16,
 ) -> Result<(Vec<Option<Listener>>, Group, PathBuf)> {
-    let listeners = flows::bind_listeners(Proto::Udp, flows::loopback(false, port), LISTENERS)?;
-    let group = scenario::steer(pins, service, &listeners)?;
+    let target = flows::loopback(false, port);
+    let (listeners, group) = overhead::group(pins, service, Proto::Udp, target, LISTENERS)?;
     let program = group.dataplane().dir().join(names::PROGRAM);
     Ok((listeners, group, program))
 }
