@@ -467,7 +467,20 @@ impl QueuedOnClose {
 
 /// A new portshard group for `service` under `pins` with listener `i` in slot `i`, weight 1.
 pub fn steer(pins: &Path, service: &str, listeners: &[Option<Listener>]) -> Result<Group> {
-    let mut group = Group::create(pins, service, 0)?;
+    steer_with_flows(pins, service, listeners, 0)
+}
+
+/// [`steer`], with the UDP flow table on, sized for `flow_capacity` flows, if that is not 0.
+pub fn steer_with_flows(
+    pins: &Path,
+    service: &str,
+    listeners: &[Option<Listener>],
+    flow_capacity: u32,
+) -> Result<Group> {
+    let mut group = Group::create(pins, service, flow_capacity)?;
+    if flow_capacity > 0 {
+        group.dataplane().set_flags(portshard_common::TABLE_FLOWS);
+    }
     for (slot, listener) in listeners.iter().enumerate() {
         if let Some(listener) = listener {
             group.add(slot as Slot, listener.as_fd(), 1, Holder::this_process())?;

@@ -104,26 +104,40 @@ fn figure(name: &str, rates: &Rounds) -> Result<Figure> {
         .extra("rate_without", summary(&rates.without)?.median))
 }
 
-/// A portshard group for `service` over `count` fresh listeners of `proto` on `target`.
+/// A portshard group for `service` over `count` fresh listeners of `proto` on `target`,
+/// with a UDP flow table of `flow_capacity` flows if that is not 0.
 pub(super) fn group(
     pins: &Path,
     service: &str,
     proto: Proto,
     target: SocketAddr,
     count: usize,
+    flow_capacity: u32,
 ) -> Result<(Vec<Option<Listener>>, Group)> {
     let listeners = flows::bind_listeners(proto, target, count)?;
-    let group = scenario::steer(pins, service, &listeners)?;
+    let group = scenario::steer_with_flows(pins, service, &listeners, flow_capacity)?;
     Ok((listeners, group))
 }
 
-/// `udp_overhead`: one thread sends `udp_datagrams` datagrams round-robin over
-/// [`UDP_FLOWS`] flows, another receives them on every listener; the rate is datagrams
-/// received over the time from the first send to the last arrival.
-pub fn udp(pins: &Path, budget: &Budget) -> Result<Figure> {
+/// Flows the flow-table variants' tables hold: the default, far more than they use.
+pub(super) const FLOW_TABLE: u32 = 65_536;
+
+/// `udp_overhead`, and `udp_overhead_flow_table` with the flow table on: one thread sends
+/// `udp_datagrams` datagrams round-robin over [`UDP_FLOWS`] flows, another receives them
+/// on every listener; the rate is datagrams received over the time from the first send to
+/// the last arrival.
+pub fn udp(pins: &Path, budget: &Budget) -> Result<Vec<Figure>> {
+    [("udp_overhead", 0), ("udp_overhead_flow_table", FLOW_TABLE)]
+        .into_iter()
+        .map(|(name, flow_capacity)| udp_variant(pins, budget, name, flow_capacity))
+        .collect()
+}
+
+/// One `udp_overhead` figure; see [`udp`].
+fn udp_variant(pins: &Path, budget: &Budget, name: &str, flow_capacity: u32) -> Result<Figure> {
     let target = flows::loopback(false, UDP_PORT);
     let service = "udp-overhead";
-    let (listeners, group) = group(pins, service, Proto::Udp, target, LISTENERS)?;
+    let (listeners, group) = group(pins, service, Proto::Udp, target, LISTENERS, flow_capacity)?;
     let senders = senders(target, ephemeral(UDP_FLOWS))?;
     let member = listeners[0].as_ref().expect("all open").as_fd();
     let rates = interleaved(&group, member, budget.overhead_rounds, || {
@@ -132,7 +146,7 @@ pub fn udp(pins: &Path, budget: &Budget) -> Result<Figure> {
     drop(group);
     drop(listeners);
     Dataplane::remove_pins(pins, service)?;
-    figure("udp_overhead", &rates)
+    figure(name, &rates)
 }
 
 /// One UDP round; see [`udp`].
@@ -229,7 +243,7 @@ pub(super) fn drain(listeners: &[Option<Listener>]) -> io::Result<usize> {
 pub fn tcp(pins: &Path, budget: &Budget) -> Result<Figure> {
     let target = flows::loopback(false, TCP_PORT);
     let service = "tcp-overhead";
-    let (listeners, group) = group(pins, service, Proto::Tcp, target, LISTENERS)?;
+    let (listeners, group) = group(pins, service, Proto::Tcp, target, LISTENERS, 0)?;
     let member = listeners[0].as_ref().expect("all open").as_fd();
     let rates = interleaved(&group, member, budget.overhead_rounds, || {
         tcp_round(target, &listeners, budget.tcp_connections)

@@ -43,6 +43,7 @@ const PASS_PORT: u16 = 5310;
 const LOOKUP_PORT: u16 = 5311;
 const SELECT_PORT: u16 = 5312;
 const HEIR_PORT: u16 = 5313;
+const FLOW_PORT: u16 = 5314;
 
 /// Where a program's statistics are read from.
 enum Stat<'a> {
@@ -178,14 +179,17 @@ fn fill_reference_maps(ebpf: &mut Ebpf, listeners: &[Option<Listener>]) -> Resul
     Ok(())
 }
 
-/// A portshard group on `port` and the path of its pinned program.
+/// A portshard group on `port` (with the flow table if `flow_capacity` is not 0) and the
+/// path of its pinned program.
 fn portshard_group(
     pins: &Path,
     service: &str,
     port: u16,
+    flow_capacity: u32,
 ) -> Result<(Vec<Option<Listener>>, Group, PathBuf)> {
     let target = flows::loopback(false, port);
-    let (listeners, group) = overhead::group(pins, service, Proto::Udp, target, LISTENERS)?;
+    let (listeners, group) =
+        overhead::group(pins, service, Proto::Udp, target, LISTENERS, flow_capacity)?;
     let program = group.dataplane().dir().join(names::PROGRAM);
     Ok((listeners, group, program))
 }
@@ -210,7 +214,7 @@ fn orphan_sources(listeners: &mut [Option<Listener>], port: u16) -> Result<Vec<S
     Ok(sources)
 }
 
-/// `prog_ns_{ref_pass,ref_select,select,heir}` (mean ns per run, median of rounds) and
+/// `prog_ns_{ref_pass,ref_select,select,heir,flow_table}` (mean ns per run, median of rounds) and
 /// `prog_ratio` (portshard's select path over the one-lookup reference, round by round).
 pub fn figures(pins: &Path, reference: &Path, budget: &Budget) -> Result<Vec<Figure>> {
     let mut ebpf = load_reference(reference)?;
@@ -231,9 +235,12 @@ pub fn figures(pins: &Path, reference: &Path, budget: &Budget) -> Result<Vec<Fig
             )))?;
     }
     let (select_listeners, select_group, select_program) =
-        portshard_group(pins, "prog-select", SELECT_PORT)?;
+        portshard_group(pins, "prog-select", SELECT_PORT, 0)?;
     let (mut heir_listeners, heir_group, heir_program) =
-        portshard_group(pins, "prog-heir", HEIR_PORT)?;
+        portshard_group(pins, "prog-heir", HEIR_PORT, 0)?;
+    // Known flows: after each flow's first datagram, every run takes the flow-table path.
+    let (flow_listeners, flow_group, flow_program) =
+        portshard_group(pins, "prog-flow", FLOW_PORT, overhead::FLOW_TABLE)?;
     let orphans = orphan_sources(&mut heir_listeners, HEIR_PORT)?;
 
     let subjects = [
@@ -261,6 +268,12 @@ pub fn figures(pins: &Path, reference: &Path, budget: &Budget) -> Result<Vec<Fig
             listeners: heir_listeners,
             stat: Stat::Pinned(heir_program),
         },
+        Subject {
+            name: "flow",
+            senders: senders(flows::loopback(false, FLOW_PORT), ephemeral(FLOWS))?,
+            listeners: flow_listeners,
+            stat: Stat::Pinned(flow_program),
+        },
     ];
 
     let stats = enable_stats(Stats::RunTime).map_err(|source| BenchError::Bpf {
@@ -275,8 +288,8 @@ pub fn figures(pins: &Path, reference: &Path, budget: &Budget) -> Result<Vec<Fig
     }
     drop(stats);
     drop(subjects);
-    drop((select_group, heir_group));
-    for service in ["prog-select", "prog-heir"] {
+    drop((select_group, heir_group, flow_group));
+    for service in ["prog-select", "prog-heir", "prog-flow"] {
         Dataplane::remove_pins(pins, service)?;
     }
 
@@ -292,6 +305,7 @@ pub fn figures(pins: &Path, reference: &Path, budget: &Budget) -> Result<Vec<Fig
         ("prog_ns_ref_select", lookup),
         ("prog_ns_select", lookup),
         ("prog_ns_heir", lookup),
+        ("prog_ns_flow_table", lookup),
     ]
     .into_iter()
     .enumerate()
@@ -310,6 +324,10 @@ pub fn figures(pins: &Path, reference: &Path, budget: &Budget) -> Result<Vec<Fig
             .extra(
                 "heir_ratio",
                 Summary::of(&paired_ratios(&ns[3], &ns[1])).map_or(f64::NAN, |s| s.median),
+            )
+            .extra(
+                "flow_table_ratio",
+                Summary::of(&paired_ratios(&ns[4], &ns[1])).map_or(f64::NAN, |s| s.median),
             ),
     );
     Ok(figures)
