@@ -97,6 +97,18 @@ pub struct Service {
     pub restart: RestartPolicy,
     /// How long a stopping worker gets between SIGTERM and SIGKILL.
     pub stop_timeout: Duration,
+    /// Whom the workers run as; `None`: as the daemon (root).
+    pub run_as: Option<RunAs>,
+}
+
+/// The unprivileged identity of a service's workers, as written in the config (names or
+/// numeric ids); the daemon resolves it when it starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    /// `user`: a user name or uid.
+    pub user: String,
+    /// `group`: a group name or gid; `None`: the user's primary group.
+    pub group: Option<String>,
 }
 
 /// A whole validated configuration.
@@ -174,6 +186,8 @@ struct RawService {
     restart_limit: Option<Spanned<i64>>,
     restart_window: Option<Spanned<String>>,
     stop_timeout: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
 }
 
 /// Byte offsets to line and column.
@@ -291,7 +305,7 @@ impl Config {
                 span,
                 String::new(),
                 format!(
-                    "{} services, at most {MAX_SERVICES} are allowed",
+                    "{} services, at most {MAX_SERVICES} are allowed: split them over several daemons, each with its own --bpffs and --control",
                     raw.service.len()
                 ),
             );
@@ -360,6 +374,7 @@ impl Config {
             flow_table: DEFAULT_FLOW_TABLE,
             restart: RestartPolicy::default(),
             stop_timeout: DEFAULT_STOP_TIMEOUT,
+            run_as: None,
         };
         Self {
             services: vec![echo("echo-udp", Proto::Udp), echo("echo-tcp", Proto::Tcp)],
@@ -501,6 +516,7 @@ fn check_service(
         }),
         window: checker.duration(raw.restart_window, &what("restart_window"), defaults.window),
     };
+    let run_as = check_run_as(checker, raw.user, raw.group, &what);
     let service = Service {
         name,
         proto,
@@ -523,6 +539,7 @@ fn check_service(
             &what("stop_timeout"),
             DEFAULT_STOP_TIMEOUT,
         ),
+        run_as,
     };
     (checker.problems.len() == before).then(|| {
         (
@@ -533,6 +550,56 @@ fn check_service(
             },
         )
     })
+}
+
+/// Whether `name` can name a user or group: a POSIX portable name (`[a-z_][a-z0-9_-]*`, at
+/// most 32 characters, as `useradd` accepts) or a numeric id.
+fn is_account_name(name: &str) -> bool {
+    let numeric = !name.is_empty() && name.len() <= 10 && name.bytes().all(|b| b.is_ascii_digit());
+    let portable = (1..=32).contains(&name.len())
+        && name.bytes().enumerate().all(|(i, b)| {
+            b.is_ascii_lowercase() || b == b'_' || (i > 0 && (b.is_ascii_digit() || b == b'-'))
+        });
+    (numeric && name.parse::<u32>().is_ok()) || portable
+}
+
+/// Validates `user` and `group`; a group alone is refused, since it would leave the workers
+/// running as root.
+fn check_run_as(
+    checker: &mut Checker<'_>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
+    what: &dyn Fn(&str) -> String,
+) -> Option<RunAs> {
+    for (field, value) in [("user", &user), ("group", &group)] {
+        if let Some(value) = value
+            && !is_account_name(value.get_ref())
+        {
+            checker.report(
+                value.span(),
+                what(field),
+                format!(
+                    "{:?} is not a {field} name: use a name like \"nobody\" ([a-z_][a-z0-9_-]*, at most 32 characters) or a numeric id",
+                    value.get_ref()
+                ),
+            );
+        }
+    }
+    match (user, group) {
+        (Some(user), group) => Some(RunAs {
+            user: user.into_inner(),
+            group: group.map(Spanned::into_inner),
+        }),
+        (None, Some(group)) => {
+            checker.report(
+                group.span(),
+                what("group"),
+                "is set without `user`, which would leave the workers running as root: set `user` too".to_owned(),
+            );
+            None
+        }
+        (None, None) => None,
+    }
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneError},
     group::{Group, GroupError, Holder},
     metrics,
-    process::{self, Activation, Exit, ProcessError},
+    process::{self, Activation, Credentials, Exit, ProcessError},
     report::{self, PROTO_TCP, PROTO_UDP, StatusReport, listen_address},
     socket::{self, Proto, SocketError},
     table::Slot,
@@ -134,16 +134,30 @@ fn io_error(
 /// behind.
 pub async fn serve(config: Config, options: Options) -> Result<(), DaemonError> {
     bpffs::ensure_dir(&options.bpffs)?;
+    Dataplane::check_root(&options.bpffs)?;
     let lock = lock_root(&options.bpffs)?;
     let programs = config
         .services
         .iter()
         .map(|service| {
-            process::resolve(&service.command[0]).map_err(|source| DaemonError::Worker {
-                service: service.name.clone(),
-                slot: 0,
-                source,
-            })
+            let credentials = service
+                .run_as
+                .as_ref()
+                .map(|r| Credentials::lookup(&r.user, r.group.as_deref()))
+                .transpose();
+            let program = process::resolve(&service.command[0]);
+            program
+                .and_then(|program| {
+                    Ok(Launch {
+                        program,
+                        credentials: credentials?,
+                    })
+                })
+                .map_err(|source| DaemonError::Worker {
+                    service: service.name.clone(),
+                    slot: 0,
+                    source,
+                })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let control = bind_control(&options.control).await?;
@@ -289,9 +303,15 @@ struct Crashes {
     restarts: u32,
 }
 
+/// How a service's workers are started: the resolved program and identity.
+struct Launch {
+    program: PathBuf,
+    credentials: Option<Credentials>,
+}
+
 struct Running {
     spec: Service,
-    program: PathBuf,
+    launch: Launch,
     group: Group,
     slots: BTreeMap<Slot, SlotRun>,
     crashes: BTreeMap<Slot, Crashes>,
@@ -307,10 +327,11 @@ struct Daemon {
 }
 
 impl Daemon {
-    /// Creates or adopts every service and starts its missing workers.
-    fn start(&mut self, config: Config, programs: Vec<PathBuf>) -> Result<(), DaemonError> {
-        for (spec, program) in config.services.into_iter().zip(programs) {
-            let index = self.services.len();
+    /// Creates or adopts every service, then starts the missing workers: a service whose
+    /// dataplane cannot be loaded stops the start before any worker runs.
+    fn start(&mut self, config: Config, launches: Vec<Launch>) -> Result<(), DaemonError> {
+        let mut adoptions = Vec::new();
+        for (spec, launch) in config.services.into_iter().zip(launches) {
             let pinned = self.root.join(&spec.name).join(names::PROGRAM).exists();
             let (group, adopted) = if pinned {
                 self.adopted = true;
@@ -322,18 +343,21 @@ impl Daemon {
             };
             self.services.push(Running {
                 spec,
-                program,
+                launch,
                 group,
                 slots: BTreeMap::new(),
                 crashes: adopted.crashes,
             });
-            for (slot, worker) in adopted.alive {
+            adoptions.push((adopted.alive, adopted.dead));
+        }
+        for (index, (alive, dead)) in adoptions.into_iter().enumerate() {
+            for (slot, worker) in alive {
                 self.watch(index, slot, &worker);
                 self.services[index]
                     .slots
                     .insert(slot, SlotRun::Serving(worker));
             }
-            for slot in adopted.dead {
+            for slot in dead {
                 self.slot_died(index, slot, Duration::ZERO);
             }
             let workers = self.services[index].spec.workers as Slot;
@@ -403,13 +427,14 @@ impl Daemon {
             source,
         };
         let spawned = process::spawn(
-            &running.program,
+            &running.launch.program,
             &spec.command,
             socket.as_fd(),
             &Activation {
                 name: &spec.name,
                 slot,
             },
+            running.launch.credentials.as_ref(),
         )
         .map_err(worker_error)?;
         let restarts = running.crashes.get(&slot).map_or(0, |c| c.restarts);

@@ -77,7 +77,7 @@ pub enum DataplaneError {
         source: Box<MapError>,
     },
     /// Creating the maps or reading the object failed.
-    #[error("loading the eBPF object for the pins in {dir} failed: {source}")]
+    #[error("loading the eBPF object for the pins in {dir} failed: {source}; {}", bpf_hint(source.as_ref()))]
     Load {
         /// The service's pin directory.
         dir: PathBuf,
@@ -86,7 +86,7 @@ pub enum DataplaneError {
         source: Box<aya::EbpfError>,
     },
     /// The verifier or the program pin failed.
-    #[error("{action} ({path}) failed: {source}")]
+    #[error("{action} ({path}) failed: {source}; {}", bpf_hint(source.as_ref()))]
     Program {
         /// What was being done.
         action: String,
@@ -197,12 +197,17 @@ impl Dataplane {
                 check_pin(&path, &spec)?;
             }
         }
+        raise_memlock();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .load(OBJECT)
-            .map_err(|source| DataplaneError::Load {
-                dir: dir.clone(),
-                source: Box::new(source),
+            .map_err(|source| {
+                // Nothing was pinned; leave no empty directory behind (a non-empty one stays).
+                let _ = std::fs::remove_dir(&dir);
+                DataplaneError::Load {
+                    dir: dir.clone(),
+                    source: Box::new(source),
+                }
             })?;
         let path = dir.join(names::PROGRAM);
         let program_error = |action: &str| program_error(&path, action.to_owned());
@@ -286,6 +291,21 @@ impl Dataplane {
         }
         services.sort();
         Ok(services)
+    }
+
+    /// Refuses a pin root that holds anything but services' pins, so a daemon never
+    /// overwrites another program's state (see [`bpffs::check_root`]).
+    pub fn check_root(root: &Path) -> Result<()> {
+        let pins: Vec<&str> = names::MAPS
+            .iter()
+            .copied()
+            .chain([names::PROGRAM])
+            .collect();
+        Ok(bpffs::check_root(
+            root,
+            |name| check_service_name(name).is_ok(),
+            &pins,
+        )?)
     }
 
     /// Everything `status` shows about this service, read from the pins.
@@ -464,6 +484,48 @@ impl Dataplane {
                 source: e,
             }),
             _ => Ok(()),
+        }
+    }
+}
+
+/// What to do about a failure to create BPF maps or load the program, from the kernel's
+/// error at the bottom of `error`'s chain.
+fn bpf_hint(error: &(dyn std::error::Error + 'static)) -> &'static str {
+    let mut errno = None;
+    let mut next = Some(error);
+    while let Some(current) = next {
+        if let Some(io) = current.downcast_ref::<io::Error>() {
+            errno = io.raw_os_error().or(errno);
+        }
+        next = current.source();
+    }
+    match errno {
+        Some(libc::EPERM | libc::EACCES) => {
+            "the kernel refused BPF to this process: run `portshard serve` as root with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (or CAP_SYS_ADMIN), not in a container or sandbox that drops them, and check that kernel lockdown allows BPF"
+        }
+        Some(libc::ENOMEM) => {
+            "the kernel ran out of memory for BPF maps: on kernels before 5.11 raise the locked-memory limit (`ulimit -l unlimited`, or LimitMEMLOCK=infinity for a systemd unit)"
+        }
+        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::E2BIG | 524) => {
+            "this kernel lacks what portshard needs (SK_REUSEPORT select-or-migrate programs and mmapable arrays): use Linux 5.14 or later built with CONFIG_BPF_SYSCALL"
+        }
+        _ => "check the kernel log (`dmesg`) and that this is Linux 5.14 or later with BPF enabled",
+    }
+}
+
+/// Raises the locked-memory limit as far as allowed: kernels before 5.11 charge BPF maps
+/// to it, and the table alone is 256 KiB. Later kernels ignore it; a failure is harmless
+/// here and explained by the map creation that then fails.
+fn raise_memlock() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer, then a valid rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit);
         }
     }
 }
