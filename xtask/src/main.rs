@@ -39,7 +39,20 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run every fuzz target (config parser, control decoder, table operations) in turn,
+    /// installing cargo-fuzz first if needed; fails on the first crash or hang.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 }
+
+/// The fuzz targets in `fuzz/fuzz_targets`, with their corpora in `fuzz/corpus/<target>`.
+const FUZZ_TARGETS: [&str; 3] = ["config", "control", "table"];
+
+/// An input running longer than this counts as a hang.
+const FUZZ_TIMEOUT_SECONDS: u64 = 10;
 
 fn main() -> Result<()> {
     match Cli::parse().command {
@@ -48,6 +61,7 @@ fn main() -> Result<()> {
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
         Task::Run { args } => run(&args),
+        Task::Fuzz { seconds } => fuzz(seconds),
     }
 }
 
@@ -202,6 +216,78 @@ fn run(args: &[String]) -> Result<()> {
     if !status.success() {
         bail!("portshard serve exited with {status}");
     }
+    Ok(())
+}
+
+/// Runs each fuzz target for `seconds` on the stable toolchain (`RUSTC_BOOTSTRAP` unlocks
+/// the flags cargo-fuzz passes; no sanitizer, so no nightly runtime is needed) and prints
+/// how many inputs each ran.
+fn fuzz(seconds: u64) -> Result<()> {
+    setup()?;
+    let has_cargo_fuzz = cargo_command(&["fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_cargo_fuzz {
+        println!("fuzz: installing cargo-fuzz");
+        let status = cargo_command(&["install", "cargo-fuzz", "--locked"])
+            .status()
+            .context("could not start cargo install")?;
+        if !status.success() {
+            bail!(
+                "installing cargo-fuzz failed ({status}); install it with `cargo install cargo-fuzz`"
+            );
+        }
+    }
+    let mut summary = Vec::new();
+    for target in FUZZ_TARGETS {
+        let mut child = cargo_command(&[
+            "fuzz",
+            "run",
+            "--fuzz-dir",
+            "fuzz",
+            "--sanitizer",
+            "none",
+            target,
+            "--",
+        ])
+        .args([
+            format!("-max_total_time={seconds}"),
+            format!("-timeout={FUZZ_TIMEOUT_SECONDS}"),
+        ])
+        .env("RUSTC_BOOTSTRAP", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("could not start cargo fuzz")?;
+        // libFuzzer reports on stderr; its progress lines (`#123 NEW ...`, indented
+        // details) are left out.
+        let mut done = None;
+        for line in BufReader::new(child.stderr.take().expect("piped")).lines() {
+            let line = line.context("reading cargo fuzz's output")?;
+            if line.starts_with("Done ") {
+                done = Some(line.clone());
+            }
+            if !line.starts_with(['#', '\t', ' ']) {
+                eprintln!("{line}");
+            }
+        }
+        let status = child.wait().context("waiting for cargo fuzz")?;
+        if !status.success() {
+            bail!(
+                "fuzz target {target} failed ({status}): the input is in fuzz/artifacts/{target}; fix the bug and keep the input as a regression test"
+            );
+        }
+        let done = done.with_context(|| format!("fuzz target {target} reported no run count"))?;
+        summary.push(format!("fuzz {target}: {done}"));
+    }
+    for line in &summary {
+        println!("{line}");
+    }
+    println!(
+        "fuzz: {} targets, {seconds} s each, no crash or hang",
+        FUZZ_TARGETS.len()
+    );
     Ok(())
 }
 
