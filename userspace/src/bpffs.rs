@@ -99,10 +99,10 @@ pub fn ensure_dir(dir: &Path) -> Result<(), BpffsError> {
             Component::Normal(name) => name,
             Component::RootDir | Component::CurDir => continue,
             Component::ParentDir | Component::Prefix(_) => {
-                return Err(BpffsError::Symlink {
-                    path: dir.to_path_buf(),
-                    link: here,
-                });
+                return Err(io_error("using pin directory", dir)(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "it contains `..`, which could lead anywhere: give the path without it",
+                )));
             }
         };
         here.push(name);
