@@ -48,8 +48,12 @@ pub mod names {
     pub const COUNTERS: &str = "counters";
     /// Array with one [`crate::ServiceMeta`] value: what the service listens on.
     pub const SERVICE: &str = "service";
+    /// Hash of health-probe source port (`u32`) to the slot (`u32`) the probe checks.
+    pub const PROBES: &str = "probes";
+    /// Array of [`crate::ProbeHealth`], one per slot: the daemon's probe results.
+    pub const HEALTH: &str = "health";
     /// Every map the program's object defines, in a fixed order.
-    pub const MAPS: [&str; 5] = [SOCKETS, TABLE, SLOTS, COUNTERS, SERVICE];
+    pub const MAPS: [&str; 7] = [SOCKETS, TABLE, SLOTS, COUNTERS, SERVICE, PROBES, HEALTH];
 }
 
 /// One lookup-table entry: the slot that owns the flows hashing here, and the slot that
@@ -170,6 +174,40 @@ pub struct ServiceMeta {
     pub mode: u32,
 }
 
+/// What the daemon's health probes found for one slot, for the CLI. The program never reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeHealth {
+    /// A [`ProbeState`] as `u32`.
+    pub state: u32,
+    /// Probes failed in a row.
+    pub failures: u32,
+}
+
+/// A slot's probe state, as recorded in [`ProbeHealth::state`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeState {
+    /// The service has no probe, or the slot's worker was not probed yet.
+    Unprobed = 0,
+    /// The last probe was answered.
+    Passing = 1,
+    /// The last probe (and `failures` in a row) went unanswered.
+    Failing = 2,
+}
+
+impl ProbeState {
+    /// Decodes a state read from the `health` map; `None` for a value never written.
+    pub const fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            0 => Some(Self::Unprobed),
+            1 => Some(Self::Passing),
+            2 => Some(Self::Failing),
+            _ => None,
+        }
+    }
+}
+
 /// What the program did for one slot, counted per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -246,6 +284,7 @@ const _: () = {
     assert!(size_of::<Table>() == 4 * TABLE_SIZE);
     assert!(size_of::<SlotMeta>() == 40);
     assert!(size_of::<ServiceMeta>() == 24);
+    assert!(size_of::<ProbeHealth>() == 8);
     // A per-CPU map value is limited to 32 KiB by the kernel's per-CPU allocator.
     assert!(size_of::<Counters>() <= 32 * 1024);
 };
@@ -258,6 +297,7 @@ mod pod {
     unsafe impl aya::Pod for super::Table {}
     unsafe impl aya::Pod for super::SlotMeta {}
     unsafe impl aya::Pod for super::ServiceMeta {}
+    unsafe impl aya::Pod for super::ProbeHealth {}
     unsafe impl aya::Pod for super::SlotCounters {}
     unsafe impl aya::Pod for super::Counters {}
 }

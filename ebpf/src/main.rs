@@ -5,19 +5,20 @@
 //! a closing TCP listener, the program reads `table[hash & TABLE_MASK]` and selects, in
 //! order: the entry's owner, its heir, the owners of a few other entries, and otherwise lets
 //! the kernel's own hash choose (`SK_PASS` without a selection). It never returns `SK_DROP`,
-//! so no flow that a live socket could take is refused.
+//! so no flow that a live socket could take is refused. A datagram or SYN from a source
+//! port the daemon registered for a health probe goes to the slot that probe checks.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::sk_action::SK_PASS,
     macros::{map, sk_reuseport},
-    maps::{Array, PerCpuArray, ReusePortSockArray},
+    maps::{Array, HashMap, PerCpuArray, ReusePortSockArray},
     programs::SkReuseportContext,
 };
 use portshard_common::{
-    BPF_F_MMAPABLE, Counters, MAX_SLOTS, PROBE_STEPS, PROBE_STRIDE, ServiceMeta, SlotCounters,
-    SlotMeta, TABLE_MASK, Table, TableEntry,
+    BPF_F_MMAPABLE, Counters, MAX_SLOTS, PROBE_STEPS, PROBE_STRIDE, ProbeHealth, ServiceMeta,
+    SlotCounters, SlotMeta, TABLE_MASK, Table, TableEntry,
 };
 
 /// Slot number to listening socket. The kernel clears a slot the moment its socket closes.
@@ -41,6 +42,14 @@ static SERVICE: Array<ServiceMeta> = Array::pinned(1, 0);
 #[map(name = "counters")]
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(1, 0);
 
+/// Health-probe source port to the slot it checks, written by the daemon.
+#[map(name = "probes")]
+static PROBES: HashMap<u32, u32> = HashMap::pinned(MAX_SLOTS, 0);
+
+/// The daemon's probe results per slot; defined here so one object describes every pinned map.
+#[map(name = "health")]
+static HEALTH: Array<ProbeHealth> = Array::pinned(MAX_SLOTS, 0);
+
 /// How a slot came to be chosen; picks the counter to bump.
 #[derive(Clone, Copy)]
 enum Choice {
@@ -54,6 +63,13 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
     let Some(table) = TABLE.get_ptr(0) else {
         return SK_PASS;
     };
+    if ctx.migrating_sk().is_none()
+        && let Some(slot) = probed_slot(&ctx)
+        && select(&ctx, slot)
+    {
+        // A health probe reached the worker it checks; it is not a flow, so not counted.
+        return SK_PASS;
+    }
     let index = ctx.hash() & TABLE_MASK;
     let entry = read(table, index);
 
@@ -74,6 +90,21 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
     }
     count(&ctx, chosen);
     SK_PASS
+}
+
+/// The slot a health probe checks, if the packet's source port (the first two bytes of the
+/// UDP or TCP header, where the packet data starts) is a registered probe port.
+#[inline(always)]
+fn probed_slot(ctx: &SkReuseportContext) -> Option<u16> {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + 2 > end {
+        return None;
+    }
+    // SAFETY: the two bytes are inside the packet, as checked against `data_end`.
+    let port = u16::from_be(unsafe { core::ptr::read_unaligned(data as *const u16) });
+    // SAFETY: the value is a plain u32 the daemon writes whole.
+    let slot = unsafe { PROBES.get(u32::from(port)) }.copied()?;
+    u16::try_from(slot).ok()
 }
 
 /// Reads entry `index & TABLE_MASK` as the one 32-bit word userspace stores it as, so owner

@@ -99,6 +99,31 @@ pub struct Service {
     pub stop_timeout: Duration,
     /// Whom the workers run as; `None`: as the daemon (root).
     pub run_as: Option<RunAs>,
+    /// The health probe of each worker; `None`: workers are only watched for exiting.
+    pub probe: Option<Probe>,
+}
+
+/// A per-worker health probe: a worker that fails `failures` in a row is taken to be hung,
+/// so it is killed (its entries go to their heirs) and restarted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// What is sent and what counts as an answer.
+    pub kind: ProbeKind,
+    /// Time between two probes of a worker (`probe_interval`).
+    pub interval: Duration,
+    /// How long a probe waits for its answer (`probe_timeout`).
+    pub timeout: Duration,
+    /// Unanswered probes in a row after which the worker is restarted (`probe_failures`).
+    pub failures: u32,
+}
+
+/// What a probe does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// `udp:<payload>`: sends the payload; any datagram back is an answer.
+    Udp(Vec<u8>),
+    /// `tcp`: connects; the worker accepting the connection is an answer.
+    Tcp,
 }
 
 /// The unprivileged identity of a service's workers, as written in the config (names or
@@ -188,6 +213,10 @@ struct RawService {
     stop_timeout: Option<Spanned<String>>,
     user: Option<Spanned<String>>,
     group: Option<Spanned<String>>,
+    probe: Option<Spanned<String>>,
+    probe_interval: Option<Spanned<String>>,
+    probe_timeout: Option<Spanned<String>>,
+    probe_failures: Option<Spanned<i64>>,
 }
 
 /// Byte offsets to line and column.
@@ -375,6 +404,7 @@ impl Config {
             restart: RestartPolicy::default(),
             stop_timeout: DEFAULT_STOP_TIMEOUT,
             run_as: None,
+            probe: None,
         };
         Self {
             services: vec![echo("echo-udp", Proto::Udp), echo("echo-tcp", Proto::Tcp)],
@@ -517,6 +547,17 @@ fn check_service(
         window: checker.duration(raw.restart_window, &what("restart_window"), defaults.window),
     };
     let run_as = check_run_as(checker, raw.user, raw.group, &what);
+    let probe = check_probe(
+        checker,
+        proto,
+        RawProbe {
+            probe: raw.probe,
+            interval: raw.probe_interval,
+            timeout: raw.probe_timeout,
+            failures: raw.probe_failures,
+        },
+        &what,
+    );
     let service = Service {
         name,
         proto,
@@ -540,6 +581,7 @@ fn check_service(
             DEFAULT_STOP_TIMEOUT,
         ),
         run_as,
+        probe,
     };
     (checker.problems.len() == before).then(|| {
         (
@@ -549,6 +591,101 @@ fn check_service(
                 listen: raw.listen.span(),
             },
         )
+    })
+}
+
+/// Default time between two probes of a worker.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Default time a probe waits for its answer.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default number of unanswered probes in a row that make a worker hung.
+pub const DEFAULT_PROBE_FAILURES: u32 = 3;
+
+/// The probe fields of a service, as written.
+struct RawProbe {
+    probe: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    failures: Option<Spanned<i64>>,
+}
+
+/// Validates the probe of a service of transport `proto`.
+fn check_probe(
+    checker: &mut Checker<'_>,
+    proto: Proto,
+    raw: RawProbe,
+    what: &dyn Fn(&str) -> String,
+) -> Option<Probe> {
+    let Some(probe) = raw.probe else {
+        let stray = [
+            ("probe_interval", raw.interval.map(|f| f.span())),
+            ("probe_timeout", raw.timeout.map(|f| f.span())),
+            ("probe_failures", raw.failures.map(|f| f.span())),
+        ];
+        for (field, span) in stray {
+            if let Some(span) = span {
+                checker.report(span, what(field), "is set without `probe`: add `probe = \"udp:<payload>\"` or `probe = \"tcp\"`, or remove it".to_owned());
+            }
+        }
+        return None;
+    };
+    let kind = match (
+        probe.get_ref().split_once(':'),
+        probe.get_ref().as_str(),
+        proto,
+    ) {
+        (Some(("udp", payload)), _, Proto::Udp) if !payload.is_empty() => {
+            ProbeKind::Udp(payload.as_bytes().to_vec())
+        }
+        (_, "tcp", Proto::Tcp) => ProbeKind::Tcp,
+        _ => {
+            let allowed = match proto {
+                Proto::Udp => {
+                    "\"udp:<payload>\" with a payload the worker answers, like \"udp:ping\""
+                }
+                Proto::Tcp => "\"tcp\"",
+            };
+            checker.report(
+                probe.span(),
+                what("probe"),
+                format!(
+                    "{:?} is not a probe for a {proto} service: use {allowed}",
+                    probe.get_ref()
+                ),
+            );
+            return None;
+        }
+    };
+    let interval = checker.duration(
+        raw.interval,
+        &what("probe_interval"),
+        DEFAULT_PROBE_INTERVAL,
+    );
+    let timeout_span = raw.timeout.as_ref().map(|f| f.span());
+    let timeout = checker.duration(
+        raw.timeout,
+        &what("probe_timeout"),
+        DEFAULT_PROBE_TIMEOUT.min(interval),
+    );
+    if timeout > interval {
+        checker.report(
+            timeout_span.unwrap_or(probe.span()),
+            what("probe_timeout"),
+            format!(
+                "{} is longer than probe_interval {}: a probe must end before the next starts",
+                humantime::format_duration(timeout),
+                humantime::format_duration(interval)
+            ),
+        );
+    }
+    let failures = raw.failures.as_ref().map_or(DEFAULT_PROBE_FAILURES, |f| {
+        checker.integer(f, &what("probe_failures"), 1..101)
+    });
+    Some(Probe {
+        kind,
+        interval,
+        timeout,
+        failures,
     })
 }
 

@@ -13,6 +13,7 @@ use std::{
     net::SocketAddr,
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -33,6 +34,8 @@ use crate::{
     dataplane::{Dataplane, DataplaneError},
     group::{Group, GroupError, Holder},
     metrics,
+    probe::{Tracker, Verdict},
+    prober::Prober,
     process::{self, Activation, Credentials, Exit, ProcessError},
     report::{self, PROTO_TCP, PROTO_UDP, StatusReport, listen_address},
     socket::{self, Proto, SocketError},
@@ -269,6 +272,13 @@ enum Event {
         request: Request,
         reply: oneshot::Sender<Reply>,
     },
+    /// A health probe of a worker ended.
+    Probed {
+        service: usize,
+        slot: Slot,
+        pid: u32,
+        answered: bool,
+    },
     /// The metrics endpoint wants a snapshot.
     Scrape { reply: oneshot::Sender<String> },
     /// SIGTERM or SIGINT.
@@ -282,6 +292,34 @@ struct Worker {
     since: Instant,
     /// Ended by this daemon's request (a stop), so its exit is not a crash.
     stopping: bool,
+    /// Its health probe, if the service has one.
+    probing: Option<Probing>,
+}
+
+impl Worker {
+    /// Worker `pid` behind `pidfd`, as of now; `stopping` if it was asked to stop.
+    fn new(pid: u32, pidfd: OwnedFd, stopping: bool) -> Self {
+        Self {
+            pid,
+            pidfd,
+            since: Instant::now(),
+            stopping,
+            probing: None,
+        }
+    }
+}
+
+/// A worker's health probe: the task that probes it and the verdict so far.
+struct Probing {
+    tracker: Tracker,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Probing {
+    /// The probe ends with the worker it checks.
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// What a slot of a running service is doing.
@@ -315,6 +353,8 @@ struct Running {
     group: Group,
     slots: BTreeMap<Slot, SlotRun>,
     crashes: BTreeMap<Slot, Crashes>,
+    /// Each probed slot's probe, kept across its workers (so is its source port).
+    probers: BTreeMap<Slot, Arc<Prober>>,
 }
 
 struct Daemon {
@@ -333,7 +373,7 @@ impl Daemon {
         let mut adoptions = Vec::new();
         for (spec, launch) in config.services.into_iter().zip(launches) {
             let pinned = self.root.join(&spec.name).join(names::PROGRAM).exists();
-            let (group, adopted) = if pinned {
+            let (mut group, adopted) = if pinned {
                 self.adopted = true;
                 adopt(&self.root, &spec)?
             } else {
@@ -341,21 +381,21 @@ impl Daemon {
                 group.record_service(service_record(&spec))?;
                 (group, Adopted::default())
             };
+            // Probe ports of a previous daemon are closed now, free for anyone to use.
+            group.clear_probes()?;
             self.services.push(Running {
                 spec,
                 launch,
                 group,
                 slots: BTreeMap::new(),
                 crashes: adopted.crashes,
+                probers: BTreeMap::new(),
             });
             adoptions.push((adopted.alive, adopted.dead));
         }
         for (index, (alive, dead)) in adoptions.into_iter().enumerate() {
             for (slot, worker) in alive {
-                self.watch(index, slot, &worker);
-                self.services[index]
-                    .slots
-                    .insert(slot, SlotRun::Serving(worker));
+                self.serve(index, slot, worker);
             }
             for slot in dead {
                 self.slot_died(index, slot, Duration::ZERO);
@@ -399,6 +439,12 @@ impl Daemon {
             match event {
                 Event::Exited { service, slot, pid } => self.exited(service, slot, pid),
                 Event::RestartDue { service, slot } => self.restart(service, slot),
+                Event::Probed {
+                    service,
+                    slot,
+                    pid,
+                    answered,
+                } => self.probed(service, slot, pid, answered),
                 Event::Control { request, reply } => {
                     let _ = reply.send(self.control(request));
                 }
@@ -456,17 +502,116 @@ impl Daemon {
             restarts,
             "worker started"
         );
-        let worker = Worker {
-            pid: spawned.pid,
-            pidfd: spawned.pidfd,
-            since: Instant::now(),
-            stopping: false,
-        };
+        self.serve(index, slot, Worker::new(spawned.pid, spawned.pidfd, false));
+        Ok(())
+    }
+
+    /// Records `worker` as serving `slot`, watches for its exit and, if the service has a
+    /// probe and the worker is not being stopped, starts probing it.
+    fn serve(&mut self, index: usize, slot: Slot, mut worker: Worker) {
         self.watch(index, slot, &worker);
+        if !worker.stopping {
+            worker.probing = self.probe(index, slot, worker.pid);
+        }
         self.services[index]
             .slots
             .insert(slot, SlotRun::Serving(worker));
-        Ok(())
+    }
+
+    /// Starts probing worker `pid` of `slot` every interval, binding the slot's probe port
+    /// and steering it to the slot the first time.
+    fn probe(&mut self, index: usize, slot: Slot, pid: u32) -> Option<Probing> {
+        let running = &mut self.services[index];
+        let spec = running.spec.probe.clone()?;
+        let prober = match running.probers.get(&slot) {
+            Some(prober) => Arc::clone(prober),
+            None => {
+                let bound = Prober::bind(&spec.kind, running.spec.listen, spec.timeout)
+                    .map_err(|e| e.to_string())
+                    .and_then(|prober| {
+                        running
+                            .group
+                            .set_probe(prober.port(), slot)
+                            .map_err(|e| e.to_string())?;
+                        Ok(Arc::new(prober))
+                    });
+                match bound {
+                    Ok(prober) => {
+                        running.probers.insert(slot, Arc::clone(&prober));
+                        prober
+                    }
+                    Err(error) => {
+                        error!(service = %running.spec.name, slot, %error, "cannot set up the health probe of this slot; its workers are not probed");
+                        return None;
+                    }
+                }
+            }
+        };
+        let tracker = Tracker::new(spec.failures);
+        if let Err(error) = running.group.set_health(slot, tracker.health()) {
+            warn!(service = %running.spec.name, slot, %error, "cannot record the probe state");
+        }
+        let events = self.events.clone();
+        let task = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(spec.interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The first tick is immediate: give the worker an interval to start.
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let answered = prober.check(pid).await;
+                let event = Event::Probed {
+                    service: index,
+                    slot,
+                    pid,
+                    answered,
+                };
+                if events.send(event).is_err() {
+                    return;
+                }
+            }
+        });
+        Some(Probing { tracker, task })
+    }
+
+    /// A probe of worker `pid` ended: records it, and kills a worker that failed as many
+    /// probes in a row as allowed (its entries go to their heirs; it is restarted).
+    fn probed(&mut self, index: usize, slot: Slot, pid: u32, answered: bool) {
+        let running = &mut self.services[index];
+        let Some(SlotRun::Serving(worker)) = running.slots.get_mut(&slot) else {
+            return;
+        };
+        let Some(probing) = worker.probing.as_mut().filter(|_| worker.pid == pid) else {
+            return;
+        };
+        let was_failing = probing.tracker.health().failures > 0;
+        let verdict = probing.tracker.record(answered);
+        if let Err(error) = running.group.set_health(slot, probing.tracker.health()) {
+            warn!(service = %running.spec.name, slot, %error, "cannot record the probe state");
+        }
+        let name = &running.spec.name;
+        match verdict {
+            Verdict::Passing if was_failing => {
+                info!(service = %name, slot, pid, "worker answers its probe again");
+            }
+            Verdict::Passing => {}
+            Verdict::Failing(failures) => {
+                warn!(service = %name, slot, pid, failures, "worker did not answer its probe");
+            }
+            Verdict::Hung(failures) => {
+                warn!(
+                    service = %name,
+                    slot,
+                    pid,
+                    failures,
+                    "worker is hung (alive, but answered none of its last {failures} probes): killing it, so its entries go to their heirs, and restarting it"
+                );
+                worker.probing = None;
+                if let Err(error) = process::signal(worker.pidfd.as_fd(), libc::SIGKILL) {
+                    error!(service = %name, slot, pid, %error, "cannot kill the hung worker");
+                }
+            }
+        }
     }
 
     /// Sends [`Event::Exited`] when `worker` ends.
@@ -821,15 +966,9 @@ fn adopt(root: &Path, spec: &Service) -> Result<(Group, Adopted), DaemonError> {
         match alive {
             Some(pidfd) if u32::from(slot) < spec.workers => {
                 info!(service = %spec.name, slot, pid = meta.pid, "adopted running worker");
-                adopted.alive.push((
-                    slot,
-                    Worker {
-                        pid: meta.pid,
-                        pidfd,
-                        since: Instant::now(),
-                        stopping: false,
-                    },
-                ));
+                adopted
+                    .alive
+                    .push((slot, Worker::new(meta.pid, pidfd, false)));
             }
             Some(pidfd) => {
                 info!(service = %spec.name, slot, pid = meta.pid, "stopping a worker beyond the configured count");
@@ -837,13 +976,9 @@ fn adopt(root: &Path, spec: &Service) -> Result<(Group, Adopted), DaemonError> {
                     group.drain(slot)?;
                 }
                 let _ = process::signal(pidfd.as_fd(), libc::SIGTERM);
-                let worker = Worker {
-                    pid: meta.pid,
-                    pidfd,
-                    since: Instant::now(),
-                    stopping: true,
-                };
-                adopted.alive.push((slot, worker));
+                adopted
+                    .alive
+                    .push((slot, Worker::new(meta.pid, pidfd, true)));
             }
             None if recorded || group.table().members().contains_key(&slot) => {
                 warn!(service = %spec.name, slot, pid = meta.pid, "worker died while no daemon ran; its entries go to their heirs");

@@ -14,12 +14,12 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{Array, Map, MapData, MapError, MapInfo, PerCpuArray, ReusePortSockArray},
+    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, ReusePortSockArray},
     programs::{ProgramError, SkReuseport, sk_reuseport::SkReuseportAttachType},
 };
 use aya_obj::generated::bpf_prog_type;
 use portshard_common::{
-    Counters, MAX_SLOTS, ServiceMeta, SlotMeta, TABLE_SIZE, Table, TableEntry, names,
+    Counters, MAX_SLOTS, ProbeHealth, ServiceMeta, SlotMeta, TABLE_SIZE, Table, TableEntry, names,
 };
 
 use crate::{
@@ -180,6 +180,8 @@ pub struct Dataplane {
     slots: Array<MapData, SlotMeta>,
     counters: PerCpuArray<MapData, Counters>,
     service: Array<MapData, ServiceMeta>,
+    probes: HashMap<MapData, u32, u32>,
+    health: Array<MapData, ProbeHealth>,
     table: MappedTable,
 }
 
@@ -250,6 +252,8 @@ impl Dataplane {
         let slots = typed(&dir, names::SLOTS, open(names::SLOTS)?)?;
         let counters = typed(&dir, names::COUNTERS, open(names::COUNTERS)?)?;
         let service = typed(&dir, names::SERVICE, open(names::SERVICE)?)?;
+        let probes = typed(&dir, names::PROBES, open(names::PROBES)?)?;
+        let health = typed(&dir, names::HEALTH, open(names::HEALTH)?)?;
         let table = MappedTable::new(open(names::TABLE)?, &dir.join(names::TABLE))?;
         let program = open_program(&dir.join(names::PROGRAM))?;
         Ok(Self {
@@ -259,6 +263,8 @@ impl Dataplane {
             slots,
             counters,
             service,
+            probes,
+            health,
             table,
         })
     }
@@ -322,12 +328,13 @@ impl Dataplane {
             .dir
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-        Ok(TableReport::new(
-            &name,
-            &self.read_entries(),
-            &metas,
-            &self.counters()?,
-        ))
+        let health = (0..MAX_SLOTS as Slot)
+            .map(|slot| self.health(slot))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(
+            TableReport::new(&name, &self.read_entries(), &metas, &self.counters()?)
+                .with_health(&health),
+        )
     }
 
     /// Records what the service listens on (see [`ServiceMeta`]).
@@ -406,6 +413,66 @@ impl Dataplane {
                 path: self.dir.join(names::SLOTS),
                 source: Box::new(source),
             })
+    }
+
+    /// Sends packets from source port `port` (a health probe's) to `slot`'s socket.
+    pub fn set_probe(&mut self, port: u16, slot: Slot) -> Result<()> {
+        let error = self.map_error(
+            names::PROBES,
+            format!("registering probe port {port} for slot {slot}"),
+        );
+        self.probes
+            .insert(u32::from(port), u32::from(slot), 0)
+            .map_err(error)
+    }
+
+    /// Forgets every probe port (those of a previous daemon, whose sockets are gone).
+    pub fn clear_probes(&mut self) -> Result<()> {
+        let ports: Vec<u32> = self
+            .probes
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .collect();
+        for port in ports {
+            let error = self.map_error(names::PROBES, format!("removing probe port {port}"));
+            match self.probes.remove(&port) {
+                Err(MapError::KeyNotFound) => {}
+                other => other.map_err(error)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the probe results of `slot`'s worker.
+    pub fn set_health(&mut self, slot: Slot, health: ProbeHealth) -> Result<()> {
+        let error = self.map_error(
+            names::HEALTH,
+            format!("recording the probe result of slot {slot}"),
+        );
+        self.health.set(u32::from(slot), health, 0).map_err(error)
+    }
+
+    /// The probe results recorded for `slot`'s worker.
+    pub fn health(&self, slot: Slot) -> Result<ProbeHealth> {
+        let error = self.map_error(
+            names::HEALTH,
+            format!("reading the probe result of slot {slot}"),
+        );
+        self.health.get(&u32::from(slot), 0).map_err(error)
+    }
+
+    /// Turns a map error into one that names what was being done and the map's pin.
+    fn map_error(
+        &self,
+        map: &str,
+        action: String,
+    ) -> impl FnOnce(MapError) -> DataplaneError + use<> {
+        let path = self.dir.join(map);
+        move |source| DataplaneError::Map {
+            action,
+            path,
+            source: Box::new(source),
+        }
     }
 
     /// `slot`'s recorded metadata.
@@ -722,6 +789,35 @@ mod tests {
         for bad in ["", "DNS", "a/b", "..", "a_b", &"x".repeat(33)] {
             let error = check_service_name(bad).unwrap_err().to_string();
             assert!(error.contains("use 1 to 32 characters"), "{bad:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn bpf_failures_say_what_to_do_from_the_kernel_error_at_the_bottom() {
+        let load = |errno| {
+            let map = MapError::CreateError {
+                name: names::TABLE.to_owned(),
+                io_error: io::Error::from_raw_os_error(errno),
+            };
+            DataplaneError::Load {
+                dir: PathBuf::from("/sys/fs/bpf/portshard/dns"),
+                source: Box::new(aya::EbpfError::MapError(map)),
+            }
+            .to_string()
+        };
+        for (errno, advice) in [
+            (libc::EPERM, "run `portshard serve` as root with CAP_BPF"),
+            (libc::ENOMEM, "raise the locked-memory limit"),
+            (libc::EINVAL, "use Linux 5.14 or later"),
+            (libc::EIO, "check the kernel log"),
+        ] {
+            let message = load(errno);
+            assert!(
+                message.starts_with(
+                    "loading the eBPF object for the pins in /sys/fs/bpf/portshard/dns failed"
+                ) && message.contains(advice),
+                "{message}"
+            );
         }
     }
 }

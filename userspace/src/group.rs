@@ -7,7 +7,7 @@ use std::{
     path::Path,
 };
 
-use portshard_common::{MAX_SLOTS, ServiceMeta, SlotMeta, SlotState};
+use portshard_common::{MAX_SLOTS, ProbeHealth, ServiceMeta, SlotMeta, SlotState};
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
@@ -266,6 +266,22 @@ impl Group {
         meta.weight = weight;
         self.dataplane.set_meta(slot, meta)?;
         self.commit(next, delta)
+    }
+
+    /// Steers packets from source port `port` (a health probe's) to `slot`; the table is
+    /// not touched.
+    pub fn set_probe(&mut self, port: u16, slot: Slot) -> Result<(), GroupError> {
+        Ok(self.dataplane.set_probe(port, slot)?)
+    }
+
+    /// Forgets every probe port (left by a previous daemon).
+    pub fn clear_probes(&mut self) -> Result<(), GroupError> {
+        Ok(self.dataplane.clear_probes()?)
+    }
+
+    /// Records the probe results of `slot`'s worker for the CLI.
+    pub fn set_health(&mut self, slot: Slot, health: ProbeHealth) -> Result<(), GroupError> {
+        Ok(self.dataplane.set_health(slot, health)?)
     }
 
     /// Records `meta` for `slot` without touching the table (a restart count, a pid).

@@ -59,10 +59,13 @@ pub fn map_specs(object: &[u8]) -> Result<Vec<MapSpec>, ObjectError> {
 
 #[cfg(test)]
 mod tests {
-    use portshard_common::{BPF_F_MMAPABLE, Counters, MAX_SLOTS, ServiceMeta, SlotMeta, Table};
+    use portshard_common::{
+        BPF_F_MMAPABLE, Counters, MAX_SLOTS, ProbeHealth, ServiceMeta, SlotMeta, Table,
+    };
 
     use super::*;
 
+    const BPF_MAP_TYPE_HASH: u32 = 1;
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
     const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
     const BPF_MAP_TYPE_REUSEPORT_SOCKARRAY: u32 = 20;
@@ -106,6 +109,14 @@ mod tests {
                 BPF_MAP_TYPE_ARRAY,
                 size_of::<ServiceMeta>() as u32,
                 1,
+                0,
+            ),
+            (names::PROBES, BPF_MAP_TYPE_HASH, 4, MAX_SLOTS, 0),
+            (
+                names::HEALTH,
+                BPF_MAP_TYPE_ARRAY,
+                size_of::<ProbeHealth>() as u32,
+                MAX_SLOTS,
                 0,
             ),
         ];

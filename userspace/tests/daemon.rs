@@ -971,3 +971,149 @@ fn without_bpf_the_daemon_says_why_and_what_to_do_and_starts_no_worker() {
         "pins left behind"
     );
 }
+
+/// `config(services)` with a health probe on every service: `udp:<payload>` for UDP,
+/// `tcp` for TCP, every `interval`, hung after `failures` unanswered in a row.
+fn config_probed(services: &[(&str, &str, usize)], interval: Duration, failures: u32) -> String {
+    services
+        .iter()
+        .map(|&(name, proto, workers)| {
+            let probe = if proto == "udp" { "udp:are you there" } else { "tcp" };
+            format!(
+                "{}\nprobe = \"{probe}\"\nprobe_interval = \"{}ms\"\nprobe_timeout = \"{}ms\"\nprobe_failures = {failures}\n\n",
+                config(&[(name, proto, workers)]).trim_end(),
+                interval.as_millis(),
+                interval.as_millis() / 2,
+            )
+        })
+        .collect()
+}
+
+/// Each live slot's probe state of `service`, from `status`.
+fn probe_states(daemon: &DaemonRun, service: &str) -> BTreeMap<Slot, (&'static str, u32)> {
+    daemon
+        .status()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == service)
+        .map(|s| {
+            s.slots
+                .iter()
+                .filter(|slot| slot.state == "live")
+                .map(|slot| (slot.slot, (slot.probe, slot.probe_failures)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until every live slot of `service` has `workers` probes passing.
+fn wait_probes_passing(daemon: &DaemonRun, service: &str, workers: usize) {
+    let deadline = Instant::now() + READY;
+    loop {
+        let states = probe_states(daemon, service);
+        if states.len() == workers && states.values().all(|&(probe, _)| probe == "passing") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{service} probes never all passed: {states:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `slot` of `service` has a live worker other than `old`; returns its pid.
+fn wait_replaced(daemon: &DaemonRun, service: &str, slot: Slot, old: u32) -> u32 {
+    let deadline = Instant::now() + READY;
+    loop {
+        if let Some(pid) = live_pid(daemon, service, slot)
+            && pid != old
+        {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{service} slot {slot} worker {old} never replaced"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_hung_worker_fails_its_probes_and_is_restarted_while_nothing_else_moves() {
+    let sandbox = sandbox();
+    let interval = Duration::from_millis(200);
+    let services = [("dns", "udp", 4), ("web", "tcp", 4)];
+    let mut daemon = DaemonRun::start(
+        Path::new(EXE),
+        &config_probed(&services, interval, 3),
+        sandbox.pins(),
+    )
+    .unwrap();
+    let before = workers(&daemon.wait_ready(&[("dns", 4), ("web", 4)], READY).unwrap());
+    wait_probes_passing(&daemon, "dns", 4);
+    wait_probes_passing(&daemon, "web", 4);
+    let mut flows = UdpFlows::new(target(), 1024).unwrap();
+    let base = flows.settle(READY).unwrap();
+    let shown = Command::new(EXE)
+        .args(["status", "--bpffs"])
+        .arg(sandbox.pins())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert_eq!(shown.matches("  passing").count(), 8, "{shown}");
+    // Healthy workers pass probe after probe and are left alone.
+    thread::sleep(interval * 5);
+    assert_eq!(
+        workers(&daemon.status().unwrap()),
+        before,
+        "a healthy worker was restarted"
+    );
+
+    for (service, slot) in [("dns", 1), ("web", 2)] {
+        let hung = before[service][&slot];
+        let stopped = Instant::now();
+        signal(hung, libc::SIGSTOP);
+        let replacement = wait_replaced(&daemon, service, slot, hung);
+        let took = stopped.elapsed();
+        assert!(
+            !Path::new(&format!("/proc/{hung}")).exists(),
+            "the hung worker {hung} was not killed"
+        );
+        assert!(
+            took >= interval * 2 && took < interval * 3 + Duration::from_secs(3),
+            "{service} slot {slot} replaced after {took:?}"
+        );
+        eprintln!(
+            "{service} slot {slot}: hung worker {hung} replaced by {replacement} {took:?} after SIGSTOP"
+        );
+    }
+    let log = daemon.log_text();
+    assert!(
+        log.contains("worker is hung (alive, but answered none of its last 3 probes)"),
+        "{log}"
+    );
+    wait_probes_passing(&daemon, "dns", 4);
+    wait_probes_passing(&daemon, "web", 4);
+    // The replacement got its flows back; nothing else moved.
+    let now = workers(&daemon.status().unwrap());
+    let after = flows.round(Duration::from_secs(3)).unwrap();
+    for (flow, answer) in after.iter().enumerate() {
+        let answer = answer.unwrap_or_else(|| panic!("flow {flow} lost"));
+        assert_eq!(answer.slot, base[flow].slot, "flow {flow} moved");
+        assert_eq!(
+            answer.pid, now["dns"][&answer.slot],
+            "flow {flow}: a stale worker"
+        );
+    }
+    let (_, greeting) = tcp_greeting(target(), Duration::from_secs(2)).unwrap();
+    assert_eq!(greeting.pid, now["web"][&greeting.slot]);
+    for (service, slots) in &now {
+        for (slot, pid) in slots {
+            let unchanged = before[service][slot] == *pid;
+            let restarted = (service, *slot) == (&"dns".to_owned(), 1)
+                || (service, *slot) == (&"web".to_owned(), 2);
+            assert!(unchanged != restarted, "{service} slot {slot}: {pid}");
+        }
+    }
+}

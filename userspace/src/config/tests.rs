@@ -320,6 +320,66 @@ fn limits_on_services_workers_and_the_flow_table_are_enforced() {
 }
 
 #[test]
+fn probes_are_read_with_their_defaults() {
+    let text = DNS.replace("mode = \"balance\"", "probe = \"udp:ping me\"\nprobe_interval = \"200ms\"\nprobe_timeout = \"50ms\"\nprobe_failures = 2");
+    let probe = parse(&text).unwrap().services.remove(0).probe.unwrap();
+    assert_eq!(
+        probe,
+        Probe {
+            kind: ProbeKind::Udp(b"ping me".to_vec()),
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_millis(50),
+            failures: 2,
+        }
+    );
+    let tcp = DNS
+        .replace("\"udp\"", "\"tcp\"")
+        .replace("mode = \"balance\"", "probe = \"tcp\"");
+    let probe = parse(&tcp).unwrap().services.remove(0).probe.unwrap();
+    assert_eq!(
+        (probe.kind, probe.interval, probe.timeout, probe.failures),
+        (
+            ProbeKind::Tcp,
+            DEFAULT_PROBE_INTERVAL,
+            DEFAULT_PROBE_TIMEOUT,
+            DEFAULT_PROBE_FAILURES
+        )
+    );
+    assert_eq!(parse(DNS).unwrap().services[0].probe, None);
+}
+
+#[test]
+fn bad_probes_name_their_field_and_what_is_allowed() {
+    let cases = [
+        (
+            "probe = \"tcp\"",
+            "8:9: service \"dns\" field `probe`: \"tcp\" is not a probe for a udp service: use \"udp:<payload>\"",
+        ),
+        (
+            "probe = \"udp:\"",
+            "8:9: service \"dns\" field `probe`: \"udp:\" is not a probe for a udp service",
+        ),
+        (
+            "probe_failures = 3",
+            "8:18: service \"dns\" field `probe_failures`: is set without `probe`",
+        ),
+        (
+            "probe = \"udp:x\"\nprobe_interval = \"100ms\"\nprobe_timeout = \"1s\"",
+            "10:17: service \"dns\" field `probe_timeout`: 1s is longer than probe_interval 100ms",
+        ),
+        (
+            "probe = \"udp:x\"\nprobe_failures = 0",
+            "9:18: service \"dns\" field `probe_failures`: 0 is out of range: use 1 to 100",
+        ),
+    ];
+    for (to, expected) in cases {
+        let text = DNS.replace("mode = \"balance\"", to);
+        let found = problem(&text);
+        assert!(found.starts_with(&format!("{FILE}:{expected}")), "{found}");
+    }
+}
+
+#[test]
 fn the_builtin_default_is_a_valid_config() {
     let builtin = Config::builtin(Path::new("/usr/bin/portshard"));
     let text: String = builtin
