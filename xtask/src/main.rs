@@ -39,6 +39,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Chaos under load: the daemon with 2 UDP and 2 TCP services of 8 workers while workers
+    /// and the daemon are killed, stopped, drained and reweighted; ends with
+    /// `soak faults=<n> violations=<n>` and fails on any violation (needs root).
+    Soak {
+        /// How long the chaos runs.
+        #[arg(long, default_value_t = 1.0)]
+        minutes: f64,
+    },
     /// Run every fuzz target (config parser, control decoder, table operations) in turn,
     /// installing cargo-fuzz first if needed; fails on the first crash or hang.
     Fuzz {
@@ -62,6 +70,11 @@ fn main() -> Result<()> {
         Task::Demo => demo(),
         Task::Run { args } => run(&args),
         Task::Fuzz { seconds } => fuzz(seconds),
+        Task::Soak { minutes } => harness_binary(
+            "portshard-soak",
+            &["--minutes", &minutes.to_string()],
+            "the soak",
+        ),
     }
 }
 
@@ -164,8 +177,13 @@ fn count_before(result: &str, label: &str) -> u64 {
 }
 
 fn demo() -> Result<()> {
+    harness_binary("portshard-demo", &[], "the demo")
+}
+
+/// Builds the daemon and runs harness binary `name` with `args`: the demo and the soak run
+/// the real daemon, the `portshard` binary next to their own.
+fn harness_binary(name: &str, args: &[&str], what: &str) -> Result<()> {
     build_ebpf()?;
-    // The demo runs the real daemon, the `portshard` binary next to its own.
     let built = cargo_command(&[
         "build",
         "--release",
@@ -187,12 +205,14 @@ fn demo() -> Result<()> {
         "--package",
         "portshard-harness",
         "--bin",
-        "portshard-demo",
+        name,
+        "--",
     ])
+    .args(args)
     .status()
     .context("could not start cargo run")?;
     if !status.success() {
-        bail!("the demo failed ({status})");
+        bail!("{what} failed ({status})");
     }
     Ok(())
 }
