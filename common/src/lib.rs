@@ -50,8 +50,14 @@ pub mod names {
     pub const SERVICE: &str = "service";
     /// LRU hash from a UDP flow's hash to its [`crate::Flow`]: the flow table.
     pub const FLOWS: &str = "flows";
+    /// Hash of health-probe source port (`u32`) to the slot (`u32`) the probe checks.
+    pub const PROBES: &str = "probes";
+    /// Array of [`crate::ProbeHealth`], one per slot: the daemon's probe results.
+    pub const HEALTH: &str = "health";
     /// Every map the program's object defines, in a fixed order.
-    pub const MAPS: [&str; 6] = [SOCKETS, TABLE, SLOTS, COUNTERS, SERVICE, FLOWS];
+    pub const MAPS: [&str; 8] = [
+        SOCKETS, TABLE, SLOTS, COUNTERS, SERVICE, FLOWS, PROBES, HEALTH,
+    ];
 }
 
 /// The reference programs `cargo xtask bench` measures the program against, in their own
@@ -117,6 +123,10 @@ pub struct Table {
 /// flow table) while its socket lives; only new flows, and flows whose slot is gone,
 /// are steered by the table. Set for UDP services in `handover` mode or with `sticky`.
 pub const TABLE_FLOWS: u32 = 1;
+
+/// [`Table::flags`] bit: the service has health probes; a datagram or SYN from a source
+/// port in the `probes` map goes to the slot it checks. Off, the program never looks.
+pub const TABLE_PROBES: u32 = 2;
 
 /// Index of the [`Table::flags`] word when the table is read as 32-bit words.
 pub const FLAGS_WORD: usize = TABLE_SIZE;
@@ -223,6 +233,40 @@ pub struct ServiceMeta {
     pub reserved: u32,
 }
 
+/// What the daemon's health probes found for one slot, for the CLI. The program never reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeHealth {
+    /// A [`ProbeState`] as `u32`.
+    pub state: u32,
+    /// Probes failed in a row.
+    pub failures: u32,
+}
+
+/// A slot's probe state, as recorded in [`ProbeHealth::state`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeState {
+    /// The service has no probe, or the slot's worker was not probed yet.
+    Unprobed = 0,
+    /// The last probe was answered.
+    Passing = 1,
+    /// The last probe (and `failures` in a row) went unanswered.
+    Failing = 2,
+}
+
+impl ProbeState {
+    /// Decodes a state read from the `health` map; `None` for a value never written.
+    pub const fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            0 => Some(Self::Unprobed),
+            1 => Some(Self::Passing),
+            2 => Some(Self::Failing),
+            _ => None,
+        }
+    }
+}
+
 /// What the program did for one slot, counted per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -313,6 +357,7 @@ const _: () = {
     assert!(size_of::<SlotMeta>() == 40);
     assert!(size_of::<ServiceMeta>() == 32);
     assert!(size_of::<Flow>() == 16);
+    assert!(size_of::<ProbeHealth>() == 8);
     // A per-CPU map value is limited to 32 KiB by the kernel's per-CPU allocator.
     assert!(size_of::<Counters>() <= 32 * 1024);
 };
@@ -325,6 +370,7 @@ mod pod {
     unsafe impl aya::Pod for super::Table {}
     unsafe impl aya::Pod for super::SlotMeta {}
     unsafe impl aya::Pod for super::ServiceMeta {}
+    unsafe impl aya::Pod for super::ProbeHealth {}
     unsafe impl aya::Pod for super::SlotCounters {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::Flow {}

@@ -9,7 +9,9 @@
 //!
 //! With the flow table on (UDP in `handover` mode or with `sticky`), a datagram of a known
 //! flow goes to the slot that took the flow's first datagram while that slot's socket
-//! lives; only new flows, and flows whose slot is gone, go through the table.
+//! lives; only new flows, and flows whose slot is gone, go through the table. With probes
+//! on, a datagram or SYN from a source port the daemon registered for a health probe goes
+//! to the slot that probe checks.
 #![no_std]
 #![no_main]
 
@@ -17,12 +19,12 @@ use aya_ebpf::{
     bindings::sk_action::SK_PASS,
     helpers::bpf_ktime_get_coarse_ns,
     macros::{map, sk_reuseport},
-    maps::{Array, LruHashMap, PerCpuArray, ReusePortSockArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ReusePortSockArray},
     programs::SkReuseportContext,
 };
 use portshard_common::{
-    BPF_F_MMAPABLE, Counters, Flow, MAX_SLOTS, PROBE_STEPS, PROBE_STRIDE, ServiceMeta,
-    SlotCounters, SlotMeta, TABLE_FLOWS, TABLE_MASK, Table, TableEntry,
+    BPF_F_MMAPABLE, Counters, Flow, MAX_SLOTS, PROBE_STEPS, PROBE_STRIDE, ProbeHealth, ServiceMeta,
+    SlotCounters, SlotMeta, TABLE_FLOWS, TABLE_MASK, TABLE_PROBES, Table, TableEntry,
 };
 
 mod runtime;
@@ -53,6 +55,14 @@ static COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(1, 0);
 #[map(name = "flows")]
 static FLOWS: LruHashMap<u32, Flow> = LruHashMap::pinned(1, 0);
 
+/// Health-probe source port to the slot it checks, written by the daemon.
+#[map(name = "probes")]
+static PROBES: HashMap<u32, u32> = HashMap::pinned(MAX_SLOTS, 0);
+
+/// The daemon's probe results per slot; defined here so one object describes every pinned map.
+#[map(name = "health")]
+static HEALTH: Array<ProbeHealth> = Array::pinned(MAX_SLOTS, 0);
+
 /// How a slot came to be chosen; picks the counter to bump.
 #[derive(Clone, Copy)]
 enum Choice {
@@ -66,9 +76,17 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
     let Some(table) = TABLE.get_ptr(0) else {
         return SK_PASS;
     };
-    let hash = ctx.hash();
     // SAFETY: `table` points to the map's value; the flags word is inside it.
     let flags = unsafe { core::ptr::read_volatile(&raw const (*table).flags) };
+    if flags & TABLE_PROBES != 0
+        && ctx.migrating_sk().is_none()
+        && let Some(slot) = probed_slot(&ctx)
+        && select(&ctx, slot)
+    {
+        // A health probe reached the worker it checks; it is not a flow, so not counted.
+        return SK_PASS;
+    }
+    let hash = ctx.hash();
     let Some(counters) = COUNTERS.get_ptr_mut(0) else {
         return SK_PASS;
     };
@@ -81,6 +99,7 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
         return SK_PASS;
     }
 
+    // SAFETY: a helper with no arguments and no side effects.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let known = FLOWS.get_ptr_mut(hash);
     if let Some(flow) = known {
@@ -133,6 +152,21 @@ fn choose(ctx: &SkReuseportContext, table: *const Table, hash: u32) -> Option<(u
         }
     }
     None
+}
+
+/// The slot a health probe checks, if the packet's source port (the first two bytes of the
+/// UDP or TCP header, where the packet data starts) is a registered probe port.
+#[inline(always)]
+fn probed_slot(ctx: &SkReuseportContext) -> Option<u16> {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + 2 > end {
+        return None;
+    }
+    // SAFETY: the two bytes are inside the packet, as checked against `data_end`.
+    let port = u16::from_be(unsafe { core::ptr::read_unaligned(data as *const u16) });
+    // SAFETY: the value is a plain u32 the daemon writes whole.
+    let slot = unsafe { PROBES.get(u32::from(port)) }.copied()?;
+    u16::try_from(slot).ok()
 }
 
 /// Reads entry `index & TABLE_MASK` as the one 32-bit word userspace stores it as, so owner

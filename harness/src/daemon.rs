@@ -43,6 +43,21 @@ impl Answer {
     }
 }
 
+/// The `portshard` binary cargo built next to the running one (the demo's, the soak's).
+pub fn portshard_exe() -> Result<PathBuf> {
+    let exe =
+        std::env::current_exe().map_err(|e| context(e, "finding this program's path".into()))?;
+    let portshard = exe.with_file_name("portshard");
+    if portshard.is_file() {
+        Ok(portshard)
+    } else {
+        Err(MeasureError::Traffic(format!(
+            "{} is missing: build it first (`cargo xtask demo` and `cargo xtask soak` do)",
+            portshard.display()
+        )))
+    }
+}
+
 /// A `portshard serve` process on its own pin root and control socket, with its log in a
 /// file (its workers inherit stderr and outlive it, so a pipe would never close).
 pub struct DaemonRun {

@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod flows;
 pub mod netns;
 pub mod scenario;
+pub mod soak;
 
 /// `error` with what was being done in front of its message, keeping its kind, so a failure
 /// deep in a scenario still says which flow, listener or file it was about.

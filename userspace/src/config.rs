@@ -101,6 +101,43 @@ pub struct Service {
     pub restart: RestartPolicy,
     /// How long a stopping worker gets between SIGTERM and SIGKILL.
     pub stop_timeout: Duration,
+    /// Whom the workers run as; `None`: as the daemon (root).
+    pub run_as: Option<RunAs>,
+    /// The health probe of each worker; `None`: workers are only watched for exiting.
+    pub probe: Option<Probe>,
+}
+
+/// A per-worker health probe: a worker that fails `failures` in a row is taken to be hung,
+/// so it is killed (its entries go to their heirs) and restarted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// What is sent and what counts as an answer.
+    pub kind: ProbeKind,
+    /// Time between two probes of a worker (`probe_interval`).
+    pub interval: Duration,
+    /// How long a probe waits for its answer (`probe_timeout`).
+    pub timeout: Duration,
+    /// Unanswered probes in a row after which the worker is restarted (`probe_failures`).
+    pub failures: u32,
+}
+
+/// What a probe does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// `udp:<payload>`: sends the payload; any datagram back is an answer.
+    Udp(Vec<u8>),
+    /// `tcp`: connects; the worker accepting the connection is an answer.
+    Tcp,
+}
+
+/// The unprivileged identity of a service's workers, as written in the config (names or
+/// numeric ids); the daemon resolves it when it starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    /// `user`: a user name or uid.
+    pub user: String,
+    /// `group`: a group name or gid; `None`: the user's primary group.
+    pub group: Option<String>,
 }
 
 impl Service {
@@ -192,6 +229,12 @@ struct RawService {
     restart_window: Option<Spanned<String>>,
     stop_timeout: Option<Spanned<String>>,
     ready_delay: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
+    probe: Option<Spanned<String>>,
+    probe_interval: Option<Spanned<String>>,
+    probe_timeout: Option<Spanned<String>>,
+    probe_failures: Option<Spanned<i64>>,
 }
 
 /// Byte offsets to line and column.
@@ -309,7 +352,7 @@ impl Config {
                 span,
                 String::new(),
                 format!(
-                    "{} services, at most {MAX_SERVICES} are allowed",
+                    "{} services, at most {MAX_SERVICES} are allowed: split them over several daemons, each with its own --bpffs and --control",
                     raw.service.len()
                 ),
             );
@@ -379,6 +422,8 @@ impl Config {
             restart: RestartPolicy::default(),
             stop_timeout: DEFAULT_STOP_TIMEOUT,
             ready_delay: DEFAULT_READY_DELAY,
+            run_as: None,
+            probe: None,
         };
         Self {
             services: vec![echo("echo-udp", Proto::Udp), echo("echo-tcp", Proto::Tcp)],
@@ -505,6 +550,18 @@ fn check_service(
         }),
         window: checker.duration(raw.restart_window, &what("restart_window"), defaults.window),
     };
+    let run_as = check_run_as(checker, raw.user, raw.group, &what);
+    let probe = check_probe(
+        checker,
+        proto,
+        RawProbe {
+            probe: raw.probe,
+            interval: raw.probe_interval,
+            timeout: raw.probe_timeout,
+            failures: raw.probe_failures,
+        },
+        &what,
+    );
     let service = Service {
         name,
         proto,
@@ -528,6 +585,8 @@ fn check_service(
             DEFAULT_STOP_TIMEOUT,
         ),
         ready_delay: checker.duration(raw.ready_delay, &what("ready_delay"), DEFAULT_READY_DELAY),
+        run_as,
+        probe,
     };
     (checker.problems.len() == before).then(|| {
         (
@@ -538,6 +597,151 @@ fn check_service(
             },
         )
     })
+}
+
+/// Default time between two probes of a worker.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Default time a probe waits for its answer.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default number of unanswered probes in a row that make a worker hung.
+pub const DEFAULT_PROBE_FAILURES: u32 = 3;
+
+/// The probe fields of a service, as written.
+struct RawProbe {
+    probe: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    failures: Option<Spanned<i64>>,
+}
+
+/// Validates the probe of a service of transport `proto`.
+fn check_probe(
+    checker: &mut Checker<'_>,
+    proto: Proto,
+    raw: RawProbe,
+    what: &dyn Fn(&str) -> String,
+) -> Option<Probe> {
+    let Some(probe) = raw.probe else {
+        let stray = [
+            ("probe_interval", raw.interval.map(|f| f.span())),
+            ("probe_timeout", raw.timeout.map(|f| f.span())),
+            ("probe_failures", raw.failures.map(|f| f.span())),
+        ];
+        for (field, span) in stray {
+            if let Some(span) = span {
+                checker.report(span, what(field), "is set without `probe`: add `probe = \"udp:<payload>\"` or `probe = \"tcp\"`, or remove it".to_owned());
+            }
+        }
+        return None;
+    };
+    let kind = match (
+        probe.get_ref().split_once(':'),
+        probe.get_ref().as_str(),
+        proto,
+    ) {
+        (Some(("udp", payload)), _, Proto::Udp) if !payload.is_empty() => {
+            ProbeKind::Udp(payload.as_bytes().to_vec())
+        }
+        (_, "tcp", Proto::Tcp) => ProbeKind::Tcp,
+        _ => {
+            let allowed = match proto {
+                Proto::Udp => {
+                    "\"udp:<payload>\" with a payload the worker answers, like \"udp:ping\""
+                }
+                Proto::Tcp => "\"tcp\"",
+            };
+            checker.report(
+                probe.span(),
+                what("probe"),
+                format!(
+                    "{:?} is not a probe for a {proto} service: use {allowed}",
+                    probe.get_ref()
+                ),
+            );
+            return None;
+        }
+    };
+    let interval = checker.duration(
+        raw.interval,
+        &what("probe_interval"),
+        DEFAULT_PROBE_INTERVAL,
+    );
+    let timeout_span = raw.timeout.as_ref().map(|f| f.span());
+    let timeout = checker.duration(
+        raw.timeout,
+        &what("probe_timeout"),
+        DEFAULT_PROBE_TIMEOUT.min(interval),
+    );
+    if timeout > interval {
+        checker.report(
+            timeout_span.unwrap_or(probe.span()),
+            what("probe_timeout"),
+            format!(
+                "{} is longer than probe_interval {}: a probe must end before the next starts",
+                humantime::format_duration(timeout),
+                humantime::format_duration(interval)
+            ),
+        );
+    }
+    let failures = raw.failures.as_ref().map_or(DEFAULT_PROBE_FAILURES, |f| {
+        checker.integer(f, &what("probe_failures"), 1..101)
+    });
+    Some(Probe {
+        kind,
+        interval,
+        timeout,
+        failures,
+    })
+}
+
+/// Whether `name` can name a user or group: a POSIX portable name (`[a-z_][a-z0-9_-]*`, at
+/// most 32 characters, as `useradd` accepts) or a numeric id.
+fn is_account_name(name: &str) -> bool {
+    let numeric = !name.is_empty() && name.len() <= 10 && name.bytes().all(|b| b.is_ascii_digit());
+    let portable = (1..=32).contains(&name.len())
+        && name.bytes().enumerate().all(|(i, b)| {
+            b.is_ascii_lowercase() || b == b'_' || (i > 0 && (b.is_ascii_digit() || b == b'-'))
+        });
+    (numeric && name.parse::<u32>().is_ok()) || portable
+}
+
+/// Validates `user` and `group`; a group alone is refused, since it would leave the workers
+/// running as root.
+fn check_run_as(
+    checker: &mut Checker<'_>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
+    what: &dyn Fn(&str) -> String,
+) -> Option<RunAs> {
+    for (field, value) in [("user", &user), ("group", &group)] {
+        if let Some(value) = value
+            && !is_account_name(value.get_ref())
+        {
+            checker.report(
+                value.span(),
+                what(field),
+                format!(
+                    "{:?} is not a {field} name: use a name like \"nobody\" ([a-z_][a-z0-9_-]*, at most 32 characters) or a numeric id",
+                    value.get_ref()
+                ),
+            );
+        }
+    }
+    match (user, group) {
+        (Some(user), group) => Some(RunAs {
+            user: user.into_inner(),
+            group: group.map(Spanned::into_inner),
+        }),
+        (None, Some(group)) => {
+            checker.report(
+                group.span(),
+                what("group"),
+                "is set without `user`, which would leave the workers running as root: set `user` too".to_owned(),
+            );
+            None
+        }
+        (None, None) => None,
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use std::{
     net::SocketAddr,
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -41,7 +42,9 @@ use crate::{
     dataplane::{Dataplane, DataplaneError},
     group::{Group, GroupError, Holder},
     metrics,
-    process::{self, Activation, Exit, ProcessError},
+    probe::{Tracker, Verdict},
+    prober::Prober,
+    process::{self, Activation, Credentials, Exit, ProcessError},
     report::{self, PROTO_TCP, PROTO_UDP, StatusReport, listen_address},
     socket::{self, Proto, SocketError},
     table::Slot,
@@ -153,12 +156,13 @@ fn io_error(
 /// behind.
 pub async fn serve(config: Config, options: Options) -> Result<(), DaemonError> {
     bpffs::ensure_dir(&options.bpffs)?;
+    Dataplane::check_root(&options.bpffs)?;
     let lock = lock_root(&options.bpffs)?;
-    let programs = config
+    let launches = config
         .services
         .iter()
         .map(|service| {
-            process::resolve(&service.command[0]).map_err(|source| DaemonError::Worker {
+            Launch::of(service).map_err(|source| DaemonError::Worker {
                 service: service.name.clone(),
                 slot: 0,
                 source,
@@ -183,7 +187,7 @@ pub async fn serve(config: Config, options: Options) -> Result<(), DaemonError> 
         stopping: false,
         adopted: false,
     };
-    if let Err(error) = daemon.start(config, programs) {
+    if let Err(error) = daemon.start(config, launches) {
         let _ = std::fs::remove_file(&options.control);
         if daemon.adopted {
             error!("leaving the adopted workers running: the kernel keeps steering their flows");
@@ -287,6 +291,13 @@ enum Event {
         request: Request,
         reply: mpsc::UnboundedSender<Reply>,
     },
+    /// A health probe of a worker ended.
+    Probed {
+        service: usize,
+        slot: Slot,
+        pid: u32,
+        answered: bool,
+    },
     /// The metrics endpoint wants a snapshot.
     Scrape { reply: oneshot::Sender<String> },
     /// SIGTERM or SIGINT.
@@ -333,6 +344,37 @@ struct Worker {
     role: Role,
     /// Ended by this daemon's request (a stop), so its exit is not a crash.
     stopping: bool,
+    /// Its health probe, if the service has one.
+    probing: Option<Probing>,
+}
+
+impl Worker {
+    /// Worker `pid` behind `pidfd` of `generation`, as of now; `stopping` if it was asked to
+    /// stop.
+    fn new(pid: u32, pidfd: OwnedFd, generation: u32, role: Role, stopping: bool) -> Self {
+        Self {
+            pid,
+            pidfd,
+            since: Instant::now(),
+            generation,
+            role,
+            stopping,
+            probing: None,
+        }
+    }
+}
+
+/// A worker's health probe: the task that probes it and the verdict so far.
+struct Probing {
+    tracker: Tracker,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Probing {
+    /// The probe ends with the worker it checks.
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// What a slot of a running service is doing.
@@ -364,9 +406,30 @@ struct Crashes {
     restarts: u32,
 }
 
+/// How a service's workers are started: the resolved program and identity.
+#[derive(Clone)]
+struct Launch {
+    program: PathBuf,
+    credentials: Option<Credentials>,
+}
+
+impl Launch {
+    /// Resolves `service`'s program on `PATH` and its `user` and `group`.
+    fn of(service: &Service) -> Result<Self, ProcessError> {
+        Ok(Self {
+            program: process::resolve(&service.command[0])?,
+            credentials: service
+                .run_as
+                .as_ref()
+                .map(|r| Credentials::lookup(&r.user, r.group.as_deref()))
+                .transpose()?,
+        })
+    }
+}
+
 struct Running {
     spec: Service,
-    program: PathBuf,
+    launch: Launch,
     group: Group,
     slots: BTreeMap<Slot, SlotRun>,
     crashes: BTreeMap<Slot, Crashes>,
@@ -376,6 +439,8 @@ struct Running {
     reload: Option<generations::Reload>,
     /// Reloads attempted so far, to tell one attempt's timers from the next one's.
     attempts: u64,
+    /// Each probed slot's probe, kept across its workers (so is its source port).
+    probers: BTreeMap<Slot, Arc<Prober>>,
 }
 
 impl Running {
@@ -396,19 +461,32 @@ struct Daemon {
 }
 
 impl Daemon {
-    /// Creates or adopts every service and starts its missing workers.
-    fn start(&mut self, config: Config, programs: Vec<PathBuf>) -> Result<(), DaemonError> {
-        for (spec, program) in config.services.into_iter().zip(programs) {
-            self.add_service(spec, program)?;
+    /// Creates or adopts every service, then starts the missing workers: a service whose
+    /// dataplane cannot be loaded stops the start before any worker runs.
+    fn start(&mut self, config: Config, launches: Vec<Launch>) -> Result<(), DaemonError> {
+        let adoptions = config
+            .services
+            .into_iter()
+            .zip(launches)
+            .map(|(spec, launch)| self.add_group(spec, launch))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (index, adopted) in adoptions.into_iter().enumerate() {
+            self.fill(index, adopted)?;
         }
         Ok(())
     }
 
-    /// Creates (or adopts, if pinned) one service and starts its missing workers.
-    fn add_service(&mut self, spec: Service, program: PathBuf) -> Result<(), DaemonError> {
-        let index = self.services.len();
+    /// Creates (or adopts) one service and starts its missing workers.
+    fn add_service(&mut self, spec: Service, launch: Launch) -> Result<(), DaemonError> {
+        let adopted = self.add_group(spec, launch)?;
+        self.fill(self.services.len() - 1, adopted)
+    }
+
+    /// Creates (or adopts, if pinned) the dataplane of a service; returns what adoption
+    /// found, for [`Daemon::fill`].
+    fn add_group(&mut self, spec: Service, launch: Launch) -> Result<Adopted, DaemonError> {
         let pinned = self.root.join(&spec.name).join(names::PROGRAM).exists();
-        let (group, adopted) = if pinned {
+        let (mut group, mut adopted) = if pinned {
             self.adopted = true;
             adopt(&self.root, &spec)?
         } else {
@@ -416,21 +494,28 @@ impl Daemon {
             group.record_service(service_record(&spec))?;
             (group, Adopted::default())
         };
+        // Probe ports of a previous daemon are closed now, free for anyone to use.
+        group.clear_probes()?;
+        group.dataplane().set_flags(table_flags(&spec));
         self.services.push(Running {
             spec,
-            program,
+            launch,
             group,
             slots: BTreeMap::new(),
-            crashes: adopted.crashes,
+            crashes: std::mem::take(&mut adopted.crashes),
+            probers: BTreeMap::new(),
             generation: adopted.generation.max(1),
             reload: None,
             attempts: 0,
         });
+        Ok(adopted)
+    }
+
+    /// Takes over service `index`'s adopted workers, restarts those that died meanwhile and
+    /// starts the missing ones.
+    fn fill(&mut self, index: usize, adopted: Adopted) -> Result<(), DaemonError> {
         for (slot, worker) in adopted.alive {
-            self.watch(index, slot, &worker);
-            self.services[index]
-                .slots
-                .insert(slot, SlotRun::Serving(worker));
+            self.serve(index, slot, worker);
         }
         for slot in adopted.dead {
             self.slot_died(index, slot, Duration::ZERO);
@@ -506,6 +591,12 @@ impl Daemon {
                 Event::StopOverdue { service, slot, pid } => self.stop_overdue(service, slot, pid),
                 Event::Tick => self.tick(),
                 Event::Hangup => self.hangup(),
+                Event::Probed {
+                    service,
+                    slot,
+                    pid,
+                    answered,
+                } => self.probed(service, slot, pid, answered),
                 Event::Control { request, reply } => self.control(request, reply),
                 Event::Scrape { reply } => {
                     let _ = reply.send(metrics::encode_status(&self.status()));
@@ -526,15 +617,15 @@ impl Daemon {
     /// the table, or staged), closes the daemon's copy and watches the worker.
     fn launch(&mut self, index: usize, slot: Slot, role: Role) -> Result<(), DaemonError> {
         let running = &mut self.services[index];
-        let (spec, program, generation) = match (&role, &running.reload) {
+        let (spec, launch, generation) = match (&role, &running.reload) {
             (Role::Staged, Some(reload)) => (
                 reload.spec.clone(),
-                reload.program.clone(),
+                reload.launch.clone(),
                 reload.generation,
             ),
             _ => (
                 running.spec.clone(),
-                running.program.clone(),
+                running.launch.clone(),
                 running.generation,
             ),
         };
@@ -545,13 +636,14 @@ impl Daemon {
             }
         })?;
         let spawned = process::spawn(
-            &program,
+            &launch.program,
             &spec.command,
             socket.as_fd(),
             &Activation {
                 name: &spec.name,
                 slot,
             },
+            launch.credentials.as_ref(),
         )
         .map_err(|source| DaemonError::Worker {
             service: spec.name.clone(),
@@ -588,19 +680,117 @@ impl Daemon {
             staged = matches!(role, Role::Staged),
             "worker started"
         );
-        let worker = Worker {
-            pid: spawned.pid,
-            pidfd: spawned.pidfd,
-            since: Instant::now(),
-            generation,
-            role,
-            stopping: false,
-        };
+        let worker = Worker::new(spawned.pid, spawned.pidfd, generation, role, false);
+        self.serve(index, slot, worker);
+        Ok(())
+    }
+
+    /// Records `worker` as serving `slot`, watches for its exit and, if the service has a
+    /// probe and the worker is not being stopped, starts probing it.
+    fn serve(&mut self, index: usize, slot: Slot, mut worker: Worker) {
         self.watch(index, slot, &worker);
+        if !worker.stopping {
+            worker.probing = self.probe(index, slot, worker.pid);
+        }
         self.services[index]
             .slots
             .insert(slot, SlotRun::Serving(worker));
-        Ok(())
+    }
+
+    /// Starts probing worker `pid` of `slot` every interval, binding the slot's probe port
+    /// and steering it to the slot the first time.
+    fn probe(&mut self, index: usize, slot: Slot, pid: u32) -> Option<Probing> {
+        let running = &mut self.services[index];
+        let spec = running.spec.probe.clone()?;
+        let prober = match running.probers.get(&slot) {
+            Some(prober) => Arc::clone(prober),
+            None => {
+                let bound = Prober::bind(&spec.kind, running.spec.listen, spec.timeout)
+                    .map_err(|e| e.to_string())
+                    .and_then(|prober| {
+                        running
+                            .group
+                            .set_probe(prober.port(), slot)
+                            .map_err(|e| e.to_string())?;
+                        Ok(Arc::new(prober))
+                    });
+                match bound {
+                    Ok(prober) => {
+                        running.probers.insert(slot, Arc::clone(&prober));
+                        prober
+                    }
+                    Err(error) => {
+                        error!(service = %running.spec.name, slot, %error, "cannot set up the health probe of this slot; its workers are not probed");
+                        return None;
+                    }
+                }
+            }
+        };
+        let tracker = Tracker::new(spec.failures);
+        if let Err(error) = running.group.set_health(slot, tracker.health()) {
+            warn!(service = %running.spec.name, slot, %error, "cannot record the probe state");
+        }
+        let events = self.events.clone();
+        let task = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(spec.interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The first tick is immediate: give the worker an interval to start.
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let answered = prober.check(pid).await;
+                let event = Event::Probed {
+                    service: index,
+                    slot,
+                    pid,
+                    answered,
+                };
+                if events.send(event).is_err() {
+                    return;
+                }
+            }
+        });
+        Some(Probing { tracker, task })
+    }
+
+    /// A probe of worker `pid` ended: records it, and kills a worker that failed as many
+    /// probes in a row as allowed (its entries go to their heirs; it is restarted).
+    fn probed(&mut self, index: usize, slot: Slot, pid: u32, answered: bool) {
+        let running = &mut self.services[index];
+        let Some(SlotRun::Serving(worker)) = running.slots.get_mut(&slot) else {
+            return;
+        };
+        let Some(probing) = worker.probing.as_mut().filter(|_| worker.pid == pid) else {
+            return;
+        };
+        let was_failing = probing.tracker.health().failures > 0;
+        let verdict = probing.tracker.record(answered);
+        if let Err(error) = running.group.set_health(slot, probing.tracker.health()) {
+            warn!(service = %running.spec.name, slot, %error, "cannot record the probe state");
+        }
+        let name = &running.spec.name;
+        match verdict {
+            Verdict::Passing if was_failing => {
+                info!(service = %name, slot, pid, "worker answers its probe again");
+            }
+            Verdict::Passing => {}
+            Verdict::Failing(failures) => {
+                warn!(service = %name, slot, pid, failures, "worker did not answer its probe");
+            }
+            Verdict::Hung(failures) => {
+                warn!(
+                    service = %name,
+                    slot,
+                    pid,
+                    failures,
+                    "worker is hung (alive, but answered none of its last {failures} probes): killing it, so its entries go to their heirs, and restarting it"
+                );
+                worker.probing = None;
+                if let Err(error) = process::signal(worker.pidfd.as_fd(), libc::SIGKILL) {
+                    error!(service = %name, slot, pid, %error, "cannot kill the hung worker");
+                }
+            }
+        }
     }
 
     /// Sends `event` to this task after `delay`.
@@ -946,6 +1136,22 @@ fn exit_watch(pidfd: &OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| e.into_parts().1)
 }
 
+/// The table's switches for `spec` (see [`portshard_common::TABLE_FLOWS`] and
+/// [`portshard_common::TABLE_PROBES`]).
+fn table_flags(spec: &Service) -> u32 {
+    let flows = if spec.flow_capacity() > 0 {
+        portshard_common::TABLE_FLOWS
+    } else {
+        0
+    };
+    let probes = if spec.probe.is_some() {
+        portshard_common::TABLE_PROBES
+    } else {
+        0
+    };
+    flows | probes
+}
+
 /// The pinned record of `spec`.
 fn service_record(spec: &Service) -> portshard_common::ServiceMeta {
     let proto = match spec.proto {
@@ -1040,14 +1246,8 @@ fn adopt(root: &Path, spec: &Service) -> Result<(Group, Adopted), DaemonError> {
             SlotState::Live | SlotState::Draining | SlotState::Starting
         );
         let alive = recorded.then(|| alive(meta)).flatten();
-        let worker = |pidfd, role, stopping| Worker {
-            pid: meta.pid,
-            pidfd,
-            since: Instant::now(),
-            generation: meta.generation,
-            role,
-            stopping,
-        };
+        let worker =
+            |pidfd, role, stopping| Worker::new(meta.pid, pidfd, meta.generation, role, stopping);
         let old = meta.generation < generation;
         match (state, alive) {
             (SlotState::Starting, Some(pidfd)) => {

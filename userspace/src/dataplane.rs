@@ -19,8 +19,8 @@ use aya::{
 };
 use aya_obj::generated::bpf_prog_type;
 use portshard_common::{
-    Counters, FLAGS_WORD, Flow, MAX_SLOTS, ServiceMeta, SlotMeta, TABLE_SIZE, Table, TableEntry,
-    names,
+    Counters, FLAGS_WORD, Flow, MAX_SLOTS, ProbeHealth, ServiceMeta, SlotMeta, TABLE_SIZE, Table,
+    TableEntry, names,
 };
 
 use crate::{
@@ -78,7 +78,7 @@ pub enum DataplaneError {
         source: Box<MapError>,
     },
     /// Creating the maps or reading the object failed.
-    #[error("loading the eBPF object for the pins in {dir} failed: {source}")]
+    #[error("loading the eBPF object for the pins in {dir} failed: {source}; {}", bpf_hint(source.as_ref()))]
     Load {
         /// The service's pin directory.
         dir: PathBuf,
@@ -87,7 +87,7 @@ pub enum DataplaneError {
         source: Box<aya::EbpfError>,
     },
     /// The verifier or the program pin failed.
-    #[error("{action} ({path}) failed: {source}")]
+    #[error("{action} ({path}) failed: {source}; {}", bpf_hint(source.as_ref()))]
     Program {
         /// What was being done.
         action: String,
@@ -183,6 +183,8 @@ pub struct Dataplane {
     service: Array<MapData, ServiceMeta>,
     flows: HashMap<MapData, u32, Flow>,
     flow_capacity: u32,
+    probes: HashMap<MapData, u32, u32>,
+    health: Array<MapData, ProbeHealth>,
     table: MappedTable,
 }
 
@@ -202,13 +204,18 @@ impl Dataplane {
                 check_pin(&path, &spec)?;
             }
         }
+        raise_memlock();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .map_max_entries(names::FLOWS, flow_capacity)
             .load(OBJECT)
-            .map_err(|source| DataplaneError::Load {
-                dir: dir.clone(),
-                source: Box::new(source),
+            .map_err(|source| {
+                // Nothing was pinned; leave no empty directory behind (a non-empty one stays).
+                let _ = std::fs::remove_dir(&dir);
+                DataplaneError::Load {
+                    dir: dir.clone(),
+                    source: Box::new(source),
+                }
             })?;
         let path = dir.join(names::PROGRAM);
         let program_error = |action: &str| program_error(&path, action.to_owned());
@@ -260,6 +267,8 @@ impl Dataplane {
         let counters = typed(&dir, names::COUNTERS, open(names::COUNTERS)?)?;
         let service = typed(&dir, names::SERVICE, open(names::SERVICE)?)?;
         let flows = typed(&dir, names::FLOWS, open(names::FLOWS)?)?;
+        let probes = typed(&dir, names::PROBES, open(names::PROBES)?)?;
+        let health = typed(&dir, names::HEALTH, open(names::HEALTH)?)?;
         let table = MappedTable::new(open(names::TABLE)?, &dir.join(names::TABLE))?;
         let program = open_program(&dir.join(names::PROGRAM))?;
         Ok(Self {
@@ -271,6 +280,8 @@ impl Dataplane {
             service,
             flows,
             flow_capacity,
+            probes,
+            health,
             table,
         })
     }
@@ -305,6 +316,21 @@ impl Dataplane {
         Ok(services)
     }
 
+    /// Refuses a pin root that holds anything but services' pins, so a daemon never
+    /// overwrites another program's state (see [`bpffs::check_root`]).
+    pub fn check_root(root: &Path) -> Result<()> {
+        let pins: Vec<&str> = names::MAPS
+            .iter()
+            .copied()
+            .chain([names::PROGRAM])
+            .collect();
+        Ok(bpffs::check_root(
+            root,
+            |name| check_service_name(name).is_ok(),
+            &pins,
+        )?)
+    }
+
     /// Everything `status` shows about this service, read from the pins.
     pub fn status(&self) -> Result<ServiceStatus> {
         let service = self.service()?;
@@ -329,13 +355,16 @@ impl Dataplane {
         let metas = (0..MAX_SLOTS as Slot)
             .map(|slot| self.meta(slot))
             .collect::<Result<Vec<_>>>()?;
-        let name = self.name();
+        let health = (0..MAX_SLOTS as Slot)
+            .map(|slot| self.health(slot))
+            .collect::<Result<Vec<_>>>()?;
         Ok(TableReport::new(
-            &name,
+            &self.name(),
             &self.read_entries(),
             &metas,
             &self.counters()?,
-        ))
+        )
+        .with_health(&health))
     }
 
     /// Records what the service listens on (see [`ServiceMeta`]).
@@ -421,6 +450,66 @@ impl Dataplane {
                 path: self.dir.join(names::SLOTS),
                 source: Box::new(source),
             })
+    }
+
+    /// Sends packets from source port `port` (a health probe's) to `slot`'s socket.
+    pub fn set_probe(&mut self, port: u16, slot: Slot) -> Result<()> {
+        let error = self.map_error(
+            names::PROBES,
+            format!("registering probe port {port} for slot {slot}"),
+        );
+        self.probes
+            .insert(u32::from(port), u32::from(slot), 0)
+            .map_err(error)
+    }
+
+    /// Forgets every probe port (those of a previous daemon, whose sockets are gone).
+    pub fn clear_probes(&mut self) -> Result<()> {
+        let ports: Vec<u32> = self
+            .probes
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .collect();
+        for port in ports {
+            let error = self.map_error(names::PROBES, format!("removing probe port {port}"));
+            match self.probes.remove(&port) {
+                Err(MapError::KeyNotFound) => {}
+                other => other.map_err(error)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the probe results of `slot`'s worker.
+    pub fn set_health(&mut self, slot: Slot, health: ProbeHealth) -> Result<()> {
+        let error = self.map_error(
+            names::HEALTH,
+            format!("recording the probe result of slot {slot}"),
+        );
+        self.health.set(u32::from(slot), health, 0).map_err(error)
+    }
+
+    /// The probe results recorded for `slot`'s worker.
+    pub fn health(&self, slot: Slot) -> Result<ProbeHealth> {
+        let error = self.map_error(
+            names::HEALTH,
+            format!("reading the probe result of slot {slot}"),
+        );
+        self.health.get(&u32::from(slot), 0).map_err(error)
+    }
+
+    /// Turns a map error into one that names what was being done and the map's pin.
+    fn map_error(
+        &self,
+        map: &str,
+        action: String,
+    ) -> impl FnOnce(MapError) -> DataplaneError + use<> {
+        let path = self.dir.join(map);
+        move |source| DataplaneError::Map {
+            action,
+            path,
+            source: Box::new(source),
+        }
     }
 
     /// `slot`'s recorded metadata.
@@ -539,6 +628,48 @@ impl Dataplane {
                 source: e,
             }),
             _ => Ok(()),
+        }
+    }
+}
+
+/// What to do about a failure to create BPF maps or load the program, from the kernel's
+/// error at the bottom of `error`'s chain.
+fn bpf_hint(error: &(dyn std::error::Error + 'static)) -> &'static str {
+    let mut errno = None;
+    let mut next = Some(error);
+    while let Some(current) = next {
+        if let Some(io) = current.downcast_ref::<io::Error>() {
+            errno = io.raw_os_error().or(errno);
+        }
+        next = current.source();
+    }
+    match errno {
+        Some(libc::EPERM | libc::EACCES) => {
+            "the kernel refused BPF to this process: run `portshard serve` as root with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (or CAP_SYS_ADMIN), not in a container or sandbox that drops them, and check that kernel lockdown allows BPF"
+        }
+        Some(libc::ENOMEM) => {
+            "the kernel ran out of memory for BPF maps: on kernels before 5.11 raise the locked-memory limit (`ulimit -l unlimited`, or LimitMEMLOCK=infinity for a systemd unit)"
+        }
+        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::E2BIG | 524) => {
+            "this kernel lacks what portshard needs (SK_REUSEPORT select-or-migrate programs and mmapable arrays): use Linux 5.14 or later built with CONFIG_BPF_SYSCALL"
+        }
+        _ => "check the kernel log (`dmesg`) and that this is Linux 5.14 or later with BPF enabled",
+    }
+}
+
+/// Raises the locked-memory limit as far as allowed: kernels before 5.11 charge BPF maps
+/// to it, and the table alone is 256 KiB. Later kernels ignore it; a failure is harmless
+/// here and explained by the map creation that then fails.
+fn raise_memlock() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer, then a valid rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit);
         }
     }
 }
@@ -747,6 +878,35 @@ mod tests {
         for bad in ["", "DNS", "a/b", "..", "a_b", &"x".repeat(33)] {
             let error = check_service_name(bad).unwrap_err().to_string();
             assert!(error.contains("use 1 to 32 characters"), "{bad:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn bpf_failures_say_what_to_do_from_the_kernel_error_at_the_bottom() {
+        let load = |errno| {
+            let map = MapError::CreateError {
+                name: names::TABLE.to_owned(),
+                io_error: io::Error::from_raw_os_error(errno),
+            };
+            DataplaneError::Load {
+                dir: PathBuf::from("/sys/fs/bpf/portshard/dns"),
+                source: Box::new(aya::EbpfError::MapError(map)),
+            }
+            .to_string()
+        };
+        for (errno, advice) in [
+            (libc::EPERM, "run `portshard serve` as root with CAP_BPF"),
+            (libc::ENOMEM, "raise the locked-memory limit"),
+            (libc::EINVAL, "use Linux 5.14 or later"),
+            (libc::EIO, "check the kernel log"),
+        ] {
+            let message = load(errno);
+            assert!(
+                message.starts_with(
+                    "loading the eBPF object for the pins in /sys/fs/bpf/portshard/dns failed"
+                ) && message.contains(advice),
+                "{message}"
+            );
         }
     }
 }

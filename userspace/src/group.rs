@@ -7,7 +7,7 @@ use std::{
     path::Path,
 };
 
-use portshard_common::{MAX_SLOTS, ServiceMeta, SlotMeta, SlotState, TABLE_FLOWS};
+use portshard_common::{MAX_SLOTS, ProbeHealth, ServiceMeta, SlotMeta, SlotState};
 
 use crate::{
     dataplane::{Dataplane, DataplaneError},
@@ -162,13 +162,9 @@ impl Group {
         ))
     }
 
-    /// Records what the service listens on, for `status` and a restarted daemon, and
-    /// switches the program's flow table on if the service has one.
+    /// Records what the service listens on, for `status` and a restarted daemon.
     pub fn record_service(&mut self, meta: ServiceMeta) -> Result<(), GroupError> {
-        self.dataplane.set_service(meta)?;
-        let flags = if meta.flow_table > 0 { TABLE_FLOWS } else { 0 };
-        self.dataplane.set_flags(flags);
-        Ok(())
+        Ok(self.dataplane.set_service(meta)?)
     }
 
     /// The table as last written to the kernel.
@@ -326,6 +322,22 @@ impl Group {
         meta.weight = weight;
         self.dataplane.set_meta(slot, meta)?;
         self.commit(next, delta)
+    }
+
+    /// Steers packets from source port `port` (a health probe's) to `slot`; the table is
+    /// not touched.
+    pub fn set_probe(&mut self, port: u16, slot: Slot) -> Result<(), GroupError> {
+        Ok(self.dataplane.set_probe(port, slot)?)
+    }
+
+    /// Forgets every probe port (left by a previous daemon).
+    pub fn clear_probes(&mut self) -> Result<(), GroupError> {
+        Ok(self.dataplane.clear_probes()?)
+    }
+
+    /// Records the probe results of `slot`'s worker for the CLI.
+    pub fn set_health(&mut self, slot: Slot, health: ProbeHealth) -> Result<(), GroupError> {
+        Ok(self.dataplane.set_health(slot, health)?)
     }
 
     /// Records `meta` for `slot` without touching the table (a restart count, a pid).

@@ -1,8 +1,8 @@
 //! portshard: an eBPF-steered `SO_REUSEPORT` load balancer.
 //!
-//! Pure logic ([`table`], [`config`], [`control`], [`object`], [`report`], [`metrics`])
-//! never makes a syscall; the edge modules ([`bpffs`], [`socket`], [`dataplane`],
-//! [`process`]) are thin wrappers over the kernel; [`group`] ties a table to its dataplane,
+//! Pure logic ([`table`], [`config`], [`control`], [`object`], [`report`], [`metrics`],
+//! [`probe`]) never makes a syscall; the edge modules ([`bpffs`], [`socket`], [`dataplane`],
+//! [`process`], [`prober`]) are thin wrappers over the kernel; [`group`] ties a table to its dataplane,
 //! [`daemon`] runs services, and [`echo`] is the built-in worker.
 #![warn(missing_docs)]
 pub mod bpffs;
@@ -14,6 +14,8 @@ pub mod echo;
 pub mod group;
 pub mod metrics;
 pub mod object;
+pub mod probe;
+pub mod prober;
 pub mod process;
 pub mod report;
 pub mod socket;

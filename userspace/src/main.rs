@@ -300,7 +300,7 @@ fn status(root: &Path, json: bool) -> Result<()> {
         .context("writing to stdout")?;
         writeln!(
             out,
-            "{:>6}  {:<8} {:>8} {:>4} {:>8} {:>8} {:>10} {:>11} {:>8}",
+            "{:>6}  {:<8} {:>8} {:>4} {:>8} {:>8} {:>10} {:>11} {:>8}  probe",
             "slot",
             "state",
             "pid",
@@ -315,7 +315,7 @@ fn status(root: &Path, json: bool) -> Result<()> {
         for slot in &service.slots {
             writeln!(
                 out,
-                "{:>6}  {:<8} {:>8} {:>4} {:>8} {:>8} {:>10} {:>11} {:>8}",
+                "{:>6}  {:<8} {:>8} {:>4} {:>8} {:>8} {:>10} {:>11} {:>8}  {}",
                 slot.slot,
                 slot.state,
                 slot.pid,
@@ -324,7 +324,11 @@ fn status(root: &Path, json: bool) -> Result<()> {
                 slot.restarts,
                 slot.counters.selected,
                 slot.counters.failed_over,
-                slot.counters.migrated
+                slot.counters.migrated,
+                match slot.probe_failures {
+                    0 => slot.probe.to_owned(),
+                    n => format!("{} ({n} in a row)", slot.probe),
+                }
             )
             .context("writing to stdout")?;
         }

@@ -65,11 +65,12 @@ pub fn map_specs(object: &[u8], flow_capacity: u32) -> Result<Vec<MapSpec>, Obje
 #[cfg(test)]
 mod tests {
     use portshard_common::{
-        BPF_F_MMAPABLE, Counters, Flow, MAX_SLOTS, ServiceMeta, SlotMeta, Table,
+        BPF_F_MMAPABLE, Counters, Flow, MAX_SLOTS, ProbeHealth, ServiceMeta, SlotMeta, Table,
     };
 
     use super::*;
 
+    const BPF_MAP_TYPE_HASH: u32 = 1;
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
     const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
     const BPF_MAP_TYPE_REUSEPORT_SOCKARRAY: u32 = 20;
@@ -121,6 +122,14 @@ mod tests {
                 BPF_MAP_TYPE_LRU_HASH,
                 size_of::<Flow>() as u32,
                 1234,
+                0,
+            ),
+            (names::PROBES, BPF_MAP_TYPE_HASH, 4, MAX_SLOTS, 0),
+            (
+                names::HEALTH,
+                BPF_MAP_TYPE_ARRAY,
+                size_of::<ProbeHealth>() as u32,
+                MAX_SLOTS,
                 0,
             ),
         ];

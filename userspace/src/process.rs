@@ -18,6 +18,10 @@ use std::{
 /// The fd a socket-activated server finds its socket on (`SD_LISTEN_FDS_START`).
 pub const LISTEN_FD: RawFd = 3;
 
+/// `close_range(2)` flag: mark the range close-on-exec instead of closing it now, so the
+/// exec report pipe still works if exec fails.
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+
 /// A worker could not be started or watched.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -29,6 +33,30 @@ pub enum ProcessError {
         /// The program as configured.
         program: String,
         /// Why.
+        reason: String,
+    },
+    /// The configured user or group does not exist.
+    #[error(
+        "{kind} {name:?} does not exist on this machine: create it, or name another in the service's `{kind}`"
+    )]
+    NoSuchAccount {
+        /// `user` or `group`.
+        kind: &'static str,
+        /// The name as configured.
+        name: String,
+    },
+    /// The worker could not take on its identity before running the program.
+    #[error(
+        "worker of {program:?} could not switch to uid {uid} gid {gid}: {reason}; the daemon must run as root to start workers as another user"
+    )]
+    Identity {
+        /// The program as configured.
+        program: String,
+        /// The uid it was to run as.
+        uid: u32,
+        /// The gid it was to run as.
+        gid: u32,
+        /// The kernel's error.
         reason: String,
     },
     /// A syscall failed.
@@ -124,6 +152,118 @@ pub fn resolve(program: &str) -> Result<PathBuf, ProcessError> {
         .ok_or_else(|| not_runnable("not found on PATH".to_owned()))
 }
 
+/// Whom a worker runs as: resolved from the config's `user` and `group` when the daemon
+/// starts, applied in the child between fork and exec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    /// The uid.
+    pub uid: u32,
+    /// The primary gid.
+    pub gid: u32,
+    /// Supplementary groups: the user's, as `/etc/group` lists them, with `gid` among them.
+    pub groups: Vec<u32>,
+}
+
+impl Credentials {
+    /// Resolves `user` (a name or a uid) and `group` (a name or a gid; `None` for the user's
+    /// primary group) through the system's user database.
+    pub fn lookup(user: &str, group: Option<&str>) -> Result<Self, ProcessError> {
+        let missing = |kind, name: &str| ProcessError::NoSuchAccount {
+            kind,
+            name: name.to_owned(),
+        };
+        let account = passwd(user).map_err(os(format!("looking up user {user:?}")))?;
+        let (uid, primary, name) = match (account, user.parse::<u32>()) {
+            (Some(found), _) => found,
+            // A bare uid with no passwd entry is allowed when the group is given.
+            (None, Ok(uid)) if group.is_some() => (uid, u32::MAX, None),
+            (None, _) => return Err(missing("user", user)),
+        };
+        let gid = match group {
+            None => primary,
+            Some(group) => {
+                match group_id(group).map_err(os(format!("looking up group {group:?}")))? {
+                    Some(gid) => gid,
+                    None => group.parse().map_err(|_| missing("group", group))?,
+                }
+            }
+        };
+        let mut groups = name.map_or_else(Vec::new, |name| supplementary(&name, gid));
+        if !groups.contains(&gid) {
+            groups.push(gid);
+        }
+        Ok(Self { uid, gid, groups })
+    }
+}
+
+/// Runs a reentrant user-database lookup (`getpw*_r`, `getgr*_r`) with a buffer of `size`
+/// bytes and `read`s the entry while its strings are valid: `Ok(None)` when there is none.
+fn database<T, R>(
+    size: usize,
+    lookup: impl FnOnce(*mut T, *mut libc::c_char, usize, *mut *mut T) -> libc::c_int,
+    read: impl FnOnce(&T) -> R,
+) -> io::Result<Option<R>> {
+    // SAFETY: the database records are plain C data; zeroed is a valid out-buffer.
+    let mut entry: T = unsafe { std::mem::zeroed() };
+    let mut buffer = vec![0 as libc::c_char; size];
+    let mut found: *mut T = std::ptr::null_mut();
+    let rc = lookup(&mut entry, buffer.as_mut_ptr(), buffer.len(), &mut found);
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok((!found.is_null()).then(|| read(&entry)))
+}
+
+/// The uid, primary gid and name of `user` (a name, or a uid) from the user database.
+fn passwd(user: &str) -> io::Result<Option<(u32, u32, Option<CString>)>> {
+    let Ok(c_user) = CString::new(user) else {
+        return Ok(None);
+    };
+    database::<libc::passwd, _>(
+        16 * 1024,
+        // SAFETY: every pointer is valid for the call; the buffer's length is passed.
+        |entry, buffer, len, found| unsafe {
+            match user.parse::<u32>() {
+                Ok(uid) => libc::getpwuid_r(uid, entry, buffer, len, found),
+                Err(_) => libc::getpwnam_r(c_user.as_ptr(), entry, buffer, len, found),
+            }
+        },
+        |entry| {
+            // SAFETY: the lookup filled `entry`, whose name points into the live buffer.
+            let name = unsafe { std::ffi::CStr::from_ptr(entry.pw_name) }.to_owned();
+            (entry.pw_uid, entry.pw_gid, Some(name))
+        },
+    )
+}
+
+/// The gid of `group` (a name or a gid) from the group database, `None` if it has none.
+fn group_id(group: &str) -> io::Result<Option<u32>> {
+    let Ok(c_group) = CString::new(group) else {
+        return Ok(None);
+    };
+    database::<libc::group, _>(
+        64 * 1024,
+        // SAFETY: every pointer is valid for the call; the buffer's length is passed.
+        |entry, buffer, len, found| unsafe {
+            match group.parse::<u32>() {
+                Ok(gid) => libc::getgrgid_r(gid, entry, buffer, len, found),
+                Err(_) => libc::getgrnam_r(c_group.as_ptr(), entry, buffer, len, found),
+            }
+        },
+        |entry| entry.gr_gid,
+    )
+}
+
+/// The groups `name` belongs to, `gid` included (`getgrouplist`).
+fn supplementary(name: &std::ffi::CStr, gid: u32) -> Vec<u32> {
+    let mut groups = vec![0 as libc::gid_t; 256];
+    let mut count = groups.len() as libc::c_int;
+    // SAFETY: `groups` has room for `count` gids; getgrouplist writes at most that many.
+    let rc = unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &mut count) };
+    groups.truncate(if rc < 0 { 0 } else { count.max(0) as usize });
+    groups
+}
+
 /// The socket-activation environment of a worker, besides `LISTEN_PID`.
 pub struct Activation<'a> {
     /// `LISTEN_FDNAMES`: the service name.
@@ -140,15 +280,29 @@ const STRIPPED: [&str; 5] = [
     "NOTIFY_SOCKET",
 ];
 
+/// Where a forked child failed before its program ran, as reported through the exec pipe.
+#[derive(Clone, Copy)]
+#[repr(i32)]
+enum Stage {
+    /// Arranging fds 0 and 3.
+    Fds = 1,
+    /// Taking on the configured uid, gid and groups.
+    Identity = 2,
+    /// `execve`.
+    Exec = 3,
+}
+
 /// Starts `command` (resolved to `program`) with `socket` as fd 3 and the systemd
 /// socket-activation variables, in its own process group, with stdin on `/dev/null` and
-/// stdout and stderr inherited. The caller keeps its own `socket` and should close it once
-/// the worker has it, so the worker's exit closes the socket.
+/// stdout and stderr inherited, every other descriptor closed on exec and no ambient
+/// capabilities; as `credentials` when given. The caller keeps its own `socket` and should
+/// close it once the worker has it, so the worker's exit closes the socket.
 pub fn spawn(
     program: &Path,
     command: &[String],
     socket: BorrowedFd<'_>,
     activation: &Activation<'_>,
+    credentials: Option<&Credentials>,
 ) -> Result<Spawned, ProcessError> {
     let name = command.first().map_or("", String::as_str);
     let cstring = |bytes: &[u8]| {
@@ -205,6 +359,7 @@ pub fn spawn(
     let null = high(null.as_raw_fd(), "/dev/null")?;
     let socket = high(socket.as_raw_fd(), "the listening socket")?;
     let (report_read, report_write) = pipe().map_err(os("creating the exec report pipe"))?;
+    let identity = credentials.map(|c| (c.uid, c.gid, c.groups.as_slice()));
 
     // SAFETY: the child only calls async-signal-safe functions on memory prepared above,
     // then execs or exits.
@@ -222,17 +377,36 @@ pub fn spawn(
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             libc::setpgid(0, 0);
-            let ok = libc::dup2(null.as_raw_fd(), 0) == 0
-                && libc::dup2(socket.as_raw_fd(), LISTEN_FD) == LISTEN_FD;
-            if ok {
+            let stage = if libc::dup2(null.as_raw_fd(), 0) != 0
+                || libc::dup2(socket.as_raw_fd(), LISTEN_FD) != LISTEN_FD
+                // Whatever the daemon inherited or opened without O_CLOEXEC stays behind.
+                || libc::syscall(libc::SYS_close_range, LISTEN_FD + 1, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0
+            {
+                Stage::Fds
+            } else if libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ) != 0
+                || identity.is_some_and(|(uid, gid, groups)| {
+                    libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                        || libc::setresgid(gid, gid, gid) != 0
+                        || libc::setresuid(uid, uid, uid) != 0
+                })
+            {
+                Stage::Identity
+            } else {
                 write_decimal(listen_pid.as_ptr().add(pid_at).cast_mut(), libc::getpid());
                 libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
-            }
-            let errno = *libc::__errno_location();
+                Stage::Exec
+            };
+            let report = [stage as i32, *libc::__errno_location()];
             libc::write(
                 report_write.as_raw_fd(),
-                (&raw const errno).cast(),
-                size_of::<i32>(),
+                report.as_ptr().cast(),
+                size_of_val(&report),
             );
             libc::_exit(127);
         }
@@ -241,15 +415,15 @@ pub fn spawn(
     let pid = pid as u32;
     // Our unreaped child cannot be replaced by another process with its pid.
     let pidfd = pidfd_open(pid).map_err(os(format!("opening a pidfd on worker {pid}")))?;
-    let mut errno = [0u8; 4];
+    let mut report = [0u8; 8];
     let mut read = 0;
-    while read < errno.len() {
+    while read < report.len() {
         // SAFETY: reading into the rest of a local buffer.
         let n = unsafe {
             libc::read(
                 report_read.as_raw_fd(),
-                errno[read..].as_mut_ptr().cast(),
-                errno.len() - read,
+                report[read..].as_mut_ptr().cast(),
+                report.len() - read,
             )
         };
         match n {
@@ -259,14 +433,35 @@ pub fn spawn(
             _ => break,
         }
     }
-    if read == errno.len() {
-        let _ = reap(pidfd.as_fd());
-        return Err(ProcessError::NotRunnable {
-            program: name.to_owned(),
-            reason: io::Error::from_raw_os_error(i32::from_ne_bytes(errno)).to_string(),
-        });
+    if read < report.len() {
+        return Ok(Spawned { pid, pidfd });
     }
-    Ok(Spawned { pid, pidfd })
+    let _ = reap(pidfd.as_fd());
+    let [stage, errno] = [&report[..4], &report[4..]]
+        .map(|half| i32::from_ne_bytes(half.try_into().expect("4 bytes")));
+    let reason = io::Error::from_raw_os_error(errno).to_string();
+    Err(match (stage, credentials) {
+        (s, Some(c)) if s == Stage::Identity as i32 => ProcessError::Identity {
+            program: name.to_owned(),
+            uid: c.uid,
+            gid: c.gid,
+            reason,
+        },
+        (s, _) if s == Stage::Fds as i32 => os(format!(
+            "arranging fds 0 and 3 for a worker of {name}"
+        ))(io::Error::from_raw_os_error(errno)),
+        (_, Some(c)) => ProcessError::NotRunnable {
+            program: name.to_owned(),
+            reason: format!(
+                "{reason} (as uid {} gid {}, which must be able to reach and run it)",
+                c.uid, c.gid
+            ),
+        },
+        _ => ProcessError::NotRunnable {
+            program: name.to_owned(),
+            reason,
+        },
+    })
 }
 
 /// Writes `value` in decimal, NUL-terminated, at `at` (which has room for 21 bytes), with

@@ -7,8 +7,8 @@ use std::{
 };
 
 use portshard_common::{
-    Counters, Flow, MAX_SLOTS, NO_SLOT, ServiceMeta, SlotCounters, SlotMeta, SlotState, TABLE_SIZE,
-    TableEntry,
+    Counters, Flow, MAX_SLOTS, NO_SLOT, ProbeHealth, ProbeState, ServiceMeta, SlotCounters,
+    SlotMeta, SlotState, TABLE_SIZE, TableEntry,
 };
 use serde::Serialize;
 
@@ -37,6 +37,11 @@ pub struct SlotReport {
     pub heirs: BTreeMap<Slot, u32>,
     /// The program's counters for the slot.
     pub counters: SlotCounters,
+    /// The health probe's verdict on its worker: `none` (no probe, or not probed yet),
+    /// `passing` or `failing`.
+    pub probe: &'static str,
+    /// Probes failed in a row.
+    pub probe_failures: u32,
 }
 
 /// The whole table.
@@ -89,6 +94,8 @@ impl TableReport {
                 share: f64::from(owned[slot]) / TABLE_SIZE as f64,
                 heirs: std::mem::take(&mut heirs[slot]),
                 counters: counters.slots[slot],
+                probe: probe_name(ProbeState::Unprobed as u32),
+                probe_failures: 0,
             })
             .collect();
         let owners = || slots.iter().filter(|s| s.entries > 0);
@@ -105,6 +112,28 @@ impl TableReport {
             balance,
             fell_through: counters.fell_through,
         }
+    }
+}
+
+impl TableReport {
+    /// Adds the probe results `health` (indexed by slot) to each slot's line.
+    pub fn with_health(mut self, health: &[ProbeHealth]) -> Self {
+        for slot in &mut self.slots {
+            if let Some(h) = health.get(usize::from(slot.slot)) {
+                slot.probe = probe_name(h.state);
+                slot.probe_failures = h.failures;
+            }
+        }
+        self
+    }
+}
+
+/// The name of a recorded probe state.
+fn probe_name(state: u32) -> &'static str {
+    match ProbeState::from_raw(state) {
+        Some(ProbeState::Passing) => "passing",
+        Some(ProbeState::Failing) => "failing",
+        Some(ProbeState::Unprobed) | None => "none",
     }
 }
 

@@ -442,19 +442,7 @@ fn drain_and_weight_go_through_the_daemon_and_move_only_that_slot() {
 fn bad_config_second_daemon_and_absent_daemon_get_clear_errors() {
     let sandbox = sandbox();
     let dir = tempdir();
-    let bad = dir.join("bad.toml");
-    std::fs::write(&bad, config(&[("dns", "udp", 0)])).unwrap();
-    let out = Command::new(EXE)
-        .args(["serve", "--config"])
-        .arg(&bad)
-        .arg("--bpffs")
-        .arg(sandbox.pins())
-        .arg("--control")
-        .arg(dir.join("c.sock"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (stderr, bad) = serve_refused(sandbox.pins(), &config(&[("dns", "udp", 0)]), |_| {});
     assert!(
         stderr.contains(&format!(
             "{}:5:11: service \"dns\" field `workers`: 0 is out of range",
@@ -723,5 +711,409 @@ fn workers_dying_together_get_their_own_flows_back_and_a_group_whose_workers_all
             "the program did not steer the group: {steered} selections"
         );
         assert_eq!(entries, [16384; 4]);
+    }
+}
+
+/// `config(services)` with every service's workers run as `user` and `group`, served by
+/// the built-in `portshard echo` (the Python on this machine's PATH may sit where only root
+/// can reach it).
+fn config_as(services: &[(&str, &str, usize)], user: &str, group: &str) -> String {
+    config(services)
+        .replace(
+            &format!("[\"python3\", \"{WORKER}\"]"),
+            &format!("[\"{EXE}\", \"echo\"]"),
+        )
+        .replace(
+            "stop_timeout = \"2s\"\n",
+            &format!("stop_timeout = \"2s\"\nuser = \"{user}\"\ngroup = \"{group}\"\n"),
+        )
+}
+
+/// `field:` of `/proc/<pid>/status`, its values split on whitespace.
+fn proc_status(pid: u32, field: &str) -> Vec<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The uid and gid of `user` in the user database.
+fn account(user: &str) -> (u32, u32) {
+    let name = std::ffi::CString::new(user).unwrap();
+    // SAFETY: getpwnam on a valid C string; the result is read at once, on this thread.
+    let entry = unsafe { libc::getpwnam(name.as_ptr()) };
+    assert!(!entry.is_null(), "no user {user} on this machine");
+    // SAFETY: non-null result of getpwnam.
+    unsafe { ((*entry).pw_uid, (*entry).pw_gid) }
+}
+
+#[test]
+fn workers_run_as_their_user_with_fds_0_to_3_no_capabilities_and_their_own_process_group() {
+    let sandbox = sandbox();
+    let (uid, gid) = account("nobody");
+    let services = [("dns", "udp", 2), ("web", "tcp", 2)];
+    let mut daemon = DaemonRun::start(
+        Path::new(EXE),
+        &config_as(&services, "nobody", &gid.to_string()),
+        sandbox.pins(),
+    )
+    .unwrap();
+    let pids = workers(&daemon.wait_ready(&[("dns", 2), ("web", 2)], READY).unwrap());
+    let mut checked = 0;
+    for (service, slots) in &pids {
+        for &pid in slots.values() {
+            let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .map(|fd| fd.unwrap().file_name().to_str().unwrap().parse().unwrap())
+                .collect();
+            fds.sort_unstable();
+            assert_eq!(fds, [0, 1, 2, 3], "{service} worker {pid} fds");
+            let ids = |field| proc_status(pid, field);
+            assert_eq!(
+                ids("Uid"),
+                vec![uid.to_string(); 4],
+                "{service} worker {pid}"
+            );
+            assert_eq!(
+                ids("Gid"),
+                vec![gid.to_string(); 4],
+                "{service} worker {pid}"
+            );
+            assert!(ids("Groups").iter().all(|g| *g == gid.to_string()));
+            for caps in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+                assert_eq!(
+                    ids(caps),
+                    ["0000000000000000"],
+                    "{service} worker {pid} {caps}"
+                );
+            }
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            let pgrp = stat.rsplit_once(") ").unwrap().1.split(' ').nth(2).unwrap();
+            assert_eq!(
+                pgrp,
+                pid.to_string(),
+                "{service} worker {pid} process group"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 4);
+    // Unprivileged, they still serve their inherited sockets.
+    let mut flows = UdpFlows::new(target(), 64).unwrap();
+    let answers = flows.settle(READY).unwrap();
+    assert!(
+        answers
+            .iter()
+            .all(|a| pids["dns"].values().any(|&p| p == a.pid))
+    );
+    let (_, greeting) = tcp_greeting(target(), Duration::from_secs(2)).unwrap();
+    assert!(pids["web"].values().any(|&p| p == greeting.pid));
+    eprintln!("4 workers run as uid {uid} gid {gid}, fds 0-3, no capabilities, own process group");
+}
+
+#[test]
+fn an_unknown_worker_user_stops_the_daemon_before_anything_starts() {
+    let sandbox = sandbox();
+    let config = config_as(&[("dns", "udp", 2)], "no-such-user-here", "nogroup");
+    let (stderr, _) = serve_refused(sandbox.pins(), &config, |_| {});
+    assert!(
+        stderr.contains("user \"no-such-user-here\" does not exist on this machine"),
+        "{stderr}"
+    );
+    assert!(std::fs::read_dir(sandbox.pins()).unwrap().next().is_none());
+}
+
+/// Runs `portshard serve` with `config` on `pins` to its end, with `setup` applied to the
+/// command, and checks that it refused to start; returns its stderr and the config's path.
+fn serve_refused(
+    pins: &Path,
+    config: &str,
+    setup: impl FnOnce(&mut Command),
+) -> (String, std::path::PathBuf) {
+    let dir = tempdir().join("refused");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("portshard.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut command = Command::new(EXE);
+    command
+        .args(["serve", "--config"])
+        .arg(&path)
+        .arg("--bpffs")
+        .arg(pins)
+        .arg("--control")
+        .arg(dir.join("c.sock"));
+    setup(&mut command);
+    let out = command.output().unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "the daemon started: {stderr}");
+    (stderr, path)
+}
+
+/// Every directory and file under `dir`, with its mode bits.
+fn modes(dir: &Path) -> Vec<(std::path::PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut found = vec![];
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            found.extend(modes(&path));
+        }
+        found.push((path, meta.permissions().mode() & 0o777));
+    }
+    found
+}
+
+#[test]
+fn pin_directories_are_private_and_foreign_or_linked_pin_roots_are_refused_untouched() {
+    let sandbox = sandbox();
+    // A nested pin root is created mode 0700 all the way down, and so is each service's.
+    let nested = sandbox.pins().join("a/b/root");
+    let mut daemon =
+        DaemonRun::start(Path::new(EXE), &config(&[("dns", "udp", 1)]), &nested).unwrap();
+    daemon.wait_ready(&[("dns", 1)], READY).unwrap();
+    let dirs: Vec<_> = modes(sandbox.pins())
+        .into_iter()
+        .filter(|(path, _)| path.is_dir())
+        .collect();
+    assert_eq!(dirs.len(), 4, "{dirs:?}");
+    assert!(dirs.iter().all(|(_, mode)| *mode == 0o700), "{dirs:?}");
+    daemon.terminate().unwrap();
+    drop(daemon);
+
+    let dns = config(&[("dns", "udp", 1)]);
+    // A pin root reached through a symbolic link is refused: the link could point anywhere.
+    let real = sandbox.pins().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = sandbox.pins().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let (stderr, _) = serve_refused(&link.join("root"), &dns, |_| {});
+    assert!(
+        stderr.contains(&format!(
+            "pin path {} goes through a symbolic link at {}",
+            link.join("root").display(),
+            link.display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        std::fs::read_dir(&real).unwrap().next().is_none(),
+        "created through the link"
+    );
+
+    // A pin root holding another program's layout is refused and left as it was.
+    for (foreign, what) in [
+        ("Other_Program", "which is not a service directory"),
+        ("dns/extra", "which is not one of portshard's pins"),
+    ] {
+        let root = sandbox.pins().join("foreign");
+        std::fs::create_dir_all(root.join(foreign)).unwrap();
+        let before = modes(&root);
+        let (stderr, _) = serve_refused(&root, &dns, |_| {});
+        assert!(
+            stderr.contains(&format!(
+                "pin root {} is not a portshard pin root",
+                root.display()
+            )) && stderr.contains(what)
+                && stderr.contains("portshard does not overwrite it"),
+            "{stderr}"
+        );
+        assert_eq!(modes(&root), before, "the foreign pin root was changed");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
+
+/// `CAP_NET_ADMIN`, `CAP_SYS_ADMIN`, `CAP_PERFMON` and `CAP_BPF` (`linux/capability.h`):
+/// any of them lets a process load some eBPF.
+const BPF_CAPABILITIES: [libc::c_int; 4] = [12, 21, 38, 39];
+
+#[test]
+fn without_bpf_the_daemon_says_why_and_what_to_do_and_starts_no_worker() {
+    use std::os::unix::process::CommandExt as _;
+    let sandbox = sandbox();
+    let marker = std::env::temp_dir().join(format!("portshard-no-bpf-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    // Every worker would leave the marker behind.
+    let config = config(&[("dns", "udp", 2), ("web", "tcp", 2)]).replace(
+        &format!("[\"python3\", \"{WORKER}\"]"),
+        &format!("[\"touch\", \"{}\"]", marker.display()),
+    );
+    // Root, but without the capabilities BPF needs: dropped from the bounding set, so the
+    // daemon's exec does not grant them.
+    let (stderr, _) = serve_refused(sandbox.pins(), &config, |command| {
+        // SAFETY: only prctl between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                for cap in BPF_CAPABILITIES {
+                    if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            })
+        };
+    });
+    assert!(
+        stderr.contains("loading the eBPF object for the pins in")
+            && stderr.contains(
+                "the kernel refused BPF to this process: run `portshard serve` as root with CAP_BPF"
+            ),
+        "{stderr}"
+    );
+    assert!(!marker.exists(), "a worker was started");
+    assert!(
+        std::fs::read_dir(sandbox.pins()).unwrap().next().is_none(),
+        "pins left behind"
+    );
+}
+
+/// `config(services)` with a health probe on every service: `udp:<payload>` for UDP,
+/// `tcp` for TCP, every `interval`, hung after `failures` unanswered in a row.
+fn config_probed(services: &[(&str, &str, usize)], interval: Duration, failures: u32) -> String {
+    services
+        .iter()
+        .map(|&(name, proto, workers)| {
+            let probe = if proto == "udp" { "udp:are you there" } else { "tcp" };
+            format!(
+                "{}\nprobe = \"{probe}\"\nprobe_interval = \"{}ms\"\nprobe_timeout = \"{}ms\"\nprobe_failures = {failures}\n\n",
+                config(&[(name, proto, workers)]).trim_end(),
+                interval.as_millis(),
+                interval.as_millis() / 2,
+            )
+        })
+        .collect()
+}
+
+/// Each live slot's probe state of `service`, from `status`.
+fn probe_states(daemon: &DaemonRun, service: &str) -> BTreeMap<Slot, (&'static str, u32)> {
+    daemon
+        .status()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == service)
+        .map(|s| {
+            s.slots
+                .iter()
+                .filter(|slot| slot.state == "live")
+                .map(|slot| (slot.slot, (slot.probe, slot.probe_failures)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until every live slot of `service` has `workers` probes passing.
+fn wait_probes_passing(daemon: &DaemonRun, service: &str, workers: usize) {
+    let deadline = Instant::now() + READY;
+    loop {
+        let states = probe_states(daemon, service);
+        if states.len() == workers && states.values().all(|&(probe, _)| probe == "passing") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{service} probes never all passed: {states:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `slot` of `service` has a live worker other than `old`; returns its pid.
+fn wait_replaced(daemon: &DaemonRun, service: &str, slot: Slot, old: u32) -> u32 {
+    let deadline = Instant::now() + READY;
+    loop {
+        if let Some(pid) = live_pid(daemon, service, slot)
+            && pid != old
+        {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{service} slot {slot} worker {old} never replaced"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_hung_worker_fails_its_probes_and_is_restarted_while_nothing_else_moves() {
+    let sandbox = sandbox();
+    let interval = Duration::from_millis(200);
+    let services = [("dns", "udp", 4), ("web", "tcp", 4)];
+    let mut daemon = DaemonRun::start(
+        Path::new(EXE),
+        &config_probed(&services, interval, 3),
+        sandbox.pins(),
+    )
+    .unwrap();
+    let before = workers(&daemon.wait_ready(&[("dns", 4), ("web", 4)], READY).unwrap());
+    wait_probes_passing(&daemon, "dns", 4);
+    wait_probes_passing(&daemon, "web", 4);
+    let mut flows = UdpFlows::new(target(), 1024).unwrap();
+    let base = flows.settle(READY).unwrap();
+    let shown = Command::new(EXE)
+        .args(["status", "--bpffs"])
+        .arg(sandbox.pins())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert_eq!(shown.matches("  passing").count(), 8, "{shown}");
+    // Healthy workers pass probe after probe and are left alone.
+    thread::sleep(interval * 5);
+    assert_eq!(
+        workers(&daemon.status().unwrap()),
+        before,
+        "a healthy worker was restarted"
+    );
+
+    for (service, slot) in [("dns", 1), ("web", 2)] {
+        let hung = before[service][&slot];
+        let stopped = Instant::now();
+        signal(hung, libc::SIGSTOP);
+        let replacement = wait_replaced(&daemon, service, slot, hung);
+        let took = stopped.elapsed();
+        assert!(
+            !Path::new(&format!("/proc/{hung}")).exists(),
+            "the hung worker {hung} was not killed"
+        );
+        assert!(
+            took >= interval * 2 && took < interval * 3 + Duration::from_secs(3),
+            "{service} slot {slot} replaced after {took:?}"
+        );
+        eprintln!(
+            "{service} slot {slot}: hung worker {hung} replaced by {replacement} {took:?} after SIGSTOP"
+        );
+    }
+    let log = daemon.log_text();
+    assert!(
+        log.contains("worker is hung (alive, but answered none of its last 3 probes)"),
+        "{log}"
+    );
+    wait_probes_passing(&daemon, "dns", 4);
+    wait_probes_passing(&daemon, "web", 4);
+    // The replacement got its flows back; nothing else moved.
+    let now = workers(&daemon.status().unwrap());
+    let after = flows.round(Duration::from_secs(3)).unwrap();
+    for (flow, answer) in after.iter().enumerate() {
+        let answer = answer.unwrap_or_else(|| panic!("flow {flow} lost"));
+        assert_eq!(answer.slot, base[flow].slot, "flow {flow} moved");
+        assert_eq!(
+            answer.pid, now["dns"][&answer.slot],
+            "flow {flow}: a stale worker"
+        );
+    }
+    let (_, greeting) = tcp_greeting(target(), Duration::from_secs(2)).unwrap();
+    assert_eq!(greeting.pid, now["web"][&greeting.slot]);
+    for (service, slots) in &now {
+        for (slot, pid) in slots {
+            let unchanged = before[service][slot] == *pid;
+            let restarted = (service, *slot) == (&"dns".to_owned(), 1)
+                || (service, *slot) == (&"web".to_owned(), 2);
+            assert!(unchanged != restarted, "{service} slot {slot}: {pid}");
+        }
     }
 }

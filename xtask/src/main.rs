@@ -46,7 +46,28 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Chaos under load: the daemon with 2 UDP and 2 TCP services of 8 workers while workers
+    /// and the daemon are killed, stopped, drained and reweighted; ends with
+    /// `soak faults=<n> violations=<n>` and fails on any violation (needs root).
+    Soak {
+        /// How long the chaos runs.
+        #[arg(long, default_value_t = 1.0)]
+        minutes: f64,
+    },
+    /// Run every fuzz target (config parser, control decoder, table operations) in turn,
+    /// installing cargo-fuzz first if needed; fails on the first crash or hang.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 }
+
+/// The fuzz targets in `fuzz/fuzz_targets`, with their corpora in `fuzz/corpus/<target>`.
+const FUZZ_TARGETS: [&str; 3] = ["config", "control", "table"];
+
+/// An input running longer than this counts as a hang.
+const FUZZ_TIMEOUT_SECONDS: u64 = 10;
 
 fn main() -> Result<()> {
     match Cli::parse().command {
@@ -56,6 +77,12 @@ fn main() -> Result<()> {
         Task::Demo => demo(),
         Task::Run { args } => run(&args),
         Task::Bench { quick } => bench(quick),
+        Task::Fuzz { seconds } => fuzz(seconds),
+        Task::Soak { minutes } => harness_binary(
+            "portshard-soak",
+            &["--minutes", &minutes.to_string()],
+            "the soak",
+        ),
     }
 }
 
@@ -167,8 +194,13 @@ fn count_before(result: &str, label: &str) -> u64 {
 }
 
 fn demo() -> Result<()> {
+    harness_binary("portshard-demo", &[], "the demo")
+}
+
+/// Builds the daemon and runs harness binary `name` with `args`: the demo and the soak run
+/// the real daemon, the `portshard` binary next to their own.
+fn harness_binary(name: &str, args: &[&str], what: &str) -> Result<()> {
     build_ebpf()?;
-    // The demo runs the real daemon, the `portshard` binary next to its own.
     build_portshard()?;
     let status = cargo_command(&[
         "run",
@@ -177,12 +209,14 @@ fn demo() -> Result<()> {
         "--package",
         "portshard-harness",
         "--bin",
-        "portshard-demo",
+        name,
+        "--",
     ])
+    .args(args)
     .status()
     .context("could not start cargo run")?;
     if !status.success() {
-        bail!("the demo failed ({status})");
+        bail!("{what} failed ({status})");
     }
     Ok(())
 }
@@ -257,6 +291,78 @@ fn bench(quick: bool) -> Result<()> {
     if !status.success() {
         bail!("the bench failed ({status})");
     }
+    Ok(())
+}
+
+/// Runs each fuzz target for `seconds` on the stable toolchain (`RUSTC_BOOTSTRAP` unlocks
+/// the flags cargo-fuzz passes; no sanitizer, so no nightly runtime is needed) and prints
+/// how many inputs each ran.
+fn fuzz(seconds: u64) -> Result<()> {
+    setup()?;
+    let has_cargo_fuzz = cargo_command(&["fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_cargo_fuzz {
+        println!("fuzz: installing cargo-fuzz");
+        let status = cargo_command(&["install", "cargo-fuzz", "--locked"])
+            .status()
+            .context("could not start cargo install")?;
+        if !status.success() {
+            bail!(
+                "installing cargo-fuzz failed ({status}); install it with `cargo install cargo-fuzz`"
+            );
+        }
+    }
+    let mut summary = Vec::new();
+    for target in FUZZ_TARGETS {
+        let mut child = cargo_command(&[
+            "fuzz",
+            "run",
+            "--fuzz-dir",
+            "fuzz",
+            "--sanitizer",
+            "none",
+            target,
+            "--",
+        ])
+        .args([
+            format!("-max_total_time={seconds}"),
+            format!("-timeout={FUZZ_TIMEOUT_SECONDS}"),
+        ])
+        .env("RUSTC_BOOTSTRAP", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("could not start cargo fuzz")?;
+        // libFuzzer reports on stderr; its progress lines (`#123 NEW ...`, indented
+        // details) are left out.
+        let mut done = None;
+        for line in BufReader::new(child.stderr.take().expect("piped")).lines() {
+            let line = line.context("reading cargo fuzz's output")?;
+            if line.starts_with("Done ") {
+                done = Some(line.clone());
+            }
+            if !line.starts_with(['#', '\t', ' ']) {
+                eprintln!("{line}");
+            }
+        }
+        let status = child.wait().context("waiting for cargo fuzz")?;
+        if !status.success() {
+            bail!(
+                "fuzz target {target} failed ({status}): the input is in fuzz/artifacts/{target}; fix the bug and keep the input as a regression test"
+            );
+        }
+        let done = done.with_context(|| format!("fuzz target {target} reported no run count"))?;
+        summary.push(format!("fuzz {target}: {done}"));
+    }
+    for line in &summary {
+        println!("{line}");
+    }
+    println!(
+        "fuzz: {} targets, {seconds} s each, no crash or hang",
+        FUZZ_TARGETS.len()
+    );
     Ok(())
 }
 

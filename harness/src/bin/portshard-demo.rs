@@ -4,15 +4,12 @@
 //! `SO_REUSEPORT` with four listeners of which one closes (what the kernel does when a
 //! process dies), on the same flows. The last line is
 //! `survivor_moved portshard=<f> kernel=<f>`.
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use portshard::{config::BUILTIN_PORT, socket::Proto, table::Slot};
 use portshard_harness::{
-    daemon::{Answer, DaemonRun, UdpFlows, kill_with_queue, signal, workers},
+    daemon::{Answer, DaemonRun, UdpFlows, kill_with_queue, portshard_exe, signal, workers},
     flows::lost,
     scenario::{CloseOne, KernelRun, QueuedOnClose, Ratio, Sandbox, survivor_moved},
 };
@@ -22,19 +19,6 @@ const VICTIM: Slot = 1;
 const FLOWS: usize = 4096;
 const CONNECTIONS: usize = 256;
 const READY: Duration = Duration::from_secs(20);
-
-/// The `portshard` binary cargo built next to this one.
-fn portshard_exe() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("finding the demo's own path")?;
-    let portshard = exe.with_file_name("portshard");
-    if !portshard.is_file() {
-        bail!(
-            "{} is missing: build it first (`cargo xtask demo` does)",
-            portshard.display()
-        );
-    }
-    Ok(portshard)
-}
 
 fn main() -> Result<()> {
     let exe = portshard_exe()?;

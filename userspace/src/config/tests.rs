@@ -235,6 +235,151 @@ fn an_empty_file_says_what_to_add() {
 }
 
 #[test]
+fn workers_may_run_as_another_user_and_group() {
+    let text = DNS.replace("mode = \"balance\"", "user = \"nobody\"\ngroup = \"65534\"");
+    let dns = parse(&text).unwrap().services.remove(0);
+    assert_eq!(
+        dns.run_as,
+        Some(RunAs {
+            user: "nobody".into(),
+            group: Some("65534".into())
+        })
+    );
+    let user_only = DNS.replace("mode = \"balance\"", "user = \"_svc-1\"");
+    let dns = parse(&user_only).unwrap().services.remove(0);
+    assert_eq!(dns.run_as.unwrap().group, None);
+    assert_eq!(parse(DNS).unwrap().services[0].run_as, None);
+}
+
+#[test]
+fn bad_users_and_a_group_without_a_user_are_refused() {
+    let cases = [
+        (
+            "user = \"Root!\"",
+            "8:8: service \"dns\" field `user`: \"Root!\" is not a user name: use a name like \"nobody\"",
+        ),
+        (
+            "user = \"nobody\"\ngroup = \"99999999999\"",
+            "9:9: service \"dns\" field `group`: \"99999999999\" is not a group name",
+        ),
+        (
+            "group = \"nogroup\"",
+            "8:9: service \"dns\" field `group`: is set without `user`, which would leave the workers running as root: set `user` too",
+        ),
+    ];
+    for (to, expected) in cases {
+        let text = DNS.replace("mode = \"balance\"", to);
+        let found = problem(&text);
+        assert!(found.starts_with(&format!("{FILE}:{expected}")), "{found}");
+    }
+}
+
+#[test]
+fn limits_on_services_workers_and_the_flow_table_are_enforced() {
+    let many: String = (0..=MAX_SERVICES)
+        .map(|i| {
+            DNS.replace("\"dns\"", &format!("\"s{i}\""))
+                .replace("5300", &format!("{}", 1000 + i))
+        })
+        .collect();
+    let error = parse(&many).unwrap_err().to_string();
+    assert!(
+        error.contains(&format!(
+            "{} services, at most {MAX_SERVICES} are allowed: split them over several daemons",
+            MAX_SERVICES + 1
+        )),
+        "{error}"
+    );
+    for (field, value, allowed) in [
+        (
+            "workers",
+            MAX_WORKERS + 1,
+            format!("use 1 to {MAX_WORKERS}"),
+        ),
+        (
+            "flow_table",
+            MAX_FLOW_TABLE + 1,
+            format!("use 1 to {MAX_FLOW_TABLE}"),
+        ),
+        ("flow_table", 0, format!("use 1 to {MAX_FLOW_TABLE}")),
+    ] {
+        let line = format!("{field} = {value}");
+        let text = if field == "workers" {
+            DNS.replace("workers = 4", &line)
+        } else {
+            format!("{DNS}{line}\n")
+        };
+        let found = problem(&text);
+        assert!(
+            found.contains(&format!(
+                "service \"dns\" field `{field}`: {value} is out of range: {allowed}"
+            )),
+            "{found}"
+        );
+    }
+}
+
+#[test]
+fn probes_are_read_with_their_defaults() {
+    let text = DNS.replace("mode = \"balance\"", "probe = \"udp:ping me\"\nprobe_interval = \"200ms\"\nprobe_timeout = \"50ms\"\nprobe_failures = 2");
+    let probe = parse(&text).unwrap().services.remove(0).probe.unwrap();
+    assert_eq!(
+        probe,
+        Probe {
+            kind: ProbeKind::Udp(b"ping me".to_vec()),
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_millis(50),
+            failures: 2,
+        }
+    );
+    let tcp = DNS
+        .replace("\"udp\"", "\"tcp\"")
+        .replace("mode = \"balance\"", "probe = \"tcp\"");
+    let probe = parse(&tcp).unwrap().services.remove(0).probe.unwrap();
+    assert_eq!(
+        (probe.kind, probe.interval, probe.timeout, probe.failures),
+        (
+            ProbeKind::Tcp,
+            DEFAULT_PROBE_INTERVAL,
+            DEFAULT_PROBE_TIMEOUT,
+            DEFAULT_PROBE_FAILURES
+        )
+    );
+    assert_eq!(parse(DNS).unwrap().services[0].probe, None);
+}
+
+#[test]
+fn bad_probes_name_their_field_and_what_is_allowed() {
+    let cases = [
+        (
+            "probe = \"tcp\"",
+            "8:9: service \"dns\" field `probe`: \"tcp\" is not a probe for a udp service: use \"udp:<payload>\"",
+        ),
+        (
+            "probe = \"udp:\"",
+            "8:9: service \"dns\" field `probe`: \"udp:\" is not a probe for a udp service",
+        ),
+        (
+            "probe_failures = 3",
+            "8:18: service \"dns\" field `probe_failures`: is set without `probe`",
+        ),
+        (
+            "probe = \"udp:x\"\nprobe_interval = \"100ms\"\nprobe_timeout = \"1s\"",
+            "10:17: service \"dns\" field `probe_timeout`: 1s is longer than probe_interval 100ms",
+        ),
+        (
+            "probe = \"udp:x\"\nprobe_failures = 0",
+            "9:18: service \"dns\" field `probe_failures`: 0 is out of range: use 1 to 100",
+        ),
+    ];
+    for (to, expected) in cases {
+        let text = DNS.replace("mode = \"balance\"", to);
+        let found = problem(&text);
+        assert!(found.starts_with(&format!("{FILE}:{expected}")), "{found}");
+    }
+}
+
+#[test]
 fn the_builtin_default_is_a_valid_config() {
     let builtin = Config::builtin(Path::new("/usr/bin/portshard"));
     let text: String = builtin

@@ -6,21 +6,24 @@
 //! before the switch rolls the reload back: the new generation is stopped and its slots
 //! freed, the old one never stopped serving.
 //!
+//! With a health probe configured, each new worker must also have answered one: its probe
+//! port is steered to its slot before the slot owns any entry.
+//!
 //! The old generation's workers then retire: they keep their established connections and
 //! (with the flow table) their UDP flows, take no new ones, and are sent SIGTERM once idle
 //! for `drain_idle` (no datagram delivered to them, or no established connection) or after
 //! `drain_timeout`; each slot is freed when its worker exits.
 use std::{
     os::fd::AsFd as _,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
-use portshard_common::{Counters, MAX_SLOTS};
+use portshard_common::{Counters, MAX_SLOTS, ProbeState};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use super::{Daemon, DaemonError, Drain, Event, Role, SlotRun, service_record};
+use super::{Daemon, DaemonError, Drain, Event, Launch, Role, SlotRun, service_record};
 use crate::{
     config::{Config, Service},
     control::Reply,
@@ -38,9 +41,12 @@ pub(super) struct Reload {
     attempt: u64,
     pub(super) generation: u32,
     pub(super) spec: Service,
-    pub(super) program: PathBuf,
+    pub(super) launch: Launch,
     staged: Vec<Slot>,
     reply: Option<mpsc::UnboundedSender<Reply>>,
+    started: Instant,
+    /// Whether the requester was told the switch waits for readiness probes.
+    told_probing: bool,
 }
 
 impl Reload {
@@ -99,7 +105,7 @@ impl Daemon {
         reply: mpsc::UnboundedSender<Reply>,
     ) -> Result<(), String> {
         let index = self.index_of(service)?;
-        let (spec, program) = match &self.config {
+        let (spec, launch) = match &self.config {
             Some(path) => {
                 let config = read_config(path)?;
                 let spec = config
@@ -112,16 +118,15 @@ impl Daemon {
                             path.display()
                         )
                     })?;
-                let program = process::resolve(&spec.command[0])
-                    .map_err(|e| format!("service {service}: {e}"))?;
-                (spec, program)
+                let launch = Launch::of(&spec).map_err(|e| format!("service {service}: {e}"))?;
+                (spec, launch)
             }
             None => {
                 let running = &self.services[index];
-                (running.spec.clone(), running.program.clone())
+                (running.spec.clone(), running.launch.clone())
             }
         };
-        self.reload(index, spec, program, Some(reply))
+        self.reload(index, spec, launch, Some(reply))
     }
 
     /// The index of the service named `service`.
@@ -146,7 +151,7 @@ impl Daemon {
         &mut self,
         index: usize,
         spec: Service,
-        program: PathBuf,
+        launch: Launch,
         reply: Option<mpsc::UnboundedSender<Reply>>,
     ) -> Result<(), String> {
         let running = &mut self.services[index];
@@ -178,9 +183,11 @@ impl Daemon {
             attempt,
             generation,
             spec,
-            program,
+            launch,
             staged: Vec::new(),
             reply,
+            started: Instant::now(),
+            told_probing: false,
         });
         for slot in free {
             if let Err(error) = self.launch(index, slot, Role::Staged) {
@@ -238,13 +245,51 @@ impl Daemon {
                 Some(SlotRun::Serving(_)) => None,
                 _ => Some((*slot, 0)),
             });
-        match gone {
-            Some((slot, pid)) => self.rollback(
-                index,
-                &format!("the worker in slot {slot} (pid {pid}) exited before it was ready"),
-            ),
-            None => self.switch(index),
+        if let Some((slot, pid)) = gone {
+            let reason =
+                format!("the worker in slot {slot} (pid {pid}) exited before it was ready");
+            return self.rollback(index, &reason);
         }
+        // With a probe, each new worker must also have answered one (its probe port is
+        // steered to its slot although the slot owns no entry yet).
+        if let Some(probe) = &reload.spec.probe {
+            let unready: Vec<Slot> = reload
+                .staged
+                .iter()
+                .copied()
+                .filter(|slot| {
+                    !matches!(running.slots.get(slot), Some(SlotRun::Serving(worker))
+                        if worker.probing.as_ref().is_some_and(|p| p.tracker.health().state == ProbeState::Passing as u32))
+                })
+                .collect();
+            if !unready.is_empty() {
+                let patience =
+                    reload.spec.ready_delay + probe.interval * (probe.failures + 1) + probe.timeout;
+                if reload.started.elapsed() >= patience {
+                    let reason = format!(
+                        "the workers in slots {unready:?} answered no readiness probe within {}",
+                        humantime::format_duration(patience)
+                    );
+                    return self.rollback(index, &reason);
+                }
+                let interval = probe.interval;
+                if let Some(reload) = &mut self.services[index].reload
+                    && !std::mem::replace(&mut reload.told_probing, true)
+                {
+                    reload.progress(format!(
+                        "waiting for the workers in slots {unready:?} to answer their readiness probe"
+                    ));
+                }
+                return self.after(
+                    interval,
+                    Event::ReloadReady {
+                        service: index,
+                        attempt,
+                    },
+                );
+            }
+        }
+        self.switch(index);
     }
 
     /// Switches service `index` to its staged generation: each old table member's entries
@@ -303,7 +348,7 @@ impl Daemon {
         }
         running.generation = reload.generation;
         running.spec = reload.spec.clone();
-        running.program = reload.program.clone();
+        running.launch = reload.launch.clone();
         let (drain_idle, drain_timeout) = (running.spec.drain_idle, running.spec.drain_timeout);
         let name = running.spec.name.clone();
         for slot in gone {
@@ -495,16 +540,16 @@ impl Daemon {
     /// Brings one service in line with `spec` (see [`Daemon::hangup`]): a new command
     /// takes a new generation; the rest applies to the running one.
     fn apply(&mut self, spec: Service) -> Result<(), String> {
-        let program = process::resolve(&spec.command[0]).map_err(|e| e.to_string())?;
+        let launch = Launch::of(&spec).map_err(|e| e.to_string())?;
         let Ok(index) = self.index_of(&spec.name) else {
-            return self.add_service(spec, program).map_err(|e| e.to_string());
+            return self.add_service(spec, launch).map_err(|e| e.to_string());
         };
         let running = &mut self.services[index];
         if running.spec == spec {
             return Ok(());
         }
         if running.spec.command != spec.command {
-            return self.reload(index, spec, program, None);
+            return self.reload(index, spec, launch, None);
         }
         same_pins(&running.spec, &spec)?;
         info!(service = %spec.name, "applying the changed settings to the running generation");
@@ -517,8 +562,12 @@ impl Daemon {
                     .map_err(|e| e.to_string())?;
             }
         }
+        running
+            .group
+            .dataplane()
+            .set_flags(super::table_flags(&spec));
         running.spec = spec;
-        running.program = program;
+        running.launch = launch;
         self.resize(index).map_err(|e| e.to_string())
     }
 }

@@ -1,0 +1,31 @@
+//! The config parser on arbitrary text: it returns a config whose every value is within the
+//! documented limits, or errors that each point inside the text; it never panics.
+#![no_main]
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+use portshard::config::{Config, MAX_SERVICES, MAX_WORKERS};
+
+fuzz_target!(|text: &str| {
+    match Config::parse(text, Path::new("fuzz.toml")) {
+        Ok(config) => {
+            assert!(!config.services.is_empty() && config.services.len() <= MAX_SERVICES);
+            for service in &config.services {
+                assert!(portshard::dataplane::check_service_name(&service.name).is_ok());
+                assert!((1..=MAX_WORKERS).contains(&service.workers));
+                assert!(service.listen.port() != 0);
+                assert!(service.command.first().is_some_and(|p| !p.is_empty()));
+                assert!(service.run_as.as_ref().is_none_or(|r| !r.user.is_empty()));
+            }
+        }
+        Err(error) => {
+            assert!(!error.problems.is_empty());
+            let lines = text.split('\n').count();
+            for problem in &error.problems {
+                assert!(problem.line <= lines, "{error}");
+            }
+            // The report renders whatever the problems hold.
+            let _ = error.to_string();
+        }
+    }
+});

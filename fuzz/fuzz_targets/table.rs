@@ -1,0 +1,137 @@
+//! Sequences of table operations: after each one every invariant holds
+//! ([`Table::validate`]; with equal weights, exact balance), the reported delta is exactly
+//! what changed, a refused operation changed nothing, a removal moved only the removed
+//! slot's entries, each to its heir, and an addition moved entries only to the newcomer.
+#![no_main]
+use arbitrary::Arbitrary;
+use libfuzzer_sys::fuzz_target;
+use portshard::table::{Delta, Slot, Table, TableError};
+use portshard_common::MAX_SLOTS;
+
+/// Slots the operations name: two beyond the last valid one, to exercise the refusals.
+const SLOTS: Slot = MAX_SLOTS as Slot + 2;
+
+/// Operations per input: enough for long histories, few enough to stay fast.
+const MAX_OPS: usize = 48;
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    Add {
+        slot: Slot,
+        weight: u16,
+    },
+    Remove {
+        slot: Slot,
+    },
+    Weight {
+        slot: Slot,
+        weight: u16,
+    },
+    /// The daemon's worker restart: remove `slot`, then rejoin it with what it owned.
+    Restart {
+        slot: Slot,
+    },
+}
+
+fuzz_target!(|ops: Vec<Op>| {
+    let mut table = Table::new();
+    for op in ops.into_iter().take(MAX_OPS) {
+        match op {
+            Op::Add { slot, weight } => {
+                let slot = slot % SLOTS;
+                step(&mut table, |t| t.add(slot, weight.into()), Some(slot));
+            }
+            Op::Remove { slot } => {
+                remove(&mut table, slot % SLOTS);
+            }
+            Op::Weight { slot, weight } => {
+                step(
+                    &mut table,
+                    |t| t.set_weight(slot % SLOTS, weight.into()),
+                    None,
+                );
+            }
+            Op::Restart { slot } => {
+                let slot = slot % SLOTS;
+                let former = table.owned_by(slot);
+                if let Some(&weight) = table.members().get(&slot)
+                    && remove(&mut table, slot)
+                {
+                    let rejoined =
+                        step(&mut table, |t| t.rejoin(slot, weight, &former), Some(slot));
+                    assert!(
+                        rejoined,
+                        "slot {slot} could not rejoin right after its removal"
+                    );
+                }
+            }
+        }
+    }
+});
+
+/// Removes `slot`, checking that only its entries changed owner, each to its heir.
+fn remove(table: &mut Table, slot: Slot) -> bool {
+    let before = table.clone();
+    let removed = step(table, |t| t.remove(slot), None);
+    if removed {
+        for (index, (old, new)) in before.entries().iter().zip(table.entries()).enumerate() {
+            let expected = if old.owner == slot {
+                old.heir
+            } else {
+                old.owner
+            };
+            assert_eq!(
+                new.owner, expected,
+                "entry {index} after removing slot {slot}"
+            );
+        }
+    }
+    removed
+}
+
+/// Runs `op` on `table` and checks the invariants; with `receiver`, only that slot may have
+/// gained entries. Returns whether the operation was accepted.
+fn step(
+    table: &mut Table,
+    op: impl FnOnce(&mut Table) -> Result<Delta, TableError>,
+    receiver: Option<Slot>,
+) -> bool {
+    let before = table.clone();
+    let result = op(table);
+    if let Err(broken) = table.validate() {
+        panic!("invariant broken: {broken}");
+    }
+    let weights: Vec<u32> = table.members().values().copied().collect();
+    if weights.windows(2).all(|w| w[0] == w[1]) {
+        assert!(
+            table.is_exactly_balanced(),
+            "equal weights, but not exactly balanced"
+        );
+    }
+    let Ok(delta) = result else {
+        assert_eq!(*table, before, "a refused operation changed the table");
+        return false;
+    };
+    let pairs = || before.entries().iter().zip(table.entries()).enumerate();
+    let changed: Vec<u32> = pairs()
+        .filter(|(_, (o, n))| o != n)
+        .map(|(i, _)| i as u32)
+        .collect();
+    let moved = pairs().filter(|(_, (o, n))| o.owner != n.owner).count() as u32;
+    assert_eq!(
+        (delta.changed, delta.moved),
+        (changed, moved),
+        "the delta is not what changed"
+    );
+    if let Some(slot) = receiver {
+        for (index, (old, new)) in pairs() {
+            assert!(
+                old.owner == new.owner || new.owner == slot,
+                "entry {index} moved from {} to {} while only slot {slot} joined",
+                old.owner,
+                new.owner
+            );
+        }
+    }
+    true
+}

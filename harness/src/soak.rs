@@ -1,0 +1,494 @@
+//! The soak's bookkeeping, pure: the faults injected (with the time span each disturbs its
+//! slot), each flow's last answer, and the invariants every observation is checked against.
+//! The soak runner (`portshard-soak`) makes the observations and injects the faults.
+//!
+//! Invariants: a flow moves (answered by another slot, or another worker of its slot) only
+//! when its slot or the slot it moves to was disturbed (its worker killed, stopped, drained,
+//! restored or reweighted) in the span since its last answer; a datagram goes unanswered only
+//! when its slot was disturbed, or a slot that gained entries was down; a TCP connection fails
+//! only when its worker (or, unknown, any worker of the service) was killed or stopped, and is
+//! never refused; no table entry stays without a live owner or heir.
+use std::{collections::BTreeMap, fmt, time::Duration};
+
+use portshard::table::Slot;
+
+use crate::daemon::Answer;
+
+/// What a fault did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FaultKind {
+    /// SIGKILL of a worker; disturbs its slot until the replacement serves.
+    Kill,
+    /// SIGSTOP of a worker; disturbs its slot until SIGCONT (or its replacement serves).
+    Stop,
+    /// `kill -9` of the daemon and a restart; disturbs no slot.
+    DaemonKill,
+    /// A slot drained.
+    Drain,
+    /// A drained slot given its weight back.
+    Restore,
+    /// A slot's weight changed.
+    Weight,
+}
+
+impl FaultKind {
+    /// The name in the soak's report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kill => "kill",
+            Self::Stop => "stop",
+            Self::DaemonKill => "daemon_kill",
+            Self::Drain => "drain",
+            Self::Restore => "restore",
+            Self::Weight => "weight",
+        }
+    }
+
+    /// Whether the slot's worker does not serve during the fault.
+    fn takes_down(self) -> bool {
+        matches!(self, Self::Kill | Self::Stop)
+    }
+
+    /// Whether the slot may take entries from others.
+    fn gains(self) -> bool {
+        matches!(self, Self::Kill | Self::Restore | Self::Weight)
+    }
+}
+
+/// One injected fault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// What was done.
+    pub kind: FaultKind,
+    /// To which service (empty for the daemon).
+    pub service: String,
+    /// To which slot, if one.
+    pub slot: Option<Slot>,
+    /// When, since the start.
+    pub from: Duration,
+    /// Until when it disturbs the slot; `None` while it still does.
+    pub until: Option<Duration>,
+}
+
+/// A broken invariant, with what it was about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// When it was seen, since the start.
+    pub at: Duration,
+    /// The service.
+    pub service: String,
+    /// The flow or connection.
+    pub flow: String,
+    /// The slot involved.
+    pub slot: Option<Slot>,
+    /// The worker involved.
+    pub pid: Option<u32>,
+    /// What went wrong.
+    pub what: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let slot = self.slot.map_or("-".to_owned(), |s| s.to_string());
+        let pid = self.pid.map_or("-".to_owned(), |p| p.to_string());
+        write!(
+            f,
+            "violation t={:.3}s service={} flow={} slot={slot} pid={pid}: {}",
+            self.at.as_secs_f64(),
+            self.service,
+            self.flow,
+            self.what
+        )
+    }
+}
+
+/// How a TCP connection of the load went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TcpOutcome {
+    /// Greeted by this worker and echoed.
+    Served(Answer),
+    /// Refused at connect: never allowed.
+    Refused,
+    /// Failed (reset, timed out) after being greeted by `answer`, or before any greeting.
+    Failed {
+        /// The worker that greeted it, if one did.
+        answer: Option<Answer>,
+        /// What failed.
+        what: String,
+    },
+}
+
+/// Everything the soak knows: faults, last answers, violations.
+#[derive(Debug)]
+pub struct Ledger {
+    margin: Duration,
+    faults: Vec<Fault>,
+    last: BTreeMap<(String, usize), (Answer, Duration)>,
+    violations: Vec<Violation>,
+}
+
+impl Ledger {
+    /// A ledger that allows `margin` around each fault for delivery and scheduling delays.
+    pub fn new(margin: Duration) -> Self {
+        Self {
+            margin,
+            faults: Vec::new(),
+            last: BTreeMap::new(),
+            violations: Vec::new(),
+        }
+    }
+
+    /// Records a fault; returns its number, to end it with [`Ledger::end`].
+    pub fn fault(&mut self, fault: Fault) -> usize {
+        self.faults.push(fault);
+        self.faults.len() - 1
+    }
+
+    /// Fault `index` stopped disturbing its slot at `at`.
+    pub fn end(&mut self, index: usize, at: Duration) {
+        if let Some(fault) = self.faults.get_mut(index) {
+            fault.until.get_or_insert(at);
+        }
+    }
+
+    /// Faults on `service` slot `slot` (any slot if `None`) whose span meets `[from, to]`,
+    /// widened by the margin.
+    fn faults_on<'a>(
+        &'a self,
+        service: &'a str,
+        slot: Option<Slot>,
+        from: Duration,
+        to: Duration,
+    ) -> impl Iterator<Item = &'a Fault> + 'a {
+        let (from, to) = (from.saturating_sub(self.margin), to + self.margin);
+        self.faults.iter().filter(move |f| {
+            f.service == service
+                && f.slot.is_some()
+                && (slot.is_none() || f.slot == slot)
+                && f.from <= to
+                && f.until.is_none_or(|until| until >= from)
+        })
+    }
+
+    fn disturbed(&self, service: &str, slot: Slot, from: Duration, to: Duration) -> bool {
+        self.faults_on(service, Some(slot), from, to)
+            .next()
+            .is_some()
+    }
+
+    /// Whether some slot of `service` gained entries and was down within the span.
+    fn gained_while_down(&self, service: &str, from: Duration, to: Duration) -> bool {
+        let spans = || self.faults_on(service, None, from, to);
+        spans()
+            .filter(|f| f.kind.gains())
+            .any(|gain| spans().any(|down| down.kind.takes_down() && down.slot == gain.slot))
+    }
+
+    fn violate(
+        &mut self,
+        at: Duration,
+        service: &str,
+        flow: String,
+        answer: Option<Answer>,
+        what: String,
+    ) {
+        self.violations.push(Violation {
+            at,
+            service: service.to_owned(),
+            flow,
+            slot: answer.map(|a| a.slot),
+            pid: answer.map(|a| a.pid),
+            what,
+        });
+    }
+
+    /// Checks one UDP round of `service` collected until `done`: `answers[flow]` is who
+    /// answered the flow, if anyone did. A flow's span runs from its last answer to `done`.
+    pub fn udp_round(&mut self, service: &str, done: Duration, answers: &[Option<Answer>]) {
+        for (flow, answer) in answers.iter().enumerate() {
+            let key = (service.to_owned(), flow);
+            let Some(&(before, since)) = self.last.get(&key) else {
+                if let Some(answer) = answer {
+                    self.last.insert(key, (*answer, done));
+                }
+                continue;
+            };
+            let name = format!("udp {flow}");
+            match answer {
+                Some(now) if now.slot != before.slot => {
+                    if !self.disturbed(service, before.slot, since, done)
+                        && !self.disturbed(service, now.slot, since, done)
+                    {
+                        let what = format!(
+                            "moved from slot {} pid {} although neither slot was disturbed",
+                            before.slot, before.pid
+                        );
+                        self.violate(done, service, name, Some(*now), what);
+                    }
+                }
+                Some(now) if now.pid != before.pid => {
+                    if !self.disturbed(service, before.slot, since, done) {
+                        let what = format!(
+                            "answered by another worker than pid {} although its slot was not disturbed",
+                            before.pid
+                        );
+                        self.violate(done, service, name, Some(*now), what);
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    if !self.disturbed(service, before.slot, since, done)
+                        && !self.gained_while_down(service, since, done)
+                    {
+                        let what = "datagram lost although its worker stayed healthy".to_owned();
+                        self.violate(done, service, name, Some(before), what);
+                    }
+                    continue;
+                }
+            }
+            if let Some(answer) = answer {
+                self.last.insert(key, (*answer, done));
+            }
+        }
+    }
+
+    /// Checks a TCP connection of `service` opened at `from` and finished at `to`.
+    pub fn tcp(
+        &mut self,
+        service: &str,
+        from: Duration,
+        to: Duration,
+        flow: String,
+        outcome: TcpOutcome,
+    ) {
+        match outcome {
+            TcpOutcome::Served(_) => {}
+            TcpOutcome::Refused => {
+                self.violate(to, service, flow, None, "connection refused".to_owned());
+            }
+            TcpOutcome::Failed { answer, what } => {
+                let excused = match answer {
+                    Some(a) => self
+                        .faults_on(service, Some(a.slot), from, to)
+                        .any(|f| f.kind.takes_down()),
+                    None => self
+                        .faults_on(service, None, from, to)
+                        .any(|f| f.kind.takes_down()),
+                };
+                if !excused {
+                    let what = format!(
+                        "{what} although no worker it could have reached was killed or stopped"
+                    );
+                    self.violate(to, service, flow, answer, what);
+                }
+            }
+        }
+    }
+
+    /// Records that `entries` table entries of `service` named neither a live owner nor a
+    /// live heir at `at`, unless a worker of the service was killed just before (the
+    /// daemon heals the table when it learns of the death).
+    pub fn table(&mut self, service: &str, at: Duration, entries: usize, example: String) {
+        if entries > 0
+            && !self
+                .faults_on(service, None, at, at)
+                .any(|f| f.kind.takes_down())
+        {
+            let what = format!(
+                "{entries} table entries with neither a live owner nor a live heir, e.g. {example}"
+            );
+            self.violate(at, service, "table".to_owned(), None, what);
+        }
+    }
+
+    /// Records a violation found outside the ledger's own checks (leftovers at the end).
+    pub fn other(&mut self, at: Duration, what: String) {
+        self.violate(at, "-", "-".to_owned(), None, what);
+    }
+
+    /// The faults injected so far, by kind.
+    pub fn faults_by_kind(&self) -> BTreeMap<FaultKind, usize> {
+        let mut by_kind = BTreeMap::new();
+        for fault in &self.faults {
+            *by_kind.entry(fault.kind).or_default() += 1;
+        }
+        by_kind
+    }
+
+    /// How many faults were injected.
+    pub fn fault_count(&self) -> usize {
+        self.faults.len()
+    }
+
+    /// Every violation, in the order seen.
+    pub fn violations(&self) -> &[Violation] {
+        &self.violations
+    }
+}
+
+/// A small deterministic generator (xorshift64*), so a soak is repeatable from its seed.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed` (0 is replaced, xorshift cannot leave it).
+    pub fn new(seed: u64) -> Self {
+        Self(seed.max(1))
+    }
+
+    /// A number in `range` (which must not be empty).
+    pub fn below(&mut self, range: std::ops::Range<u64>) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        range.start + self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % (range.end - range.start)
+    }
+
+    /// A duration in `range`, to the millisecond.
+    pub fn millis(&mut self, range: std::ops::Range<u64>) -> Duration {
+        Duration::from_millis(self.below(range))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: &str = "udp-a";
+
+    fn at(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+
+    fn answer(slot: Slot, pid: u32) -> Option<Answer> {
+        Some(Answer { slot, pid })
+    }
+
+    fn ledger_with(kind: FaultKind, slot: Slot, from: u64, until: u64) -> Ledger {
+        let mut ledger = Ledger::new(at(100));
+        ledger.fault(Fault {
+            kind,
+            service: S.to_owned(),
+            slot: Some(slot),
+            from: at(from),
+            until: Some(at(until)),
+        });
+        ledger.udp_round(S, at(10), &[answer(0, 100), answer(1, 101)]);
+        ledger
+    }
+
+    #[test]
+    fn a_flow_may_move_only_when_its_slot_or_its_new_slot_was_disturbed() {
+        let mut ledger = ledger_with(FaultKind::Kill, 0, 1000, 1500);
+        // Long after the kill, flow 1 moves from slot 1 to 2: neither was disturbed.
+        ledger.udp_round(S, at(3010), &[answer(0, 200), answer(2, 102)]);
+        assert_eq!(ledger.violations().len(), 1, "{:?}", ledger.violations());
+        let violation = ledger.violations()[0].to_string();
+        assert!(violation.starts_with("violation t=3.010s service=udp-a flow=udp 1 slot=2 pid=102: moved from slot 1 pid 101"), "{violation}");
+        // Flow 0's slot 0 was killed within its span: a new pid is allowed.
+        let mut ledger = ledger_with(FaultKind::Kill, 0, 1000, 1500);
+        ledger.udp_round(S, at(1210), &[answer(3, 103), answer(1, 101)]);
+        ledger.udp_round(S, at(1610), &[answer(0, 200), answer(1, 101)]);
+        assert!(ledger.violations().is_empty(), "{:?}", ledger.violations());
+    }
+
+    #[test]
+    fn a_lost_datagram_is_a_violation_unless_its_worker_or_a_gaining_slot_was_down() {
+        let mut ledger = ledger_with(FaultKind::Stop, 0, 1000, 1500);
+        ledger.udp_round(S, at(1400), &[None, answer(1, 101)]);
+        assert!(ledger.violations().is_empty());
+        ledger.udp_round(S, at(3300), &[answer(0, 100), None]);
+        assert_eq!(ledger.violations().len(), 1);
+        assert!(
+            ledger.violations()[0]
+                .what
+                .contains("lost although its worker stayed healthy")
+        );
+        // Slot 4 was given weight and stopped: flows it gained may go unanswered.
+        let mut ledger = ledger_with(FaultKind::Weight, 4, 5000, 5000);
+        ledger.fault(Fault {
+            kind: FaultKind::Stop,
+            service: S.to_owned(),
+            slot: Some(4),
+            from: at(5050),
+            until: None,
+        });
+        ledger.udp_round(S, at(5400), &[None, answer(1, 101)]);
+        assert!(ledger.violations().is_empty(), "{:?}", ledger.violations());
+    }
+
+    #[test]
+    fn tcp_failures_need_a_downed_worker_and_refusals_are_never_allowed() {
+        let mut ledger = ledger_with(FaultKind::Drain, 2, 0, 0);
+        let failed = |answer| TcpOutcome::Failed {
+            answer,
+            what: "reset".to_owned(),
+        };
+        ledger.tcp(
+            S,
+            at(2000),
+            at(2100),
+            "tcp 1".into(),
+            failed(answer(2, 102)),
+        );
+        ledger.tcp(S, at(2000), at(2100), "tcp 2".into(), TcpOutcome::Refused);
+        ledger.tcp(
+            S,
+            at(2000),
+            at(2100),
+            "tcp 3".into(),
+            TcpOutcome::Served(Answer { slot: 1, pid: 1 }),
+        );
+        assert_eq!(ledger.violations().len(), 2);
+        let mut ledger = ledger_with(FaultKind::Stop, 2, 1900, 2200);
+        ledger.tcp(
+            S,
+            at(2000),
+            at(2100),
+            "tcp 1".into(),
+            failed(answer(2, 102)),
+        );
+        ledger.tcp(S, at(2000), at(2100), "tcp 2".into(), failed(None));
+        ledger.tcp(
+            S,
+            at(2000),
+            at(2100),
+            "tcp 3".into(),
+            failed(answer(3, 103)),
+        );
+        assert_eq!(ledger.violations().len(), 1);
+        assert_eq!(ledger.violations()[0].flow, "tcp 3");
+    }
+
+    #[test]
+    fn faults_are_counted_by_kind_and_open_faults_last_until_ended() {
+        let mut ledger = Ledger::new(at(0));
+        let open = ledger.fault(Fault {
+            kind: FaultKind::Kill,
+            service: S.to_owned(),
+            slot: Some(1),
+            from: at(10),
+            until: None,
+        });
+        assert!(ledger.disturbed(S, 1, at(100_000), at(100_001)));
+        ledger.end(open, at(20));
+        assert!(!ledger.disturbed(S, 1, at(100), at(200)));
+        ledger.table(S, at(15), 3, "entry 7".into());
+        ledger.table(S, at(500), 3, "entry 7".into());
+        assert_eq!(ledger.violations().len(), 1);
+        assert_eq!(
+            ledger.faults_by_kind(),
+            BTreeMap::from([(FaultKind::Kill, 1)])
+        );
+        let mut rng = Rng::new(7);
+        let draws: Vec<u64> = (0..1000).map(|_| rng.below(3..9)).collect();
+        assert!(draws.iter().all(|d| (3..9).contains(d)));
+        assert_eq!(
+            draws
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            6
+        );
+    }
+}
