@@ -4,8 +4,10 @@
 //!
 //! Invariants: a flow moves (answered by another slot, or another worker of its slot) only
 //! when its slot or the slot it moves to was disturbed (its worker killed, stopped, drained,
-//! restored or reweighted) in the span since its last answer; a datagram goes unanswered only
-//! when its slot was disturbed, or a slot that gained entries was down; a TCP connection fails
+//! restored or reweighted) in the span since its last answer, or it passed through a slot
+//! that gained entries and lost them again in that span (restored, then killed: the flow goes
+//! back to that slot, then on to its heir); a datagram goes unanswered only when its slot was
+//! disturbed, or a slot that gained entries was down; a TCP connection fails
 //! only when its worker (or, unknown, any worker of the service) was killed or stopped, and is
 //! never refused; no table entry stays without a live owner or heir.
 use std::{collections::BTreeMap, fmt, time::Duration};
@@ -47,11 +49,6 @@ impl FaultKind {
     /// Whether the slot's worker does not serve during the fault.
     fn takes_down(self) -> bool {
         matches!(self, Self::Kill | Self::Stop)
-    }
-
-    /// Whether the slot may take entries from others.
-    fn gains(self) -> bool {
-        matches!(self, Self::Kill | Self::Restore | Self::Weight)
     }
 }
 
@@ -176,12 +173,24 @@ impl Ledger {
             .is_some()
     }
 
-    /// Whether some slot of `service` gained entries and was down within the span.
-    fn gained_while_down(&self, service: &str, from: Duration, to: Duration) -> bool {
+    /// Whether some slot of `service` gained entries and then lost them (went down or was
+    /// drained) within the span: a flow may have gone to it and on to its heir, or be lost
+    /// with it, without either end of the flow's move being disturbed.
+    fn passed_through(&self, service: &str, from: Duration, to: Duration) -> bool {
         let spans = || self.faults_on(service, None, from, to);
-        spans()
-            .filter(|f| f.kind.gains())
-            .any(|gain| spans().any(|down| down.kind.takes_down() && down.slot == gain.slot))
+        spans().any(|gain| {
+            // A restored or reweighted slot gains at once; a killed one when it rejoins.
+            let gained = match gain.kind {
+                FaultKind::Restore | FaultKind::Weight => gain.from,
+                FaultKind::Kill => gain.until.unwrap_or(Duration::MAX),
+                _ => return false,
+            };
+            spans().any(|lost| {
+                (lost.kind.takes_down() || lost.kind == FaultKind::Drain)
+                    && lost.slot == gain.slot
+                    && lost.from >= gained
+            })
+        })
     }
 
     fn violate(
@@ -218,6 +227,7 @@ impl Ledger {
                 Some(now) if now.slot != before.slot => {
                     if !self.disturbed(service, before.slot, since, done)
                         && !self.disturbed(service, now.slot, since, done)
+                        && !self.passed_through(service, since, done)
                     {
                         let what = format!(
                             "moved from slot {} pid {} although neither slot was disturbed",
@@ -238,7 +248,7 @@ impl Ledger {
                 Some(_) => {}
                 None => {
                     if !self.disturbed(service, before.slot, since, done)
-                        && !self.gained_while_down(service, since, done)
+                        && !self.passed_through(service, since, done)
                     {
                         let what = "datagram lost although its worker stayed healthy".to_owned();
                         self.violate(done, service, name, Some(before), what);
@@ -415,6 +425,26 @@ mod tests {
         });
         ledger.udp_round(S, at(5400), &[None, answer(1, 101)]);
         assert!(ledger.violations().is_empty(), "{:?}", ledger.violations());
+    }
+
+    #[test]
+    fn a_flow_may_pass_through_a_slot_restored_and_killed_between_two_rounds() {
+        // Slot 4 is restored (takes back flow 1, once its own) and killed a moment later:
+        // flow 1 goes on to its heir, slot 2; the rounds see it move from 1 to 2.
+        let mut ledger = ledger_with(FaultKind::Restore, 4, 2000, 2000);
+        ledger.fault(Fault {
+            kind: FaultKind::Kill,
+            service: S.to_owned(),
+            slot: Some(4),
+            from: at(2006),
+            until: Some(at(2200)),
+        });
+        ledger.udp_round(S, at(2300), &[answer(0, 100), answer(2, 102)]);
+        assert!(ledger.violations().is_empty(), "{:?}", ledger.violations());
+        // A restore alone is no reason for a flow to move between two other slots.
+        let mut ledger = ledger_with(FaultKind::Restore, 4, 2000, 2000);
+        ledger.udp_round(S, at(2300), &[answer(0, 100), answer(2, 102)]);
+        assert_eq!(ledger.violations().len(), 1);
     }
 
     #[test]

@@ -692,6 +692,33 @@ mod tests {
     }
 
     #[test]
+    fn users_and_groups_resolve_by_name_or_id_and_unknown_ones_are_explained() {
+        let root = Credentials::lookup("root", None).unwrap();
+        assert_eq!((root.uid, root.gid), (0, 0));
+        assert!(root.groups.contains(&0));
+        assert_eq!(Credentials::lookup("0", Some("root")).unwrap().gid, 0);
+        // A bare uid with no passwd entry runs with the group given.
+        let bare = Credentials::lookup("4000000", Some("0")).unwrap();
+        assert_eq!((bare.uid, bare.gid, bare.groups), (4_000_000, 0, vec![0]));
+        for (user, group, message) in [
+            (
+                "no-such-user-here",
+                None,
+                "user \"no-such-user-here\" does not exist on this machine",
+            ),
+            ("4000000", None, "user \"4000000\" does not exist"),
+            (
+                "root",
+                Some("no-such-group-here"),
+                "group \"no-such-group-here\" does not exist",
+            ),
+        ] {
+            let error = Credentials::lookup(user, group).unwrap_err().to_string();
+            assert!(error.contains(message), "{error}");
+        }
+    }
+
+    #[test]
     fn missing_programs_are_explained() {
         let error = resolve("surely-no-such-program-here").unwrap_err();
         assert!(error.to_string().contains("not found on PATH"), "{error}");

@@ -113,7 +113,10 @@ impl Table {
 
     /// Takes over a table a previous process computed (`entries`, as read back from the
     /// kernel, with its `members`), so a restarted daemon goes on from it without moving a
-    /// flow. Refused unless it satisfies every invariant ([`Table::validate`]).
+    /// flow. Refused unless every entry names a member as owner and a valid heir
+    /// ([`Table::check_structure`]); shares a little off their bound are kept as they are,
+    /// since rebuilding would move the flows of healthy slots (the next weight change
+    /// restores exact shares).
     pub fn adopt(
         entries: Vec<TableEntry>,
         members: impl IntoIterator<Item = (Slot, u32)>,
@@ -128,7 +131,7 @@ impl Table {
             table.weights.insert(slot, weight);
         }
         table
-            .validate()
+            .check_structure()
             .map_err(|reason| TableError::Inconsistent { reason })?;
         Ok(table)
     }
@@ -428,6 +431,26 @@ impl Table {
     /// one broken. Shares are bounded by their ceiling, or with unequal weights by one more
     /// (see [`Table::is_exactly_balanced`]). The property tests run it after every operation.
     pub fn validate(&self) -> Result<(), String> {
+        self.check_structure()?;
+        let counts = self.counts();
+        let members = Members::of(&self.weights);
+        let equal = members.weights.windows(2).all(|w| w[0] == w[1]);
+        for (&slot, &weight) in members.slots.iter().zip(&members.weights) {
+            let ceiling = members.share(weight).1 + u32::from(!equal);
+            if counts[&slot] > ceiling {
+                return Err(format!(
+                    "slot {slot} owns {} entries, more than the {ceiling} its share allows",
+                    counts[&slot]
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks what the kernel relies on, whatever the shares: a whole table whose every
+    /// entry is owned by a member (or is empty, when there are none) and has a member other
+    /// than its owner as heir (or none, with fewer than two members).
+    pub fn check_structure(&self) -> Result<(), String> {
         if self.entries.len() != TABLE_SIZE {
             return Err(format!(
                 "table has {} entries, not {TABLE_SIZE}",
@@ -455,18 +478,6 @@ impl Table {
                 return Err(format!(
                     "entry {index} (owner {}) has invalid heir {}",
                     entry.owner, entry.heir
-                ));
-            }
-        }
-        let counts = self.counts();
-        let members = Members::of(&self.weights);
-        let equal = members.weights.windows(2).all(|w| w[0] == w[1]);
-        for (&slot, &weight) in members.slots.iter().zip(&members.weights) {
-            let ceiling = members.share(weight).1 + u32::from(!equal);
-            if counts[&slot] > ceiling {
-                return Err(format!(
-                    "slot {slot} owns {} entries, more than the {ceiling} its share allows",
-                    counts[&slot]
                 ));
             }
         }

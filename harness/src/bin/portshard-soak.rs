@@ -503,6 +503,11 @@ fn main() -> Result<()> {
         let _ = signal(pending.pid, libc::SIGCONT);
     }
     let status = soak.daemon.terminate()?;
+    // The daemon's log, kept for reading the violations against.
+    let log = std::env::temp_dir().join("portshard-soak-daemon.log");
+    std::fs::write(&log, soak.daemon.log_text())
+        .with_context(|| format!("writing {}", log.display()))?;
+    println!("daemon log: {}", log.display());
     let at = soak.now();
     if !status.success() {
         soak.ledger

@@ -65,6 +65,28 @@ fn unit(slots: impl IntoIterator<Item = Slot>) -> Vec<(Slot, u32)> {
 }
 
 #[test]
+fn adoption_keeps_a_working_table_whatever_its_shares_and_refuses_a_broken_one() {
+    let table = Table::with_members([(0, 1), (1, 3), (2, 1)]).unwrap();
+    let members = || table.members().iter().map(|(&s, &w)| (s, w));
+    // The same entries under other weights are off their shares, but every entry still
+    // names a member owner and heir: kept as it is, nothing moves.
+    let reweighted: Vec<(Slot, u32)> = members().map(|(s, _)| (s, 1)).collect();
+    let adopted = Table::adopt(table.entries().to_vec(), reweighted).unwrap();
+    assert_eq!(adopted.entries(), table.entries());
+    assert!(adopted.validate().is_err(), "the shares really are off");
+    // Entries naming a slot that is not a member (as owner or heir) are refused.
+    let without_2: Vec<(Slot, u32)> = members().filter(|&(s, _)| s != 2).collect();
+    let refused = Table::adopt(table.entries().to_vec(), without_2)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.starts_with("the pinned table is inconsistent with its slot records: entry")
+            && refused.ends_with(" 2"),
+        "{refused}"
+    );
+}
+
+#[test]
 fn empty_table_names_no_slot() {
     let table = Table::new();
     assert!(table.entries().iter().all(|e| *e == TableEntry::EMPTY));
