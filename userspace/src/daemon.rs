@@ -768,6 +768,13 @@ impl Daemon {
         if let Err(error) = running.group.set_health(slot, probing.tracker.health()) {
             warn!(service = %running.spec.name, slot, %error, "cannot record the probe state");
         }
+        if let (Verdict::Hung(failures), Role::Staged) = (verdict, &worker.role) {
+            // A new generation's worker that never answers is not ready: the reload fails.
+            let reason = format!(
+                "the worker in slot {slot} (pid {pid}) answered none of its first {failures} readiness probes"
+            );
+            return self.rollback(index, &reason);
+        }
         let name = &running.spec.name;
         match verdict {
             Verdict::Passing if was_failing => {

@@ -463,3 +463,31 @@ fn a_restarted_daemon_goes_on_draining_the_old_generation() {
             .contains("adopted an old generation's worker")
     );
 }
+
+#[test]
+fn a_generation_that_never_answers_its_readiness_probe_is_rolled_back() {
+    let sandbox = sandbox();
+    let probe = "probe = \"udp:ping\"\nprobe_interval = \"200ms\"\nprobe_timeout = \"100ms\"\nprobe_failures = 2";
+    let daemon = start(&sandbox, "dns", "udp", 2, probe);
+    let before = live_pids(&daemon, "dns");
+    let mut live = UdpFlows::new(target(), 512).unwrap();
+    let base = live.settle(READY).unwrap();
+    // Alive, with its socket, but never reading it: only a probe can tell.
+    let silent = config("dns", "udp", 2, probe).replace(
+        &format!("command = [\"python3\", \"{WORKER}\"]"),
+        "command = [\"python3\", \"-c\", \"import time; time.sleep(600)\"]",
+    );
+    daemon.set_config(&silent).unwrap();
+    let refused = reload(&daemon, "dns");
+    let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
+    let stdout = String::from_utf8_lossy(&refused.stdout).into_owned();
+    eprintln!("silent generation: {stdout}{stderr}");
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("generation 2 rolled back") && stderr.contains("readiness probe"),
+        "{stderr}"
+    );
+    assert_eq!(live_pids(&daemon, "dns"), before);
+    assert_eq!(generations(&daemon, "dns"), [(1, "ready")]);
+    assert_eq!(round_against(&mut live, &base), (live.len(), 0, 0));
+}
