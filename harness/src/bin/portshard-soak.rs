@@ -35,11 +35,13 @@ const MARGIN: Duration = Duration::from_secs(1);
 /// At most this many workers of a service are down (killed or stopped) at once.
 const MAX_DOWN: usize = 2;
 
-/// A service of the soak: name, transport, port, and whether it has a health probe.
+/// A service of the soak: name, transport, port, steering mode, and whether it has a
+/// health probe.
 struct Spec {
     name: &'static str,
     proto: &'static str,
     port: u16,
+    mode: &'static str,
     probe: Option<&'static str>,
 }
 
@@ -48,24 +50,29 @@ const SERVICES: [Spec; 4] = [
         name: "udp-a",
         proto: "udp",
         port: 5301,
+        mode: "balance",
         probe: None,
     },
     Spec {
         name: "udp-b",
         proto: "udp",
         port: 5302,
+        // With the flow table: flows stay on their worker through drains and weights.
+        mode: "handover",
         probe: Some("udp:probe"),
     },
     Spec {
         name: "tcp-a",
         proto: "tcp",
         port: 5301,
+        mode: "balance",
         probe: None,
     },
     Spec {
         name: "tcp-b",
         proto: "tcp",
         port: 5302,
+        mode: "balance",
         probe: Some("tcp"),
     },
 ];
@@ -82,8 +89,8 @@ fn config(exe: &Path) -> String {
                 format!("probe = \"{p}\"\nprobe_interval = \"250ms\"\nprobe_timeout = \"125ms\"\nprobe_failures = 3\n")
             });
             format!(
-                "[[service]]\nname = \"{}\"\nproto = \"{}\"\nlisten = \"127.0.0.1:{}\"\nworkers = {WORKERS}\ncommand = [\"{}\", \"echo\"]\nrestart_delay = \"50ms\"\nrestart_delay_max = \"500ms\"\nrestart_window = \"1s\"\nrestart_limit = 1000000\nstop_timeout = \"2s\"\n{probe}\n",
-                s.name, s.proto, s.port, exe.display()
+                "[[service]]\nname = \"{}\"\nproto = \"{}\"\nlisten = \"127.0.0.1:{}\"\nmode = \"{}\"\nworkers = {WORKERS}\ncommand = [\"{}\", \"echo\"]\nrestart_delay = \"50ms\"\nrestart_delay_max = \"500ms\"\nrestart_window = \"1s\"\nrestart_limit = 1000000\nstop_timeout = \"2s\"\n{probe}\n",
+                s.name, s.proto, s.port, s.mode, exe.display()
             )
         })
         .collect()
