@@ -569,6 +569,8 @@ fn main() -> Result<()> {
         ledger.violations().len()
     );
     if !ledger.violations().is_empty() {
+        // The pin root and namespace go first; the summary stays the last line.
+        drop(sandbox);
         std::process::exit(1);
     }
     Ok(())
