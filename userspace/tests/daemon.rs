@@ -38,6 +38,11 @@ fn config(services: &[(&str, &str, usize)]) -> String {
         .collect()
 }
 
+/// The daemon serving `services` (see [`config`]) on `sandbox`'s pins.
+fn start(sandbox: &Sandbox, services: &[(&str, &str, usize)]) -> DaemonRun {
+    DaemonRun::start(Path::new(EXE), &config(services), sandbox.pins()).unwrap()
+}
+
 fn sandbox() -> Sandbox {
     Sandbox::enter().unwrap_or_else(|e| panic!("kernel test sandbox (needs root and BPF): {e}"))
 }
@@ -69,12 +74,7 @@ fn wait_serving(flows: &mut UdpFlows, flow: usize, slot: Slot) {
 #[test]
 fn udp_worker_killed_fails_over_at_once_and_its_replacement_gets_its_flows_back() {
     let sandbox = sandbox();
-    let mut daemon = DaemonRun::start(
-        Path::new(EXE),
-        &config(&[("dns", "udp", 8)]),
-        sandbox.pins(),
-    )
-    .unwrap();
+    let mut daemon = start(&sandbox, &[("dns", "udp", 8)]);
     daemon.wait_ready(&[("dns", 8)], READY).unwrap();
     let mut flows = UdpFlows::new(target(), 4096).unwrap();
     let before = flows.settle(READY).unwrap();
@@ -171,12 +171,7 @@ fn udp_worker_killed_fails_over_at_once_and_its_replacement_gets_its_flows_back(
 #[test]
 fn tcp_worker_killed_with_a_full_accept_queue_resets_nothing() {
     let sandbox = sandbox();
-    let mut daemon = DaemonRun::start(
-        Path::new(EXE),
-        &config(&[("web", "tcp", 8)]),
-        sandbox.pins(),
-    )
-    .unwrap();
+    let mut daemon = start(&sandbox, &[("web", "tcp", 8)]);
     daemon.wait_ready(&[("web", 8)], READY).unwrap();
     let victim: Slot = 5;
     let outcome = kill_with_queue(pid_of(&daemon, "web", victim), target(), 512).unwrap();
@@ -225,7 +220,7 @@ fn burst(flows: &mut UdpFlows, base: &[Answer], connections: usize) -> Burst {
 fn daemon_killed_and_restarted_under_load_moves_and_loses_nothing() {
     let sandbox = sandbox();
     let services = [("dns", "udp", 8), ("web", "tcp", 8)];
-    let mut daemon = DaemonRun::start(Path::new(EXE), &config(&services), sandbox.pins()).unwrap();
+    let mut daemon = start(&sandbox, &services);
     let before = workers(&daemon.wait_ready(&[("dns", 8), ("web", 8)], READY).unwrap());
     let mut flows = UdpFlows::new(target(), 1024).unwrap();
     let base = flows.settle(READY).unwrap();
@@ -297,12 +292,7 @@ fn daemon_killed_and_restarted_under_load_moves_and_loses_nothing() {
 #[test]
 fn a_worker_dying_while_the_daemon_is_down_fails_over_and_is_restarted_on_adoption() {
     let sandbox = sandbox();
-    let mut daemon = DaemonRun::start(
-        Path::new(EXE),
-        &config(&[("dns", "udp", 4)]),
-        sandbox.pins(),
-    )
-    .unwrap();
+    let mut daemon = start(&sandbox, &[("dns", "udp", 4)]);
     daemon.wait_ready(&[("dns", 4)], READY).unwrap();
     let mut flows = UdpFlows::new(target(), 1024).unwrap();
     let base = flows.settle(READY).unwrap();
@@ -357,12 +347,7 @@ fn a_worker_dying_while_the_daemon_is_down_fails_over_and_is_restarted_on_adopti
 #[test]
 fn drain_and_weight_go_through_the_daemon_and_move_only_that_slot() {
     let sandbox = sandbox();
-    let mut daemon = DaemonRun::start(
-        Path::new(EXE),
-        &config(&[("dns", "udp", 4)]),
-        sandbox.pins(),
-    )
-    .unwrap();
+    let mut daemon = start(&sandbox, &[("dns", "udp", 4)]);
     daemon.wait_ready(&[("dns", 4)], READY).unwrap();
     let mut flows = UdpFlows::new(target(), 2048).unwrap();
     let base = flows.settle(READY).unwrap();
@@ -465,12 +450,7 @@ fn bad_config_second_daemon_and_absent_daemon_get_clear_errors() {
         String::from_utf8_lossy(&absent.stderr).contains("the portshard daemon is not running")
     );
 
-    let mut daemon = DaemonRun::start(
-        Path::new(EXE),
-        &config(&[("dns", "udp", 2)]),
-        sandbox.pins(),
-    )
-    .unwrap();
+    let mut daemon = start(&sandbox, &[("dns", "udp", 2)]);
     daemon.wait_ready(&[("dns", 2)], READY).unwrap();
     let second = Command::new(EXE)
         .args(["serve", "--bpffs"])
@@ -538,12 +518,7 @@ fn raw_control(daemon: &DaemonRun, bytes: &[u8], lines: usize) -> Vec<String> {
 fn the_control_socket_refuses_non_root_and_answers_garbage_with_errors() {
     use std::os::unix::fs::PermissionsExt as _;
     let sandbox = sandbox();
-    let mut daemon = DaemonRun::start(
-        Path::new(EXE),
-        &config(&[("dns", "udp", 2)]),
-        sandbox.pins(),
-    )
-    .unwrap();
+    let mut daemon = start(&sandbox, &[("dns", "udp", 2)]);
     let before = workers(&daemon.wait_ready(&[("dns", 2)], READY).unwrap());
     let mode = std::fs::metadata(daemon.control()).unwrap().permissions();
     assert_eq!(mode.mode() & 0o777, 0o600, "control socket mode");
@@ -665,12 +640,7 @@ fn selected(daemon: &DaemonRun) -> u64 {
 #[test]
 fn workers_dying_together_get_their_own_flows_back_and_a_group_whose_workers_all_died_is_rebuilt() {
     let sandbox = sandbox();
-    let mut daemon = DaemonRun::start(
-        Path::new(EXE),
-        &config(&[("dns", "udp", 4)]),
-        sandbox.pins(),
-    )
-    .unwrap();
+    let mut daemon = start(&sandbox, &[("dns", "udp", 4)]);
     let mut pids = workers(&daemon.wait_ready(&[("dns", 4)], READY).unwrap())["dns"].clone();
     let mut flows = UdpFlows::new(target(), 2048).unwrap();
     let base = flows.settle(READY).unwrap();
