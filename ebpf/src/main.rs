@@ -126,8 +126,15 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
             generation,
             last_seen: now,
         };
-        if FLOWS.insert(hash, flow, 0).is_ok() && known.is_none() {
-            counters.flows_new += 1;
+        match known {
+            // A known flow whose slot is gone: rewritten where it is, no new element.
+            // SAFETY: the same value pointer as above, still valid while the program runs.
+            Some(entry) => unsafe { *entry = flow },
+            None => {
+                if FLOWS.insert(hash, flow, 0).is_ok() {
+                    counters.flows_new += 1;
+                }
+            }
         }
     }
     SK_PASS

@@ -223,20 +223,11 @@ fn harness_binary(name: &str, args: &[&str], what: &str) -> Result<()> {
 
 fn run(args: &[String]) -> Result<()> {
     setup()?;
-    let status = cargo_command(&[
-        "run",
-        "--release",
-        "--quiet",
-        "--package",
-        "portshard",
-        "--bin",
-        "portshard",
-        "--",
-        "serve",
-    ])
-    .args(args)
-    .status()
-    .context("could not start cargo run")?;
+    let status = portshard_cargo("run")
+        .args(["--", "serve"])
+        .args(args)
+        .status()
+        .context("could not start cargo run")?;
     if !status.success() {
         bail!("portshard serve exited with {status}");
     }
@@ -245,17 +236,9 @@ fn run(args: &[String]) -> Result<()> {
 
 /// Builds the `portshard` binary (release), for what runs the real daemon.
 fn build_portshard() -> Result<()> {
-    let built = cargo_command(&[
-        "build",
-        "--release",
-        "--quiet",
-        "--package",
-        "portshard",
-        "--bin",
-        "portshard",
-    ])
-    .status()
-    .context("could not start cargo build")?;
+    let built = portshard_cargo("build")
+        .status()
+        .context("could not start cargo build")?;
     if !built.success() {
         bail!("building portshard failed ({built})");
     }
@@ -364,6 +347,20 @@ fn fuzz(seconds: u64) -> Result<()> {
         FUZZ_TARGETS.len()
     );
     Ok(())
+}
+
+/// `cargo VERB` of the release `portshard` binary (`build`, or `run` with its arguments
+/// added after `--`).
+fn portshard_cargo(verb: &str) -> Command {
+    cargo_command(&[
+        verb,
+        "--release",
+        "--quiet",
+        "--package",
+        "portshard",
+        "--bin",
+        "portshard",
+    ])
 }
 
 /// Cargo, in the workspace root, with `args`.
