@@ -240,7 +240,7 @@ impl Group {
     }
 
     /// Places `socket`, served by `holder` of a generation not yet switched to, in `slot`
-    /// without giving it any entry: it takes no new work until [`Group::substitute`] or
+    /// without giving it any entry: it takes no new work until [`Group::switch`] or
     /// [`Group::admit`] gives it some, and [`Group::release`] takes it back out.
     pub fn stage(
         &mut self,
@@ -279,22 +279,34 @@ impl Group {
         Ok(self.dataplane.place(slot, socket, meta)?)
     }
 
-    /// Gives the staged slot `new` every entry `old` owns (see [`Table::substitute`]):
-    /// `old`'s flows move once, to `new`, and nothing else moves. `old` keeps its socket
-    /// and what it already has, draining; `new` takes new work.
-    pub fn substitute(&mut self, old: Slot, new: Slot) -> Result<Delta, GroupError> {
+    /// Switches the table from its members `old` to the staged slots `new`, all with
+    /// `weight`, in one write (see [`Table::switch`]): each flow moves at most once, from
+    /// its old slot to its new one. The old slots keep their sockets and what they already
+    /// have, draining; the new ones take new work. Nothing changes on a table error.
+    pub fn switch(&mut self, old: &[Slot], new: &[Slot], weight: u32) -> Result<Delta, GroupError> {
         let mut next = self.table.clone();
         let delta = next
-            .substitute(old, new)
+            .switch(old, new, weight)
             .map_err(|source| self.table_error(source))?;
-        let mut old_meta = self.dataplane.meta(old)?;
-        let mut new_meta = self.dataplane.meta(new)?;
-        old_meta.state = SlotState::Draining as u32;
-        new_meta.state = SlotState::Live as u32;
-        new_meta.weight = old_meta.weight;
-        self.dataplane.set_meta(new, new_meta)?;
-        self.dataplane.set_meta(old, old_meta)?;
-        self.commit(next, delta)
+        let formers: Vec<(Slot, Vec<u32>)> = old
+            .iter()
+            .skip(new.len())
+            .map(|&slot| (slot, self.own_entries(slot)))
+            .collect();
+        for &slot in new {
+            let mut meta = self.dataplane.meta(slot)?;
+            meta.state = SlotState::Live as u32;
+            meta.weight = weight;
+            self.dataplane.set_meta(slot, meta)?;
+        }
+        for &slot in old {
+            let mut meta = self.dataplane.meta(slot)?;
+            meta.state = SlotState::Draining as u32;
+            self.dataplane.set_meta(slot, meta)?;
+        }
+        let delta = self.commit(next, delta)?;
+        self.vacated.extend(formers);
+        Ok(delta)
     }
 
     /// Empties `slot` and forgets it: its socket is out of the socket array and its record

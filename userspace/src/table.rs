@@ -262,6 +262,41 @@ impl Table {
         }))
     }
 
+    /// Hands the table from its members `old` to the slots `new`, none of them a member, all
+    /// with `weight`: a reload's switch. `old[i]`'s entries go to `new[i]` (as in
+    /// [`Table::substitute`]); a surplus old slot's entries and a surplus new slot's share
+    /// are then settled by moving the fewest entries that make every share exact, as are
+    /// shares that were uneven before. It is one change, so a flow moves at most once. Nothing
+    /// changes on error.
+    pub fn switch(&mut self, old: &[Slot], new: &[Slot], weight: u32) -> Result<Delta, TableError> {
+        for &slot in old {
+            if !self.weights.contains_key(&slot) {
+                return Err(TableError::NotMember { slot });
+            }
+        }
+        for (i, &slot) in new.iter().enumerate() {
+            check_slot(slot)?;
+            check_weight(slot, weight)?;
+            if self.weights.contains_key(&slot) || new[..i].contains(&slot) {
+                return Err(TableError::AlreadyMember { slot });
+            }
+        }
+        let successor: BTreeMap<Slot, Slot> =
+            old.iter().copied().zip(new.iter().copied()).collect();
+        Ok(self.apply(|table| {
+            for slot in old {
+                table.weights.remove(slot);
+            }
+            table.weights.extend(new.iter().map(|&slot| (slot, weight)));
+            for entry in &mut table.entries {
+                if let Some(&slot) = successor.get(&entry.owner) {
+                    entry.owner = slot;
+                }
+            }
+            table.rebalance(None);
+        }))
+    }
+
     /// Changes `slot`'s weight, moving the fewest entries that bring every member back
     /// within one entry of its share.
     pub fn set_weight(&mut self, slot: Slot, weight: u32) -> Result<Delta, TableError> {
@@ -280,14 +315,7 @@ impl Table {
         let before = self.entries.clone();
         change(self);
         self.assign_heirs();
-        let mut delta = Delta::default();
-        for (index, (old, new)) in before.iter().zip(&self.entries).enumerate() {
-            if old != new {
-                delta.changed.push(index as u32);
-                delta.moved += u32::from(old.owner != new.owner);
-            }
-        }
-        delta
+        delta(&before, &self.entries)
     }
 
     /// Moves the fewest entries that put every member within `[floor, ceil]` of its exact
@@ -501,6 +529,18 @@ impl Table {
                 (floor..=ceiling).contains(&counts[slot])
             })
     }
+}
+
+/// The entries that differ between `before` and `after`.
+fn delta(before: &[TableEntry], after: &[TableEntry]) -> Delta {
+    let mut delta = Delta::default();
+    for (index, (old, new)) in before.iter().zip(after).enumerate() {
+        if old != new {
+            delta.changed.push(index as u32);
+            delta.moved += u32::from(old.owner != new.owner);
+        }
+    }
+    delta
 }
 
 fn check_slot(slot: Slot) -> Result<(), TableError> {

@@ -16,6 +16,7 @@ use std::{
 };
 
 use portshard::{report::ServiceStatus, socket::Proto, table::Slot};
+use portshard_common::TABLE_SIZE;
 use portshard_harness::{
     daemon::{Answer, DaemonRun, UdpFlows, echo, tcp_greeting, workers},
     flows::{Flows, Listener, bind_listeners, moved},
@@ -432,6 +433,46 @@ fn a_failing_generation_is_rolled_back_and_a_balance_reload_moves_each_flow_once
     assert!(successor.values().all(|s| s.len() == 1), "{successor:?}");
     assert_eq!(targets.len(), before.len(), "{successor:?}");
     assert!(targets.is_disjoint(&before.keys().copied().collect()));
+}
+
+#[test]
+fn a_reload_after_a_weight_change_moves_each_entry_once_and_evens_the_shares() {
+    let sandbox = sandbox();
+    let daemon = start(&sandbox, "dns", "udp", 3, "");
+    let old = live_pids(&daemon, "dns");
+    let heavy = *old.keys().next().unwrap();
+    let request = portshard::control::Request::Weight {
+        service: "dns".into(),
+        slot: heavy,
+        weight: 3,
+    };
+    daemon.request(&request).unwrap();
+    let done = reload(&daemon, "dns");
+    let stdout = String::from_utf8_lossy(&done.stdout).into_owned();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    // The new slot taking the heavy slot's place also goes back to the configured weight:
+    // one write, so each entry moves once (not once to it and again to evening out).
+    assert!(
+        stdout.contains(&format!("{TABLE_SIZE} table entries moved")),
+        "{stdout}"
+    );
+    let status = status_of(&daemon, "dns");
+    let shares: Vec<u32> = status
+        .slots
+        .iter()
+        .filter(|s| s.generation == 2)
+        .map(|s| s.entries)
+        .collect();
+    eprintln!("weighted reload: {stdout} new shares {shares:?}");
+    assert_eq!(shares.len(), 3, "{:?}", status.slots);
+    assert!(
+        shares.iter().max().unwrap() - shares.iter().min().unwrap() <= 1,
+        "{shares:?}"
+    );
 }
 
 #[test]

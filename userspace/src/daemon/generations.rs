@@ -1,7 +1,7 @@
 //! Generations: a reload starts the service's next generation in free slots, "staged" (in
 //! the socket array, owning no table entry), waits until every new worker has stayed up
 //! for `ready_delay`, and only then switches: each table member of the old generation is
-//! replaced by a new slot one for one ([`Group::substitute`]), so each flow moves at most
+//! replaced by a new slot one for one, in one table write ([`Group::switch`]), so each flow moves at most
 //! once and, with the flow table on, no live UDP flow moves at all. A new worker that exits
 //! before the switch rolls the reload back: the new generation is stopped and its slots
 //! freed, the old one never stopped serving.
@@ -296,33 +296,21 @@ impl Daemon {
     /// go to one new slot; the old workers retire.
     fn switch(&mut self, index: usize) {
         let running = &mut self.services[index];
-        let Some(reload) = running.reload.take() else {
+        let Some(reload) = &running.reload else {
             return;
         };
         let old_members: Vec<Slot> = running.group.table().members().keys().copied().collect();
-        let old_generation = running.generation;
-        let mut moved = 0;
-        let mut failures = Vec::new();
-        let mut note = |result: Result<crate::table::Delta, crate::group::GroupError>| match result
+        let moved = match running
+            .group
+            .switch(&old_members, &reload.staged, reload.spec.weight)
         {
-            Ok(delta) => moved += delta.moved,
-            Err(error) => failures.push(error.to_string()),
+            Ok(delta) => delta.moved,
+            Err(error) => return self.rollback(index, &format!("switching the table: {error}")),
         };
-        for (&old, &new) in old_members.iter().zip(&reload.staged) {
-            note(running.group.substitute(old, new));
-        }
-        for &new in reload.staged.iter().skip(old_members.len()) {
-            note(running.group.admit(new, reload.spec.weight));
-        }
-        for &old in old_members.iter().skip(reload.staged.len()) {
-            note(running.group.drain(old));
-        }
-        for &new in &reload.staged {
-            let weight = running.group.table().members().get(&new).copied();
-            if weight.is_some_and(|w| w != reload.spec.weight) {
-                note(running.group.set_weight(new, reload.spec.weight));
-            }
-        }
+        let Some(reload) = running.reload.take() else {
+            return;
+        };
+        let old_generation = running.generation;
         let counters = running
             .group
             .dataplane()
@@ -354,20 +342,12 @@ impl Daemon {
         for slot in gone {
             self.release(index, slot);
         }
-        for failure in &failures {
-            error!(service = %name, %failure, "part of the switch failed");
-        }
         let message = format!(
-            "service {name} generation {} takes new work in slots {:?}: {moved} table entries moved; generation {old_generation} (slots {retiring:?}) keeps its connections and flows and stops once idle for {} (at most {}){}",
+            "service {name} generation {} takes new work in slots {:?}: {moved} table entries moved; generation {old_generation} (slots {retiring:?}) keeps its connections and flows and stops once idle for {} (at most {})",
             reload.generation,
             reload.staged,
             humantime::format_duration(drain_idle),
             humantime::format_duration(drain_timeout),
-            if failures.is_empty() {
-                String::new()
-            } else {
-                format!("; but {}", failures.join("; "))
-            }
         );
         reload.progress(format!("switched to generation {}", reload.generation));
         reload.finish(Reply::Done { message, moved });

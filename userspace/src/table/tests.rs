@@ -230,8 +230,11 @@ enum Op {
     Rejoin(usize),
     Add(usize, u32),
     Weight(usize, u32),
-    /// A member is replaced by a slot not in the table (a reload's switch).
+    /// A member is replaced by a slot not in the table (one pair of a reload's switch).
     Substitute(usize, usize),
+    /// Every member is replaced by slots not in the table, one more, as many or fewer (by
+    /// the first number), all with the given weight: a reload's switch.
+    Switch(usize, u32),
 }
 
 fn op(weighted: bool) -> impl Strategy<Value = Op> {
@@ -240,8 +243,9 @@ fn op(weighted: bool) -> impl Strategy<Value = Op> {
         any::<usize>().prop_map(Op::Remove),
         any::<usize>().prop_map(Op::Rejoin),
         (any::<usize>(), weight.clone()).prop_map(|(i, w)| Op::Add(i, w)),
-        (any::<usize>(), weight).prop_map(|(i, w)| Op::Weight(i, w)),
+        (any::<usize>(), weight.clone()).prop_map(|(i, w)| Op::Weight(i, w)),
         (any::<usize>(), any::<usize>()).prop_map(|(i, j)| Op::Substitute(i, j)),
+        (any::<usize>(), weight).prop_map(|(i, w)| Op::Switch(i, w)),
     ]
 }
 
@@ -374,6 +378,38 @@ fn apply_and_check(table: &mut Table, op: &Op, weighted: bool) -> Result<(), Tes
             }
             prop_assert_eq!(delta.moved, owned(&before, old));
             prop_assert_eq!(table.members().get(&new), before.members().get(&old));
+        }
+        Op::Switch(count, weight) => {
+            if members.is_empty() {
+                return Ok(());
+            }
+            let count = (members.len() + count % 3).saturating_sub(1).clamp(1, 256);
+            let new: Vec<Slot> = (0..MAX_SLOTS as Slot)
+                .rev()
+                .filter(|s| !members.contains(s))
+                .take(count)
+                .collect();
+            let delta = table.switch(&members, &new, weight).unwrap();
+            let expected: BTreeMap<Slot, u32> = new.iter().map(|&s| (s, weight)).collect();
+            prop_assert_eq!(table.members(), &expected);
+            prop_assert_eq!(
+                delta.moved,
+                TOTAL as u32,
+                "an entry stayed with the old generation"
+            );
+            prop_assert!(
+                table.is_exactly_balanced(),
+                "shares not exact after a switch"
+            );
+            // With as many slots and one weight throughout, old slot i's entries all go to new
+            // slot i.
+            let same = before.members().values().all(|&w| w == weight);
+            if same && new.len() == members.len() && before.is_exactly_balanced() {
+                for (was, is) in before.entries().iter().zip(table.entries()) {
+                    let i = members.iter().position(|&m| m == was.owner).unwrap();
+                    prop_assert_eq!(is.owner, new[i], "an entry went to another new slot");
+                }
+            }
         }
     }
     prop_assert_eq!(table.validate(), Ok(()), "after {:?}", op);
