@@ -205,19 +205,10 @@ impl DaemonRun {
             .collect::<Result<_, _>>()?)
     }
 
-    /// Sends one control request.
+    /// Sends one control request and returns its final reply (a reload's progress lines
+    /// are read past).
     pub fn request(&self, request: &Request) -> Result<Reply> {
-        let mut stream = UnixStream::connect(&self.control)
-            .map_err(|e| context(e, format!("connecting to {}", self.control.display())))?;
-        stream
-            .write_all(&control::encode_request(request))
-            .map_err(|e| context(e, "sending a control request".into()))?;
-        let mut line = Vec::new();
-        BufReader::new(&stream)
-            .read_until(b'\n', &mut line)
-            .map_err(|e| context(e, "reading a control reply".into()))?;
-        control::decode_reply(line.trim_ascii_end())
-            .map_err(|e| MeasureError::Traffic(format!("control reply: {e}")))
+        control_request(&self.control, request)
     }
 
     /// `SIGKILL`s the daemon (not its workers) and reaps it.
@@ -313,6 +304,35 @@ pub fn workers(status: &[ServiceStatus]) -> BTreeMap<String, BTreeMap<Slot, u32>
             (s.name.clone(), live)
         })
         .collect()
+}
+
+/// Sends `request` to the daemon's control socket at `control` and returns the request's
+/// final reply; the progress lines before it are skipped. A daemon that goes away first is
+/// an error.
+pub fn control_request(control: &Path, request: &Request) -> Result<Reply> {
+    let mut stream = UnixStream::connect(control)
+        .map_err(|e| context(e, format!("connecting to {}", control.display())))?;
+    stream
+        .write_all(&control::encode_request(request))
+        .map_err(|e| context(e, "sending a control request".into()))?;
+    let mut replies = BufReader::new(&stream);
+    loop {
+        let mut line = Vec::new();
+        let read = replies
+            .read_until(b'\n', &mut line)
+            .map_err(|e| context(e, "reading a control reply".into()))?;
+        if read == 0 {
+            return Err(MeasureError::Traffic(format!(
+                "the daemon closed {} before its final reply",
+                control.display()
+            )));
+        }
+        let reply = control::decode_reply(line.trim_ascii_end())
+            .map_err(|e| MeasureError::Traffic(format!("control reply: {e}")))?;
+        if reply.is_final() {
+            return Ok(reply);
+        }
+    }
 }
 
 /// Datagrams sent between two pauses of a round.

@@ -4,12 +4,15 @@
 //!
 //! Invariants: a flow moves (answered by another slot, or another worker of its slot) only
 //! when its slot or the slot it moves to was disturbed (its worker killed, stopped, drained,
-//! restored or reweighted) in the span since its last answer, or it passed through a slot
+//! restored or reweighted, or retired by a reload of its service) in the span since its last
+//! answer, or it passed through a slot
 //! that gained entries and lost them again in that span (restored, then killed: the flow goes
 //! back to that slot, then on to its heir); a datagram goes unanswered only when its slot was
 //! disturbed, or a slot that gained entries was down; a TCP connection fails
-//! only when its worker (or, unknown, any worker of the service) was killed or stopped, and is
-//! never refused; no table entry stays without a live owner or heir.
+//! only when its worker (or, unknown, any worker of the service) was killed or stopped, or its
+//! worker was retired by a reload (which ends held connections at `drain_timeout`), and is
+//! never refused; a reload is switched to, or else the daemon was killed while it ran; no
+//! table entry stays without a live owner or heir.
 use std::{collections::BTreeMap, fmt, time::Duration};
 
 use portshard::table::Slot;
@@ -31,6 +34,9 @@ pub enum FaultKind {
     Restore,
     /// A slot's weight changed.
     Weight,
+    /// A service reloaded: each slot of its old generation is disturbed from the request
+    /// until its worker exited.
+    Reload,
 }
 
 impl FaultKind {
@@ -43,6 +49,7 @@ impl FaultKind {
             Self::Drain => "drain",
             Self::Restore => "restore",
             Self::Weight => "weight",
+            Self::Reload => "reload",
         }
     }
 
@@ -119,6 +126,9 @@ pub enum TcpOutcome {
 #[derive(Debug)]
 pub struct Ledger {
     margin: Duration,
+    /// Faults injected, by kind (a reload is one, however many slots it disturbs).
+    injected: BTreeMap<FaultKind, usize>,
+    /// What each fault disturbs: one span per slot.
     faults: Vec<Fault>,
     last: BTreeMap<(String, usize), (Answer, Duration)>,
     violations: Vec<Violation>,
@@ -129,6 +139,7 @@ impl Ledger {
     pub fn new(margin: Duration) -> Self {
         Self {
             margin,
+            injected: BTreeMap::new(),
             faults: Vec::new(),
             last: BTreeMap::new(),
             violations: Vec::new(),
@@ -137,8 +148,42 @@ impl Ledger {
 
     /// Records a fault; returns its number, to end it with [`Ledger::end`].
     pub fn fault(&mut self, fault: Fault) -> usize {
+        *self.injected.entry(fault.kind).or_default() += 1;
         self.faults.push(fault);
         self.faults.len() - 1
+    }
+
+    /// Records a reload of `service` requested at `from`, which retires `old_slots`; returns
+    /// the number of each slot's span, to end it with [`Ledger::end`] once its worker exited.
+    pub fn reload(&mut self, service: &str, old_slots: &[Slot], from: Duration) -> Vec<usize> {
+        *self.injected.entry(FaultKind::Reload).or_default() += 1;
+        old_slots
+            .iter()
+            .map(|&slot| {
+                self.faults.push(Fault {
+                    kind: FaultKind::Reload,
+                    service: service.to_owned(),
+                    slot: Some(slot),
+                    from,
+                    until: None,
+                });
+                self.faults.len() - 1
+            })
+            .collect()
+    }
+
+    /// Records that a reload of `service` requested at `from` was not switched to by `to`
+    /// (`what` says how it ended): a violation unless the daemon was killed meanwhile, which
+    /// rolls back a reload it had not switched to yet.
+    pub fn reload_failed(&mut self, service: &str, from: Duration, to: Duration, what: String) {
+        let daemon_killed = self
+            .faults
+            .iter()
+            .any(|f| f.kind == FaultKind::DaemonKill && f.from >= from && f.from <= to);
+        if !daemon_killed {
+            let what = format!("reload not switched to: {what}");
+            self.violate(to, service, "reload".to_owned(), None, what);
+        }
     }
 
     /// Fault `index` stopped disturbing its slot at `at`.
@@ -278,9 +323,10 @@ impl Ledger {
             }
             TcpOutcome::Failed { answer, what } => {
                 let excused = match answer {
+                    // A reload's retiring worker ends what it still holds at drain_timeout.
                     Some(a) => self
                         .faults_on(service, Some(a.slot), from, to)
-                        .any(|f| f.kind.takes_down()),
+                        .any(|f| f.kind.takes_down() || f.kind == FaultKind::Reload),
                     None => self
                         .faults_on(service, None, from, to)
                         .any(|f| f.kind.takes_down()),
@@ -317,17 +363,13 @@ impl Ledger {
     }
 
     /// The faults injected so far, by kind.
-    pub fn faults_by_kind(&self) -> BTreeMap<FaultKind, usize> {
-        let mut by_kind = BTreeMap::new();
-        for fault in &self.faults {
-            *by_kind.entry(fault.kind).or_default() += 1;
-        }
-        by_kind
+    pub fn faults_by_kind(&self) -> &BTreeMap<FaultKind, usize> {
+        &self.injected
     }
 
     /// How many faults were injected.
     pub fn fault_count(&self) -> usize {
-        self.faults.len()
+        self.injected.values().sum()
     }
 
     /// Every violation, in the order seen.
@@ -508,7 +550,7 @@ mod tests {
         assert_eq!(ledger.violations().len(), 1);
         assert_eq!(
             ledger.faults_by_kind(),
-            BTreeMap::from([(FaultKind::Kill, 1)])
+            &BTreeMap::from([(FaultKind::Kill, 1)])
         );
         let mut rng = Rng::new(7);
         let draws: Vec<u64> = (0..1000).map(|_| rng.below(3..9)).collect();
@@ -520,5 +562,56 @@ mod tests {
                 .len(),
             6
         );
+    }
+
+    #[test]
+    fn a_reload_excuses_moves_losses_and_ended_connections_of_its_old_slots_only() {
+        let mut ledger = Ledger::new(at(100));
+        ledger.udp_round(S, at(10), &[answer(0, 100), answer(1, 101)]);
+        let spans = ledger.reload(S, &[0, 1], at(1000));
+        assert_eq!(spans.len(), 2);
+        // At the switch both flows go to the new generation's slots; one datagram is lost
+        // as slot 1's worker exits.
+        ledger.udp_round(S, at(1500), &[answer(8, 108), None]);
+        ledger.udp_round(S, at(4200), &[answer(8, 108), answer(9, 109)]);
+        let failed = TcpOutcome::Failed {
+            answer: answer(1, 101),
+            what: "held connection failed: reset".to_owned(),
+        };
+        ledger.tcp(S, at(500), at(4100), "held 0".into(), failed);
+        for span in spans {
+            ledger.end(span, at(4200));
+        }
+        assert!(ledger.violations().is_empty(), "{:?}", ledger.violations());
+        // Once the old workers are gone, the new slots are held to the rules again.
+        ledger.udp_round(S, at(9000), &[answer(9, 109), answer(9, 109)]);
+        assert_eq!(ledger.violations().len(), 1, "{:?}", ledger.violations());
+        assert_eq!(ledger.violations()[0].flow, "udp 0");
+        // A new connection on the new generation may not fail because of the reload.
+        let failed = TcpOutcome::Failed {
+            answer: answer(8, 108),
+            what: "echo: reset".to_owned(),
+        };
+        ledger.tcp(S, at(2000), at(2100), "tcp 1".into(), failed);
+        assert_eq!(ledger.violations().len(), 2);
+        // A reload counts once, however many slots it retires.
+        assert_eq!(ledger.fault_count(), 1);
+    }
+
+    #[test]
+    fn a_reload_must_be_switched_to_unless_the_daemon_was_killed_meanwhile() {
+        let mut ledger = Ledger::new(at(100));
+        ledger.reload_failed(S, at(1000), at(1400), "rolled back".to_owned());
+        assert_eq!(ledger.violations().len(), 1);
+        assert_eq!(ledger.violations()[0].flow, "reload");
+        ledger.fault(Fault {
+            kind: FaultKind::DaemonKill,
+            service: String::new(),
+            slot: None,
+            from: at(2100),
+            until: Some(at(2100)),
+        });
+        ledger.reload_failed(S, at(2000), at(2300), "the daemon went away".to_owned());
+        assert_eq!(ledger.violations().len(), 1);
     }
 }

@@ -3,7 +3,8 @@
 //! network namespace, under continuous load (fixed UDP flows whose datagrams carry a per-flow
 //! sequence number, TCP connections opened, used and closed in a loop, others held open),
 //! while a chaos loop at random intervals SIGKILLs workers, SIGSTOPs and later SIGCONTs them,
-//! `kill -9`s the daemon and restarts it, drains and restores slots and changes weights.
+//! `kill -9`s the daemon and restarts it, drains and restores slots, changes weights and
+//! reloads services (a new generation of workers takes over; the old one retires).
 //! Every observation is checked against the invariants of `portshard_harness::soak`; after the
 //! final SIGTERM no pin, process or fd may be left. Every violation is printed with its flow,
 //! slot, pid and time; the last line is `soak faults=<n> violations=<n>`.
@@ -11,14 +12,21 @@ use std::{
     collections::BTreeMap,
     net::{SocketAddr, TcpStream},
     path::Path,
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
-use portshard::{control::Request, dataplane::Dataplane, table::Slot};
+use portshard::{
+    control::{Reply, Request},
+    dataplane::Dataplane,
+    table::Slot,
+};
 use portshard_common::SlotState;
 use portshard_harness::{
-    daemon::{DaemonRun, UdpFlows, echo, portshard_exe, read_greeting, signal, workers},
+    daemon::{
+        DaemonRun, UdpFlows, control_request, echo, portshard_exe, read_greeting, signal, workers,
+    },
     scenario::Sandbox,
     soak::{Fault, FaultKind, Ledger, Rng, TcpOutcome},
 };
@@ -88,8 +96,10 @@ fn config(exe: &Path) -> String {
             let probe = s.probe.map_or_else(String::new, |p| {
                 format!("probe = \"{p}\"\nprobe_interval = \"250ms\"\nprobe_timeout = \"125ms\"\nprobe_failures = 3\n")
             });
+            // Reloads switch after 300 ms (and a passed readiness probe); the old
+            // generation retires when idle for 500 ms, held connections or not after 3 s.
             format!(
-                "[[service]]\nname = \"{}\"\nproto = \"{}\"\nlisten = \"127.0.0.1:{}\"\nmode = \"{}\"\nworkers = {WORKERS}\ncommand = [\"{}\", \"echo\"]\nrestart_delay = \"50ms\"\nrestart_delay_max = \"500ms\"\nrestart_window = \"1s\"\nrestart_limit = 1000000\nstop_timeout = \"2s\"\n{probe}\n",
+                "[[service]]\nname = \"{}\"\nproto = \"{}\"\nlisten = \"127.0.0.1:{}\"\nmode = \"{}\"\nworkers = {WORKERS}\ncommand = [\"{}\", \"echo\"]\nrestart_delay = \"50ms\"\nrestart_delay_max = \"500ms\"\nrestart_window = \"1s\"\nrestart_limit = 1000000\nstop_timeout = \"2s\"\nready_delay = \"300ms\"\ndrain_idle = \"500ms\"\ndrain_timeout = \"3s\"\n{probe}\n",
                 s.name, s.proto, s.port, s.mode, exe.display()
             )
         })
@@ -106,6 +116,17 @@ struct Pending {
     kind: FaultKind,
     /// When the chaos loop undoes it (SIGCONT, restore); `None`: it ends by itself.
     undo_at: Option<Duration>,
+}
+
+/// A reload under way: its request waits for the final reply on a thread of its own, so the
+/// load goes on meanwhile; it is over once the reply came and the service has exactly its
+/// live workers again (the old generation exited, or the new one was rolled back).
+struct Reloading {
+    service: &'static str,
+    from: Duration,
+    /// The ledger's span of each old slot.
+    spans: Vec<usize>,
+    request: Option<JoinHandle<Result<Reply, String>>>,
 }
 
 /// Processes running `exe` (the daemon and its echo workers).
@@ -168,6 +189,7 @@ struct Soak {
     rng: Rng,
     start: Instant,
     pending: Vec<Pending>,
+    reloading: Vec<Reloading>,
     udp: Vec<(&'static str, UdpFlows)>,
     held: BTreeMap<&'static str, Vec<(TcpStream, portshard_harness::daemon::Answer, Duration)>>,
     connections: usize,
@@ -293,6 +315,50 @@ impl Soak {
             }
         }
         self.pending = still;
+        self.settle_reloads()
+    }
+
+    /// Checks each reload's final reply once it came, and ends its spans once the service
+    /// has settled.
+    fn settle_reloads(&mut self) -> Result<()> {
+        let status = self.daemon.status()?;
+        let mut still = Vec::new();
+        for mut reload in std::mem::take(&mut self.reloading) {
+            let now = self.now();
+            if let Some(request) = reload.request.take_if(|r| r.is_finished()) {
+                let outcome = request
+                    .join()
+                    .unwrap_or_else(|_| Err("the request's thread panicked".to_owned()));
+                match outcome {
+                    Ok(Reply::Done { .. }) => {}
+                    Ok(other) => {
+                        let what = format!("the daemon answered {other:?}");
+                        self.ledger
+                            .reload_failed(reload.service, reload.from, now, what);
+                    }
+                    Err(error) => {
+                        self.ledger
+                            .reload_failed(reload.service, reload.from, now, error);
+                    }
+                }
+            }
+            let settled = status
+                .iter()
+                .find(|s| s.name == reload.service)
+                .is_some_and(|s| {
+                    let serving: Vec<_> =
+                        s.slots.iter().filter(|slot| slot.state != "free").collect();
+                    serving.len() == WORKERS && serving.iter().all(|slot| slot.state == "live")
+                });
+            if reload.request.is_none() && settled {
+                for &span in &reload.spans {
+                    self.ledger.end(span, now);
+                }
+            } else {
+                still.push(reload);
+            }
+        }
+        self.reloading = still;
         Ok(())
     }
 
@@ -301,6 +367,10 @@ impl Soak {
         let now = self.now();
         let pids = self.pids()?;
         let spec = &SERVICES[self.rng.below(0..SERVICES.len() as u64) as usize];
+        if self.reloading.iter().any(|r| r.service == spec.name) {
+            // Its slots are changing hands: no other fault until the reload is over.
+            return Ok(());
+        }
         let busy: Vec<Slot> = self
             .pending
             .iter()
@@ -333,7 +403,8 @@ impl Soak {
             0..4 => FaultKind::DaemonKill,
             4..34 if down < MAX_DOWN => FaultKind::Kill,
             34..60 if down < MAX_DOWN => FaultKind::Stop,
-            60..80 if free.len() > 3 => FaultKind::Drain,
+            60..78 if free.len() > 3 => FaultKind::Drain,
+            78..84 if busy.is_empty() && free.len() == WORKERS => FaultKind::Reload,
             _ => FaultKind::Weight,
         };
         let fault = |kind, until| Fault {
@@ -374,7 +445,7 @@ impl Soak {
                     service: spec.name.to_owned(),
                     slot,
                 };
-                if let portshard::control::Reply::Done { .. } = self.daemon.request(&request)? {
+                if let Reply::Done { .. } = self.daemon.request(&request)? {
                     let undo_at = Some(now + self.rng.millis(300..2000));
                     self.pend(fault(kind, None), spec.name, pid, undo_at);
                 }
@@ -386,9 +457,26 @@ impl Soak {
                     slot,
                     weight,
                 };
-                if let portshard::control::Reply::Done { .. } = self.daemon.request(&request)? {
+                if let Reply::Done { .. } = self.daemon.request(&request)? {
                     self.ledger.fault(fault(FaultKind::Weight, Some(now)));
                 }
+            }
+            FaultKind::Reload => {
+                let old: Vec<Slot> = free.iter().map(|&(slot, _)| slot).collect();
+                let spans = self.ledger.reload(spec.name, &old, now);
+                let control = self.daemon.control().to_path_buf();
+                let request = Request::Reload {
+                    service: spec.name.to_owned(),
+                };
+                let request = std::thread::spawn(move || {
+                    control_request(&control, &request).map_err(|e| e.to_string())
+                });
+                self.reloading.push(Reloading {
+                    service: spec.name,
+                    from: now,
+                    spans,
+                    request: Some(request),
+                });
             }
         }
         Ok(())
@@ -478,6 +566,7 @@ fn main() -> Result<()> {
         rng: Rng::new(seed),
         start: Instant::now(),
         pending: Vec::new(),
+        reloading: Vec::new(),
         udp: Vec::new(),
         held: BTreeMap::new(),
         connections: 0,
