@@ -50,7 +50,7 @@ pub mod names {
     pub const SERVICE: &str = "service";
     /// LRU hash from a UDP flow's hash to its [`crate::Flow`]: the flow table.
     pub const FLOWS: &str = "flows";
-    /// Hash of health-probe source port (`u32`) to the slot (`u32`) the probe checks.
+    /// Hash of health-probe source port (`u32`) to its [`crate::ProbeRoute`].
     pub const PROBES: &str = "probes";
     /// Array of [`crate::ProbeHealth`], one per slot: the daemon's probe results.
     pub const HEALTH: &str = "health";
@@ -233,6 +233,60 @@ pub struct ServiceMeta {
     pub reserved: u32,
 }
 
+/// A health probe's route, the `probes` map's value under the probe's source port: the slot
+/// it checks, and the address it comes from. The program steers a packet from that port to
+/// the slot only when it also comes from that address, so a client elsewhere that happens
+/// to use the same source port still follows the table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeRoute {
+    /// The slot the probe checks.
+    pub slot: u32,
+    /// [`PROBE_FROM_V4`] or [`PROBE_FROM_V6`]: which IP header the source address is read from.
+    pub family: u32,
+    /// The source address as the packet carries it; an IPv4 address fills the first 4 bytes.
+    pub source: [u8; 16],
+}
+
+/// [`ProbeRoute::family`] of a probe sent over IPv4.
+pub const PROBE_FROM_V4: u32 = 4;
+/// [`ProbeRoute::family`] of a probe sent over IPv6.
+pub const PROBE_FROM_V6: u32 = 6;
+
+impl ProbeRoute {
+    /// The route of a probe from `source` (an IPv4-mapped IPv6 address sends IPv4 packets,
+    /// so it is recorded as IPv4) checking `slot`.
+    pub fn new(slot: u32, source: core::net::IpAddr) -> Self {
+        let v4 = |ip: core::net::Ipv4Addr| {
+            let mut bytes = [0u8; 16];
+            bytes[..4].copy_from_slice(&ip.octets());
+            (PROBE_FROM_V4, bytes)
+        };
+        let (family, bytes) = match source {
+            core::net::IpAddr::V4(ip) => v4(ip),
+            core::net::IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+                Some(ip) => v4(ip),
+                None => (PROBE_FROM_V6, ip.octets()),
+            },
+        };
+        Self {
+            slot,
+            family,
+            source: bytes,
+        }
+    }
+
+    /// The source address, as [`ProbeRoute::new`] was given it (IPv4-mapped ones as IPv4).
+    pub fn source(&self) -> core::net::IpAddr {
+        if self.family == PROBE_FROM_V4 {
+            let [a, b, c, d, ..] = self.source;
+            core::net::IpAddr::V4(core::net::Ipv4Addr::new(a, b, c, d))
+        } else {
+            core::net::IpAddr::V6(core::net::Ipv6Addr::from(self.source))
+        }
+    }
+}
+
 /// What the daemon's health probes found for one slot, for the CLI. The program never reads it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -358,6 +412,7 @@ const _: () = {
     assert!(size_of::<ServiceMeta>() == 32);
     assert!(size_of::<Flow>() == 16);
     assert!(size_of::<ProbeHealth>() == 8);
+    assert!(size_of::<ProbeRoute>() == 24);
     // A per-CPU map value is limited to 32 KiB by the kernel's per-CPU allocator.
     assert!(size_of::<Counters>() <= 32 * 1024);
 };
@@ -371,7 +426,30 @@ mod pod {
     unsafe impl aya::Pod for super::SlotMeta {}
     unsafe impl aya::Pod for super::ServiceMeta {}
     unsafe impl aya::Pod for super::ProbeHealth {}
+    unsafe impl aya::Pod for super::ProbeRoute {}
     unsafe impl aya::Pod for super::SlotCounters {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::Flow {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+
+    #[test]
+    fn a_probe_route_records_the_address_as_its_packets_carry_it() {
+        let v4 = ProbeRoute::new(3, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)));
+        assert_eq!((v4.slot, v4.family), (3, PROBE_FROM_V4));
+        assert_eq!(v4.source[..4], [127, 0, 0, 1]);
+        assert_eq!(v4.source[4..], [0; 12]);
+        // A v4-mapped address sends IPv4 packets: recorded as IPv4.
+        let mapped = ProbeRoute::new(3, IpAddr::V6(Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped()));
+        assert_eq!(mapped, v4);
+        let v6 = ProbeRoute::new(5, IpAddr::V6(Ipv6Addr::LOCALHOST));
+        assert_eq!(v6.family, PROBE_FROM_V6);
+        assert_eq!(v6.source(), IpAddr::V6(Ipv6Addr::LOCALHOST));
+        assert_eq!(v4.source(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
 }

@@ -10,21 +10,23 @@
 //! With the flow table on (UDP in `handover` mode or with `sticky`), a datagram of a known
 //! flow goes to the slot that took the flow's first datagram while that slot's socket
 //! lives; only new flows, and flows whose slot is gone, go through the table. With probes
-//! on, a datagram or SYN from a source port the daemon registered for a health probe goes
-//! to the slot that probe checks.
+//! on, a datagram or SYN from the source address and port the daemon registered for a
+//! health probe goes to the slot that probe checks.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::sk_action::SK_PASS,
-    helpers::bpf_ktime_get_coarse_ns,
+    bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, sk_action::SK_PASS},
+    cty::c_void,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_skb_load_bytes_relative},
     macros::{map, sk_reuseport},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ReusePortSockArray},
     programs::SkReuseportContext,
 };
 use portshard_common::{
-    BPF_F_MMAPABLE, Counters, Flow, MAX_SLOTS, PROBE_STEPS, PROBE_STRIDE, ProbeHealth, ServiceMeta,
-    SlotCounters, SlotMeta, TABLE_FLOWS, TABLE_MASK, TABLE_PROBES, Table, TableEntry,
+    BPF_F_MMAPABLE, Counters, Flow, MAX_SLOTS, PROBE_FROM_V4, PROBE_STEPS, PROBE_STRIDE,
+    ProbeHealth, ProbeRoute, ServiceMeta, SlotCounters, SlotMeta, TABLE_FLOWS, TABLE_MASK,
+    TABLE_PROBES, Table, TableEntry,
 };
 
 mod runtime;
@@ -55,9 +57,10 @@ static COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(1, 0);
 #[map(name = "flows")]
 static FLOWS: LruHashMap<u32, Flow> = LruHashMap::pinned(1, 0);
 
-/// Health-probe source port to the slot it checks, written by the daemon.
+/// Health-probe source port to the probe's source address and the slot it checks, written
+/// by the daemon.
 #[map(name = "probes")]
-static PROBES: HashMap<u32, u32> = HashMap::pinned(MAX_SLOTS, 0);
+static PROBES: HashMap<u32, ProbeRoute> = HashMap::pinned(MAX_SLOTS, 0);
 
 /// The daemon's probe results per slot; defined here so one object describes every pinned map.
 #[map(name = "health")]
@@ -162,7 +165,8 @@ fn choose(ctx: &SkReuseportContext, table: *const Table, hash: u32) -> Option<(u
 }
 
 /// The slot a health probe checks, if the packet's source port (the first two bytes of the
-/// UDP or TCP header, where the packet data starts) is a registered probe port.
+/// UDP or TCP header, where the packet data starts) is a registered probe port and its
+/// source address that probe's.
 #[inline(always)]
 fn probed_slot(ctx: &SkReuseportContext) -> Option<u16> {
     let (data, end) = (ctx.data(), ctx.data_end());
@@ -171,9 +175,34 @@ fn probed_slot(ctx: &SkReuseportContext) -> Option<u16> {
     }
     // SAFETY: the two bytes are inside the packet, as checked against `data_end`.
     let port = u16::from_be(unsafe { core::ptr::read_unaligned(data as *const u16) });
-    // SAFETY: the value is a plain u32 the daemon writes whole.
-    let slot = unsafe { PROBES.get(u32::from(port)) }.copied()?;
-    u16::try_from(slot).ok()
+    // SAFETY: the value is plain data the daemon writes whole.
+    let route = unsafe { PROBES.get(u32::from(port)) }?;
+    if !from_probe_source(ctx, route) {
+        return None;
+    }
+    u16::try_from(route.slot).ok()
+}
+
+/// Whether the packet comes from `route`'s source address, read from its IP header (the
+/// packet data starts after it).
+#[inline(always)]
+fn from_probe_source(ctx: &SkReuseportContext, route: &ProbeRoute) -> bool {
+    const ETH_P_IP: u16 = 0x0800;
+    const ETH_P_IPV6: u16 = 0x86dd;
+    let mut source = [0u8; 16];
+    let skb = ctx.md as *const c_void;
+    let to = source.as_mut_ptr().cast::<c_void>();
+    // The helper's length must be a constant: one call per family. The source address is
+    // at byte 12 of an IPv4 header, at byte 8 of an IPv6 one.
+    // SAFETY: the helper writes at most `len` bytes into `source`, which holds 16.
+    let loaded = if route.family == PROBE_FROM_V4 {
+        ctx.eth_protocol() == u32::from(ETH_P_IP.to_be())
+            && unsafe { bpf_skb_load_bytes_relative(skb, 12, to, 4, BPF_HDR_START_NET) } == 0
+    } else {
+        ctx.eth_protocol() == u32::from(ETH_P_IPV6.to_be())
+            && unsafe { bpf_skb_load_bytes_relative(skb, 8, to, 16, BPF_HDR_START_NET) } == 0
+    };
+    loaded && source == route.source
 }
 
 /// Reads entry `index & TABLE_MASK` as the one 32-bit word userspace stores it as, so owner

@@ -710,7 +710,7 @@ impl Daemon {
                     .and_then(|prober| {
                         running
                             .group
-                            .set_probe(prober.port(), slot)
+                            .set_probe(prober.source(), slot)
                             .map_err(|e| e.to_string())?;
                         Ok(Arc::new(prober))
                     });

@@ -5,7 +5,9 @@
 //! always opened from them, so the process that created them and one that comes later see
 //! the same program and maps.
 use std::{
+    collections::BTreeMap,
     io,
+    net::SocketAddr,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
     path::{Path, PathBuf},
     ptr::NonNull,
@@ -19,8 +21,8 @@ use aya::{
 };
 use aya_obj::generated::bpf_prog_type;
 use portshard_common::{
-    Counters, FLAGS_WORD, Flow, MAX_SLOTS, ProbeHealth, ServiceMeta, SlotMeta, TABLE_SIZE, Table,
-    TableEntry, names,
+    Counters, FLAGS_WORD, Flow, MAX_SLOTS, ProbeHealth, ProbeRoute, ServiceMeta, SlotMeta,
+    TABLE_SIZE, Table, TableEntry, names,
 };
 
 use crate::{
@@ -183,7 +185,7 @@ pub struct Dataplane {
     service: Array<MapData, ServiceMeta>,
     flows: HashMap<MapData, u32, Flow>,
     flow_capacity: u32,
-    probes: HashMap<MapData, u32, u32>,
+    probes: HashMap<MapData, u32, ProbeRoute>,
     health: Array<MapData, ProbeHealth>,
     table: MappedTable,
 }
@@ -364,7 +366,8 @@ impl Dataplane {
             &metas,
             &self.counters()?,
         )
-        .with_health(&health))
+        .with_health(&health)
+        .with_probe_sources(&self.probe_sources()))
     }
 
     /// Records what the service listens on (see [`ServiceMeta`]).
@@ -452,15 +455,31 @@ impl Dataplane {
             })
     }
 
-    /// Sends packets from source port `port` (a health probe's) to `slot`'s socket.
-    pub fn set_probe(&mut self, port: u16, slot: Slot) -> Result<()> {
+    /// Sends packets from `source` (a health probe's address and port) to `slot`'s socket.
+    pub fn set_probe(&mut self, source: SocketAddr, slot: Slot) -> Result<()> {
         let error = self.map_error(
             names::PROBES,
-            format!("registering probe port {port} for slot {slot}"),
+            format!("registering probe source {source} for slot {slot}"),
         );
+        let route = ProbeRoute::new(u32::from(slot), source.ip());
         self.probes
-            .insert(u32::from(port), u32::from(slot), 0)
+            .insert(u32::from(source.port()), route, 0)
             .map_err(error)
+    }
+
+    /// Where each probed slot's probes come from, by slot.
+    pub fn probe_sources(&self) -> BTreeMap<Slot, SocketAddr> {
+        self.probes
+            .iter()
+            .filter_map(std::result::Result::ok)
+            .filter_map(|(port, route)| {
+                let slot = Slot::try_from(route.slot).ok()?;
+                Some((
+                    slot,
+                    SocketAddr::new(route.source(), u16::try_from(port).ok()?),
+                ))
+            })
+            .collect()
     }
 
     /// Forgets every probe port (those of a previous daemon, whose sockets are gone).

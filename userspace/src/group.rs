@@ -3,6 +3,7 @@
 //! committed once the kernel took it, so a refused change leaves both sides as they were.
 use std::{
     collections::BTreeMap,
+    net::SocketAddr,
     os::fd::{AsRawFd as _, BorrowedFd},
     path::Path,
 };
@@ -338,8 +339,8 @@ impl Group {
 
     /// Steers packets from source port `port` (a health probe's) to `slot`; the table is
     /// not touched.
-    pub fn set_probe(&mut self, port: u16, slot: Slot) -> Result<(), GroupError> {
-        Ok(self.dataplane.set_probe(port, slot)?)
+    pub fn set_probe(&mut self, source: SocketAddr, slot: Slot) -> Result<(), GroupError> {
+        Ok(self.dataplane.set_probe(source, slot)?)
     }
 
     /// Forgets every probe port (left by a previous daemon).

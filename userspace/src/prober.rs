@@ -76,9 +76,9 @@ impl Prober {
         })
     }
 
-    /// The source port the program must steer to the probed slot.
-    pub fn port(&self) -> u16 {
-        self.source.port()
+    /// The address and port probes come from, which the program steers to the probed slot.
+    pub fn source(&self) -> SocketAddr {
+        self.source
     }
 
     /// Probes the worker `pid` once: whether it answered within the timeout.

@@ -42,6 +42,9 @@ pub struct SlotReport {
     pub probe: &'static str,
     /// Probes failed in a row.
     pub probe_failures: u32,
+    /// The address and port its health probes come from (the program sends packets from
+    /// there, and only from there, to this slot); `null` if it is not probed.
+    pub probe_source: Option<String>,
 }
 
 /// The whole table.
@@ -96,6 +99,7 @@ impl TableReport {
                 counters: counters.slots[slot],
                 probe: probe_name(ProbeState::Unprobed as u32),
                 probe_failures: 0,
+                probe_source: None,
             })
             .collect();
         let owners = || slots.iter().filter(|s| s.entries > 0);
@@ -123,6 +127,14 @@ impl TableReport {
                 slot.probe = probe_name(h.state);
                 slot.probe_failures = h.failures;
             }
+        }
+        self
+    }
+
+    /// Adds where each probed slot's probes come from.
+    pub fn with_probe_sources(mut self, sources: &BTreeMap<Slot, SocketAddr>) -> Self {
+        for slot in &mut self.slots {
+            slot.probe_source = sources.get(&slot.slot).map(SocketAddr::to_string);
         }
         self
     }

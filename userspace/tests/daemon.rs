@@ -1087,3 +1087,78 @@ fn a_hung_worker_fails_its_probes_and_is_restarted_while_nothing_else_moves() {
         }
     }
 }
+
+#[test]
+fn a_client_on_a_probe_port_from_another_address_follows_the_table() {
+    let sandbox = sandbox();
+    let interval = Duration::from_millis(100);
+    let services = [("dns", "udp", 4), ("web", "tcp", 4)];
+    let mut daemon = DaemonRun::start(
+        Path::new(EXE),
+        &config_probed(&services, interval, 3),
+        sandbox.pins(),
+    )
+    .unwrap();
+    daemon.wait_ready(&[("dns", 4), ("web", 4)], READY).unwrap();
+    wait_probes_passing(&daemon, "dns", 4);
+    wait_probes_passing(&daemon, "web", 4);
+    for (service, proto) in [("dns", "udp"), ("web", "tcp")] {
+        // Drain slot 0: no new flow of the table's goes to it, only its probes.
+        let request = Request::Drain {
+            service: service.into(),
+            slot: 0,
+        };
+        daemon.request(&request).unwrap();
+        let status = daemon.status().unwrap();
+        let probed = status
+            .iter()
+            .find(|s| s.name == service)
+            .and_then(|s| s.slots.iter().find(|slot| slot.slot == 0))
+            .unwrap();
+        let source: SocketAddr = probed
+            .probe_source
+            .as_deref()
+            .unwrap_or_else(|| panic!("{service} slot 0 shows no probe source"))
+            .parse()
+            .unwrap();
+        assert_eq!(source.ip(), target().ip(), "{service}: {source}");
+        // The probe's port, from another loopback address.
+        let client = SocketAddr::from(([127, 0, 0, 2], source.port()));
+        let answer = if proto == "udp" {
+            let socket = std::net::UdpSocket::bind(client).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            socket.send_to(b"who", target()).unwrap();
+            let mut buffer = [0u8; 256];
+            let (n, _) = socket.recv_from(&mut buffer).unwrap();
+            String::from_utf8_lossy(&buffer[..n]).into_owned()
+        } else {
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            socket.bind(&client.into()).unwrap();
+            socket.connect(&target().into()).unwrap();
+            let stream: TcpStream = socket.into();
+            let greeting = portshard_harness::daemon::read_greeting(&stream, READY).unwrap();
+            format!("{} {}", greeting.slot, greeting.pid)
+        };
+        let slot: Slot = answer.split(' ').next().unwrap().parse().unwrap();
+        eprintln!("{service}: a client at {client} (probe source {source}) reached slot {slot}");
+        assert_ne!(
+            slot, 0,
+            "{service}: a client on the probe's port reached the drained slot"
+        );
+        // The daemon's own probes still reach the drained slot.
+        thread::sleep(interval * 4);
+        let status = daemon.status().unwrap();
+        let probed = status
+            .iter()
+            .find(|s| s.name == service)
+            .and_then(|s| s.slots.iter().find(|slot| slot.slot == 0))
+            .unwrap();
+        assert_eq!(
+            (probed.state, probed.probe, probed.probe_failures),
+            ("draining", "passing", 0)
+        );
+    }
+}
