@@ -1,7 +1,8 @@
 //! Sequences of table operations: after each one every invariant holds
 //! ([`Table::validate`]; with equal weights, exact balance), the reported delta is exactly
 //! what changed, a refused operation changed nothing, a removal moved only the removed
-//! slot's entries, each to its heir, and an addition moved entries only to the newcomer.
+//! slot's entries, each to its heir, an addition moved entries only to the newcomer, and a
+//! reload's switch left exactly the new slots, all with the new weight.
 #![no_main]
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
@@ -30,6 +31,13 @@ enum Op {
     /// The daemon's worker restart: remove `slot`, then rejoin it with what it owned.
     Restart {
         slot: Slot,
+    },
+    /// A reload's switch from every member to `count` slots from `first` on (which may be
+    /// members or out of range: refused).
+    Switch {
+        first: Slot,
+        count: u8,
+        weight: u16,
     },
 }
 
@@ -62,6 +70,25 @@ fuzz_target!(|ops: Vec<Op>| {
                     assert!(
                         rejoined,
                         "slot {slot} could not rejoin right after its removal"
+                    );
+                }
+            }
+            Op::Switch {
+                first,
+                count,
+                weight,
+            } => {
+                let old: Vec<Slot> = table.members().keys().copied().collect();
+                let new: Vec<Slot> = (0..Slot::from(count))
+                    .map(|i| (first % SLOTS + i) % SLOTS)
+                    .collect();
+                let weight = u32::from(weight);
+                if step(&mut table, |t| t.switch(&old, &new, weight), None) {
+                    assert!(
+                        table.members().len() == new.len()
+                            && new.iter().all(|s| table.members().get(s) == Some(&weight)),
+                        "after a switch to {new:?} with weight {weight}: {:?}",
+                        table.members()
                     );
                 }
             }
