@@ -34,8 +34,9 @@ pub enum FaultKind {
     Restore,
     /// A slot's weight changed.
     Weight,
-    /// A service reloaded: each slot of its old generation is disturbed from the request
-    /// until its worker exited.
+    /// A service reloaded: each slot of its old generation is disturbed until its worker
+    /// exited, from the request in `balance` mode (the switch moves its flows), from the
+    /// worker's exit in `handover` mode (its flows stay on it until then).
     Reload,
 }
 
@@ -153,23 +154,23 @@ impl Ledger {
         self.faults.len() - 1
     }
 
-    /// Records a reload of `service` requested at `from`, which retires `old_slots`; returns
-    /// the number of each slot's span, to end it with [`Ledger::end`] once its worker exited.
-    pub fn reload(&mut self, service: &str, old_slots: &[Slot], from: Duration) -> Vec<usize> {
+    /// Counts a reload injected; what it disturbs is recorded per old slot with
+    /// [`Ledger::retiring`].
+    pub fn reload(&mut self) {
         *self.injected.entry(FaultKind::Reload).or_default() += 1;
-        old_slots
-            .iter()
-            .map(|&slot| {
-                self.faults.push(Fault {
-                    kind: FaultKind::Reload,
-                    service: service.to_owned(),
-                    slot: Some(slot),
-                    from,
-                    until: None,
-                });
-                self.faults.len() - 1
-            })
-            .collect()
+    }
+
+    /// Records that a reload of `service` disturbs old slot `slot` from `from` on; returns
+    /// the span's number, to end it with [`Ledger::end`] once the slot's worker exited.
+    pub fn retiring(&mut self, service: &str, slot: Slot, from: Duration) -> usize {
+        self.faults.push(Fault {
+            kind: FaultKind::Reload,
+            service: service.to_owned(),
+            slot: Some(slot),
+            from,
+            until: None,
+        });
+        self.faults.len() - 1
     }
 
     /// Records that a reload of `service` requested at `from` was not switched to by `to`
@@ -568,8 +569,11 @@ mod tests {
     fn a_reload_excuses_moves_losses_and_ended_connections_of_its_old_slots_only() {
         let mut ledger = Ledger::new(at(100));
         ledger.udp_round(S, at(10), &[answer(0, 100), answer(1, 101)]);
-        let spans = ledger.reload(S, &[0, 1], at(1000));
-        assert_eq!(spans.len(), 2);
+        ledger.reload();
+        let spans = [
+            ledger.retiring(S, 0, at(1000)),
+            ledger.retiring(S, 1, at(1000)),
+        ];
         // At the switch both flows go to the new generation's slots; one datagram is lost
         // as slot 1's worker exits.
         ledger.udp_round(S, at(1500), &[answer(8, 108), None]);
@@ -596,6 +600,21 @@ mod tests {
         assert_eq!(ledger.violations().len(), 2);
         // A reload counts once, however many slots it retires.
         assert_eq!(ledger.fault_count(), 1);
+    }
+
+    #[test]
+    fn in_handover_a_flow_may_leave_its_old_slot_only_once_the_old_worker_is_gone() {
+        let mut ledger = Ledger::new(at(100));
+        ledger.udp_round(S, at(10), &[answer(0, 100), answer(1, 101)]);
+        ledger.reload();
+        // Switched at about 1000; flow 1 moves to the new generation while its old worker
+        // still runs (its span only starts when the worker is seen gone, at 4000).
+        ledger.udp_round(S, at(1500), &[answer(0, 100), answer(9, 109)]);
+        let span = ledger.retiring(S, 0, at(3900));
+        ledger.udp_round(S, at(4100), &[answer(8, 108), answer(9, 109)]);
+        ledger.end(span, at(4000));
+        assert_eq!(ledger.violations().len(), 1, "{:?}", ledger.violations());
+        assert_eq!(ledger.violations()[0].flow, "udp 1");
     }
 
     #[test]

@@ -124,9 +124,21 @@ struct Pending {
 struct Reloading {
     service: &'static str,
     from: Duration,
-    /// The ledger's span of each old slot.
-    spans: Vec<usize>,
+    /// The old generation's workers: slot, pid, and the ledger's span of the slot once it
+    /// has one (from the request in `balance` mode; from the worker's exit in `handover`
+    /// mode, where its flows must stay on it until then).
+    old: Vec<(Slot, u32, Option<usize>)>,
+    /// When the old workers were last seen in the status.
+    seen: Duration,
     request: Option<JoinHandle<Result<Reply, String>>>,
+}
+
+/// Whether process `pid` runs (exists and is not a zombie).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
 }
 
 /// Processes running `exe` (the daemon and its echo workers).
@@ -158,10 +170,7 @@ fn orphaned_entries(pins: &Path, service: &str) -> Result<(usize, String)> {
             matches!(
                 SlotState::from_raw(meta.state),
                 Some(SlotState::Live | SlotState::Draining)
-            ) && std::fs::read_to_string(format!("/proc/{}/stat", meta.pid)).is_ok_and(|stat| {
-                stat.rsplit_once(") ")
-                    .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-            })
+            ) && running(meta.pid)
         })
     };
     let mut alive = BTreeMap::new();
@@ -204,12 +213,35 @@ impl Soak {
         Ok(workers(&self.daemon.status()?))
     }
 
-    /// One UDP round per UDP service, checked.
+    /// One UDP round per UDP service, checked (after noting which retiring workers exited
+    /// meanwhile: their flows may have moved in this very round).
     fn udp_rounds(&mut self) -> Result<()> {
-        for (service, flows) in &mut self.udp {
-            let answers = flows.round(ROUND_TIMEOUT)?;
+        for index in 0..self.udp.len() {
+            let answers = self.udp[index].1.round(ROUND_TIMEOUT)?;
             let done = self.start.elapsed();
+            let service = self.udp[index].0;
+            if self.reloading.iter().any(|r| r.service == service) {
+                self.note_retired()?;
+            }
             self.ledger.udp_round(service, done, &answers);
+        }
+        Ok(())
+    }
+
+    /// Starts the ledger's span of each retiring worker that has exited since last looked
+    /// for (in `handover` mode; in `balance` mode its span started with the request).
+    fn note_retired(&mut self) -> Result<()> {
+        let status = self.daemon.status()?;
+        let now = self.now();
+        for reload in &mut self.reloading {
+            let service = status.iter().find(|s| s.name == reload.service);
+            for (slot, pid, span) in &mut reload.old {
+                let listed = service.is_some_and(|s| s.slots.iter().any(|r| r.pid == *pid));
+                if span.is_none() && !(listed && running(*pid)) {
+                    *span = Some(self.ledger.retiring(reload.service, *slot, reload.seen));
+                }
+            }
+            reload.seen = now;
         }
         Ok(())
     }
@@ -321,10 +353,12 @@ impl Soak {
     /// Checks each reload's final reply once it came, and ends its spans once the service
     /// has settled.
     fn settle_reloads(&mut self) -> Result<()> {
+        self.note_retired()?;
         let status = self.daemon.status()?;
         let mut still = Vec::new();
         for mut reload in std::mem::take(&mut self.reloading) {
             let now = self.now();
+            let service = status.iter().find(|s| s.name == reload.service);
             if let Some(request) = reload.request.take_if(|r| r.is_finished()) {
                 let outcome = request
                     .join()
@@ -342,17 +376,13 @@ impl Soak {
                     }
                 }
             }
-            let settled = status
-                .iter()
-                .find(|s| s.name == reload.service)
-                .is_some_and(|s| {
-                    let serving: Vec<_> =
-                        s.slots.iter().filter(|slot| slot.state != "free").collect();
-                    serving.len() == WORKERS && serving.iter().all(|slot| slot.state == "live")
-                });
+            let settled = service.is_some_and(|s| {
+                let serving: Vec<_> = s.slots.iter().filter(|slot| slot.state != "free").collect();
+                serving.len() == WORKERS && serving.iter().all(|slot| slot.state == "live")
+            });
             if reload.request.is_none() && settled {
-                for &span in &reload.spans {
-                    self.ledger.end(span, now);
+                for &(_, _, span) in &reload.old {
+                    span.into_iter().for_each(|span| self.ledger.end(span, now));
                 }
             } else {
                 still.push(reload);
@@ -462,8 +492,15 @@ impl Soak {
                 }
             }
             FaultKind::Reload => {
-                let old: Vec<Slot> = free.iter().map(|&(slot, _)| slot).collect();
-                let spans = self.ledger.reload(spec.name, &old, now);
+                self.ledger.reload();
+                let old = free
+                    .iter()
+                    .map(|&(slot, pid)| {
+                        let span = (spec.mode == "balance")
+                            .then(|| self.ledger.retiring(spec.name, slot, now));
+                        (slot, pid, span)
+                    })
+                    .collect();
                 let control = self.daemon.control().to_path_buf();
                 let request = Request::Reload {
                     service: spec.name.to_owned(),
@@ -474,7 +511,8 @@ impl Soak {
                 self.reloading.push(Reloading {
                     service: spec.name,
                     from: now,
-                    spans,
+                    old,
+                    seen: now,
                     request: Some(request),
                 });
             }
