@@ -65,7 +65,8 @@ pub fn map_specs(object: &[u8], flow_capacity: u32) -> Result<Vec<MapSpec>, Obje
 #[cfg(test)]
 mod tests {
     use portshard_common::{
-        BPF_F_MMAPABLE, Counters, Flow, MAX_SLOTS, ProbeHealth, ServiceMeta, SlotMeta, Table,
+        BPF_F_MMAPABLE, Counters, Flow, MAX_SLOTS, ProbeHealth, ProbeRoute, ServiceMeta, SlotMeta,
+        Table,
     };
 
     use super::*;
@@ -124,7 +125,13 @@ mod tests {
                 1234,
                 0,
             ),
-            (names::PROBES, BPF_MAP_TYPE_HASH, 4, MAX_SLOTS, 0),
+            (
+                names::PROBES,
+                BPF_MAP_TYPE_HASH,
+                size_of::<ProbeRoute>() as u32,
+                MAX_SLOTS,
+                0,
+            ),
             (
                 names::HEALTH,
                 BPF_MAP_TYPE_ARRAY,
