@@ -280,10 +280,11 @@ impl Group {
         Ok(self.dataplane.place(slot, socket, meta)?)
     }
 
-    /// Switches the table from its members `old` to the staged slots `new`, all with
-    /// `weight`, in one write (see [`Table::switch`]): each flow moves at most once, from
-    /// its old slot to its new one. The old slots keep their sockets and what they already
-    /// have, draining; the new ones take new work. Nothing changes on a table error.
+    /// Switches the table from the members `old` to the staged slots `new`, all with
+    /// `weight`, as one change (see [`Table::switch`]): each table entry is written once, so
+    /// each flow moves at most once, from its old slot to its new one. The old slots keep
+    /// their sockets and what they already have, draining; the new ones take new work. On
+    /// any error nothing changes: the slot records written so far are put back.
     pub fn switch(&mut self, old: &[Slot], new: &[Slot], weight: u32) -> Result<Delta, GroupError> {
         let mut next = self.table.clone();
         let delta = next
@@ -294,20 +295,47 @@ impl Group {
             .skip(new.len())
             .map(|&slot| (slot, self.own_entries(slot)))
             .collect();
-        for &slot in new {
-            let mut meta = self.dataplane.meta(slot)?;
-            meta.state = SlotState::Live as u32;
-            meta.weight = weight;
+        let saved = new
+            .iter()
+            .chain(old)
+            .map(|&slot| Ok((slot, self.dataplane.meta(slot)?)))
+            .collect::<Result<Vec<_>, GroupError>>()?;
+        let switched = self
+            .record_switch(&saved, new.len(), weight)
+            .and_then(|()| self.commit(next, delta));
+        match switched {
+            Ok(delta) => {
+                self.vacated.extend(formers);
+                Ok(delta)
+            }
+            Err(error) => {
+                for (slot, meta) in saved {
+                    // Best effort: the error being returned says what went wrong first.
+                    let _ = self.dataplane.set_meta(slot, meta);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Records a switch: the first `new` of `saved` (slot, record) live with `weight`, the
+    /// rest draining. The program reads neither state nor weight, so order does not matter.
+    fn record_switch(
+        &mut self,
+        saved: &[(Slot, SlotMeta)],
+        new: usize,
+        weight: u32,
+    ) -> Result<(), GroupError> {
+        for (i, &(slot, mut meta)) in saved.iter().enumerate() {
+            if i < new {
+                meta.state = SlotState::Live as u32;
+                meta.weight = weight;
+            } else {
+                meta.state = SlotState::Draining as u32;
+            }
             self.dataplane.set_meta(slot, meta)?;
         }
-        for &slot in old {
-            let mut meta = self.dataplane.meta(slot)?;
-            meta.state = SlotState::Draining as u32;
-            self.dataplane.set_meta(slot, meta)?;
-        }
-        let delta = self.commit(next, delta)?;
-        self.vacated.extend(formers);
-        Ok(delta)
+        Ok(())
     }
 
     /// Empties `slot` and forgets it: its socket is out of the socket array and its record
@@ -337,8 +365,8 @@ impl Group {
         self.commit(next, delta)
     }
 
-    /// Steers packets from source port `port` (a health probe's) to `slot`; the table is
-    /// not touched.
+    /// Steers packets from `source` (a health probe's address and port) to `slot`; the
+    /// table is not touched.
     pub fn set_probe(&mut self, source: SocketAddr, slot: Slot) -> Result<(), GroupError> {
         Ok(self.dataplane.set_probe(source, slot)?)
     }

@@ -53,6 +53,15 @@ pub enum TableError {
         /// The first invariant broken.
         reason: String,
     },
+    /// A switch named a slot twice among the old or among the new slots.
+    #[error("slot {slot} is named twice in a switch")]
+    NamedTwice {
+        /// The offending slot.
+        slot: Slot,
+    },
+    /// A switch named no new slot: it would empty the table.
+    #[error("a switch needs at least one new slot")]
+    NoNewSlot,
     /// The weight is zero or too large.
     #[error("weight {weight} for slot {slot} is out of range: use 1 to {MAX_WEIGHT}")]
     BadWeight {
@@ -239,37 +248,21 @@ impl Table {
         }))
     }
 
-    /// Puts `new` in `old`'s place with `old`'s weight: every entry `old` owns becomes
-    /// `new`'s and no other owner changes. A reload switches each slot of the old generation
-    /// to one of the new this way, so each flow moves at most once.
-    pub fn substitute(&mut self, old: Slot, new: Slot) -> Result<Delta, TableError> {
-        check_slot(new)?;
-        let weight = *self
-            .weights
-            .get(&old)
-            .ok_or(TableError::NotMember { slot: old })?;
-        if self.weights.contains_key(&new) {
-            return Err(TableError::AlreadyMember { slot: new });
-        }
-        Ok(self.apply(|table| {
-            table.weights.remove(&old);
-            table.weights.insert(new, weight);
-            for entry in &mut table.entries {
-                if entry.owner == old {
-                    entry.owner = new;
-                }
-            }
-        }))
-    }
-
-    /// Hands the table from its members `old` to the slots `new`, none of them a member, all
-    /// with `weight`: a reload's switch. `old[i]`'s entries go to `new[i]` (as in
-    /// [`Table::substitute`]); a surplus old slot's entries and a surplus new slot's share
+    /// Hands the table from the members `old` (a reload passes all of them) to the slots
+    /// `new`, none of them a member, all with `weight`: a reload's switch. `old[i]`'s
+    /// entries go to `new[i]`; a surplus old slot's entries and a surplus new slot's share
     /// are then settled by moving the fewest entries that make every share exact, as are
-    /// shares that were uneven before. It is one change, so a flow moves at most once. Nothing
-    /// changes on error.
+    /// shares that were uneven before; members not in `old` keep their weight. It is one
+    /// change, each entry written once, so a flow moves at most once. Nothing changes on
+    /// error.
     pub fn switch(&mut self, old: &[Slot], new: &[Slot], weight: u32) -> Result<Delta, TableError> {
-        for &slot in old {
+        if new.is_empty() {
+            return Err(TableError::NoNewSlot);
+        }
+        for (i, &slot) in old.iter().enumerate() {
+            if old[..i].contains(&slot) {
+                return Err(TableError::NamedTwice { slot });
+            }
             if !self.weights.contains_key(&slot) {
                 return Err(TableError::NotMember { slot });
             }
@@ -277,7 +270,10 @@ impl Table {
         for (i, &slot) in new.iter().enumerate() {
             check_slot(slot)?;
             check_weight(slot, weight)?;
-            if self.weights.contains_key(&slot) || new[..i].contains(&slot) {
+            if new[..i].contains(&slot) {
+                return Err(TableError::NamedTwice { slot });
+            }
+            if self.weights.contains_key(&slot) {
                 return Err(TableError::AlreadyMember { slot });
             }
         }

@@ -1,9 +1,10 @@
 //! Generations: a reload starts the service's next generation in free slots, "staged" (in
 //! the socket array, owning no table entry), waits until every new worker has stayed up
 //! for `ready_delay`, and only then switches: each table member of the old generation is
-//! replaced by a new slot one for one, in one table write ([`Group::switch`]), so each flow moves at most
-//! once and, with the flow table on, no live UDP flow moves at all. A new worker that exits
-//! before the switch rolls the reload back: the new generation is stopped and its slots
+//! replaced by a new slot one for one, and the shares are made exact, as one table change
+//! ([`Group::switch`]), so each flow moves at most once and, with the flow table on, no
+//! live UDP flow moves at all. A new worker that exits before the switch, or a switch the
+//! kernel refuses, rolls the reload back: the new generation is stopped and its slots
 //! freed, the old one never stopped serving.
 //!
 //! With a health probe configured, each new worker must also have answered one: its probe
@@ -292,11 +293,11 @@ impl Daemon {
         self.switch(index);
     }
 
-    /// Switches service `index` to its staged generation: each old table member's entries
-    /// go to one new slot; the old workers retire.
+    /// Switches service `index` to its staged generation (see [`Group::switch`]); the old
+    /// workers retire. A refused switch rolls the reload back.
     fn switch(&mut self, index: usize) {
         let running = &mut self.services[index];
-        let Some(reload) = &running.reload else {
+        let Some(reload) = running.reload.take() else {
             return;
         };
         let old_members: Vec<Slot> = running.group.table().members().keys().copied().collect();
@@ -305,10 +306,10 @@ impl Daemon {
             .switch(&old_members, &reload.staged, reload.spec.weight)
         {
             Ok(delta) => delta.moved,
-            Err(error) => return self.rollback(index, &format!("switching the table: {error}")),
-        };
-        let Some(reload) = running.reload.take() else {
-            return;
+            Err(error) => {
+                running.reload = Some(reload);
+                return self.rollback(index, &format!("switching the table: {error}"));
+            }
         };
         let old_generation = running.generation;
         let counters = running

@@ -164,6 +164,20 @@ fn refused_operations_change_nothing() {
         table.set_weight(5, 1),
         Err(TableError::NotMember { slot: 5 })
     );
+    for (old, new, error) in [
+        (&[0, 1][..], &[][..], TableError::NoNewSlot),
+        (&[0, 0], &[2], TableError::NamedTwice { slot: 0 }),
+        (&[0, 1], &[2, 2], TableError::NamedTwice { slot: 2 }),
+        (&[0, 5], &[2], TableError::NotMember { slot: 5 }),
+        (&[0, 1], &[2, 1], TableError::AlreadyMember { slot: 1 }),
+        (
+            &[0, 1],
+            &[MAX_SLOTS as Slot],
+            TableError::SlotOutOfRange { slot: 512 },
+        ),
+    ] {
+        assert_eq!(table.switch(old, new, 1), Err(error), "{old:?} to {new:?}");
+    }
     assert_eq!(table, before);
     assert_eq!(
         Table::with_members([(1, 1), (1, 1)]),
@@ -230,8 +244,6 @@ enum Op {
     Rejoin(usize),
     Add(usize, u32),
     Weight(usize, u32),
-    /// A member is replaced by a slot not in the table (one pair of a reload's switch).
-    Substitute(usize, usize),
     /// Every member is replaced by slots not in the table, one more, as many or fewer (by
     /// the first number), all with the given weight: a reload's switch.
     Switch(usize, u32),
@@ -244,7 +256,6 @@ fn op(weighted: bool) -> impl Strategy<Value = Op> {
         any::<usize>().prop_map(Op::Rejoin),
         (any::<usize>(), weight.clone()).prop_map(|(i, w)| Op::Add(i, w)),
         (any::<usize>(), weight.clone()).prop_map(|(i, w)| Op::Weight(i, w)),
-        (any::<usize>(), any::<usize>()).prop_map(|(i, j)| Op::Substitute(i, j)),
         (any::<usize>(), weight).prop_map(|(i, w)| Op::Switch(i, w)),
     ]
 }
@@ -361,23 +372,6 @@ fn apply_and_check(table: &mut Table, op: &Op, weighted: bool) -> Result<(), Tes
                 minimal_moves(&before, table),
                 "not the fewest moves"
             );
-        }
-        Op::Substitute(pick, new_pick) => {
-            if members.is_empty() {
-                return Ok(());
-            }
-            let old = members[pick % members.len()];
-            let free: Vec<Slot> = (0..MAX_SLOTS as Slot)
-                .filter(|s| !members.contains(s))
-                .collect();
-            let new = free[new_pick % free.len()];
-            let delta = table.substitute(old, new).unwrap();
-            for (was, is) in before.entries().iter().zip(table.entries()) {
-                let expected = if was.owner == old { new } else { was.owner };
-                prop_assert_eq!(is.owner, expected, "an entry went elsewhere");
-            }
-            prop_assert_eq!(delta.moved, owned(&before, old));
-            prop_assert_eq!(table.members().get(&new), before.members().get(&old));
         }
         Op::Switch(count, weight) => {
             if members.is_empty() {
