@@ -24,9 +24,9 @@ use aya_ebpf::{
     programs::SkReuseportContext,
 };
 use portshard_common::{
-    BPF_F_MMAPABLE, Counters, Flow, MAX_SLOTS, PROBE_FROM_V4, PROBE_STEPS, PROBE_STRIDE,
-    ProbeHealth, ProbeRoute, ServiceMeta, SlotCounters, SlotMeta, TABLE_FLOWS, TABLE_MASK,
-    TABLE_PROBES, Table, TableEntry,
+    BPF_F_MMAPABLE, Counters, Flow, MAX_SLOTS, PROBE_FROM_V4, PROBE_FROM_V6, PROBE_STEPS,
+    PROBE_STRIDE, ProbeHealth, ProbeRoute, ServiceMeta, SlotCounters, SlotMeta, TABLE_FLOWS,
+    TABLE_MASK, TABLE_PROBES, Table, TableEntry,
 };
 
 mod runtime;
@@ -198,9 +198,11 @@ fn from_probe_source(ctx: &SkReuseportContext, route: &ProbeRoute) -> bool {
     let loaded = if route.family == PROBE_FROM_V4 {
         ctx.eth_protocol() == u32::from(ETH_P_IP.to_be())
             && unsafe { bpf_skb_load_bytes_relative(skb, 12, to, 4, BPF_HDR_START_NET) } == 0
-    } else {
+    } else if route.family == PROBE_FROM_V6 {
         ctx.eth_protocol() == u32::from(ETH_P_IPV6.to_be())
             && unsafe { bpf_skb_load_bytes_relative(skb, 8, to, 16, BPF_HDR_START_NET) } == 0
+    } else {
+        false
     };
     loaded && source == route.source
 }

@@ -1,6 +1,6 @@
 //! Health probes, the edge: each probed slot has its own source port, which the program
-//! steers to that slot's socket (the `probes` map), so a probe reaches exactly the worker it
-//! checks. A UDP probe sends the configured payload and waits for any answer; a TCP probe
+//! steers to that slot's socket when it comes from the probe's address (the `probes` map),
+//! so a probe reaches exactly the worker it checks. A UDP probe sends the configured payload and waits for any answer; a TCP probe
 //! connects and waits until the worker's listener has accepted it (its accept queue, read
 //! from `/proc/net/tcp`, is empty again), then resets the connection so the port is free at
 //! once. Verdicts are kept by [`crate::probe::Tracker`].
