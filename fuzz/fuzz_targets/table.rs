@@ -83,7 +83,13 @@ fuzz_target!(|ops: Vec<Op>| {
                     .map(|i| (first % SLOTS + i) % SLOTS)
                     .collect();
                 let weight = u32::from(weight);
+                let before = table.clone();
                 if step(&mut table, |t| t.switch(&old, &new, weight), None) {
+                    // Every entry belonged to an old slot: every one moved, once.
+                    assert!(
+                        before.entries().iter().zip(table.entries()).all(|(o, n)| o.owner != n.owner),
+                        "an entry stayed with the old slots after a switch to {new:?}"
+                    );
                     assert!(
                         table.members().len() == new.len()
                             && new.iter().all(|s| table.members().get(s) == Some(&weight)),

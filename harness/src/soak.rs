@@ -34,9 +34,10 @@ pub enum FaultKind {
     Restore,
     /// A slot's weight changed.
     Weight,
-    /// A service reloaded: each slot of its old generation is disturbed until its worker
-    /// exited, from the request in `balance` mode (the switch moves its flows), from the
-    /// worker's exit in `handover` mode (its flows stay on it until then).
+    /// A service reloaded: each slot of its old generation is disturbed from the request in
+    /// `balance` mode (the switch moves its flows), from its worker's exit in `handover`
+    /// mode (its flows stay on it until then), until the service has settled (its old
+    /// generation exited, or the new one was rolled back).
     Reload,
 }
 
@@ -156,12 +157,12 @@ impl Ledger {
 
     /// Counts a reload injected; what it disturbs is recorded per old slot with
     /// [`Ledger::retiring`].
-    pub fn reload(&mut self) {
+    pub fn count_reload(&mut self) {
         *self.injected.entry(FaultKind::Reload).or_default() += 1;
     }
 
     /// Records that a reload of `service` disturbs old slot `slot` from `from` on; returns
-    /// the span's number, to end it with [`Ledger::end`] once the slot's worker exited.
+    /// the span's number, to end it with [`Ledger::end`] once the service has settled.
     pub fn retiring(&mut self, service: &str, slot: Slot, from: Duration) -> usize {
         self.faults.push(Fault {
             kind: FaultKind::Reload,
@@ -569,7 +570,7 @@ mod tests {
     fn a_reload_excuses_moves_losses_and_ended_connections_of_its_old_slots_only() {
         let mut ledger = Ledger::new(at(100));
         ledger.udp_round(S, at(10), &[answer(0, 100), answer(1, 101)]);
-        ledger.reload();
+        ledger.count_reload();
         let spans = [
             ledger.retiring(S, 0, at(1000)),
             ledger.retiring(S, 1, at(1000)),
@@ -606,7 +607,7 @@ mod tests {
     fn in_handover_a_flow_may_leave_its_old_slot_only_once_the_old_worker_is_gone() {
         let mut ledger = Ledger::new(at(100));
         ledger.udp_round(S, at(10), &[answer(0, 100), answer(1, 101)]);
-        ledger.reload();
+        ledger.count_reload();
         // Switched at about 1000; flow 1 moves to the new generation while its old worker
         // still runs (its span only starts when the worker is seen gone, at 4000).
         ledger.udp_round(S, at(1500), &[answer(0, 100), answer(9, 109)]);

@@ -20,6 +20,7 @@ use anyhow::{Context as _, Result, bail};
 use portshard::{
     control::{Reply, Request},
     dataplane::Dataplane,
+    report::ServiceStatus,
     table::Slot,
 };
 use portshard_common::SlotState;
@@ -124,13 +125,20 @@ struct Pending {
 struct Reloading {
     service: &'static str,
     from: Duration,
-    /// The old generation's workers: slot, pid, and the ledger's span of the slot once it
-    /// has one (from the request in `balance` mode; from the worker's exit in `handover`
-    /// mode, where its flows must stay on it until then).
-    old: Vec<(Slot, u32, Option<usize>)>,
-    /// When the old workers were last seen in the status.
-    seen: Duration,
+    /// The old generation's workers.
+    old: Vec<Retiree>,
+    /// When the old workers were last looked for in the status.
+    looked: Duration,
     request: Option<JoinHandle<Result<Reply, String>>>,
+}
+
+/// A worker of the generation a reload replaces.
+struct Retiree {
+    slot: Slot,
+    pid: u32,
+    /// The ledger's span of its slot, once it has one: from the request in `balance` mode;
+    /// from the worker's exit in `handover` mode, where its flows must stay on it until then.
+    span: Option<usize>,
 }
 
 /// Whether process `pid` runs (exists and is not a zombie).
@@ -221,29 +229,32 @@ impl Soak {
             let done = self.start.elapsed();
             let service = self.udp[index].0;
             if self.reloading.iter().any(|r| r.service == service) {
-                self.note_retired()?;
+                let status = self.daemon.status()?;
+                self.note_retired(&status);
             }
             self.ledger.udp_round(service, done, &answers);
         }
         Ok(())
     }
 
-    /// Starts the ledger's span of each retiring worker that has exited since last looked
-    /// for (in `handover` mode; in `balance` mode its span started with the request).
-    fn note_retired(&mut self) -> Result<()> {
-        let status = self.daemon.status()?;
+    /// Starts the ledger's span of each retiring worker that has exited (by `status`, just
+    /// read) since last looked for; in `balance` mode its span started with the request.
+    fn note_retired(&mut self, status: &[ServiceStatus]) {
         let now = self.now();
         for reload in &mut self.reloading {
             let service = status.iter().find(|s| s.name == reload.service);
-            for (slot, pid, span) in &mut reload.old {
-                let listed = service.is_some_and(|s| s.slots.iter().any(|r| r.pid == *pid));
-                if span.is_none() && !(listed && running(*pid)) {
-                    *span = Some(self.ledger.retiring(reload.service, *slot, reload.seen));
+            for retiree in reload.old.iter_mut().filter(|r| r.span.is_none()) {
+                let listed =
+                    service.is_some_and(|s| s.slots.iter().any(|slot| slot.pid == retiree.pid));
+                if !(listed && running(retiree.pid)) {
+                    let span = self
+                        .ledger
+                        .retiring(reload.service, retiree.slot, reload.looked);
+                    retiree.span = Some(span);
                 }
             }
-            reload.seen = now;
+            reload.looked = now;
         }
-        Ok(())
     }
 
     /// A few connections per TCP service opened, used and closed; every held connection
@@ -353,8 +364,9 @@ impl Soak {
     /// Checks each reload's final reply once it came, and ends its spans once the service
     /// has settled.
     fn settle_reloads(&mut self) -> Result<()> {
-        self.note_retired()?;
+        // One reading for both: a worker seen gone gets its span before its reload is over.
         let status = self.daemon.status()?;
+        self.note_retired(&status);
         let mut still = Vec::new();
         for mut reload in std::mem::take(&mut self.reloading) {
             let now = self.now();
@@ -381,8 +393,8 @@ impl Soak {
                 serving.len() == WORKERS && serving.iter().all(|slot| slot.state == "live")
             });
             if reload.request.is_none() && settled {
-                for &(_, _, span) in &reload.old {
-                    span.into_iter().for_each(|span| self.ledger.end(span, now));
+                for span in reload.old.iter().filter_map(|r| r.span) {
+                    self.ledger.end(span, now);
                 }
             } else {
                 still.push(reload);
@@ -492,13 +504,14 @@ impl Soak {
                 }
             }
             FaultKind::Reload => {
-                self.ledger.reload();
+                self.ledger.count_reload();
                 let old = free
                     .iter()
-                    .map(|&(slot, pid)| {
-                        let span = (spec.mode == "balance")
-                            .then(|| self.ledger.retiring(spec.name, slot, now));
-                        (slot, pid, span)
+                    .map(|&(slot, pid)| Retiree {
+                        slot,
+                        pid,
+                        span: (spec.mode == "balance")
+                            .then(|| self.ledger.retiring(spec.name, slot, now)),
                     })
                     .collect();
                 let control = self.daemon.control().to_path_buf();
@@ -512,7 +525,7 @@ impl Soak {
                     service: spec.name,
                     from: now,
                     old,
-                    seen: now,
+                    looked: now,
                     request: Some(request),
                 });
             }
@@ -637,6 +650,12 @@ fn main() -> Result<()> {
         let _ = signal(pending.pid, libc::SIGCONT);
     }
     let status = soak.daemon.terminate()?;
+    // Reloads still under way end with the daemon; their requests' sockets close with them.
+    for reload in std::mem::take(&mut soak.reloading) {
+        if let Some(request) = reload.request {
+            let _ = request.join();
+        }
+    }
     // The daemon's log, kept for reading the violations against.
     let log = std::env::temp_dir().join("portshard-soak-daemon.log");
     std::fs::write(&log, soak.daemon.log_text())
