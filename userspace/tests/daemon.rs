@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portshard::{control::Request, table::Slot};
+use portshard::{control::Request, report::SlotReport, table::Slot};
 use portshard_harness::{
     daemon::{Answer, DaemonRun, UdpFlows, echo, kill_with_queue, tcp_greeting, workers},
     scenario::Sandbox,
@@ -1009,10 +1009,9 @@ fn wait_replaced(daemon: &DaemonRun, service: &str, slot: Slot, old: u32) -> u32
     }
 }
 
-#[test]
-fn a_hung_worker_fails_its_probes_and_is_restarted_while_nothing_else_moves() {
-    let sandbox = sandbox();
-    let interval = Duration::from_millis(200);
+/// The daemon serving `dns` (UDP) and `web` (TCP), 4 workers each, probed every `interval`
+/// (3 failures in a row make a worker hung), once every probe has passed.
+fn start_probed(sandbox: &Sandbox, interval: Duration) -> DaemonRun {
     let services = [("dns", "udp", 4), ("web", "tcp", 4)];
     let mut daemon = DaemonRun::start(
         Path::new(EXE),
@@ -1023,6 +1022,25 @@ fn a_hung_worker_fails_its_probes_and_is_restarted_while_nothing_else_moves() {
     daemon.wait_ready(&[("dns", 4), ("web", 4)], READY).unwrap();
     wait_probes_passing(&daemon, "dns", 4);
     wait_probes_passing(&daemon, "web", 4);
+    daemon
+}
+
+/// What `status` shows of `slot` of `service`.
+fn slot_status(daemon: &DaemonRun, service: &str, slot: Slot) -> SlotReport {
+    daemon
+        .status()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == service)
+        .and_then(|s| s.slots.into_iter().find(|report| report.slot == slot))
+        .unwrap_or_else(|| panic!("{service} slot {slot} is not in the status"))
+}
+
+#[test]
+fn a_hung_worker_fails_its_probes_and_is_restarted_while_nothing_else_moves() {
+    let sandbox = sandbox();
+    let interval = Duration::from_millis(200);
+    let daemon = start_probed(&sandbox, interval);
     // Taken once every probe passed: on a loaded machine a worker still starting up may
     // miss its first probes and be restarted before it ever passed one.
     let before = workers(&daemon.status().unwrap());
@@ -1095,16 +1113,7 @@ fn a_hung_worker_fails_its_probes_and_is_restarted_while_nothing_else_moves() {
 fn a_client_on_a_probe_port_from_another_address_follows_the_table() {
     let sandbox = sandbox();
     let interval = Duration::from_millis(250);
-    let services = [("dns", "udp", 4), ("web", "tcp", 4)];
-    let mut daemon = DaemonRun::start(
-        Path::new(EXE),
-        &config_probed(&services, interval, 3),
-        sandbox.pins(),
-    )
-    .unwrap();
-    daemon.wait_ready(&[("dns", 4), ("web", 4)], READY).unwrap();
-    wait_probes_passing(&daemon, "dns", 4);
-    wait_probes_passing(&daemon, "web", 4);
+    let daemon = start_probed(&sandbox, interval);
     for (service, proto) in [("dns", "udp"), ("web", "tcp")] {
         // Drain slot 0: no new flow of the table's goes to it, only its probes.
         let request = Request::Drain {
@@ -1112,13 +1121,7 @@ fn a_client_on_a_probe_port_from_another_address_follows_the_table() {
             slot: 0,
         };
         daemon.request(&request).unwrap();
-        let status = daemon.status().unwrap();
-        let probed = status
-            .iter()
-            .find(|s| s.name == service)
-            .and_then(|s| s.slots.iter().find(|slot| slot.slot == 0))
-            .unwrap();
-        let source: SocketAddr = probed
+        let source: SocketAddr = slot_status(&daemon, service, 0)
             .probe_source
             .as_deref()
             .unwrap_or_else(|| panic!("{service} slot 0 shows no probe source"))
@@ -1153,12 +1156,7 @@ fn a_client_on_a_probe_port_from_another_address_follows_the_table() {
         );
         // The daemon's own probes still reach the drained slot.
         thread::sleep(interval * 4);
-        let status = daemon.status().unwrap();
-        let probed = status
-            .iter()
-            .find(|s| s.name == service)
-            .and_then(|s| s.slots.iter().find(|slot| slot.slot == 0))
-            .unwrap();
+        let probed = slot_status(&daemon, service, 0);
         assert_eq!(
             (probed.state, probed.probe, probed.probe_failures),
             ("draining", "passing", 0)
