@@ -6,7 +6,10 @@ use std::{
     collections::BTreeMap,
     io::{self, BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
-    os::unix::net::UnixStream,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _},
+        unix::net::UnixStream,
+    },
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -629,4 +632,39 @@ pub fn signal(pid: u32, signal: i32) -> Result<()> {
         .into());
     }
     Ok(())
+}
+
+/// Waits until process `pid` has exited (its pidfd is readable), at most `timeout`; how
+/// long that took. A pid already gone has exited.
+pub fn wait_exit(pid: u32, timeout: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    // SAFETY: pidfd_open(2) returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        let error = io::Error::last_os_error();
+        return match error.raw_os_error() {
+            Some(libc::ESRCH) => Ok(started.elapsed()),
+            _ => Err(context(error, format!("opening a pidfd of pid {pid}")).into()),
+        };
+    }
+    // SAFETY: the fd was just returned to us and is owned here only.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let mut poll = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd.
+    match unsafe { libc::poll(&mut poll, 1, millis) } {
+        1 => Ok(started.elapsed()),
+        0 => Err(MeasureError::Traffic(format!(
+            "pid {pid} did not exit within {timeout:?}"
+        ))),
+        _ => Err(context(
+            io::Error::last_os_error(),
+            format!("waiting for pid {pid} to exit"),
+        )
+        .into()),
+    }
 }

@@ -12,6 +12,9 @@
 //! Everything that changes state happens on one task, in the order events arrive; the
 //! other tasks only watch pidfds, timers and sockets and send it events.
 mod generations;
+mod probes;
+
+use probes::{ProbeThread, Probing};
 
 pub use generations::read_config;
 
@@ -42,7 +45,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneError},
     group::{Group, GroupError, Holder},
     metrics,
-    probe::{Tracker, Verdict},
+    probe::Outcome,
     prober::Prober,
     process::{self, Activation, Credentials, Exit, ProcessError},
     report::{self, PROTO_TCP, PROTO_UDP, StatusReport, listen_address},
@@ -186,6 +189,8 @@ pub async fn serve(config: Config, options: Options) -> Result<(), DaemonError> 
         events: events.clone(),
         stopping: false,
         adopted: false,
+        probes: ProbeThread::start()
+            .map_err(io_error("starting the probe thread", "portshard-probes"))?,
     };
     if let Err(error) = daemon.start(config, launches) {
         let _ = std::fs::remove_file(&options.control);
@@ -296,7 +301,7 @@ enum Event {
         service: usize,
         slot: Slot,
         pid: u32,
-        answered: bool,
+        outcome: Outcome,
     },
     /// The metrics endpoint wants a snapshot.
     Scrape { reply: oneshot::Sender<String> },
@@ -361,19 +366,6 @@ impl Worker {
             stopping,
             probing: None,
         }
-    }
-}
-
-/// A worker's health probe: the task that probes it and the verdict so far.
-struct Probing {
-    tracker: Tracker,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Probing {
-    /// The probe ends with the worker it checks.
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -458,6 +450,8 @@ struct Daemon {
     stopping: bool,
     /// Whether a previous daemon's state was taken over (a failed start then leaves it be).
     adopted: bool,
+    /// Where the health probes run.
+    probes: ProbeThread,
 }
 
 impl Daemon {
@@ -595,8 +589,8 @@ impl Daemon {
                     service,
                     slot,
                     pid,
-                    answered,
-                } => self.probed(service, slot, pid, answered),
+                    outcome,
+                } => self.probed(service, slot, pid, outcome),
                 Event::Control { request, reply } => self.control(request, reply),
                 Event::Scrape { reply } => {
                     let _ = reply.send(metrics::encode_status(&self.status()));
@@ -695,109 +689,6 @@ impl Daemon {
         self.services[index]
             .slots
             .insert(slot, SlotRun::Serving(worker));
-    }
-
-    /// Starts probing worker `pid` of `slot` every interval, binding the slot's probe port
-    /// and steering it to the slot the first time.
-    fn probe(&mut self, index: usize, slot: Slot, pid: u32) -> Option<Probing> {
-        let running = &mut self.services[index];
-        let spec = running.spec.probe.clone()?;
-        let prober = match running.probers.get(&slot) {
-            Some(prober) => Arc::clone(prober),
-            None => {
-                let bound = Prober::bind(&spec.kind, running.spec.listen, spec.timeout)
-                    .map_err(|e| e.to_string())
-                    .and_then(|prober| {
-                        running
-                            .group
-                            .set_probe(prober.source(), slot)
-                            .map_err(|e| e.to_string())?;
-                        Ok(Arc::new(prober))
-                    });
-                match bound {
-                    Ok(prober) => {
-                        running.probers.insert(slot, Arc::clone(&prober));
-                        prober
-                    }
-                    Err(error) => {
-                        error!(service = %running.spec.name, slot, %error, "cannot set up the health probe of this slot; its workers are not probed");
-                        return None;
-                    }
-                }
-            }
-        };
-        let tracker = Tracker::new(spec.failures);
-        if let Err(error) = running.group.set_health(slot, tracker.health()) {
-            warn!(service = %running.spec.name, slot, %error, "cannot record the probe state");
-        }
-        let events = self.events.clone();
-        let task = tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(spec.interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // The first tick is immediate: give the worker an interval to start.
-            ticks.tick().await;
-            loop {
-                ticks.tick().await;
-                let answered = prober.check(pid).await;
-                let event = Event::Probed {
-                    service: index,
-                    slot,
-                    pid,
-                    answered,
-                };
-                if events.send(event).is_err() {
-                    return;
-                }
-            }
-        });
-        Some(Probing { tracker, task })
-    }
-
-    /// A probe of worker `pid` ended: records it, and kills a worker that failed as many
-    /// probes in a row as allowed (its entries go to their heirs; it is restarted).
-    fn probed(&mut self, index: usize, slot: Slot, pid: u32, answered: bool) {
-        let running = &mut self.services[index];
-        let Some(SlotRun::Serving(worker)) = running.slots.get_mut(&slot) else {
-            return;
-        };
-        let Some(probing) = worker.probing.as_mut().filter(|_| worker.pid == pid) else {
-            return;
-        };
-        let was_failing = probing.tracker.health().failures > 0;
-        let verdict = probing.tracker.record(answered);
-        if let Err(error) = running.group.set_health(slot, probing.tracker.health()) {
-            warn!(service = %running.spec.name, slot, %error, "cannot record the probe state");
-        }
-        if let (Verdict::Hung(failures), Role::Staged) = (verdict, &worker.role) {
-            // A new generation's worker that never answers is not ready: the reload fails.
-            let reason = format!(
-                "the worker in slot {slot} (pid {pid}) answered none of its first {failures} readiness probes"
-            );
-            return self.rollback(index, &reason);
-        }
-        let name = &running.spec.name;
-        match verdict {
-            Verdict::Passing if was_failing => {
-                info!(service = %name, slot, pid, "worker answers its probe again");
-            }
-            Verdict::Passing => {}
-            Verdict::Failing(failures) => {
-                warn!(service = %name, slot, pid, failures, "worker did not answer its probe");
-            }
-            Verdict::Hung(failures) => {
-                warn!(
-                    service = %name,
-                    slot,
-                    pid,
-                    failures,
-                    "worker is hung (alive, but answered none of its last {failures} probes): killing it, so its entries go to their heirs, and restarting it"
-                );
-                worker.probing = None;
-                if let Err(error) = process::signal(worker.pidfd.as_fd(), libc::SIGKILL) {
-                    error!(service = %name, slot, pid, %error, "cannot kill the hung worker");
-                }
-            }
-        }
     }
 
     /// Sends `event` to this task after `delay`.

@@ -18,5 +18,6 @@ pub mod probe;
 pub mod prober;
 pub mod process;
 pub mod report;
+pub mod sockdiag;
 pub mod socket;
 pub mod table;

@@ -1,25 +1,148 @@
-//! Health probes, the pure part: how a run of answered and unanswered probes becomes a
-//! verdict on a worker, and how a TCP listener's accept queue is read from
-//! `/proc/net/tcp`. The probing itself (sockets, `/proc` reads) is in [`crate::prober`].
+//! Health probes, the pure part: what one probe's outcome is, and how a run of outcomes
+//! becomes a verdict on a worker. The probing itself (sockets, sock_diag, `/proc` reads) is
+//! in [`crate::prober`].
+//!
+//! A probe must measure the worker, not the host. An unanswered probe therefore counts as a
+//! failure only when the worker had every chance to answer: the prober sent it and looked
+//! for the answer on time, and the worker was neither running (busy with other work, or
+//! still answering) nor waiting for a CPU during the whole probe window. A worker that was
+//! not scheduled at all while a probe waited for it is stopped or blocked (SIGSTOP, a
+//! deadlock): that is a hang. Everything else is retried, not counted.
+use std::time::Duration;
+
 use portshard_common::{ProbeHealth, ProbeState};
+
+/// How late the prober's own timers may fire before an unanswered probe says more about
+/// the daemon's host than about the worker: this fraction of the probe timeout...
+const LATE_FRACTION: u32 = 4;
+/// ...but never less than this.
+const LATE_FLOOR: Duration = Duration::from_millis(10);
+
+/// How long past its schedule the prober may act before its probe is excused.
+pub fn late_slack(timeout: Duration) -> Duration {
+    (timeout / LATE_FRACTION).max(LATE_FLOOR)
+}
+
+/// What the kernel's scheduler says about a worker's threads, summed
+/// (`/proc/<pid>/task/<tid>/schedstat`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Schedule {
+    /// Time spent running on a CPU, in nanoseconds.
+    pub ran_ns: u64,
+    /// Time spent runnable, waiting on a run queue for a CPU, in nanoseconds.
+    pub waited_ns: u64,
+    /// How many times a thread was put on a CPU.
+    pub slices: u64,
+}
+
+impl Schedule {
+    /// Adds one thread's `schedstat` text (`<run ns> <wait ns> <slices>`); `None` if the text
+    /// is not in that form.
+    pub fn add_thread(&mut self, schedstat: &str) -> Option<()> {
+        let mut fields = schedstat.split_whitespace().map(str::parse::<u64>);
+        let (ran, waited, slices) = (
+            fields.next()?.ok()?,
+            fields.next()?.ok()?,
+            fields.next()?.ok()?,
+        );
+        self.ran_ns = self.ran_ns.saturating_add(ran);
+        self.waited_ns = self.waited_ns.saturating_add(waited);
+        self.slices = self.slices.saturating_add(slices);
+        Some(())
+    }
+}
+
+/// Why an unanswered probe was not counted against the worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Excuse {
+    /// The prober sent the probe, or looked for its answer, later than its slack: the
+    /// daemon's host was busy, and the answer may have been waiting unread.
+    ProberLate,
+    /// The worker ran during the probe window: it is working (a saturated worker, or one
+    /// still answering), not stopped or blocked.
+    WorkerBusy,
+    /// The worker was runnable but waited for a CPU: the host is busy, not the worker hung.
+    WorkerStarved,
+    /// The worker's scheduler record could not be read (it is exiting): its exit, not a
+    /// probe, decides what happens next.
+    WorkerGone,
+}
+
+impl Excuse {
+    /// A short name for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ProberLate => "prober late",
+            Self::WorkerBusy => "worker busy",
+            Self::WorkerStarved => "worker waited for a CPU",
+            Self::WorkerGone => "worker gone",
+        }
+    }
+}
+
+/// The outcome of one probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The worker answered (UDP) or accepted the probe's connection (TCP) in time.
+    Answered,
+    /// No answer although the worker had every chance: counts towards a hang.
+    Unanswered,
+    /// No answer, for a reason that says nothing about the worker's health: retried.
+    Excused(Excuse),
+}
+
+/// What happened around a probe that got no answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Miss {
+    /// How late the prober sent the probe, past its schedule.
+    pub sent_late: Duration,
+    /// How late the prober looked for the answer, past the probe's deadline.
+    pub checked_late: Duration,
+    /// The prober's slack ([`late_slack`]).
+    pub slack: Duration,
+    /// The worker's schedule when the probe was sent, if it could be read.
+    pub before: Option<Schedule>,
+    /// The worker's schedule when the answer was looked for, if it could be read.
+    pub after: Option<Schedule>,
+}
+
+/// Judges a probe that got no answer (see the module documentation).
+pub fn judge(miss: Miss) -> Outcome {
+    if miss.sent_late > miss.slack || miss.checked_late > miss.slack {
+        return Outcome::Excused(Excuse::ProberLate);
+    }
+    let (Some(before), Some(after)) = (miss.before, miss.after) else {
+        return Outcome::Excused(Excuse::WorkerGone);
+    };
+    // Any change counts: a thread that ended in the window takes its times with it, which
+    // only a worker that ran can do.
+    if after.slices != before.slices || after.ran_ns != before.ran_ns {
+        Outcome::Excused(Excuse::WorkerBusy)
+    } else if after.waited_ns != before.waited_ns {
+        Outcome::Excused(Excuse::WorkerStarved)
+    } else {
+        Outcome::Unanswered
+    }
+}
 
 /// What the probes say about a worker so far.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// The last probe was answered.
+    /// The last counted probe was answered (or none was counted yet).
     Passing,
-    /// The last `n` probes went unanswered, fewer than the limit.
+    /// The last `n` counted probes went unanswered, fewer than the limit.
     Failing(u32),
-    /// As many probes as the limit went unanswered in a row: the worker is hung.
+    /// As many counted probes as the limit went unanswered in a row: the worker is hung.
     Hung(u32),
 }
 
-/// Counts a worker's unanswered probes in a row.
+/// Counts a worker's unanswered probes in a row; excused probes are not counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tracker {
     limit: u32,
     failures: u32,
     probed: bool,
+    excused: u64,
 }
 
 impl Tracker {
@@ -29,23 +152,33 @@ impl Tracker {
             limit: limit.max(1),
             failures: 0,
             probed: false,
+            excused: 0,
         }
     }
 
     /// Takes one probe's outcome into account.
-    pub fn record(&mut self, answered: bool) -> Verdict {
-        self.probed = true;
-        if answered {
-            self.failures = 0;
-            Verdict::Passing
-        } else {
-            self.failures += 1;
-            if self.failures >= self.limit {
-                Verdict::Hung(self.failures)
-            } else {
-                Verdict::Failing(self.failures)
+    pub fn record(&mut self, outcome: Outcome) -> Verdict {
+        match outcome {
+            Outcome::Answered => {
+                self.probed = true;
+                self.failures = 0;
             }
+            Outcome::Unanswered => {
+                self.probed = true;
+                self.failures += 1;
+            }
+            Outcome::Excused(_) => self.excused += 1,
         }
+        match self.failures {
+            0 => Verdict::Passing,
+            n if n >= self.limit => Verdict::Hung(n),
+            n => Verdict::Failing(n),
+        }
+    }
+
+    /// Probes excused so far.
+    pub fn excused(&self) -> u64 {
+        self.excused
     }
 
     /// The record the CLI shows for the worker.
@@ -62,40 +195,38 @@ impl Tracker {
     }
 }
 
-/// The accept-queue length of the listening socket with inode `inode` in the text of
-/// `/proc/net/tcp` or `/proc/net/tcp6`: for a socket in `LISTEN` (state `0A`), the
-/// `rx_queue` column counts connections waiting to be accepted. `None` if it is not there.
-pub fn accept_queue(table: &str, inode: u64) -> Option<u32> {
-    table.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let (state, queues, found) = (fields.get(3)?, fields.get(4)?, fields.get(9)?);
-        if *state != "0A" || found.parse::<u64>().ok()? != inode {
-            return None;
-        }
-        u32::from_str_radix(queues.split_once(':')?.1, 16).ok()
-    })
-}
-
-/// The inode of a socket from the target of its `/proc/<pid>/fd/<n>` link (`socket:[N]`).
-pub fn socket_inode(link: &str) -> Option<u64> {
-    link.strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
-}
-
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
     use super::*;
 
+    const SLACK: Duration = Duration::from_millis(25);
+
+    fn schedule(ran_ns: u64, waited_ns: u64, slices: u64) -> Option<Schedule> {
+        Some(Schedule {
+            ran_ns,
+            waited_ns,
+            slices,
+        })
+    }
+
+    fn miss(before: Option<Schedule>, after: Option<Schedule>) -> Miss {
+        Miss {
+            sent_late: Duration::ZERO,
+            checked_late: Duration::ZERO,
+            slack: SLACK,
+            before,
+            after,
+        }
+    }
+
     #[test]
     fn a_worker_is_hung_after_the_limit_of_failures_in_a_row() {
         let mut tracker = Tracker::new(3);
         assert_eq!(tracker.health().state, ProbeState::Unprobed as u32);
-        assert_eq!(tracker.record(false), Verdict::Failing(1));
-        assert_eq!(tracker.record(false), Verdict::Failing(2));
+        assert_eq!(tracker.record(Outcome::Unanswered), Verdict::Failing(1));
+        assert_eq!(tracker.record(Outcome::Unanswered), Verdict::Failing(2));
         assert_eq!(
             tracker.health(),
             ProbeHealth {
@@ -104,49 +235,158 @@ mod tests {
             }
         );
         // One answer starts the count again.
-        assert_eq!(tracker.record(true), Verdict::Passing);
+        assert_eq!(tracker.record(Outcome::Answered), Verdict::Passing);
         assert_eq!(tracker.health().state, ProbeState::Passing as u32);
-        assert_eq!(tracker.record(false), Verdict::Failing(1));
-        assert_eq!(tracker.record(false), Verdict::Failing(2));
-        assert_eq!(tracker.record(false), Verdict::Hung(3));
+        assert_eq!(tracker.record(Outcome::Unanswered), Verdict::Failing(1));
+        assert_eq!(tracker.record(Outcome::Unanswered), Verdict::Failing(2));
+        assert_eq!(tracker.record(Outcome::Unanswered), Verdict::Hung(3));
     }
 
     #[test]
-    fn the_accept_queue_of_a_listener_is_read_by_inode() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:14B4 00000000:0000 0A 00000000:00000003 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0
-   1: 0100007F:14B4 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 4243 1 0000000000000000 20 4 30 10 -1
-   2: 0100007F:14B4 00000000:0000 0A 00000000:00000000 00:00000000 00000000 65534        0 4244 1 0000000000000000 100 0 0 10 0";
-        assert_eq!(accept_queue(table, 4242), Some(3));
-        assert_eq!(accept_queue(table, 4244), Some(0));
-        assert_eq!(accept_queue(table, 4243), None, "not a listener");
-        assert_eq!(accept_queue(table, 1), None);
-        assert_eq!(socket_inode("socket:[4242]"), Some(4242));
-        assert_eq!(socket_inode("/dev/null"), None);
+    fn excused_probes_neither_count_nor_forgive() {
+        let mut tracker = Tracker::new(2);
+        let late = Outcome::Excused(Excuse::ProberLate);
+        assert_eq!(tracker.record(late), Verdict::Passing);
+        assert_eq!(
+            tracker.health().state,
+            ProbeState::Unprobed as u32,
+            "{tracker:?}"
+        );
+        assert_eq!(tracker.record(Outcome::Unanswered), Verdict::Failing(1));
+        // A busy host between two real misses neither resets the run nor adds to it.
+        for _ in 0..10 {
+            assert_eq!(
+                tracker.record(Outcome::Excused(Excuse::WorkerStarved)),
+                Verdict::Failing(1)
+            );
+        }
+        assert_eq!(tracker.record(Outcome::Unanswered), Verdict::Hung(2));
+        assert_eq!(tracker.excused(), 11);
+    }
+
+    #[test]
+    fn a_worker_never_scheduled_in_the_window_is_unanswered() {
+        // Stopped or blocked: neither ran nor waited for a CPU.
+        let same = schedule(5_000, 700, 12);
+        assert_eq!(judge(miss(same, same)), Outcome::Unanswered);
+    }
+
+    #[test]
+    fn a_worker_that_ran_or_waited_for_a_cpu_is_excused() {
+        let before = schedule(5_000, 700, 12);
+        assert_eq!(
+            judge(miss(before, schedule(9_000, 700, 13))),
+            Outcome::Excused(Excuse::WorkerBusy)
+        );
+        // Still on the CPU it had when the probe was sent: run time grew, no new slice.
+        assert_eq!(
+            judge(miss(before, schedule(9_000, 700, 12))),
+            Outcome::Excused(Excuse::WorkerBusy)
+        );
+        assert_eq!(
+            judge(miss(before, schedule(5_000, 90_000, 12))),
+            Outcome::Excused(Excuse::WorkerStarved)
+        );
+        assert_eq!(
+            judge(miss(before, None)),
+            Outcome::Excused(Excuse::WorkerGone)
+        );
+    }
+
+    #[test]
+    fn a_late_prober_excuses_even_a_stopped_worker() {
+        let same = schedule(5_000, 700, 12);
+        for (sent_late, checked_late) in [(SLACK * 2, Duration::ZERO), (Duration::ZERO, SLACK * 2)]
+        {
+            let late = Miss {
+                sent_late,
+                checked_late,
+                ..miss(same, same)
+            };
+            assert_eq!(judge(late), Outcome::Excused(Excuse::ProberLate));
+        }
+        let on_time = Miss {
+            sent_late: SLACK,
+            checked_late: SLACK,
+            ..miss(same, same)
+        };
+        assert_eq!(judge(on_time), Outcome::Unanswered);
+    }
+
+    #[test]
+    fn the_slack_is_a_quarter_of_the_timeout_with_a_floor() {
+        assert_eq!(
+            late_slack(Duration::from_millis(500)),
+            Duration::from_millis(125)
+        );
+        assert_eq!(late_slack(Duration::from_millis(20)), LATE_FLOOR);
+    }
+
+    #[test]
+    fn schedstat_lines_add_up_over_threads() {
+        let mut total = Schedule::default();
+        assert_eq!(total.add_thread("831478 45407 3\n"), Some(()));
+        assert_eq!(total.add_thread("1000 5 2"), Some(()));
+        assert_eq!(
+            total,
+            Schedule {
+                ran_ns: 832_478,
+                waited_ns: 45_412,
+                slices: 5
+            }
+        );
+        assert_eq!(total.add_thread("12 x 3"), None);
+        assert_eq!(total.add_thread("12 3"), None);
+        assert_eq!(total.slices, 5, "a bad line adds nothing");
     }
 
     proptest! {
-        /// The verdict depends only on the unanswered probes since the last answer.
+        /// The verdict depends only on the counted probes since the last answer.
         #[test]
-        fn verdicts_count_failures_since_the_last_answer(limit in 1u32..6, outcomes in proptest::collection::vec(any::<bool>(), 0..40)) {
+        fn verdicts_count_failures_since_the_last_answer(
+            limit in 1u32..6,
+            outcomes in proptest::collection::vec(0u8..3, 0..40),
+        ) {
             let mut tracker = Tracker::new(limit);
             let mut run = 0;
-            for answered in outcomes {
-                run = if answered { 0 } else { run + 1 };
+            for outcome in outcomes {
+                let outcome = match outcome {
+                    0 => Outcome::Answered,
+                    1 => Outcome::Unanswered,
+                    _ => Outcome::Excused(Excuse::WorkerBusy),
+                };
+                run = match outcome {
+                    Outcome::Answered => 0,
+                    Outcome::Unanswered => run + 1,
+                    Outcome::Excused(_) => run,
+                };
                 let expected = match run {
                     0 => Verdict::Passing,
                     n if n >= limit => Verdict::Hung(n),
                     n => Verdict::Failing(n),
                 };
-                prop_assert_eq!(tracker.record(answered), expected);
+                prop_assert_eq!(tracker.record(outcome), expected);
                 prop_assert_eq!(tracker.health().failures, run);
             }
         }
 
-        /// Whatever `/proc/net/tcp` holds, reading it never panics.
+        /// Whatever a schedstat file holds, reading it never panics.
         #[test]
-        fn any_table_text_is_read_without_panic(text in "\\PC*", inode in any::<u64>()) {
-            let _ = accept_queue(&text, inode);
+        fn any_schedstat_text_is_read_without_panic(text in "\\PC*") {
+            let _ = Schedule::default().add_thread(&text);
+        }
+
+        /// A worker whose record did not move in the window is unanswered; any growth of
+        /// run time, slices or waiting excuses it.
+        #[test]
+        fn only_a_still_worker_is_unanswered(
+            ran in 0u64..1 << 40, waited in 0u64..1 << 40, slices in 0u64..1 << 20,
+            grow_ran in 0u64..3, grow_waited in 0u64..3, grow_slices in 0u64..3,
+        ) {
+            let before = schedule(ran, waited, slices);
+            let after = schedule(ran + grow_ran, waited + grow_waited, slices + grow_slices);
+            let still = grow_ran + grow_waited + grow_slices == 0;
+            prop_assert_eq!(judge(miss(before, after)) == Outcome::Unanswered, still);
         }
     }
 }

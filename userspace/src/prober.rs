@@ -1,30 +1,44 @@
 //! Health probes, the edge: each probed slot has its own source port, which the program
 //! steers to that slot's socket when it comes from the probe's address (the `probes` map),
-//! so a probe reaches exactly the worker it checks. A UDP probe sends the configured payload and waits for any answer; a TCP probe
-//! connects and waits until the worker's listener has accepted it (its accept queue, read
-//! from `/proc/net/tcp`, is empty again), then resets the connection so the port is free at
-//! once. Verdicts are kept by [`crate::probe::Tracker`].
+//! so a probe reaches exactly the worker it checks. A UDP probe sends the configured payload
+//! and waits for any answer; a TCP probe connects and waits until a process has accepted
+//! *its* connection (sock_diag: the server side has an inode) or the worker wrote or closed
+//! it, then resets the connection so the port is free at once. A probe that got no answer is
+//! judged by [`crate::probe::judge`] from the worker's scheduler record over the probe's
+//! window and from how late the prober itself was; verdicts are kept by
+//! [`crate::probe::Tracker`].
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Mutex,
     time::Duration,
 };
 
 use socket2::{Domain, Socket, Type};
-use tokio::net::{TcpSocket, UdpSocket};
+use tokio::{
+    net::{TcpSocket, TcpStream, UdpSocket},
+    time::Instant,
+};
 
-use crate::{config::ProbeKind, probe};
+use crate::{
+    config::ProbeKind,
+    probe::{Miss, Outcome, Schedule, judge, late_slack},
+    sockdiag::{self, SockDiag},
+};
 
-/// How often a TCP probe looks at the accept queue while it waits.
-const QUEUE_POLL: Duration = Duration::from_millis(5);
+/// The first pause of a TCP probe between two looks at its connection; it doubles...
+const FIRST_LOOK: Duration = Duration::from_millis(1);
+/// ...up to this.
+const LAST_LOOK: Duration = Duration::from_millis(16);
 
 /// What holds a probe's source port between probes.
 enum Port {
     /// The UDP socket every probe uses, connected to the service.
     Udp(UdpSocket),
     /// A bound, idle TCP socket with `SO_REUSEADDR`: no other socket gets the port, and each
-    /// probe's connection binds it too.
-    Tcp(Socket),
+    /// probe's connection binds it too. With the sock_diag socket that looks the
+    /// connection's server side up.
+    Tcp(Socket, Mutex<SockDiag>),
 }
 
 /// The probe of one slot of a service.
@@ -38,7 +52,8 @@ pub struct Prober {
 
 impl Prober {
     /// Binds the probe's source port for a service listening on `listen`: on the listen
-    /// address, or on loopback when the service listens on every address.
+    /// address, or on loopback when the service listens on every address. Call it inside
+    /// the runtime that will run the probes, whose reactor the UDP socket joins.
     pub fn bind(kind: &ProbeKind, listen: SocketAddr, timeout: Duration) -> io::Result<Self> {
         let ip = match listen.ip() {
             IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -57,12 +72,12 @@ impl Prober {
                 let socket = Socket::new(Domain::for_address(target), Type::STREAM, None)?;
                 socket.set_reuse_address(true)?;
                 socket.bind(&SocketAddr::new(ip, 0).into())?;
-                (Port::Tcp(socket), Vec::new())
+                (Port::Tcp(socket, Mutex::new(SockDiag::open()?)), Vec::new())
             }
         };
         let source = match &port {
             Port::Udp(socket) => socket.local_addr()?,
-            Port::Tcp(socket) => socket
+            Port::Tcp(socket, _) => socket
                 .local_addr()?
                 .as_socket()
                 .ok_or_else(|| io::Error::other("probe socket has no IP address"))?,
@@ -81,60 +96,95 @@ impl Prober {
         self.source
     }
 
-    /// Probes the worker `pid` once: whether it answered within the timeout.
-    pub async fn check(&self, pid: u32) -> bool {
-        match &self.port {
-            Port::Udp(socket) => self.check_udp(socket).await,
-            Port::Tcp(_) => self.check_tcp(pid).await.unwrap_or(false),
+    /// Probes the worker `pid` once, for a probe that was due at `due`.
+    pub async fn check(&self, pid: u32, due: Instant) -> Outcome {
+        let before = schedule(pid);
+        let sent = Instant::now();
+        let deadline = sent + self.timeout;
+        let answered = match &self.port {
+            Port::Udp(socket) => self.check_udp(socket, deadline).await,
+            Port::Tcp(_, diag) => self.check_tcp(diag, deadline).await.unwrap_or(false),
+        };
+        if answered {
+            return Outcome::Answered;
         }
+        let checked = Instant::now();
+        judge(Miss {
+            sent_late: sent.saturating_duration_since(due),
+            checked_late: checked.saturating_duration_since(deadline),
+            slack: late_slack(self.timeout),
+            before,
+            after: schedule(pid),
+        })
     }
 
-    async fn check_udp(&self, socket: &UdpSocket) -> bool {
+    /// Whether any answer came by `deadline`, or is waiting unread when the prober looks.
+    async fn check_udp(&self, socket: &UdpSocket, deadline: Instant) -> bool {
         let mut buffer = [0u8; 2048];
         // Late answers to earlier probes must not pass this one.
         while socket.try_recv(&mut buffer).is_ok() {}
         if socket.send(&self.payload).await.is_err() {
             return false;
         }
-        matches!(
-            tokio::time::timeout(self.timeout, socket.recv(&mut buffer)).await,
-            Ok(Ok(_))
-        )
+        match tokio::time::timeout_at(deadline, socket.recv(&mut buffer)).await {
+            Ok(received) => received.is_ok(),
+            Err(_) => socket.try_recv(&mut buffer).is_ok(),
+        }
     }
 
-    async fn check_tcp(&self, pid: u32) -> io::Result<bool> {
-        let link = std::fs::read_link(format!("/proc/{pid}/fd/{}", crate::process::LISTEN_FD))?;
-        let inode = probe::socket_inode(&link.to_string_lossy())
-            .ok_or_else(|| io::Error::other("the worker's fd 3 is not a socket"))?;
-        let table = if self.target.is_ipv6() {
-            "/proc/net/tcp6"
-        } else {
-            "/proc/net/tcp"
-        };
+    /// Whether a worker accepted the probe's connection (or wrote to it, or closed it) by
+    /// `deadline`, looking at it with growing pauses.
+    async fn check_tcp(&self, diag: &Mutex<SockDiag>, deadline: Instant) -> io::Result<bool> {
         let socket = match self.source {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
         socket.set_reuseaddr(true)?;
         socket.bind(self.source)?;
-        let deadline = tokio::time::Instant::now() + self.timeout;
         let Ok(connection) = tokio::time::timeout_at(deadline, socket.connect(self.target)).await
         else {
             return Ok(false);
         };
         let connection = connection?;
+        let mut pause = FIRST_LOOK;
         let accepted = loop {
-            let queued = probe::accept_queue(&std::fs::read_to_string(table)?, inode);
-            if queued == Some(0) {
+            if self.accepted(diag, &connection)? {
                 break true;
             }
-            if tokio::time::Instant::now() >= deadline {
+            if Instant::now() >= deadline {
                 break false;
             }
-            tokio::time::sleep(QUEUE_POLL).await;
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+            pause = (pause * 2).min(LAST_LOOK);
         };
         // A reset, not a FIN: no TIME_WAIT keeps the port from the next probe.
         socket2::SockRef::from(&connection).set_linger(Some(Duration::ZERO))?;
         Ok(accepted)
     }
+
+    /// Whether the probe's `connection` has left the accept queue for a worker.
+    fn accepted(&self, diag: &Mutex<SockDiag>, connection: &TcpStream) -> io::Result<bool> {
+        let mut byte = [0u8; 1];
+        match connection.try_read(&mut byte) {
+            // The worker wrote, or closed it: it accepted it.
+            Ok(_) => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Ok(false),
+        }
+        let local = connection.local_addr()?;
+        let mut diag = diag.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Ok(sockdiag::accepted(diag.tcp(self.target, local)?))
+    }
+}
+
+/// The scheduler record of process `pid`, summed over its threads; `None` once it is gone.
+fn schedule(pid: u32) -> Option<Schedule> {
+    let mut total = Schedule::default();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        // A thread that ended between the listing and the read adds nothing.
+        if let Ok(text) = std::fs::read_to_string(task.ok()?.path().join("schedstat")) {
+            total.add_thread(&text)?;
+        }
+    }
+    Some(total)
 }

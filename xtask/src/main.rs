@@ -25,6 +25,10 @@ enum Task {
     BuildEbpf,
     /// Build everything and run the unit, property and kernel tests (needs root).
     Test {
+        /// Run the tests with a busy loop pinned to every core at normal priority, as on a
+        /// loaded production host.
+        #[arg(long)]
+        under_load: bool,
         /// Extra arguments for the test binaries, e.g. a test name filter.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -61,6 +65,12 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// One busy loop of `--under-load`, run as a child of xtask.
+    #[command(hide = true)]
+    Spin {
+        /// The core it is pinned to.
+        core: usize,
+    },
 }
 
 /// The fuzz targets in `fuzz/fuzz_targets`, with their corpora in `fuzz/corpus/<target>`.
@@ -73,7 +83,8 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup(),
         Task::BuildEbpf => build_ebpf().map(drop),
-        Task::Test { args } => test(&args),
+        Task::Test { under_load, args } => test(under_load, &args),
+        Task::Spin { core } => spin(core),
         Task::Demo => demo(),
         Task::Run { args } => run(&args),
         Task::Bench { quick } => bench(quick),
@@ -144,9 +155,9 @@ fn ebpf_object(name: &str) -> Result<PathBuf> {
     )?)
 }
 
-fn test(args: &[String]) -> Result<()> {
+fn test(under_load: bool, args: &[String]) -> Result<()> {
     build_ebpf()?;
-    let mut child = cargo_command(&[
+    const TEST: [&str; 9] = [
         "test",
         "--release",
         "--no-fail-fast",
@@ -156,12 +167,26 @@ fn test(args: &[String]) -> Result<()> {
         "--lib",
         "--bins",
         "--tests",
-        "--",
-    ])
-    .args(args)
-    .stdout(Stdio::piped())
-    .spawn()
-    .context("could not start cargo test")?;
+    ];
+    // Built first, so a load only weighs on the tests themselves.
+    let built = cargo_command(&TEST)
+        .arg("--no-run")
+        .status()
+        .context("could not start cargo test --no-run")?;
+    if !built.success() {
+        bail!("building the tests failed ({built})");
+    }
+    let _load = if under_load {
+        Some(BusyLoops::start()?)
+    } else {
+        None
+    };
+    let mut child = cargo_command(&TEST)
+        .arg("--")
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("could not start cargo test")?;
     // Pass the output through while adding up every test binary's result line.
     let (mut passed, mut failed) = (0u64, 0u64);
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
@@ -181,6 +206,58 @@ fn test(args: &[String]) -> Result<()> {
         bail!("no test ran");
     }
     Ok(())
+}
+
+/// A busy loop pinned to every core, at normal priority, for as long as it is kept: the
+/// load of `cargo xtask test --under-load`.
+struct BusyLoops(Vec<std::process::Child>);
+
+impl BusyLoops {
+    fn start() -> Result<Self> {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let exe = std::env::current_exe().context("finding the xtask binary")?;
+        let loops = (0..cores)
+            .map(|core| {
+                Command::new(&exe)
+                    .args(["spin", &core.to_string()])
+                    .spawn()
+                    .with_context(|| format!("starting the busy loop on core {core}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        println!("test: a busy loop on each of {cores} cores for the whole run");
+        Ok(Self(loops))
+    }
+}
+
+impl Drop for BusyLoops {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Spins on `core` until the parent xtask ends.
+fn spin(core: usize) -> Result<()> {
+    // SAFETY: prctl and sched_setaffinity on this process, with a cpu set built here.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            bail!("spin: prctl: {}", std::io::Error::last_os_error());
+        }
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!(
+                "spin: pinning to core {core}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    let mut spins = 0u64;
+    loop {
+        spins = std::hint::black_box(spins.wrapping_add(1));
+    }
 }
 
 /// The number just before `label` in a `test result:` line (`ok. 18 passed; 0 failed; ...`).

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portshard_common::{Counters, MAX_SLOTS, ProbeState};
+use portshard_common::{Counters, MAX_SLOTS};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
@@ -260,7 +260,7 @@ impl Daemon {
                 .copied()
                 .filter(|slot| {
                     !matches!(running.slots.get(slot), Some(SlotRun::Serving(worker))
-                        if worker.probing.as_ref().is_some_and(|p| p.tracker.health().state == ProbeState::Passing as u32))
+                        if worker.probing.as_ref().is_some_and(|p| p.passing()))
                 })
                 .collect();
             if !unready.is_empty() {

@@ -1,0 +1,154 @@
+//! The kernel's sock_diag netlink interface, for the one question the TCP health probe asks:
+//! has a worker accepted the probe's connection? A connection still in a listener's accept
+//! queue has no file yet, so sock_diag reports inode 0 for it; `accept()` gives it one. An
+//! exact lookup by 4-tuple is a hash lookup in the kernel, cheap enough to repeat while a
+//! probe waits.
+use std::{io, net::SocketAddr};
+
+use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+};
+use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
+
+/// `INET_DIAG_NOCOOKIE`: look the socket up by its addresses alone.
+const NO_COOKIE: [u8; 8] = [0xff; 8];
+
+/// What sock_diag reports of one TCP socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSocketState {
+    /// The TCP state (`TCP_ESTABLISHED` = 1 ... `TCP_CLOSING` = 11; a connection still in
+    /// its handshake is reported as `TCP_SYN_RECV`, a listener as `TCP_LISTEN`).
+    pub state: u8,
+    /// The socket's inode: 0 while no process holds it as a file.
+    pub inode: u32,
+}
+
+/// A sock_diag netlink socket.
+pub struct SockDiag {
+    socket: Socket,
+    buffer: Vec<u8>,
+}
+
+impl SockDiag {
+    /// Opens a sock_diag socket.
+    pub fn open() -> io::Result<Self> {
+        let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+        socket.bind_auto()?;
+        socket.connect(&NetlinkAddr::new(0, 0))?;
+        Ok(Self {
+            socket,
+            buffer: vec![0; 8192],
+        })
+    }
+
+    /// The TCP socket whose local address is `local` and remote address is `remote`, as the
+    /// kernel's socket lookup finds it: the connection itself, or, when it does not exist
+    /// (yet, or any more), the listener a packet on that 4-tuple would reach. `None` if
+    /// nothing matches.
+    pub fn tcp(
+        &mut self,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> io::Result<Option<TcpSocketState>> {
+        let family = if local.is_ipv6() { AF_INET6 } else { AF_INET };
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST;
+        let mut request = NetlinkMessage::new(
+            header,
+            SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol: IPPROTO_TCP,
+                extensions: ExtensionFlags::empty(),
+                states: StateFlags::all(),
+                socket_id: SocketId {
+                    source_port: local.port(),
+                    destination_port: remote.port(),
+                    source_address: local.ip(),
+                    destination_address: remote.ip(),
+                    interface_id: 0,
+                    cookie: NO_COOKIE,
+                },
+            })
+            .into(),
+        );
+        request.finalize();
+        let mut bytes = vec![0; request.buffer_len()];
+        request.serialize(&mut bytes);
+        self.socket.send(&bytes, 0)?;
+        self.buffer.clear();
+        let received = self.socket.recv(&mut self.buffer, 0)?;
+        let reply = NetlinkMessage::<SockDiagMessage>::deserialize(&self.buffer[..received])
+            .map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag reply: {e}"))
+            })?;
+        match reply.payload {
+            NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                Ok(Some(TcpSocketState {
+                    state: response.header.state,
+                    inode: response.header.inode,
+                }))
+            }
+            NetlinkPayload::Error(error) => match error.code.map(|code| -code.get()) {
+                Some(libc::ENOENT) => Ok(None),
+                Some(code) => Err(io::Error::from_raw_os_error(code)),
+                None => Ok(None),
+            },
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "unexpected sock_diag reply of type {}",
+                    other.message_type()
+                ),
+            )),
+        }
+    }
+}
+
+/// Whether the server side of a connection, as sock_diag reports it, was accepted by a
+/// process: it is held as a file (an inode), or it is already closing from the server's
+/// side, which only a process that accepted it can do.
+pub fn accepted(server_side: Option<TcpSocketState>) -> bool {
+    const FIN_WAIT1: u8 = 4;
+    const FIN_WAIT2: u8 = 5;
+    const TIME_WAIT: u8 = 6;
+    const LAST_ACK: u8 = 9;
+    const LISTEN: u8 = 10;
+    const CLOSING: u8 = 11;
+    server_side.is_some_and(|side| match side.state {
+        // The lookup fell back to a listener: the connection is not there.
+        LISTEN => false,
+        FIN_WAIT1 | FIN_WAIT2 | TIME_WAIT | LAST_ACK | CLOSING => true,
+        _ => side.inode != 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn side(state: u8, inode: u32) -> Option<TcpSocketState> {
+        Some(TcpSocketState { state, inode })
+    }
+
+    #[test]
+    fn a_connection_is_accepted_once_a_process_holds_or_closes_it() {
+        assert!(!accepted(None), "not there");
+        assert!(!accepted(side(3, 0)), "still in its handshake");
+        assert!(!accepted(side(1, 0)), "in the accept queue");
+        assert!(!accepted(side(10, 4242)), "only the listener was found");
+        assert!(
+            !accepted(side(8, 0)),
+            "closed by the client, never accepted"
+        );
+        assert!(accepted(side(1, 4243)), "accepted");
+        for closing in [4, 5, 6, 9, 11] {
+            assert!(
+                accepted(side(closing, 0)),
+                "closed by the server: {closing}"
+            );
+        }
+    }
+}
