@@ -196,7 +196,7 @@ fn a_client_on_a_probe_port_from_another_address_follows_the_table() {
     let sandbox = sandbox();
     let interval = Duration::from_millis(250);
     let daemon = start_probed(&sandbox, interval);
-    let before = workers(&daemon.status().unwrap());
+    let before = every_pid(&daemon);
     for (service, proto) in [("dns", "udp"), ("web", "tcp")] {
         // Drain slot 0: no new flow of the table's goes to it, only its probes.
         let request = Request::Drain {
@@ -245,11 +245,23 @@ fn a_client_on_a_probe_port_from_another_address_follows_the_table() {
             ("draining", "passing", 0)
         );
     }
-    assert_eq!(
-        workers(&daemon.status().unwrap()),
-        before,
-        "a healthy worker was restarted"
-    );
+    assert_eq!(every_pid(&daemon), before, "a healthy worker was restarted");
+}
+
+/// The worker of every slot of every service, live or draining.
+fn every_pid(daemon: &DaemonRun) -> BTreeMap<(String, Slot), u32> {
+    daemon
+        .status()
+        .unwrap()
+        .into_iter()
+        .flat_map(|service| {
+            let name = service.name;
+            service
+                .slots
+                .into_iter()
+                .map(move |slot| ((name.clone(), slot.slot), slot.pid))
+        })
+        .collect()
 }
 
 /// A socket-activated TCP server that spends 20 ms on each connection, one at a time.
