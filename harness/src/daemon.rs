@@ -70,21 +70,28 @@ pub struct DaemonRun {
     pins: PathBuf,
     control: PathBuf,
     log: PathBuf,
+    /// More arguments for `serve`, e.g. `--metrics ADDR`.
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl DaemonRun {
     /// Writes `config` next to the control socket and starts `exe serve` on `pins`.
     pub fn start(exe: &Path, config: &str, pins: &Path) -> Result<Self> {
-        Self::start_with(exe, Some(config), pins)
+        Self::start_with(exe, Some(config), pins, &[])
+    }
+
+    /// [`DaemonRun::start`] with more arguments for `serve`, e.g. `--metrics ADDR`.
+    pub fn start_with_args(exe: &Path, config: &str, pins: &Path, args: &[&str]) -> Result<Self> {
+        Self::start_with(exe, Some(config), pins, args)
     }
 
     /// Starts `exe serve` on `pins` with no `--config`: the built-in default services.
     pub fn start_builtin(exe: &Path, pins: &Path) -> Result<Self> {
-        Self::start_with(exe, None, pins)
+        Self::start_with(exe, None, pins, &[])
     }
 
-    fn start_with(exe: &Path, config: Option<&str>, pins: &Path) -> Result<Self> {
+    fn start_with(exe: &Path, config: Option<&str>, pins: &Path, args: &[&str]) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!(
             "portshard-daemon-{}",
             pins.file_name()
@@ -106,6 +113,7 @@ impl DaemonRun {
             pins: pins.to_path_buf(),
             control: dir.join("control.sock"),
             log: dir.join("daemon.log"),
+            args: args.iter().map(|&arg| arg.to_owned()).collect(),
             child: None,
         };
         run.spawn()?;
@@ -129,6 +137,7 @@ impl DaemonRun {
             .arg(&self.pins)
             .arg("--control")
             .arg(&self.control)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(
                 log.try_clone()
@@ -667,4 +676,23 @@ pub fn wait_exit(pid: u32, timeout: Duration) -> Result<Duration> {
         )
         .into()),
     }
+}
+
+/// The metrics text the daemon serves at `GET /metrics` on `address`.
+pub fn scrape(address: SocketAddr) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    let fail = |e| context(e, format!("scraping http://{address}/metrics"));
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5)).map_err(fail)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(fail)?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: portshard\r\n\r\n")
+        .map_err(fail)?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(fail)?;
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map_or(response.as_str(), |(_, body)| body)
+        .to_owned())
 }

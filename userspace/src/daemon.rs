@@ -45,7 +45,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneError},
     group::{Group, GroupError, Holder},
     metrics,
-    probe::Outcome,
+    probe::{Outcome, OutcomeCounts},
     prober::Prober,
     process::{self, Activation, Credentials, Exit, ProcessError},
     report::{self, PROTO_TCP, PROTO_UDP, StatusReport, listen_address},
@@ -433,6 +433,8 @@ struct Running {
     attempts: u64,
     /// Each probed slot's probe, kept across its workers (so is its source port).
     probers: BTreeMap<Slot, Arc<Prober>>,
+    /// Each probed slot's probe outcomes so far, across its workers.
+    probe_outcomes: BTreeMap<Slot, OutcomeCounts>,
 }
 
 impl Running {
@@ -498,6 +500,7 @@ impl Daemon {
             slots: BTreeMap::new(),
             crashes: std::mem::take(&mut adopted.crashes),
             probers: BTreeMap::new(),
+            probe_outcomes: BTreeMap::new(),
             generation: adopted.generation.max(1),
             reload: None,
             attempts: 0,
@@ -593,7 +596,10 @@ impl Daemon {
                 } => self.probed(service, slot, pid, outcome),
                 Event::Control { request, reply } => self.control(request, reply),
                 Event::Scrape { reply } => {
-                    let _ = reply.send(metrics::encode_status(&self.status()));
+                    let _ = reply.send(metrics::encode_status(
+                        &self.status(),
+                        &self.probe_outcomes(),
+                    ));
                 }
                 Event::Stop => return,
             }

@@ -1,13 +1,26 @@
 //! The Prometheus (OpenMetrics text) exposition of a status snapshot: per service and slot,
-//! the program's counters, table entries and worker restarts. Pure: it formats what it is
-//! given, with the maintained `prometheus-client` crate doing the encoding.
+//! the program's counters, table entries and worker restarts, and the daemon's probe
+//! outcomes. Pure: it formats what it is given, with the maintained `prometheus-client`
+//! crate doing the encoding.
+use std::collections::BTreeMap;
+
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
-use crate::report::StatusReport;
+use crate::{probe::OutcomeCounts, report::StatusReport, table::Slot};
+
+/// The health probes' outcomes so far, by service and slot.
+pub type ProbeOutcomes = BTreeMap<(String, Slot), OutcomeCounts>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProbeLabels {
+    service: String,
+    slot: String,
+    outcome: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SlotLabels {
@@ -26,8 +39,8 @@ struct WorkerLabels {
     state: String,
 }
 
-/// The OpenMetrics text of `status`.
-pub fn encode_status(status: &StatusReport) -> String {
+/// The OpenMetrics text of `status` and of the daemon's probe outcomes `probes`.
+pub fn encode_status(status: &StatusReport, probes: &ProbeOutcomes) -> String {
     let mut registry = Registry::with_prefix("portshard");
     let slot_counter = |registry: &mut Registry, name: &str, help: &str| {
         let family = Family::<SlotLabels, Counter>::default();
@@ -114,6 +127,23 @@ pub fn encode_status(status: &StatusReport) -> String {
         "Slots of the service by state (live, draining, dead, starting)",
         workers.clone(),
     );
+    let probe_outcomes = Family::<ProbeLabels, Counter>::default();
+    registry.register(
+        "probes",
+        "Health probes of the slot's workers by outcome: answered, unanswered (counted towards a hang), or excused because the prober was late, the worker was running (busy), waited for a CPU (starved) or was exiting",
+        probe_outcomes.clone(),
+    );
+    for ((service, slot), counts) in probes {
+        for (outcome, count) in counts.named() {
+            probe_outcomes
+                .get_or_create(&ProbeLabels {
+                    service: service.clone(),
+                    slot: slot.to_string(),
+                    outcome: outcome.to_owned(),
+                })
+                .inc_by(count);
+        }
+    }
     for service in &status.services {
         let labels = ServiceLabels {
             service: service.name.clone(),
@@ -203,9 +233,18 @@ mod tests {
             TableReport::new("dns", table.entries(), &metas, &counters),
             Some(FlowTableReport::new(16, 3, &counters)),
         );
-        let text = encode_status(&StatusReport {
-            services: vec![service],
-        });
+        let mut outcomes = OutcomeCounts::default();
+        outcomes.add(crate::probe::Outcome::Answered);
+        outcomes.add(crate::probe::Outcome::Excused(
+            crate::probe::Excuse::WorkerStarved,
+        ));
+        let probes = ProbeOutcomes::from([(("dns".to_owned(), 1), outcomes)]);
+        let text = encode_status(
+            &StatusReport {
+                services: vec![service],
+            },
+            &probes,
+        );
         for line in [
             "portshard_selected_total{service=\"dns\",slot=\"1\"} 12",
             "portshard_migrated_total{service=\"dns\",slot=\"0\"} 5",
@@ -218,6 +257,9 @@ mod tests {
             "portshard_flow_table_evictions_total{service=\"dns\"} 1",
             "portshard_flow_table_flows{service=\"dns\"} 3",
             "portshard_generation{service=\"dns\"} 0",
+            "portshard_probes_total{service=\"dns\",slot=\"1\",outcome=\"answered\"} 1",
+            "portshard_probes_total{service=\"dns\",slot=\"1\",outcome=\"worker_starved\"} 1",
+            "portshard_probes_total{service=\"dns\",slot=\"1\",outcome=\"unanswered\"} 0",
             "# EOF",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");

@@ -80,6 +80,51 @@ impl Excuse {
     }
 }
 
+/// How many probes of one slot ended each way: what an operator asks when workers are
+/// killed, or not killed, on a busy host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutcomeCounts {
+    /// Answered in time.
+    pub answered: u64,
+    /// Counted against the worker.
+    pub unanswered: u64,
+    /// Excused: the prober was late.
+    pub prober_late: u64,
+    /// Excused: the worker was running.
+    pub worker_busy: u64,
+    /// Excused: the worker waited for a CPU.
+    pub worker_starved: u64,
+    /// Excused: the worker was exiting.
+    pub worker_gone: u64,
+}
+
+impl OutcomeCounts {
+    /// Counts one more `outcome`.
+    pub fn add(&mut self, outcome: Outcome) {
+        let count = match outcome {
+            Outcome::Answered => &mut self.answered,
+            Outcome::Unanswered => &mut self.unanswered,
+            Outcome::Excused(Excuse::ProberLate) => &mut self.prober_late,
+            Outcome::Excused(Excuse::WorkerBusy) => &mut self.worker_busy,
+            Outcome::Excused(Excuse::WorkerStarved) => &mut self.worker_starved,
+            Outcome::Excused(Excuse::WorkerGone) => &mut self.worker_gone,
+        };
+        *count += 1;
+    }
+
+    /// Each count under the name the metrics give its outcome.
+    pub fn named(&self) -> [(&'static str, u64); 6] {
+        [
+            ("answered", self.answered),
+            ("unanswered", self.unanswered),
+            ("prober_late", self.prober_late),
+            ("worker_busy", self.worker_busy),
+            ("worker_starved", self.worker_starved),
+            ("worker_gone", self.worker_gone),
+        ]
+    }
+}
+
 /// The outcome of one probe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -311,6 +356,34 @@ mod tests {
             ..miss(same, same)
         };
         assert_eq!(judge(on_time), Outcome::Unanswered);
+    }
+
+    #[test]
+    fn outcomes_are_counted_under_their_names() {
+        let mut counts = OutcomeCounts::default();
+        for outcome in [
+            Outcome::Answered,
+            Outcome::Answered,
+            Outcome::Unanswered,
+            Outcome::Excused(Excuse::ProberLate),
+            Outcome::Excused(Excuse::WorkerBusy),
+            Outcome::Excused(Excuse::WorkerStarved),
+            Outcome::Excused(Excuse::WorkerStarved),
+            Outcome::Excused(Excuse::WorkerGone),
+        ] {
+            counts.add(outcome);
+        }
+        assert_eq!(
+            counts.named(),
+            [
+                ("answered", 2),
+                ("unanswered", 1),
+                ("prober_late", 1),
+                ("worker_busy", 1),
+                ("worker_starved", 2),
+                ("worker_gone", 1)
+            ]
+        );
     }
 
     #[test]

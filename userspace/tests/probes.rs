@@ -19,7 +19,7 @@ use std::{
 
 use portshard::{control::Request, report::SlotReport, table::Slot};
 use portshard_harness::{
-    daemon::{DaemonRun, UdpFlows, tcp_greeting, workers},
+    daemon::{DaemonRun, UdpFlows, scrape, tcp_greeting, workers},
     netns::raise_fd_limit,
     scenario::Sandbox,
 };
@@ -329,6 +329,24 @@ fn offer(target: SocketAddr, per_second: u32, stop: Arc<AtomicBool>) -> thread::
     })
 }
 
+/// The probes' outcomes of every slot added up, by outcome, from the metrics text.
+fn probe_outcomes(metrics: &str) -> BTreeMap<String, u64> {
+    let mut outcomes = BTreeMap::new();
+    for line in metrics.lines() {
+        let Some(labels) = line.strip_prefix("portshard_probes_total{") else {
+            continue;
+        };
+        let (labels, count) = labels.rsplit_once("} ").unwrap();
+        let outcome = labels
+            .split("outcome=\"")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches('"');
+        *outcomes.entry(outcome.to_owned()).or_default() += count.parse::<u64>().unwrap();
+    }
+    outcomes
+}
+
 #[test]
 fn workers_driven_past_saturation_are_never_killed_and_a_stopped_one_still_is() {
     let sandbox = sandbox();
@@ -337,7 +355,14 @@ fn workers_driven_past_saturation_are_never_killed_and_a_stopped_one_still_is() 
     raise_fd_limit().unwrap();
     let interval = Duration::from_millis(250);
     let config = config_probed(&[("web", "tcp", 8)], interval, 3).replace(WORKER, SLOW);
-    let mut daemon = DaemonRun::start(Path::new(EXE), &config, sandbox.pins()).unwrap();
+    let metrics = SocketAddr::from(([127, 0, 0, 1], 9300));
+    let mut daemon = DaemonRun::start_with_args(
+        Path::new(EXE),
+        &config,
+        sandbox.pins(),
+        &["--metrics", &metrics.to_string()],
+    )
+    .unwrap();
     daemon.wait_ready(&[("web", 8)], READY).unwrap();
     wait_probes_passing(&daemon, "web", 8);
     let before = workers(&daemon.status().unwrap());
@@ -366,6 +391,17 @@ fn workers_driven_past_saturation_are_never_killed_and_a_stopped_one_still_is() 
     let dropped = listen_overflows() - overflows;
     let log = daemon.log_text();
     assert!(!log.contains("worker is hung"), "{log}");
+    let outcomes = probe_outcomes(&scrape(metrics).unwrap());
+    let excused: u64 = [
+        "prober_late",
+        "worker_busy",
+        "worker_starved",
+        "worker_gone",
+    ]
+    .iter()
+    .map(|o| outcomes.get(*o).copied().unwrap_or(0))
+    .sum();
+    assert!(excused > 0, "no probe went unanswered: {outcomes:?}");
 
     // Still saturated, one worker stops: it is found hung all the same.
     let hung = before["web"][&3];
@@ -376,7 +412,7 @@ fn workers_driven_past_saturation_are_never_killed_and_a_stopped_one_still_is() 
     stop.store(true, Ordering::Relaxed);
     let offered = load.join().unwrap();
     eprintln!(
-        "past saturation for {SATURATED_FOR:?}: {offered} connections offered, {dropped} SYNs dropped on full queues, 0 workers killed; stopped worker {hung} replaced by {replacement} {took:?} after SIGSTOP"
+        "past saturation for {SATURATED_FOR:?}: {offered} connections offered, {dropped} SYNs dropped on full queues, probes {outcomes:?}, 0 workers killed; stopped worker {hung} replaced by {replacement} {took:?} after SIGSTOP"
     );
     assert!(
         dropped > u64::from(OFFERED),

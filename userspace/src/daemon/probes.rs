@@ -11,6 +11,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{Daemon, Event, Role, SlotRun};
 use crate::{
+    metrics::ProbeOutcomes,
     probe::{Outcome, Tracker, Verdict},
     prober::Prober,
     process,
@@ -64,6 +65,19 @@ impl Drop for Probing {
 }
 
 impl Daemon {
+    /// Every probed slot's probe outcomes so far, for the metrics.
+    pub(super) fn probe_outcomes(&self) -> ProbeOutcomes {
+        self.services
+            .iter()
+            .flat_map(|running| {
+                running
+                    .probe_outcomes
+                    .iter()
+                    .map(|(&slot, &counts)| ((running.spec.name.clone(), slot), counts))
+            })
+            .collect()
+    }
+
     /// Starts probing worker `pid` of `slot` every interval, binding the slot's probe port
     /// and steering it to the slot the first time.
     pub(super) fn probe(&mut self, index: usize, slot: Slot, pid: u32) -> Option<Probing> {
@@ -132,6 +146,7 @@ impl Daemon {
         let Some(probing) = worker.probing.as_mut().filter(|_| worker.pid == pid) else {
             return;
         };
+        running.probe_outcomes.entry(slot).or_default().add(outcome);
         let was_failing = probing.tracker.health().failures > 0;
         let verdict = probing.tracker.record(outcome);
         if let Err(error) = running.group.set_health(slot, probing.tracker.health()) {
