@@ -690,7 +690,8 @@ impl Daemon {
     fn serve(&mut self, index: usize, slot: Slot, mut worker: Worker) {
         self.watch(index, slot, &worker);
         if !worker.stopping {
-            worker.probing = self.probe(index, slot, worker.pid);
+            let staged = matches!(worker.role, Role::Staged);
+            worker.probing = self.probe(index, slot, worker.pid, staged);
         }
         self.services[index]
             .slots

@@ -4,10 +4,12 @@
 //!
 //! A probe must measure the worker, not the host. An unanswered probe therefore counts as a
 //! failure only when the worker had every chance to answer: the prober sent it and looked
-//! for the answer on time, and the worker was neither running (busy with other work, or
-//! still answering) nor waiting for a CPU during the whole probe window. A worker that was
-//! not scheduled at all while a probe waited for it is stopped or blocked (SIGSTOP, a
-//! deadlock): that is a hang. Everything else is retried, not counted.
+//! for the answer on time, the probe itself did not fail, and the worker was neither running
+//! (busy with other work, or still answering) nor waiting for a CPU during the probe window.
+//! The kernel adds a thread's run and wait times only when it gets or leaves a CPU, so a
+//! thread still queued at the end of the window shows only in its state (`R`). A worker none
+//! of whose threads was scheduled or runnable while a probe waited for it is stopped or
+//! blocked (SIGSTOP, a deadlock): that is a hang. Everything else is retried, not counted.
 use std::time::Duration;
 
 use portshard_common::{ProbeHealth, ProbeState};
@@ -33,12 +35,17 @@ pub struct Schedule {
     pub waited_ns: u64,
     /// How many times a thread was put on a CPU.
     pub slices: u64,
+    /// Whether a thread is running or queued for a CPU now (state `R` in its `stat`).
+    pub runnable: bool,
 }
 
 impl Schedule {
-    /// Adds one thread's `schedstat` text (`<run ns> <wait ns> <slices>`); `None` if the text
-    /// is not in that form.
-    pub fn add_thread(&mut self, schedstat: &str) -> Option<()> {
+    /// Adds one thread's `schedstat` text (`<run ns> <wait ns> <slices>`) and `stat` text
+    /// (whose state letter follows the parenthesised command name); `None` if either is not
+    /// in that form.
+    pub fn add_thread(&mut self, schedstat: &str, stat: &str) -> Option<()> {
+        let (_, after_name) = stat.rsplit_once(") ")?;
+        let state = after_name.chars().next()?;
         let mut fields = schedstat.split_whitespace().map(str::parse::<u64>);
         let (ran, waited, slices) = (
             fields.next()?.ok()?,
@@ -48,6 +55,7 @@ impl Schedule {
         self.ran_ns = self.ran_ns.saturating_add(ran);
         self.waited_ns = self.waited_ns.saturating_add(waited);
         self.slices = self.slices.saturating_add(slices);
+        self.runnable |= state == 'R';
         Some(())
     }
 }
@@ -66,6 +74,9 @@ pub enum Excuse {
     /// The worker's scheduler record could not be read (it is exiting): its exit, not a
     /// probe, decides what happens next.
     WorkerGone,
+    /// The probe itself failed (a socket or sock_diag error, logged): it says nothing about
+    /// the worker.
+    ProbeError,
 }
 
 impl Excuse {
@@ -76,6 +87,7 @@ impl Excuse {
             Self::WorkerBusy => "worker busy",
             Self::WorkerStarved => "worker waited for a CPU",
             Self::WorkerGone => "worker gone",
+            Self::ProbeError => "probe failed",
         }
     }
 }
@@ -96,6 +108,8 @@ pub struct OutcomeCounts {
     pub worker_starved: u64,
     /// Excused: the worker was exiting.
     pub worker_gone: u64,
+    /// Excused: the probe itself failed.
+    pub probe_error: u64,
 }
 
 impl OutcomeCounts {
@@ -108,12 +122,13 @@ impl OutcomeCounts {
             Outcome::Excused(Excuse::WorkerBusy) => &mut self.worker_busy,
             Outcome::Excused(Excuse::WorkerStarved) => &mut self.worker_starved,
             Outcome::Excused(Excuse::WorkerGone) => &mut self.worker_gone,
+            Outcome::Excused(Excuse::ProbeError) => &mut self.probe_error,
         };
         *count += 1;
     }
 
     /// Each count under the name the metrics give its outcome.
-    pub fn named(&self) -> [(&'static str, u64); 6] {
+    pub fn named(&self) -> [(&'static str, u64); 7] {
         [
             ("answered", self.answered),
             ("unanswered", self.unanswered),
@@ -121,6 +136,7 @@ impl OutcomeCounts {
             ("worker_busy", self.worker_busy),
             ("worker_starved", self.worker_starved),
             ("worker_gone", self.worker_gone),
+            ("probe_error", self.probe_error),
         ]
     }
 }
@@ -163,7 +179,7 @@ pub fn judge(miss: Miss) -> Outcome {
     // only a worker that ran can do.
     if after.slices != before.slices || after.ran_ns != before.ran_ns {
         Outcome::Excused(Excuse::WorkerBusy)
-    } else if after.waited_ns != before.waited_ns {
+    } else if after.runnable || after.waited_ns != before.waited_ns {
         Outcome::Excused(Excuse::WorkerStarved)
     } else {
         Outcome::Unanswered
@@ -253,6 +269,7 @@ mod tests {
             ran_ns,
             waited_ns,
             slices,
+            runnable: false,
         })
     }
 
@@ -336,6 +353,16 @@ mod tests {
             judge(miss(before, None)),
             Outcome::Excused(Excuse::WorkerGone)
         );
+        // Queued for a CPU the whole window (throttled by a quota, say): no time moved, but
+        // its state says it is runnable.
+        let queued = before.map(|b| Schedule {
+            runnable: true,
+            ..b
+        });
+        assert_eq!(
+            judge(miss(before, queued)),
+            Outcome::Excused(Excuse::WorkerStarved)
+        );
     }
 
     #[test]
@@ -370,6 +397,7 @@ mod tests {
             Outcome::Excused(Excuse::WorkerStarved),
             Outcome::Excused(Excuse::WorkerStarved),
             Outcome::Excused(Excuse::WorkerGone),
+            Outcome::Excused(Excuse::ProbeError),
         ] {
             counts.add(outcome);
         }
@@ -381,7 +409,8 @@ mod tests {
                 ("prober_late", 1),
                 ("worker_busy", 1),
                 ("worker_starved", 2),
-                ("worker_gone", 1)
+                ("worker_gone", 1),
+                ("probe_error", 1)
             ]
         );
     }
@@ -396,21 +425,26 @@ mod tests {
     }
 
     #[test]
-    fn schedstat_lines_add_up_over_threads() {
+    fn threads_add_up_and_any_runnable_one_makes_the_worker_runnable() {
+        let sleeping = "4102 (python3) S 1 4102 4102 0 -1 4194560 1 0 0 0";
+        let queued = "4103 (a (weird) name) R 1 4102 4102 0 -1 4194560 1 0 0 0";
         let mut total = Schedule::default();
-        assert_eq!(total.add_thread("831478 45407 3\n"), Some(()));
-        assert_eq!(total.add_thread("1000 5 2"), Some(()));
+        assert_eq!(total.add_thread("831478 45407 3\n", sleeping), Some(()));
+        assert!(!total.runnable);
+        assert_eq!(total.add_thread("1000 5 2", queued), Some(()));
         assert_eq!(
             total,
             Schedule {
                 ran_ns: 832_478,
                 waited_ns: 45_412,
-                slices: 5
+                slices: 5,
+                runnable: true
             }
         );
-        assert_eq!(total.add_thread("12 x 3"), None);
-        assert_eq!(total.add_thread("12 3"), None);
-        assert_eq!(total.slices, 5, "a bad line adds nothing");
+        assert_eq!(total.add_thread("12 x 3", sleeping), None);
+        assert_eq!(total.add_thread("12 3", sleeping), None);
+        assert_eq!(total.add_thread("12 3 4", "no name here"), None);
+        assert_eq!(total.slices, 5, "a bad record adds nothing");
     }
 
     proptest! {
@@ -445,20 +479,23 @@ mod tests {
 
         /// Whatever a schedstat file holds, reading it never panics.
         #[test]
-        fn any_schedstat_text_is_read_without_panic(text in "\\PC*") {
-            let _ = Schedule::default().add_thread(&text);
+        fn any_schedstat_text_is_read_without_panic(schedstat in "\\PC*", stat in "\\PC*") {
+            let _ = Schedule::default().add_thread(&schedstat, &stat);
         }
 
-        /// A worker whose record did not move in the window is unanswered; any growth of
-        /// run time, slices or waiting excuses it.
+        /// A worker whose record did not move in the window and that is not runnable at its
+        /// end is unanswered; any growth of run time, slices or waiting, or a runnable
+        /// thread, excuses it.
         #[test]
         fn only_a_still_worker_is_unanswered(
             ran in 0u64..1 << 40, waited in 0u64..1 << 40, slices in 0u64..1 << 20,
             grow_ran in 0u64..3, grow_waited in 0u64..3, grow_slices in 0u64..3,
+            runnable: bool,
         ) {
             let before = schedule(ran, waited, slices);
-            let after = schedule(ran + grow_ran, waited + grow_waited, slices + grow_slices);
-            let still = grow_ran + grow_waited + grow_slices == 0;
+            let after = schedule(ran + grow_ran, waited + grow_waited, slices + grow_slices)
+                .map(|after| Schedule { runnable, ..after });
+            let still = grow_ran + grow_waited + grow_slices == 0 && !runnable;
             prop_assert_eq!(judge(miss(before, after)) == Outcome::Unanswered, still);
         }
     }

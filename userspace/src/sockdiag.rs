@@ -3,7 +3,7 @@
 //! queue has no file yet, so sock_diag reports inode 0 for it; `accept()` gives it one. An
 //! exact lookup by 4-tuple is a hash lookup in the kernel, cheap enough to repeat while a
 //! probe waits.
-use std::{io, net::SocketAddr};
+use std::{io, net::SocketAddr, time::Duration};
 
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_sock_diag::{
@@ -15,6 +15,8 @@ use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIA
 
 /// `INET_DIAG_NOCOOKIE`: look the socket up by its addresses alone.
 const NO_COOKIE: [u8; 8] = [0xff; 8];
+/// How long a lookup waits for the kernel's reply (it answers at once; this bounds a lost one).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What sock_diag reports of one TCP socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +32,8 @@ pub struct TcpSocketState {
 pub struct SockDiag {
     socket: Socket,
     buffer: Vec<u8>,
+    /// The sequence number of the last request, to skip replies to earlier ones.
+    sequence: u32,
 }
 
 impl SockDiag {
@@ -38,9 +42,11 @@ impl SockDiag {
         let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
         socket.bind_auto()?;
         socket.connect(&NetlinkAddr::new(0, 0))?;
+        socket2::SockRef::from(&socket).set_read_timeout(Some(REPLY_TIMEOUT))?;
         Ok(Self {
             socket,
-            buffer: vec![0; 8192],
+            buffer: Vec::with_capacity(8192),
+            sequence: 0,
         })
     }
 
@@ -54,8 +60,10 @@ impl SockDiag {
         remote: SocketAddr,
     ) -> io::Result<Option<TcpSocketState>> {
         let family = if local.is_ipv6() { AF_INET6 } else { AF_INET };
+        self.sequence = self.sequence.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST;
+        header.sequence_number = self.sequence;
         let mut request = NetlinkMessage::new(
             header,
             SockDiagMessage::InetRequest(InetRequest {

@@ -28,7 +28,7 @@ fn wait_serving(flows: &mut UdpFlows, flow: usize, slot: Slot) {
 }
 
 #[test]
-fn udp_worker_killed_fails_over_at_once_and_its_replacement_gets_its_flows_back() {
+fn udp_worker_killed_fails_over_to_its_heirs_and_its_replacement_gets_its_flows_back() {
     let sandbox = sandbox();
     let mut daemon = start(&sandbox, &[("dns", "udp", 8)]);
     daemon.wait_ready(&[("dns", 8)], READY).unwrap();

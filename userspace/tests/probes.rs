@@ -397,11 +397,14 @@ fn workers_driven_past_saturation_are_never_killed_and_a_stopped_one_still_is() 
         "worker_busy",
         "worker_starved",
         "worker_gone",
+        "probe_error",
     ]
     .iter()
     .map(|o| outcomes.get(*o).copied().unwrap_or(0))
     .sum();
     assert!(excused > 0, "no probe went unanswered: {outcomes:?}");
+    // Not one miss counted against a worker that was only saturated.
+    assert_eq!(outcomes.get("unanswered"), Some(&0), "{outcomes:?}");
 
     // Still saturated, one worker stops: it is found hung all the same.
     let hung = before["web"][&3];

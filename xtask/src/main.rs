@@ -25,7 +25,7 @@ enum Task {
     BuildEbpf,
     /// Build everything and run the unit, property and kernel tests (needs root).
     Test {
-        /// Run the tests with a busy loop pinned to every core at normal priority, as on a
+        /// Run the tests with a busy loop pinned to every CPU at normal priority, as on a
         /// loaded production host.
         #[arg(long)]
         under_load: bool,
@@ -68,8 +68,8 @@ enum Task {
     /// One busy loop of `--under-load`, run as a child of xtask.
     #[command(hide = true)]
     Spin {
-        /// The core it is pinned to.
-        core: usize,
+        /// The CPU it is pinned to.
+        cpu: usize,
     },
 }
 
@@ -84,7 +84,7 @@ fn main() -> Result<()> {
         Task::Setup => setup(),
         Task::BuildEbpf => build_ebpf().map(drop),
         Task::Test { under_load, args } => test(under_load, &args),
-        Task::Spin { core } => spin(core),
+        Task::Spin { cpu } => spin(cpu),
         Task::Demo => demo(),
         Task::Run { args } => run(&args),
         Task::Bench { quick } => bench(quick),
@@ -176,7 +176,7 @@ fn test(under_load: bool, args: &[String]) -> Result<()> {
     if !built.success() {
         bail!("building the tests failed ({built})");
     }
-    let _load = if under_load {
+    let load = if under_load {
         Some(BusyLoops::start()?)
     } else {
         None
@@ -198,6 +198,9 @@ fn test(under_load: bool, args: &[String]) -> Result<()> {
         }
     }
     let status = child.wait().context("waiting for cargo test")?;
+    if let Some(load) = load {
+        load.stop()?;
+    }
     println!("tests: {passed} passed, {failed} failed");
     if !status.success() || failed > 0 {
         bail!("cargo test failed ({status})");
@@ -208,48 +211,92 @@ fn test(under_load: bool, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// A busy loop pinned to every core, at normal priority, for as long as it is kept: the
-/// load of `cargo xtask test --under-load`.
-struct BusyLoops(Vec<std::process::Child>);
+/// A busy loop pinned to every CPU this process may use, at normal priority, for as long
+/// as it is kept: the load of `cargo xtask test --under-load`.
+struct BusyLoops(Vec<(usize, std::process::Child)>);
 
 impl BusyLoops {
     fn start() -> Result<Self> {
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let exe = std::env::current_exe().context("finding the xtask binary")?;
-        let loops = (0..cores)
-            .map(|core| {
+        let cpus = allowed_cpus()?;
+        let loops = cpus
+            .iter()
+            .map(|&cpu| {
                 Command::new(&exe)
-                    .args(["spin", &core.to_string()])
+                    .args(["spin", &cpu.to_string()])
                     .spawn()
-                    .with_context(|| format!("starting the busy loop on core {core}"))
+                    .map(|child| (cpu, child))
+                    .with_context(|| format!("starting the busy loop on CPU {cpu}"))
             })
             .collect::<Result<Vec<_>>>()?;
-        println!("test: a busy loop on each of {cores} cores for the whole run");
+        println!("test: a busy loop on each of CPUs {cpus:?} for the whole run");
         Ok(Self(loops))
+    }
+
+    /// Ends the loops; an error if one had ended by itself, so the run was not under load.
+    fn stop(mut self) -> Result<()> {
+        let mut ended = Vec::new();
+        for (cpu, child) in &mut self.0 {
+            if let Ok(Some(status)) = child.try_wait() {
+                ended.push(format!("CPU {cpu}: {status}"));
+            }
+        }
+        drop(self);
+        if ended.is_empty() {
+            Ok(())
+        } else {
+            bail!(
+                "busy loops ended during the run, which was not fully loaded: {}",
+                ended.join(", ")
+            )
+        }
     }
 }
 
 impl Drop for BusyLoops {
     fn drop(&mut self) {
-        for child in &mut self.0 {
+        for (_, child) in &mut self.0 {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 }
 
-/// Spins on `core` until the parent xtask ends.
-fn spin(core: usize) -> Result<()> {
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Result<Vec<usize>> {
+    // SAFETY: sched_getaffinity fills a cpu set of the size given.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            bail!(
+                "reading this process's CPU affinity: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        set
+    };
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: a lookup in a cpu set we own, within its size.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect();
+    if cpus.is_empty() {
+        bail!("this process may run on no CPU");
+    }
+    Ok(cpus)
+}
+
+/// Spins on `cpu` until the parent xtask ends.
+fn spin(cpu: usize) -> Result<()> {
     // SAFETY: prctl and sched_setaffinity on this process, with a cpu set built here.
     unsafe {
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
             bail!("spin: prctl: {}", std::io::Error::last_os_error());
         }
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(core, &mut set);
+        libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
             bail!(
-                "spin: pinning to core {core}: {}",
+                "spin: pinning to CPU {cpu}: {}",
                 std::io::Error::last_os_error()
             );
         }

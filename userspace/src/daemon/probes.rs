@@ -12,11 +12,14 @@ use tracing::{debug, error, info, warn};
 use super::{Daemon, Event, Role, SlotRun};
 use crate::{
     metrics::ProbeOutcomes,
-    probe::{Outcome, Tracker, Verdict},
+    probe::{Excuse, Outcome, Tracker, Verdict},
     prober::Prober,
     process,
     table::Slot,
 };
+
+/// Into how many fractions of an interval the slots' first probes are spread.
+const STAGGER: u32 = 8;
 
 /// The thread the probes run on, with its own runtime; it ends when this is dropped.
 pub(super) struct ProbeThread {
@@ -79,16 +82,26 @@ impl Daemon {
     }
 
     /// Starts probing worker `pid` of `slot` every interval, binding the slot's probe port
-    /// and steering it to the slot the first time.
-    pub(super) fn probe(&mut self, index: usize, slot: Slot, pid: u32) -> Option<Probing> {
+    /// and steering it to the slot the first time. A `staged` worker is probed as the
+    /// reload that started it says.
+    pub(super) fn probe(
+        &mut self,
+        index: usize,
+        slot: Slot,
+        pid: u32,
+        staged: bool,
+    ) -> Option<Probing> {
         let running = &mut self.services[index];
-        let spec = running.spec.probe.clone()?;
+        let spec = match (&running.reload, staged) {
+            (Some(reload), true) => reload.spec.probe.clone(),
+            _ => running.spec.probe.clone(),
+        }?;
         let prober = match running.probers.get(&slot) {
             Some(prober) => Arc::clone(prober),
             None => {
                 // The probe's sockets join the probe thread's reactor.
                 let _runtime = self.probes.handle.enter();
-                let bound = Prober::bind(&spec.kind, running.spec.listen, spec.timeout)
+                let bound = Prober::bind(&spec.kind, running.spec.listen)
                     .map_err(|e| e.to_string())
                     .and_then(|prober| {
                         running
@@ -114,14 +127,28 @@ impl Daemon {
             warn!(service = %running.spec.name, slot, %error, "cannot record the probe state");
         }
         let events = self.events.clone();
+        let name = running.spec.name.clone();
+        // Slots start a fraction of an interval apart, so their probes do not all fall due
+        // at once on the probe thread.
+        let start = tokio::time::Instant::now()
+            + spec.interval
+            + spec.interval * (u32::from(slot) % STAGGER) / STAGGER;
         let task = self.probes.handle.spawn(async move {
-            let mut ticks = tokio::time::interval(spec.interval);
+            let mut ticks = tokio::time::interval_at(start, spec.interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // The first tick is immediate: give the worker an interval to start.
-            ticks.tick().await;
+            let mut previous_end = start;
             loop {
-                let due = ticks.tick().await;
-                let outcome = prober.check(pid, due).await;
+                // A probe that ran past its successor's tick delays it; only the time
+                // beyond that says the prober was late.
+                let due = ticks.tick().await.max(previous_end);
+                let outcome = match prober.check(pid, due, &spec).await {
+                    Ok(outcome) => outcome,
+                    Err(error) => {
+                        warn!(service = %name, slot, pid, %error, source = %prober.source(), "the probe itself failed; not counted against the worker");
+                        Outcome::Excused(Excuse::ProbeError)
+                    }
+                };
+                previous_end = tokio::time::Instant::now();
                 let event = Event::Probed {
                     service: index,
                     slot,
