@@ -438,6 +438,29 @@ impl UdpFlows {
         Ok(self.round_of(&all, timeout)?.into_values().collect())
     }
 
+    /// [`UdpFlows::round`], then the flows left unanswered asked again, up to `again` more
+    /// times. On a loaded host a worker's receive buffer can overflow and drop a datagram,
+    /// which is no steering fault; a flow steered where nobody reads stays unanswered.
+    pub fn round_again_if_lost(
+        &mut self,
+        timeout: Duration,
+        again: usize,
+    ) -> Result<Vec<Option<Answer>>> {
+        let mut answers = self.round(timeout)?;
+        for _ in 0..again {
+            let lost: Vec<usize> = (0..answers.len())
+                .filter(|&f| answers[f].is_none())
+                .collect();
+            if lost.is_empty() {
+                break;
+            }
+            for (flow, answer) in self.round_of(&lost, timeout)? {
+                answers[flow] = answer;
+            }
+        }
+        Ok(answers)
+    }
+
     /// Every flow's answer, sending again to the flows not yet answered until all are or
     /// `timeout` passes: for a baseline while freshly started workers begin reading.
     pub fn settle(&mut self, timeout: Duration) -> Result<Vec<Answer>> {

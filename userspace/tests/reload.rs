@@ -212,9 +212,12 @@ fn tcp_handover_under_load_resets_nothing_and_sends_new_connections_to_the_new_g
     );
 }
 
-/// One UDP round on `flows`: (answers equal to `expected`, other answers, lost).
+/// One UDP round on `flows`, the unanswered asked again twice: (answers equal to
+/// `expected`, other answers, still unanswered).
 fn round_against(flows: &mut UdpFlows, expected: &[Answer]) -> (usize, usize, usize) {
-    let answers = flows.round(Duration::from_secs(2)).unwrap();
+    let answers = flows
+        .round_again_if_lost(Duration::from_secs(2), 2)
+        .unwrap();
     let same = answers
         .iter()
         .zip(expected)
@@ -281,7 +284,7 @@ fn udp_handover_keeps_live_flows_on_their_generation_and_sends_new_ones_to_the_n
     // The live flows go quiet: the old generation idles out and exits.
     let quiet = Instant::now();
     let drained = wait_exited(&old, DRAIN_IDLE * 5 + Duration::from_secs(5));
-    let after_exit = live.round(Duration::from_secs(2)).unwrap();
+    let after_exit = live.round_again_if_lost(Duration::from_secs(2), 2).unwrap();
     let moved_to_new = after_exit
         .iter()
         .filter(|a| a.is_some_and(|a| new.contains(&a.pid)))
@@ -416,7 +419,7 @@ fn a_failing_generation_is_rolled_back_and_a_balance_reload_moves_each_flow_once
         "{}",
         String::from_utf8_lossy(&done.stderr)
     );
-    let after = live.round(Duration::from_secs(2)).unwrap();
+    let after = live.round_again_if_lost(Duration::from_secs(2), 2).unwrap();
     let mut successor: BTreeMap<Slot, BTreeSet<Slot>> = BTreeMap::new();
     for (flow, answer) in after.iter().enumerate() {
         let answer = answer.unwrap_or_else(|| panic!("flow {flow} lost in the reload"));
