@@ -409,7 +409,8 @@ impl UdpFlows {
         let deadline = Instant::now() + timeout;
         let mut buffer = [0u8; 512];
         let mut pending: Vec<usize> = which.to_vec();
-        while !pending.is_empty() && Instant::now() < deadline {
+        // A receive pass always follows the last pause, even one that overshot the deadline.
+        loop {
             pending.retain(|&flow| {
                 let expected = format!("r{} f{flow}", self.round);
                 loop {
@@ -427,6 +428,9 @@ impl UdpFlows {
                     }
                 }
             });
+            if pending.is_empty() || Instant::now() >= deadline {
+                break;
+            }
             thread::sleep(Duration::from_micros(200));
         }
         Ok(answers)
@@ -597,18 +601,25 @@ pub fn kill_with_queue(
                 .map_err(|e| context(e, format!("opening connection {i} to {target}")))
         })
         .collect::<io::Result<_>>()?;
-    thread::sleep(Duration::from_millis(300));
-    // Queued at the stopped worker: no greeting, even at a second look a second later (a
-    // live worker on a loaded machine may just be slow).
-    let silent: Vec<&TcpStream> = opened
-        .iter()
-        .filter(|c| read_greeting(c, Duration::from_millis(5)).is_err())
-        .collect();
-    thread::sleep(Duration::from_secs(1));
-    let queued: Vec<&TcpStream> = silent
-        .into_iter()
-        .filter(|c| read_greeting(c, Duration::from_millis(5)).is_err())
-        .collect();
+    // Queued at the stopped worker: the connections no worker greets, once as many are
+    // left as its listener's accept queue holds (a live worker on a loaded host may be slow
+    // to greet, but it does).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut queued: Vec<&TcpStream> = opened.iter().collect();
+    loop {
+        queued.retain(|connection| !greeted(connection));
+        let waiting = accept_queue_of(pid)?;
+        if queued.len() == waiting {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(MeasureError::Traffic(format!(
+                "{} connections still ungreeted, but the stopped worker {pid} has {waiting} queued",
+                queued.len()
+            )));
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
     signal(pid, libc::SIGKILL)?;
     let mut outcome = KilledWithQueue {
         opened: opened.len(),
@@ -623,6 +634,49 @@ pub fn kill_with_queue(
         }
     }
     Ok(outcome)
+}
+
+/// Whether a greeting (any byte) waits on `connection`, without reading it.
+fn greeted(connection: &TcpStream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: a one-byte peek into a local buffer on a socket we own.
+    let peeked = unsafe {
+        libc::recv(
+            connection.as_raw_fd(),
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    peeked > 0
+}
+
+/// How many connections wait in the accept queue of the listening socket worker `pid`
+/// holds as fd 3, from `/proc/net/tcp` of the calling thread's namespace.
+fn accept_queue_of(pid: u32) -> Result<usize> {
+    let link = format!("/proc/{pid}/fd/3");
+    let target = std::fs::read_link(&link).map_err(|e| context(e, format!("reading {link}")))?;
+    let inode = target
+        .to_str()
+        .and_then(|t| t.strip_prefix("socket:[")?.strip_suffix(']'))
+        .ok_or_else(|| MeasureError::Traffic(format!("{link} is not a socket: {target:?}")))?;
+    for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+        let text =
+            std::fs::read_to_string(table).map_err(|e| context(e, format!("reading {table}")))?;
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // A listener (state 0A): its rx_queue counts the connections waiting for accept.
+            if fields.get(3) == Some(&"0A") && fields.get(9) == Some(&inode) {
+                let queue = fields[4].split_once(':').map_or("", |(_, rx)| rx);
+                return usize::from_str_radix(queue, 16).map_err(|e| {
+                    MeasureError::Traffic(format!("{table}: bad rx_queue {queue:?}: {e}"))
+                });
+            }
+        }
+    }
+    Err(MeasureError::Traffic(format!(
+        "no listener with inode {inode} in /proc/net/tcp"
+    )))
 }
 
 /// Waits until every thread of `pid` is stopped (state `T` in `/proc/<pid>/task/*/stat`).

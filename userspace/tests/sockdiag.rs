@@ -1,7 +1,10 @@
 //! The sock_diag lookup the TCP health probe relies on, against the real kernel in a fresh
 //! network namespace: a queued connection is not accepted, an accepted one is, and a
 //! connection that is not there is never taken for one.
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
 
 use portshard::sockdiag::{self, SockDiag};
 use portshard_harness::netns::NetNs;
@@ -15,7 +18,16 @@ fn a_connection_counts_as_accepted_only_once_a_process_accepted_it() {
     let client = TcpStream::connect(server).unwrap();
     let local = client.local_addr().unwrap();
 
-    let queued = diag.tcp(server, local).unwrap();
+    // connect() returns on the SYN-ACK; the server side is established once the kernel
+    // has handled the client's ACK, which a loaded host may do a moment later.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let queued = loop {
+        let side = diag.tcp(server, local).unwrap();
+        if side.is_some_and(|side| side.state == 1) || Instant::now() > deadline {
+            break side;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
     assert_eq!(
         queued.map(|side| (side.state, side.inode)),
         Some((1, 0)),
