@@ -7,7 +7,7 @@ use std::{
     io::{self, BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
     os::{
-        fd::{AsRawFd as _, FromRawFd as _},
+        fd::{AsFd as _, AsRawFd as _, FromRawFd as _},
         unix::net::UnixStream,
     },
     path::{Path, PathBuf},
@@ -652,31 +652,25 @@ fn greeted(connection: &TcpStream) -> bool {
 }
 
 /// How many connections wait in the accept queue of the listening socket worker `pid`
-/// holds as fd 3, from `/proc/net/tcp` of the calling thread's namespace.
+/// holds as fd 3, read through a duplicate of that fd (`pidfd_getfd`).
 fn accept_queue_of(pid: u32) -> Result<usize> {
-    let link = format!("/proc/{pid}/fd/3");
-    let target = std::fs::read_link(&link).map_err(|e| context(e, format!("reading {link}")))?;
-    let inode = target
-        .to_str()
-        .and_then(|t| t.strip_prefix("socket:[")?.strip_suffix(']'))
-        .ok_or_else(|| MeasureError::Traffic(format!("{link} is not a socket: {target:?}")))?;
-    for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
-        let text =
-            std::fs::read_to_string(table).map_err(|e| context(e, format!("reading {table}")))?;
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // A listener (state 0A): its rx_queue counts the connections waiting for accept.
-            if fields.get(3) == Some(&"0A") && fields.get(9) == Some(&inode) {
-                let queue = fields[4].split_once(':').map_or("", |(_, rx)| rx);
-                return usize::from_str_radix(queue, 16).map_err(|e| {
-                    MeasureError::Traffic(format!("{table}: bad rx_queue {queue:?}: {e}"))
-                });
-            }
-        }
+    let fail = |e, what: &str| context(e, format!("{what} of pid {pid}"));
+    // SAFETY: pidfd_open(2) returns a new fd or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if pidfd < 0 {
+        return Err(fail(io::Error::last_os_error(), "opening a pidfd").into());
     }
-    Err(MeasureError::Traffic(format!(
-        "no listener with inode {inode} in /proc/net/tcp"
-    )))
+    // SAFETY: the fd was just returned to us and is owned here only.
+    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as i32) };
+    // SAFETY: pidfd_getfd(2) on a pidfd we own returns a new fd or -1.
+    let socket = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), 3, 0) };
+    if socket < 0 {
+        return Err(fail(io::Error::last_os_error(), "duplicating fd 3").into());
+    }
+    // SAFETY: as above.
+    let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(socket as i32) };
+    crate::flows::accept_queue_len(socket.as_fd())
+        .map_err(|e| fail(e, "reading the accept queue of fd 3").into())
 }
 
 /// Waits until every thread of `pid` is stopped (state `T` in `/proc/<pid>/task/*/stat`).

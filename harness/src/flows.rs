@@ -126,27 +126,9 @@ impl Listener {
         }
     }
 
-    /// Connections waiting in this TCP listener's accept queue (`tcpi_unacked` of a
-    /// listening socket).
+    /// Connections waiting in this TCP listener's accept queue.
     pub fn accept_queue_len(&self) -> io::Result<usize> {
-        // SAFETY: tcp_info is plain data.
-        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-        let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
-        // SAFETY: `info` and `len` are valid out-pointers of the sizes given.
-        let rc = unsafe {
-            libc::getsockopt(
-                self.socket.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_INFO,
-                (&raw mut info).cast(),
-                &mut len,
-            )
-        };
-        if rc == 0 {
-            Ok(info.tcpi_unacked as usize)
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        accept_queue_len(self.socket.as_fd())
     }
 }
 
@@ -314,4 +296,27 @@ pub fn moved(before: &Landing, after: &Landing) -> usize {
 /// Flows that reached no listener.
 pub fn lost(landing: &Landing) -> usize {
     landing.iter().filter(|l| l.is_none()).count()
+}
+
+/// Connections waiting in the accept queue of the listening TCP socket `socket`
+/// (`tcpi_unacked` of a listener).
+pub fn accept_queue_len(socket: BorrowedFd<'_>) -> io::Result<usize> {
+    // SAFETY: tcp_info is plain data.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid out-pointers of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(info.tcpi_unacked as usize)
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

@@ -424,6 +424,12 @@ fn fuzz(seconds: u64) -> Result<()> {
     }
     let mut summary = Vec::new();
     for target in FUZZ_TARGETS {
+        // New inputs go to a corpus under target/ that grows locally; the committed one
+        // (fuzz/corpus) is only read, so a run leaves the checkout as it was.
+        let grown = format!("target/fuzz-corpus/{target}");
+        std::fs::create_dir_all(root().join(&grown))
+            .with_context(|| format!("creating {grown}"))?;
+        let committed = format!("fuzz/corpus/{target}");
         let mut child = cargo_command(&[
             "fuzz",
             "run",
@@ -432,6 +438,8 @@ fn fuzz(seconds: u64) -> Result<()> {
             "--sanitizer",
             "none",
             target,
+            &grown,
+            &committed,
             "--",
         ])
         .args([
