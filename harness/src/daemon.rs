@@ -651,17 +651,22 @@ fn greeted(connection: &TcpStream) -> bool {
     peeked > 0
 }
 
+/// A pidfd of process `pid` (`pidfd_open(2)`).
+fn pidfd(pid: u32) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: pidfd_open(2) returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the fd was just returned to us and is owned here only.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// How many connections wait in the accept queue of the listening socket worker `pid`
 /// holds as fd 3, read through a duplicate of that fd (`pidfd_getfd`).
 fn accept_queue_of(pid: u32) -> Result<usize> {
     let fail = |e, what: &str| context(e, format!("{what} of pid {pid}"));
-    // SAFETY: pidfd_open(2) returns a new fd or -1.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if pidfd < 0 {
-        return Err(fail(io::Error::last_os_error(), "opening a pidfd").into());
-    }
-    // SAFETY: the fd was just returned to us and is owned here only.
-    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as i32) };
+    let pidfd = pidfd(pid).map_err(|e| fail(e, "opening a pidfd"))?;
     // SAFETY: pidfd_getfd(2) on a pidfd we own returns a new fd or -1.
     let socket = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), 3, 0) };
     if socket < 0 {
@@ -718,17 +723,11 @@ pub fn signal(pid: u32, signal: i32) -> Result<()> {
 /// long that took. A pid already gone has exited.
 pub fn wait_exit(pid: u32, timeout: Duration) -> Result<Duration> {
     let started = Instant::now();
-    // SAFETY: pidfd_open(2) returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        let error = io::Error::last_os_error();
-        return match error.raw_os_error() {
-            Some(libc::ESRCH) => Ok(started.elapsed()),
-            _ => Err(context(error, format!("opening a pidfd of pid {pid}")).into()),
-        };
-    }
-    // SAFETY: the fd was just returned to us and is owned here only.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let fd = match pidfd(pid) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(started.elapsed()),
+        Err(e) => return Err(context(e, format!("opening a pidfd of pid {pid}")).into()),
+    };
     let mut poll = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,

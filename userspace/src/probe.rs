@@ -203,7 +203,6 @@ pub struct Tracker {
     limit: u32,
     failures: u32,
     probed: bool,
-    excused: u64,
 }
 
 impl Tracker {
@@ -213,7 +212,6 @@ impl Tracker {
             limit: limit.max(1),
             failures: 0,
             probed: false,
-            excused: 0,
         }
     }
 
@@ -228,18 +226,13 @@ impl Tracker {
                 self.probed = true;
                 self.failures += 1;
             }
-            Outcome::Excused(_) => self.excused += 1,
+            Outcome::Excused(_) => {}
         }
         match self.failures {
             0 => Verdict::Passing,
             n if n >= self.limit => Verdict::Hung(n),
             n => Verdict::Failing(n),
         }
-    }
-
-    /// Probes excused so far.
-    pub fn excused(&self) -> u64 {
-        self.excused
     }
 
     /// The record the CLI shows for the worker.
@@ -323,7 +316,6 @@ mod tests {
             );
         }
         assert_eq!(tracker.record(Outcome::Unanswered), Verdict::Hung(2));
-        assert_eq!(tracker.excused(), 11);
     }
 
     #[test]

@@ -193,7 +193,6 @@ impl Daemon {
                 slot,
                 pid,
                 excuse = excuse.as_str(),
-                excused = probing.tracker.excused(),
                 "probe unanswered but not counted"
             );
             return;
