@@ -324,7 +324,7 @@ impl ProbeState {
 /// What the program did for one slot, counted per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "user", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct SlotCounters {
     /// New flows and datagrams sent to this slot as the entry's owner.
     pub selected: u64,

@@ -175,7 +175,7 @@ impl Flows {
     }
 
     fn client(&self, flow: usize) -> io::Result<Socket> {
-        let (kind, protocol) = self.proto.socket_type();
+        let (kind, protocol) = portshard::socket::socket_type(self.proto);
         let client = Socket::new(Domain::for_address(self.target), kind, Some(protocol))?;
         if self.proto == Proto::Tcp {
             // Close with a reset: no TIME_WAIT, so the next round reuses the 4-tuple.

@@ -162,11 +162,7 @@ type Result<T, E = DataplaneError> = std::result::Result<T, E>;
 
 /// Checks that `name` can be a service's pin directory: 1 to 32 of `a-z`, `0-9`, `-`.
 pub fn check_service_name(name: &str) -> Result<()> {
-    let valid = (1..=32).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if valid {
+    if portshard_core::service::is_valid_name(name) {
         Ok(())
     } else {
         Err(DataplaneError::BadServiceName {

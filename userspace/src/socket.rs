@@ -1,37 +1,19 @@
 //! Listening sockets that can join a `SO_REUSEPORT` group: created, bound, identified.
 use std::{
-    fmt, io,
+    io,
     net::SocketAddr,
     os::fd::{AsRawFd as _, BorrowedFd},
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// Transport of a service.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Proto {
-    /// Datagrams: each 4-tuple is a flow, steered datagram by datagram.
-    Udp,
-    /// Connections: each SYN is steered once; queued connections migrate on close.
-    Tcp,
-}
+pub use portshard_core::service::Proto;
 
-impl Proto {
-    /// The socket type and protocol that carry this transport.
-    pub fn socket_type(self) -> (Type, Protocol) {
-        match self {
-            Self::Udp => (Type::DGRAM, Protocol::UDP),
-            Self::Tcp => (Type::STREAM, Protocol::TCP),
-        }
-    }
-}
-
-impl fmt::Display for Proto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Udp => "udp",
-            Self::Tcp => "tcp",
-        })
+/// The socket type and protocol that carry `proto`.
+pub fn socket_type(proto: Proto) -> (Type, Protocol) {
+    match proto {
+        Proto::Udp => (Type::DGRAM, Protocol::UDP),
+        Proto::Tcp => (Type::STREAM, Protocol::TCP),
     }
 }
 
@@ -65,7 +47,7 @@ pub fn bind_reuseport(proto: Proto, addr: SocketAddr) -> Result<Socket, SocketEr
             source,
         }
     };
-    let (kind, protocol) = proto.socket_type();
+    let (kind, protocol) = socket_type(proto);
     let socket =
         Socket::new(Domain::for_address(addr), kind, Some(protocol)).map_err(fail("creating"))?;
     socket

@@ -1,6 +1,6 @@
 //! Health probes, the pure part: what one probe's outcome is, and how a run of outcomes
 //! becomes a verdict on a worker. The probing itself (sockets, sock_diag, `/proc` reads) is
-//! in [`crate::prober`].
+//! in the `portshard` crate's `prober` module.
 //!
 //! A probe must measure the worker, not the host. An unanswered probe therefore counts as a
 //! failure only when the worker had every chance to answer: the prober sent it and looked

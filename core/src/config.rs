@@ -16,7 +16,10 @@ use portshard_common::MAX_SLOTS;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::{dataplane::check_service_name, socket::Proto, table::MAX_WEIGHT};
+use crate::{
+    service::{Proto, is_valid_name},
+    table::MAX_WEIGHT,
+};
 
 /// The most workers a service may have: half the slots, so that a reload can start a whole
 /// new generation beside the running one.
@@ -456,7 +459,7 @@ fn check_service(
 ) -> Option<(Service, Spans)> {
     let before = checker.problems.len();
     let name = raw.name.get_ref().clone();
-    let label = if check_service_name(&name).is_ok() {
+    let label = if is_valid_name(&name) {
         format!("service {name:?}")
     } else {
         checker.report(
