@@ -61,6 +61,10 @@ pub enum Reply {
     Error {
         /// What was wrong and what to do.
         message: String,
+        /// Refused (the default, left out on the wire) or rolled back, so the CLI can exit
+        /// with a code scripts tell apart.
+        #[serde(default, skip_serializing_if = "ErrorKind::is_refused")]
+        kind: ErrorKind,
     },
     /// A step of a longer request; more replies follow.
     Progress {
@@ -69,7 +73,33 @@ pub enum Reply {
     },
 }
 
+/// Why a request did not happen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Refused as asked (unknown service or slot, a reload under way, ...): nothing was
+    /// tried.
+    #[default]
+    Refused,
+    /// A reload was tried and rolled back: the old generation serves on.
+    RolledBack,
+}
+
+impl ErrorKind {
+    fn is_refused(&self) -> bool {
+        *self == Self::Refused
+    }
+}
+
 impl Reply {
+    /// A refusal saying `message`.
+    pub fn error(message: impl Into<String>) -> Self {
+        Self::Error {
+            message: message.into(),
+            kind: ErrorKind::Refused,
+        }
+    }
+
     /// Whether this is the request's last reply.
     pub fn is_final(&self) -> bool {
         !matches!(self, Self::Progress { .. })
@@ -206,6 +236,7 @@ mod tests {
             "{\"v\":1,\"request\":{\"op\":\"drain\",\"service\":\"dns\",\"slot\":3}}\n"
         );
         let reply = encode_reply(&Reply::Error {
+            kind: ErrorKind::Refused,
             message: "no".into(),
         });
         assert_eq!(

@@ -9,4 +9,5 @@ pub mod metrics;
 pub mod probe;
 pub mod report;
 pub mod service;
+pub mod supervisor;
 pub mod table;

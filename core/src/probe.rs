@@ -235,6 +235,11 @@ impl Tracker {
         }
     }
 
+    /// Whether the last counted probe was answered (a worker not probed yet is not).
+    pub fn is_passing(&self) -> bool {
+        self.health().state == ProbeState::Passing as u32
+    }
+
     /// The record the CLI shows for the worker.
     pub fn health(&self) -> ProbeHealth {
         let state = match (self.probed, self.failures) {

@@ -24,7 +24,8 @@ pub type Slot = u16;
 /// The largest weight a slot may have; keeps every share computation exact in 64 bits.
 pub const MAX_WEIGHT: u32 = 10_000;
 
-const TOTAL: u64 = TABLE_SIZE as u64;
+/// The fewest entries a table may have: enough for a few members to own several each.
+pub const MIN_TABLE_SIZE: usize = 16;
 
 /// Why a table operation was refused. A refused operation leaves the table unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,6 +63,14 @@ pub enum TableError {
     /// A switch named no new slot: it would empty the table.
     #[error("a switch needs at least one new slot")]
     NoNewSlot,
+    /// The table's size is not one the program can index.
+    #[error(
+        "a table of {size} entries is not possible: use a power of two from {MIN_TABLE_SIZE} to {TABLE_SIZE}"
+    )]
+    BadSize {
+        /// The offending size.
+        size: usize,
+    },
     /// The weight is zero or too large.
     #[error("weight {weight} for slot {slot} is out of range: use 1 to {MAX_WEIGHT}")]
     BadWeight {
@@ -95,19 +104,46 @@ impl Default for Table {
 }
 
 impl Table {
-    /// An empty table: no members, every entry [`TableEntry::EMPTY`].
+    /// An empty table of the kernel's size ([`TABLE_SIZE`]): no members, every entry
+    /// [`TableEntry::EMPTY`].
     pub fn new() -> Self {
+        Self::empty(TABLE_SIZE)
+    }
+
+    /// An empty table of `size` entries, so tests and fuzzing can run the same algorithm on
+    /// smaller tables, many times faster. Refused unless `size` is a power of two from
+    /// [`MIN_TABLE_SIZE`] to [`TABLE_SIZE`] (the program indexes with `hash & (size - 1)`).
+    pub fn with_size(size: usize) -> Result<Self, TableError> {
+        check_size(size)?;
+        Ok(Self::empty(size))
+    }
+
+    fn empty(size: usize) -> Self {
         Self {
-            entries: vec![TableEntry::EMPTY; TABLE_SIZE],
+            entries: vec![TableEntry::EMPTY; size],
             weights: BTreeMap::new(),
         }
+    }
+
+    /// How many entries the table has.
+    pub fn size(&self) -> usize {
+        self.entries.len()
     }
 
     /// A table spread over `members` (slot, weight) from scratch.
     pub fn with_members(
         members: impl IntoIterator<Item = (Slot, u32)>,
     ) -> Result<Self, TableError> {
-        let mut table = Self::new();
+        Self::sized_with_members(TABLE_SIZE, members)
+    }
+
+    /// A table of `size` entries (see [`Table::with_size`]) spread over `members` from
+    /// scratch.
+    pub fn sized_with_members(
+        size: usize,
+        members: impl IntoIterator<Item = (Slot, u32)>,
+    ) -> Result<Self, TableError> {
+        let mut table = Self::with_size(size)?;
         for (slot, weight) in members {
             check_slot(slot)?;
             check_weight(slot, weight)?;
@@ -157,14 +193,14 @@ impl Table {
 
     /// The indices of the entries `slot` owns, ascending.
     pub fn owned_by(&self, slot: Slot) -> Vec<u32> {
-        (0..TABLE_SIZE as u32)
+        (0..self.entries.len() as u32)
             .filter(|&i| self.entries[i as usize].owner == slot)
             .collect()
     }
 
     /// How many entries each member owns (the `entries` of `status`), in one pass.
     pub fn counts(&self) -> BTreeMap<Slot, u32> {
-        let members = Members::of(&self.weights);
+        let members = Members::of(&self.weights, self.entries.len());
         members
             .slots
             .iter()
@@ -208,7 +244,7 @@ impl Table {
     /// Gives `slot` each entry of `former` whose owner stays at or above its floor, until
     /// `slot` reaches its ceiling.
     fn take_back(&mut self, slot: Slot, former: &[u32]) {
-        let members = Members::of(&self.weights);
+        let members = Members::of(&self.weights, self.entries.len());
         let mut counts = members.counts(&self.entries);
         let Some(p) = members.position(slot) else {
             return;
@@ -321,15 +357,15 @@ impl Table {
     /// hold all that members above their ceiling must shed, the least loaded of those keep
     /// one entry too many.
     fn rebalance(&mut self, only: Option<Slot>) {
-        let members = Members::of(&self.weights);
+        let members = Members::of(&self.weights, self.entries.len());
         let counts = members.counts(&self.entries);
         let shares: Vec<(u32, u32)> = members.weights.iter().map(|&w| members.share(w)).collect();
-        let unowned = TABLE_SIZE as u32 - counts.iter().sum::<u32>();
+        let unowned = self.entries.len() as u32 - counts.iter().sum::<u32>();
         let only = only.and_then(|slot| members.position(slot));
         let may_receive = |i: usize| only.is_none_or(|p| p == i);
         let excess = |i: usize| {
             i64::from(counts[i]) * members.total as i64
-                - TOTAL as i64 * i64::from(members.weights[i])
+                - members.size as i64 * i64::from(members.weights[i])
         };
 
         // The least each member must receive or give to reach its bounds.
@@ -416,7 +452,7 @@ impl Table {
     /// Gives every entry an heir among the other members, keeping each existing heir that
     /// is still valid and within its quota, so unchanged heirs are not rewritten.
     fn assign_heirs(&mut self) {
-        let members = Members::of(&self.weights);
+        let members = Members::of(&self.weights, self.entries.len());
         let n = members.len();
         let counts = members.counts(&self.entries);
         // left[d * n + i]: how many more of member d's entries may name member i as heir.
@@ -457,7 +493,7 @@ impl Table {
     pub fn validate(&self) -> Result<(), String> {
         self.check_structure()?;
         let counts = self.counts();
-        let members = Members::of(&self.weights);
+        let members = Members::of(&self.weights, self.entries.len());
         let equal = members.weights.windows(2).all(|w| w[0] == w[1]);
         for (&slot, &weight) in members.slots.iter().zip(&members.weights) {
             let ceiling = members.share(weight).1 + u32::from(!equal);
@@ -475,12 +511,7 @@ impl Table {
     /// entry is owned by a member (or is empty, when there are none) and has a member other
     /// than its owner as heir (or none, with fewer than two members).
     pub fn check_structure(&self) -> Result<(), String> {
-        if self.entries.len() != TABLE_SIZE {
-            return Err(format!(
-                "table has {} entries, not {TABLE_SIZE}",
-                self.entries.len()
-            ));
-        }
+        check_size(self.entries.len()).map_err(|error| error.to_string())?;
         for (index, entry) in self.entries.iter().enumerate() {
             let owner_ok = if self.weights.is_empty() {
                 entry.owner == NO_SLOT
@@ -515,7 +546,7 @@ impl Table {
     /// move flows of a member that is not involved, which those operations never do.
     pub fn is_exactly_balanced(&self) -> bool {
         let counts = self.counts();
-        let members = Members::of(&self.weights);
+        let members = Members::of(&self.weights, self.entries.len());
         members
             .slots
             .iter()
@@ -544,6 +575,14 @@ fn check_slot(slot: Slot) -> Result<(), TableError> {
         Ok(())
     } else {
         Err(TableError::SlotOutOfRange { slot })
+    }
+}
+
+fn check_size(size: usize) -> Result<(), TableError> {
+    if size.is_power_of_two() && (MIN_TABLE_SIZE..=TABLE_SIZE).contains(&size) {
+        Ok(())
+    } else {
+        Err(TableError::BadSize { size })
     }
 }
 
@@ -587,7 +626,7 @@ impl HeirQuotas {
             i64::from(quota) * survivors_weight as i64
                 - i64::from(estate) * i64::from(members.weights[i])
         };
-        let mut shares = ShareCache::new(survivors_weight);
+        let mut shares = ShareCache::new(members.size, survivors_weight);
         ranked.clear();
         let mut needed = 0;
         for i in (0..members.len()).filter(|&i| i != dying) {
@@ -610,7 +649,7 @@ impl HeirQuotas {
         }
         // Rare cases, one entry at a time: the estate cannot lift every survivor to its
         // floor (hold back from whoever is most ahead), or, impossible while the shares sum
-        // to TABLE_SIZE, the ceilings cannot absorb it (give to whoever is most behind).
+        // to the table's size, the ceilings cannot absorb it (give to whoever is most behind).
         let survivors = || (0..members.len()).filter(|&i| i != dying);
         while needed > estate {
             let i = survivors()
@@ -634,20 +673,25 @@ impl HeirQuotas {
 /// Shares out of one total weight, remembering the last one computed, so that equal
 /// weights (the usual case) cost one division per dying member rather than one per survivor.
 struct ShareCache {
+    size: u64,
     total: u64,
     last: Option<(u32, (u32, u32))>,
 }
 
 impl ShareCache {
-    fn new(total: u64) -> Self {
-        Self { total, last: None }
+    fn new(size: u64, total: u64) -> Self {
+        Self {
+            size,
+            total,
+            last: None,
+        }
     }
 
     fn share(&mut self, weight: u32) -> (u32, u32) {
         match self.last {
             Some((w, share)) if w == weight => share,
             _ => {
-                let share = share(weight, self.total);
+                let share = share(self.size, weight, self.total);
                 self.last = Some((weight, share));
                 share
             }
@@ -655,9 +699,9 @@ impl ShareCache {
     }
 }
 
-/// Floor and ceiling of the exact share `TOTAL * weight / total`.
-fn share(weight: u32, total: u64) -> (u32, u32) {
-    let scaled = TOTAL * u64::from(weight);
+/// Floor and ceiling of the exact share `size * weight / total`.
+fn share(size: u64, weight: u32, total: u64) -> (u32, u32) {
+    let scaled = size * u64::from(weight);
     let floor = (scaled / total) as u32;
     (floor, floor + u32::from(!scaled.is_multiple_of(total)))
 }
@@ -690,22 +734,26 @@ fn keep_smallest(items: &mut Vec<usize>, n: usize, rank: impl Fn(usize) -> i64) 
 /// The members of a table as dense, slot-ordered arrays, with their total weight and each
 /// slot's position among them.
 struct Members {
+    /// Entries in the table.
+    size: u64,
     slots: Vec<Slot>,
     weights: Vec<u32>,
     total: u64,
-    /// Indexed by any `u16`, so looking up a slot read from an entry needs no bounds check.
-    positions: Box<[u16; 1 << 16]>,
+    /// Each valid slot's position (`u16::MAX` for none); small, so building it is cheap
+    /// even for a small table.
+    positions: Vec<u16>,
 }
 
 impl Members {
-    fn of(weights: &BTreeMap<Slot, u32>) -> Self {
+    fn of(weights: &BTreeMap<Slot, u32>, size: usize) -> Self {
         let (slots, weights): (Vec<Slot>, Vec<u32>) = weights.iter().map(|(&s, &w)| (s, w)).unzip();
         let total = weights.iter().map(|&w| u64::from(w)).sum();
-        let mut positions = Box::new([u16::MAX; 1 << 16]);
+        let mut positions = vec![u16::MAX; MAX_SLOTS as usize];
         for (i, &slot) in slots.iter().enumerate() {
             positions[usize::from(slot)] = i as u16;
         }
         Self {
+            size: size as u64,
             slots,
             weights,
             total,
@@ -715,7 +763,7 @@ impl Members {
 
     /// Position of `slot` among the members, `None` if it is not one (or is [`NO_SLOT`]).
     fn position(&self, slot: Slot) -> Option<usize> {
-        let p = self.positions[usize::from(slot)];
+        let p = self.positions.get(usize::from(slot)).copied()?;
         (p != u16::MAX).then_some(usize::from(p))
     }
 
@@ -736,7 +784,7 @@ impl Members {
 
     /// Floor and ceiling of the exact share of a member with `weight`.
     fn share(&self, weight: u32) -> (u32, u32) {
-        share(weight, self.total)
+        share(self.size, weight, self.total)
     }
 }
 

@@ -4,14 +4,14 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use portshard::config::{Config, MAX_SERVICES, MAX_WORKERS};
+use portshard_core::config::{Config, MAX_SERVICES, MAX_WORKERS};
 
 fuzz_target!(|text: &str| {
     match Config::parse(text, Path::new("fuzz.toml")) {
         Ok(config) => {
             assert!(!config.services.is_empty() && config.services.len() <= MAX_SERVICES);
             for service in &config.services {
-                assert!(portshard::dataplane::check_service_name(&service.name).is_ok());
+                assert!(portshard_core::service::is_valid_name(&service.name));
                 assert!((1..=MAX_WORKERS).contains(&service.workers));
                 assert!(service.listen.port() != 0);
                 assert!(service.command.first().is_some_and(|p| !p.is_empty()));

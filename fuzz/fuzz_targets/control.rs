@@ -2,7 +2,7 @@
 //! back to a line that decodes to the same value; anything else is an error, never a panic.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use portshard::control::{self, MAX_REQUEST, ProtocolError};
+use portshard_core::control::{self, MAX_REQUEST, ProtocolError};
 
 fuzz_target!(|line: &[u8]| {
     match control::decode_request(line) {

@@ -6,7 +6,7 @@
 #![no_main]
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use portshard::table::{Delta, Slot, Table, TableError};
+use portshard_core::table::{Delta, MIN_TABLE_SIZE, Slot, Table, TableError};
 use portshard_common::MAX_SLOTS;
 
 /// Slots the operations name: two beyond the last valid one, to exercise the refusals.
@@ -14,6 +14,19 @@ const SLOTS: Slot = MAX_SLOTS as Slot + 2;
 
 /// Operations per input: enough for long histories, few enough to stay fast.
 const MAX_OPS: usize = 48;
+
+/// The largest table fuzzed: the algorithm is the same at every size (the unit and
+/// property tests cover the kernel's), and small tables run many times more inputs per
+/// second.
+const MAX_TABLE_BITS: u8 = 12;
+
+/// A table size and the operations to run on it.
+#[derive(Arbitrary, Debug)]
+struct Input {
+    /// The table has `2^(4 + size_bits % 9)` entries: 16 to 4096.
+    size_bits: u8,
+    ops: Vec<Op>,
+}
 
 #[derive(Arbitrary, Debug)]
 enum Op {
@@ -41,9 +54,11 @@ enum Op {
     },
 }
 
-fuzz_target!(|ops: Vec<Op>| {
-    let mut table = Table::new();
-    for op in ops.into_iter().take(MAX_OPS) {
+fuzz_target!(|input: Input| {
+    let min_bits = MIN_TABLE_SIZE.trailing_zeros() as u8;
+    let bits = min_bits + input.size_bits % (MAX_TABLE_BITS - min_bits + 1);
+    let mut table = Table::with_size(1 << bits).expect("a power of two in the allowed range");
+    for op in input.ops.into_iter().take(MAX_OPS) {
         match op {
             Op::Add { slot, weight } => {
                 let slot = slot % SLOTS;

@@ -17,4 +17,4 @@ pub mod process;
 pub mod sockdiag;
 pub mod socket;
 
-pub use portshard_core::{config, control, metrics, probe, report, service, table};
+pub use portshard_core::{config, control, metrics, probe, report, service, supervisor, table};

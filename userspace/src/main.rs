@@ -232,7 +232,7 @@ fn request(path: &Path, request: &Request) -> Result<()> {
                 println!("{message}");
                 return Ok(());
             }
-            Reply::Error { message } => bail!("the daemon refused: {message}"),
+            Reply::Error { message, .. } => bail!("the daemon refused: {message}"),
         }
     }
 }

@@ -85,41 +85,7 @@ pub struct Spawned {
     pub pidfd: OwnedFd,
 }
 
-/// How a worker ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Exit {
-    /// It exited with this code.
-    Code(i32),
-    /// A signal killed it.
-    Signal(i32),
-    /// It was not this process's child (adopted after a daemon restart), so the kernel
-    /// reports its end but not how.
-    Unknown,
-}
-
-impl std::fmt::Display for Exit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match *self {
-            Self::Code(code) => write!(f, "exit code {code}"),
-            Self::Signal(signal) => write!(f, "signal {signal} ({})", signal_name(signal)),
-            Self::Unknown => f.write_str("unknown status (adopted worker, not our child)"),
-        }
-    }
-}
-
-fn signal_name(signal: i32) -> &'static str {
-    match signal {
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGINT => "SIGINT",
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGPIPE => "SIGPIPE",
-        _ => "other",
-    }
-}
+pub use portshard_core::supervisor::Exit;
 
 /// Where `program` would be run from: itself if it names a path, else the first
 /// executable of that name on `PATH`.

@@ -542,7 +542,7 @@ fn the_control_socket_refuses_non_root_and_answers_garbage_with_errors() {
         assert_eq!(replies.len(), 1, "no reply to {garbage:?}");
         let reply = portshard::control::decode_reply(replies[0].as_bytes()).unwrap();
         match reply {
-            portshard::control::Reply::Error { message } => {
+            portshard::control::Reply::Error { message, .. } => {
                 assert!(message.contains(expected), "{message}")
             }
             other => panic!("{other:?} for garbage {garbage:?}"),

@@ -13,10 +13,13 @@ fn owned(table: &Table, slot: Slot) -> u32 {
     table.counts().get(&slot).copied().unwrap_or(0)
 }
 
-/// Exact share of `slot` as a fraction `TOTAL * w / W`, returned as (numerator, denominator).
+/// Exact share of `slot` as a fraction `size * w / W`, returned as (numerator, denominator).
 fn exact_share(table: &Table, slot: Slot) -> (u64, u64) {
     let total: u64 = table.members().values().map(|&w| u64::from(w)).sum();
-    (TOTAL * u64::from(table.members()[&slot]), total)
+    (
+        table.size() as u64 * u64::from(table.members()[&slot]),
+        total,
+    )
 }
 
 /// For each member `s`, how many of its entries each other member inherits (zeros included).
@@ -48,7 +51,7 @@ fn heir_counts(table: &Table) -> BTreeMap<Slot, BTreeMap<Slot, u32>> {
 /// The fewest owner changes that can bring `before`'s owners within the shares of `after`'s
 /// members: max(what must come in, what must go out).
 fn minimal_moves(before: &Table, after: &Table) -> u32 {
-    let members = Members::of(after.members());
+    let members = Members::of(after.members(), after.size());
     let owned_before = before.counts();
     let (mut come_in, mut go_out) = (0, 0);
     for (slot, &weight) in members.slots.iter().zip(&members.weights) {
@@ -260,9 +263,15 @@ fn op(weighted: bool) -> impl Strategy<Value = Op> {
     ]
 }
 
-/// Initial members (1..=256 distinct slots, equal or random weights) and up to 12 operations.
-fn scenario() -> impl Strategy<Value = (Vec<(Slot, u32)>, Vec<Op>, bool)> {
-    any::<bool>().prop_flat_map(|weighted| {
+/// A table size (mostly small, so many cases run; the kernel's in one case of four),
+/// initial members (1..=256 distinct slots, equal or random weights) and up to 12
+/// operations.
+fn scenario() -> impl Strategy<Value = (usize, Vec<(Slot, u32)>, Vec<Op>, bool)> {
+    let size = prop_oneof![
+        3 => (10..=14u32).prop_map(|bits| 1usize << bits),
+        1 => Just(TABLE_SIZE),
+    ];
+    (size, any::<bool>()).prop_flat_map(|(size, weighted)| {
         let slots =
             proptest::sample::subsequence((0..MAX_SLOTS as Slot).collect::<Vec<_>>(), 1..=256);
         let weight = if weighted { 1..=1000u32 } else { 1..=1u32 };
@@ -272,6 +281,7 @@ fn scenario() -> impl Strategy<Value = (Vec<(Slot, u32)>, Vec<Op>, bool)> {
                 .prop_map(|(s, w)| s.into_iter().zip(w).collect::<Vec<_>>())
         });
         (
+            Just(size),
             members,
             proptest::collection::vec(op(weighted), 1..12),
             Just(weighted),
@@ -388,7 +398,7 @@ fn apply_and_check(table: &mut Table, op: &Op, weighted: bool) -> Result<(), Tes
             prop_assert_eq!(table.members(), &expected);
             prop_assert_eq!(
                 delta.moved,
-                TOTAL as u32,
+                table.size() as u32,
                 "an entry stayed with the old generation"
             );
             prop_assert!(
@@ -417,11 +427,9 @@ fn apply_and_check(table: &mut Table, op: &Op, weighted: bool) -> Result<(), Tes
     let n = table.members().len();
     if n > 0 && !weighted {
         let max = *table.counts().values().max().unwrap();
-        let ratio = f64::from(max) / (TOTAL as f64 / n as f64);
-        prop_assert!(
-            ratio <= 1.0 + n as f64 / TOTAL as f64,
-            "balance {ratio} at N={n}"
-        );
+        let size = table.size() as f64;
+        let ratio = f64::from(max) / (size / n as f64);
+        prop_assert!(ratio <= 1.0 + n as f64 / size, "balance {ratio} at N={n}");
     }
     check_heir_spread(table, weighted)
 }
@@ -455,8 +463,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(192))]
 
     #[test]
-    fn operations_keep_every_promise((members, ops, weighted) in scenario()) {
-        let mut table = Table::with_members(members.clone()).unwrap();
+    fn operations_keep_every_promise((size, members, ops, weighted) in scenario()) {
+        let mut table = Table::sized_with_members(size, members.clone()).unwrap();
         prop_assert_eq!(table.validate(), Ok(()));
         prop_assert!(table.is_exactly_balanced());
         check_heir_spread(&table, weighted)?;
@@ -464,7 +472,7 @@ proptest! {
             apply_and_check(&mut table, op, weighted)?;
         }
         // Determinism: the same sequence from scratch gives the same table.
-        let mut replay = Table::with_members(members).unwrap();
+        let mut replay = Table::sized_with_members(size, members).unwrap();
         for op in &ops {
             apply_and_check(&mut replay, op, weighted)?;
         }

@@ -1,0 +1,723 @@
+//! The supervisor's decisions as a state machine with no I/O, in the spirit of
+//! `quinn-proto`: the daemon turns what happens (a worker exited, a timer fired, a probe
+//! ended, a control request, SIGHUP) into [`Event`]s, feeds them to
+//! [`Supervisor::handle`], and carries out the [`Action`]s it then takes from
+//! [`Supervisor::poll_action`] (spawn a worker, send a signal, change the table, set a
+//! timer, reply). Results the machine waits for (a spawned worker's pid, a table change's
+//! outcome) come back as events. Time is passed in, so every transition is unit-tested
+//! without root, processes or a kernel.
+//!
+//! What it decides: restarts with doubling backoff and a crash-loop limit; healing a dead
+//! slot (its entries go to their heirs); killing a hung worker; generations (stage a
+//! reload's workers, wait until ready, switch, retire the old ones once idle, roll back a
+//! failed reload); what adoption after a daemon restart keeps; SIGHUP diffs; drains and
+//! weights asked for on the control socket; the stop.
+mod adopt;
+mod control;
+mod reload;
+mod slots;
+
+pub use adopt::{AdoptedSlot, Adoption};
+pub use control::ControlError;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    fmt,
+    time::{Duration, Instant},
+};
+
+use portshard_common::{MAX_SLOTS, ProbeHealth};
+
+use crate::{
+    config::{Probe, Service},
+    control::Reply,
+    probe::{Outcome, OutcomeCounts, Tracker},
+    table::Slot,
+};
+
+/// A service, by its position in the order services were added.
+pub type ServiceId = usize;
+
+/// Names a request whose replies the daemon routes back to its asker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ReplyTo(pub u64);
+
+/// How often retiring workers are looked at ([`Event::Tick`]).
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// How a worker ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+    /// It was not the daemon's child (adopted after a daemon restart), so the kernel
+    /// reports its end but not how.
+    Unknown,
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::Code(code) => write!(f, "exit code {code}"),
+            Self::Signal(signal) => write!(f, "signal {signal} ({})", signal_name(signal)),
+            Self::Unknown => f.write_str("unknown status (adopted worker, not our child)"),
+        }
+    }
+}
+
+/// The names of the signals a worker usually dies of (numbers as on every Linux
+/// architecture portshard builds for).
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        13 => "SIGPIPE",
+        15 => "SIGTERM",
+        _ => "other",
+    }
+}
+
+/// A signal the supervisor sends a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// Asks it to stop.
+    Term,
+    /// Ends it.
+    Kill,
+}
+
+/// A delay the daemon waits out, then feeds back as [`Event::Timer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timer {
+    /// A dead slot's restart delay is over.
+    RestartDue {
+        /// The service.
+        service: ServiceId,
+        /// The slot.
+        slot: Slot,
+    },
+    /// A reload's new generation has been up for its ready delay (or one more probe
+    /// interval).
+    ReloadReady {
+        /// The service.
+        service: ServiceId,
+        /// Which attempt, so an old attempt's timer does nothing.
+        attempt: u64,
+    },
+    /// A worker asked to stop has had its stop timeout.
+    StopOverdue {
+        /// The service.
+        service: ServiceId,
+        /// The slot.
+        slot: Slot,
+        /// The worker.
+        pid: u32,
+    },
+}
+
+/// A change of a service's group (sockets, table, records) for the daemon to make.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TableOp {
+    /// A slot's worker died: its entries go to their heirs, which the kernel already does.
+    Remove(Slot),
+    /// A slot is freed for good (its worker retired or was never switched to).
+    Release(Slot),
+    /// A slot takes no new work; its worker keeps what it has.
+    Drain(Slot),
+    /// A drained slot takes new work again with `weight`.
+    Admit {
+        /// The slot.
+        slot: Slot,
+        /// Its weight.
+        weight: u32,
+    },
+    /// A member's weight changes.
+    SetWeight {
+        /// The slot.
+        slot: Slot,
+        /// Its weight.
+        weight: u32,
+    },
+    /// A reload's switch: the `new` slots take over all of `old`'s entries.
+    Switch {
+        /// The members of the old generation.
+        old: Vec<Slot>,
+        /// The staged slots of the new one.
+        new: Vec<Slot>,
+        /// The new generation's weight.
+        weight: u32,
+    },
+    /// The table's flags (flow table, probe ports) for the service's settings.
+    SetFlags(u32),
+    /// A slot's probe state, for `status`.
+    SetHealth {
+        /// The slot.
+        slot: Slot,
+        /// Its probe state.
+        health: ProbeHealth,
+    },
+}
+
+/// What the daemon should do. Carried out in the order taken.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action<L> {
+    /// Start a worker in `slot`: a socket, the process, then the group (into the table, or
+    /// staged for a reload). Answer with [`Event::Spawned`] or [`Event::SpawnFailed`].
+    Spawn {
+        /// The service.
+        service: ServiceId,
+        /// The slot.
+        slot: Slot,
+        /// The service's settings for this worker.
+        spec: Box<Service>,
+        /// How to run it (the resolved program and identity).
+        launch: L,
+        /// Its generation.
+        generation: u32,
+        /// Restarts of this slot so far, for its record.
+        restarts: u32,
+        /// Whether it is a reload's new worker (staged, owning no entry yet).
+        staged: bool,
+    },
+    /// Send `signal` to worker `pid` of `slot`.
+    Signal {
+        /// The service.
+        service: ServiceId,
+        /// The slot.
+        slot: Slot,
+        /// The worker.
+        pid: u32,
+        /// Which signal.
+        signal: Signal,
+    },
+    /// Change the group. With a `ticket`, answer with [`Event::TableDone`].
+    Table {
+        /// The service.
+        service: ServiceId,
+        /// The change.
+        op: TableOp,
+        /// Whether (and under which ticket) the outcome is awaited.
+        ticket: Option<u64>,
+    },
+    /// Feed `timer` back after `after`.
+    Timer {
+        /// How long to wait.
+        after: Duration,
+        /// What to feed back.
+        timer: Timer,
+    },
+    /// Probe worker `pid` of `slot` every interval, reporting with [`Event::Probed`].
+    Probe {
+        /// The service.
+        service: ServiceId,
+        /// The slot.
+        slot: Slot,
+        /// The worker.
+        pid: u32,
+        /// How.
+        probe: Probe,
+    },
+    /// Stop probing `slot` (its worker ended or is being stopped).
+    Unprobe {
+        /// The service.
+        service: ServiceId,
+        /// The slot.
+        slot: Slot,
+    },
+    /// Create (or adopt) a service's group, then feed [`Event::Added`].
+    AddService {
+        /// The service.
+        spec: Box<Service>,
+        /// How to run its workers.
+        launch: L,
+    },
+    /// Send `reply` to the asker `to`.
+    Reply {
+        /// The asker.
+        to: ReplyTo,
+        /// The reply; the request is over when [`Reply::is_final`].
+        reply: Reply,
+    },
+}
+
+/// A control request the supervisor decides on (the daemon answers `ping` itself, and
+/// reads the config file for a reload).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command<L> {
+    /// Take `slot` out of new work.
+    Drain {
+        /// The service.
+        service: String,
+        /// The slot.
+        slot: Slot,
+    },
+    /// Set `slot`'s weight (a drained slot takes new work again).
+    Weight {
+        /// The service.
+        service: String,
+        /// The slot.
+        slot: Slot,
+        /// The weight.
+        weight: u32,
+    },
+    /// Start a new generation with `spec` and switch to it once ready.
+    Reload {
+        /// The service's settings as the config now says.
+        spec: Box<Service>,
+        /// How to run its workers.
+        launch: L,
+    },
+}
+
+/// Something that happened, for [`Supervisor::handle`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event<L> {
+    /// A service's group was created, or adopted with what its pins record.
+    Added {
+        /// The service.
+        spec: Box<Service>,
+        /// How to run its workers.
+        launch: L,
+        /// What adoption found (empty for a new group).
+        adoption: Adoption,
+    },
+    /// A worker ended.
+    Exited {
+        /// The service.
+        service: ServiceId,
+        /// The slot.
+        slot: Slot,
+        /// The worker.
+        pid: u32,
+        /// How.
+        exit: Exit,
+    },
+    /// An [`Action::Spawn`] started worker `pid`.
+    Spawned {
+        /// The service.
+        service: ServiceId,
+        /// The slot.
+        slot: Slot,
+        /// The worker.
+        pid: u32,
+    },
+    /// An [`Action::Spawn`] failed; nothing of it is left.
+    SpawnFailed {
+        /// The service.
+        service: ServiceId,
+        /// The slot.
+        slot: Slot,
+        /// Why.
+        error: String,
+    },
+    /// A timer set with [`Action::Timer`] fired.
+    Timer(Timer),
+    /// Time to look at the retiring workers: how busy each of [`Supervisor::retiring`] is.
+    Tick {
+        /// Per retiring worker.
+        activity: Vec<(ServiceId, Slot, Activity)>,
+    },
+    /// A probe of worker `pid` ended.
+    Probed {
+        /// The service.
+        service: ServiceId,
+        /// The slot.
+        slot: Slot,
+        /// The worker.
+        pid: u32,
+        /// How.
+        outcome: Outcome,
+    },
+    /// A control request from `reply`.
+    Control {
+        /// The request.
+        command: Command<L>,
+        /// Where its replies go.
+        reply: ReplyTo,
+    },
+    /// An [`Action::Table`] with a ticket was carried out: entries moved, or why not.
+    TableDone {
+        /// The ticket.
+        ticket: u64,
+        /// Entries whose owner changed, or the error.
+        result: Result<u32, String>,
+    },
+    /// SIGHUP with the config file read again, each service with its launch.
+    Hangup(Vec<(Service, L)>),
+    /// SIGTERM or SIGINT: stop every worker.
+    Stop,
+}
+
+/// How busy a retiring worker is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activity {
+    /// Datagrams, connections and flows delivered to its slot so far (UDP).
+    Delivered(u64),
+    /// Its established connections (TCP).
+    Connections(usize),
+    /// Unknown (counted as busy).
+    Unknown,
+}
+
+/// What a worker is there for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Role {
+    /// Takes new work in the current generation; restarted when it dies.
+    Current,
+    /// Of a reload's new generation, not switched to yet: its exit rolls the reload back.
+    Staged,
+    /// Of an old generation, or beyond the configured count: keeps what it has, takes no
+    /// new work, stopped once idle; its slot is freed when it exits.
+    Retiring(Drain),
+}
+
+/// A retiring worker's activity, as last seen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Drain {
+    since: Instant,
+    idle_since: Instant,
+    /// What [`Activity::Delivered`] said last time.
+    delivered: Option<u64>,
+}
+
+impl Drain {
+    fn new(now: Instant) -> Self {
+        Self {
+            since: now,
+            idle_since: now,
+            delivered: None,
+        }
+    }
+}
+
+/// One worker process serving a slot.
+#[derive(Clone, Debug)]
+struct Worker {
+    pid: u32,
+    since: Instant,
+    generation: u32,
+    role: Role,
+    /// Asked to stop by the supervisor, so its exit is no crash.
+    stopping: bool,
+    /// Its probe verdicts, if probed.
+    probe: Option<Tracker>,
+}
+
+/// What a slot of a service is doing.
+#[derive(Clone, Debug)]
+enum SlotRun {
+    /// An [`Action::Spawn`] is under way.
+    Spawning { staged: bool },
+    /// A worker serves it.
+    Serving(Worker),
+    /// Its worker died; a restart is scheduled.
+    Waiting,
+    /// Its worker crashed too often in a row; it is no longer restarted.
+    GaveUp,
+}
+
+impl SlotRun {
+    /// Whether the slot counts towards the current generation.
+    fn is_current(&self) -> bool {
+        match self {
+            Self::Serving(worker) => worker.role == Role::Current,
+            Self::Spawning { staged } => !staged,
+            Self::Waiting | Self::GaveUp => true,
+        }
+    }
+}
+
+/// A slot's crash history, kept across its workers.
+#[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
+struct Crashes {
+    /// Crashes in a row, each after less than the restart window.
+    in_a_row: u32,
+    /// Restarts so far.
+    restarts: u32,
+}
+
+/// One supervised service.
+struct Running<L> {
+    spec: Service,
+    launch: L,
+    slots: BTreeMap<Slot, SlotRun>,
+    crashes: BTreeMap<Slot, Crashes>,
+    /// The table's members and their weights, as the supervisor's changes left them.
+    members: BTreeMap<Slot, u32>,
+    /// Current slots taken out of new work by `drain`.
+    drained: BTreeSet<Slot>,
+    /// The generation that takes new work.
+    generation: u32,
+    /// The reload under way, if any.
+    reload: Option<reload::Reload<L>>,
+    /// Reloads attempted so far, to tell one attempt's timers from the next one's.
+    attempts: u64,
+    /// Each probed slot's outcomes so far, across its workers.
+    probe_outcomes: BTreeMap<Slot, OutcomeCounts>,
+}
+
+impl<L> Running<L> {
+    /// The lowest slot no worker of any generation uses.
+    fn free_slot(&self) -> Option<Slot> {
+        (0..MAX_SLOTS as Slot).find(|slot| !self.slots.contains_key(slot))
+    }
+
+    fn worker(&self, slot: Slot, pid: u32) -> Option<&Worker> {
+        match self.slots.get(&slot) {
+            Some(SlotRun::Serving(worker)) if worker.pid == pid => Some(worker),
+            _ => None,
+        }
+    }
+
+    fn worker_mut(&mut self, slot: Slot, pid: u32) -> Option<&mut Worker> {
+        match self.slots.get_mut(&slot) {
+            Some(SlotRun::Serving(worker)) if worker.pid == pid => Some(worker),
+            _ => None,
+        }
+    }
+}
+
+/// What becomes of a table change's outcome.
+enum Pending {
+    /// A drain or weight request: reply with what moved (`{moved}` in `done`), or undo.
+    Reply {
+        to: ReplyTo,
+        done: String,
+        undo: control::Undo,
+    },
+    /// A reload's switch: finish it, or roll it back.
+    Switch { service: ServiceId },
+}
+
+/// The supervisor of every service, with the launch data `L` the daemon needs to start a
+/// worker (tests use `()`).
+pub struct Supervisor<L> {
+    services: Vec<Running<L>>,
+    actions: VecDeque<Action<L>>,
+    pending: BTreeMap<u64, Pending>,
+    tickets: u64,
+    stopping: bool,
+}
+
+impl<L> Default for Supervisor<L> {
+    fn default() -> Self {
+        Self {
+            services: Vec::new(),
+            actions: VecDeque::new(),
+            pending: BTreeMap::new(),
+            tickets: 0,
+            stopping: false,
+        }
+    }
+}
+
+impl<L: Clone> Supervisor<L> {
+    /// A supervisor of no service yet; services join with [`Event::Added`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Handles one event at `now`; the actions it takes are then in [`Self::poll_action`].
+    pub fn handle(&mut self, now: Instant, event: Event<L>) {
+        match event {
+            Event::Added {
+                spec,
+                launch,
+                adoption,
+            } => self.added(now, *spec, launch, adoption),
+            Event::Exited {
+                service,
+                slot,
+                pid,
+                exit,
+            } => self.exited(now, service, slot, pid, exit),
+            Event::Spawned { service, slot, pid } => self.spawned(now, service, slot, pid),
+            Event::SpawnFailed {
+                service,
+                slot,
+                error,
+            } => self.spawn_failed(service, slot, &error),
+            Event::Timer(Timer::RestartDue { service, slot }) => self.restart(service, slot),
+            Event::Timer(Timer::ReloadReady { service, attempt }) => {
+                self.reload_ready(now, service, attempt)
+            }
+            Event::Timer(Timer::StopOverdue { service, slot, pid }) => {
+                self.stop_overdue(service, slot, pid)
+            }
+            Event::Tick { activity } => self.tick(now, activity),
+            Event::Probed {
+                service,
+                slot,
+                pid,
+                outcome,
+            } => self.probed(service, slot, pid, outcome),
+            Event::Control { command, reply } => self.control(now, command, reply),
+            Event::TableDone { ticket, result } => self.table_done(now, ticket, result),
+            Event::Hangup(services) => self.hangup(now, services),
+            Event::Stop => self.stop(),
+        }
+    }
+
+    /// The next action to carry out, in order.
+    pub fn poll_action(&mut self) -> Option<Action<L>> {
+        self.actions.pop_front()
+    }
+
+    /// Whether a stop was asked for and every worker has ended.
+    pub fn is_stopped(&self) -> bool {
+        self.stopping
+            && self.services.iter().all(|running| {
+                running
+                    .slots
+                    .values()
+                    .all(|run| !matches!(run, SlotRun::Serving(_) | SlotRun::Spawning { .. }))
+            })
+    }
+
+    /// The service named `name`, if supervised.
+    pub fn find(&self, name: &str) -> Option<ServiceId> {
+        self.services.iter().position(|s| s.spec.name == name)
+    }
+
+    /// The settings service `service` runs with, and how its workers are launched.
+    pub fn spec(&self, service: ServiceId) -> Option<(&Service, &L)> {
+        self.services.get(service).map(|s| (&s.spec, &s.launch))
+    }
+
+    /// The retiring workers still running, as `(service, slot, pid)`, for [`Event::Tick`].
+    pub fn retiring(&self) -> Vec<(ServiceId, Slot, u32)> {
+        self.workers()
+            .filter(|(_, _, worker)| matches!(worker.role, Role::Retiring(_)) && !worker.stopping)
+            .map(|(service, slot, worker)| (service, slot, worker.pid))
+            .collect()
+    }
+
+    /// A reload's new workers, as `(slot, pid)`: the daemon checks whether any has exited
+    /// (its exit event may still be on its way) before it feeds a
+    /// [`Timer::ReloadReady`].
+    pub fn staged(&self, service: ServiceId) -> Vec<(Slot, u32)> {
+        self.workers()
+            .filter(|(s, _, worker)| *s == service && worker.role == Role::Staged)
+            .map(|(_, slot, worker)| (slot, worker.pid))
+            .collect()
+    }
+
+    /// Every probed slot's probe outcomes so far, by service name and slot.
+    pub fn probe_outcomes(&self) -> BTreeMap<(String, Slot), OutcomeCounts> {
+        self.services
+            .iter()
+            .flat_map(|running| {
+                running
+                    .probe_outcomes
+                    .iter()
+                    .map(|(&slot, &counts)| ((running.spec.name.clone(), slot), counts))
+            })
+            .collect()
+    }
+
+    /// How many services are supervised.
+    pub fn services(&self) -> usize {
+        self.services.len()
+    }
+
+    fn workers(&self) -> impl Iterator<Item = (ServiceId, Slot, &Worker)> {
+        self.services
+            .iter()
+            .enumerate()
+            .flat_map(|(index, running)| {
+                running
+                    .slots
+                    .iter()
+                    .filter_map(move |(&slot, run)| match run {
+                        SlotRun::Serving(worker) => Some((index, slot, worker)),
+                        _ => None,
+                    })
+            })
+    }
+
+    fn push(&mut self, action: Action<L>) {
+        self.actions.push_back(action);
+    }
+
+    fn table(&mut self, service: ServiceId, op: TableOp) {
+        self.push(Action::Table {
+            service,
+            op,
+            ticket: None,
+        });
+    }
+
+    /// A table change whose outcome decides what comes next (see [`Pending`]).
+    fn table_awaited(&mut self, service: ServiceId, op: TableOp, pending: Pending) {
+        self.tickets += 1;
+        let ticket = self.tickets;
+        self.pending.insert(ticket, pending);
+        self.push(Action::Table {
+            service,
+            op,
+            ticket: Some(ticket),
+        });
+    }
+
+    fn after(&mut self, after: Duration, timer: Timer) {
+        self.push(Action::Timer { after, timer });
+    }
+
+    fn signal(&mut self, service: ServiceId, slot: Slot, pid: u32, signal: Signal) {
+        self.push(Action::Signal {
+            service,
+            slot,
+            pid,
+            signal,
+        });
+    }
+
+    fn reply(&mut self, to: ReplyTo, reply: Reply) {
+        self.push(Action::Reply { to, reply });
+    }
+
+    fn table_done(&mut self, now: Instant, ticket: u64, result: Result<u32, String>) {
+        match self.pending.remove(&ticket) {
+            Some(Pending::Reply { to, done, undo }) => {
+                let reply = match result {
+                    Ok(moved) => Reply::Done {
+                        message: done.replace("{moved}", &moved.to_string()),
+                        moved,
+                    },
+                    Err(message) => {
+                        self.undo(undo);
+                        ControlError::Table { message }.reply()
+                    }
+                };
+                self.reply(to, reply);
+            }
+            Some(Pending::Switch { service }) => self.switched(now, service, result),
+            None => {}
+        }
+    }
+
+    /// The table flags for `spec` (see [`portshard_common::TABLE_FLOWS`] and
+    /// [`portshard_common::TABLE_PROBES`]).
+    pub fn table_flags(spec: &Service) -> u32 {
+        let flows = if spec.flow_capacity() > 0 {
+            portshard_common::TABLE_FLOWS
+        } else {
+            0
+        };
+        let probes = if spec.probe.is_some() {
+            portshard_common::TABLE_PROBES
+        } else {
+            0
+        };
+        flows | probes
+    }
+}
+
+#[cfg(test)]
+mod tests;

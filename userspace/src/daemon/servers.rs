@@ -1,0 +1,121 @@
+//! The daemon's two listeners: the control socket (root only, one JSON request per line,
+//! see [`crate::control`]) and the Prometheus endpoint. Both only forward to the event
+//! loop and write back what it answers.
+use std::io;
+
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{TcpListener, UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
+};
+use tracing::warn;
+
+use super::shell::Input;
+use crate::control::{self, Reply};
+
+/// Accepts control connections: root only, one request per line.
+pub(super) async fn control_server(listener: UnixListener, events: mpsc::UnboundedSender<Input>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let events = events.clone();
+        tokio::spawn(async move {
+            if let Err(error) = control_connection(stream, events).await {
+                warn!(%error, "control connection failed");
+            }
+        });
+    }
+}
+
+async fn control_connection(
+    stream: UnixStream,
+    events: mpsc::UnboundedSender<Input>,
+) -> io::Result<()> {
+    let uid = stream.peer_cred()?.uid();
+    // A peer that is not root gets its requests read (so it sees the refusal rather than a
+    // broken pipe) and each refused; nothing reaches the daemon.
+    let refusal = (uid != 0).then(|| {
+        warn!(uid, "control connection refused: not root");
+        format!("permission denied: uid {uid} is not root; only root may control portshard")
+    });
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut lines)
+            .take(control::MAX_REQUEST as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let too_long = line.last() != Some(&b'\n') && line.len() > control::MAX_REQUEST;
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        let decoded = match &refusal {
+            Some(message) => Err(message.clone()),
+            None if too_long => Err(control::ProtocolError::TooLong.to_string()),
+            None => control::decode_request(&line).map_err(|error| error.to_string()),
+        };
+        let reply = match decoded {
+            Err(message) => Reply::error(message),
+            Ok(request) => {
+                let (tx, mut rx) = mpsc::unbounded_channel();
+                if events.send(Input::Control { request, reply: tx }).is_err() {
+                    return Ok(());
+                }
+                // Progress replies go out as they come; the final one ends the request.
+                loop {
+                    let reply = rx
+                        .recv()
+                        .await
+                        .unwrap_or_else(|| Reply::error("the daemon is stopping"));
+                    if reply.is_final() {
+                        break reply;
+                    }
+                    write.write_all(&control::encode_reply(&reply)).await?;
+                }
+            }
+        };
+        write.write_all(&control::encode_reply(&reply)).await?;
+        if too_long || refusal.is_some() {
+            return Ok(());
+        }
+    }
+}
+
+/// Serves `GET /metrics` in the OpenMetrics text format.
+pub(super) async fn metrics_server(listener: TcpListener, events: mpsc::UnboundedSender<Input>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let events = events.clone();
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut buffer = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                match stream.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buffer[..n]),
+                }
+            }
+            let wanted = head.starts_with(b"GET /metrics ") || head.starts_with(b"GET / ");
+            let (status, body) = if wanted {
+                let (tx, rx) = oneshot::channel();
+                let _ = events.send(Input::Scrape { reply: tx });
+                ("200 OK", rx.await.unwrap_or_default())
+            } else {
+                ("404 Not Found", "only GET /metrics is served\n".to_owned())
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}
