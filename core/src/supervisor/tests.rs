@@ -6,7 +6,7 @@ use super::*;
 use portshard_common::SlotState;
 
 use super::slots::backoff;
-use crate::config::Config;
+use crate::{config::Config, probe::Outcome};
 
 /// A supervisor with a clock, answering spawns with made-up pids.
 struct Harness {

@@ -1,0 +1,228 @@
+//! The shell's inputs from outside: SIGHUP and the config file, control requests, health
+//! probes, status snapshots and signals.
+use std::sync::Arc;
+
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+use tracing::{error, info, warn};
+
+use super::{Input, Shell};
+use crate::{
+    config::Service,
+    control::{Reply, Request},
+    daemon::{Launch, read_config},
+    report::StatusReport,
+    supervisor::{self, Command, ReplyTo, ServiceId},
+    table::Slot,
+};
+
+impl Shell {
+    /// SIGHUP: reads the config file again; a file with errors changes nothing, a service
+    /// whose program or user cannot be resolved keeps running as it was.
+    pub(super) fn hangup(&mut self) {
+        let Some(path) = self.config.clone() else {
+            warn!("SIGHUP: the built-in default has no config file to read again");
+            return;
+        };
+        let config = match read_config(&path) {
+            Ok(config) => config,
+            Err(error) => {
+                error!(%error, "SIGHUP: the config was not applied; everything runs as before");
+                return;
+            }
+        };
+        info!(config = %path.display(), "SIGHUP: applying the config");
+        let services = config
+            .services
+            .into_iter()
+            .filter_map(|spec| match Launch::of(&spec) {
+                Ok(launch) => Some((spec, launch)),
+                Err(error) => {
+                    error!(service = %spec.name, %error, "SIGHUP: not applied to this service");
+                    None
+                }
+            })
+            .collect();
+        self.feed(supervisor::Event::Hangup(services));
+    }
+
+    /// A control request: `ping` is answered here, a reload's config is read here, the
+    /// rest is the supervisor's to decide.
+    pub(super) fn control(&mut self, request: Request, reply: mpsc::UnboundedSender<Reply>) {
+        let command = match request {
+            Request::Ping => {
+                let _ = reply.send(Reply::Done {
+                    message: format!(
+                        "portshard daemon pid {} serves {} services",
+                        std::process::id(),
+                        self.supervisor.services()
+                    ),
+                    moved: 0,
+                });
+                return;
+            }
+            Request::Drain { service, slot } => Command::Drain { service, slot },
+            Request::Weight {
+                service,
+                slot,
+                weight,
+            } => Command::Weight {
+                service,
+                slot,
+                weight,
+            },
+            Request::Reload { service } => match self.reload_spec(&service) {
+                Ok((spec, launch)) => Command::Reload {
+                    spec: Box::new(spec),
+                    launch,
+                },
+                Err(message) => {
+                    let _ = reply.send(Reply::error(message));
+                    return;
+                }
+            },
+        };
+        self.asked += 1;
+        self.replies.insert(self.asked, reply);
+        self.feed(supervisor::Event::Control {
+            command,
+            reply: ReplyTo(self.asked),
+        });
+    }
+
+    /// The settings a reload of `service` starts its new generation with: the service's
+    /// as the config file now says (the built-in default's stay as they are).
+    pub(super) fn reload_spec(&self, service: &str) -> Result<(Service, Launch), String> {
+        let id = self
+            .supervisor
+            .service_id(service)
+            .map_err(|e| e.to_string())?;
+        let Some(path) = &self.config else {
+            let (spec, launch) = self.supervisor.spec(id).expect("a known service");
+            return Ok((spec.clone(), launch.clone()));
+        };
+        let spec = read_config(path)?
+            .services
+            .into_iter()
+            .find(|s| s.name == service)
+            .ok_or_else(|| {
+                format!(
+                    "service {service} is no longer in {}: put it back, or restart portshard to drop it",
+                    path.display()
+                )
+            })?;
+        let launch = Launch::of(&spec).map_err(|e| format!("service {service}: {e}"))?;
+        Ok((spec, launch))
+    }
+
+    /// Starts probing worker `pid` of `slot`, binding the slot's probe port and steering
+    /// it to the slot the first time.
+    pub(super) fn probe(
+        &mut self,
+        service: ServiceId,
+        slot: Slot,
+        pid: u32,
+        probe: crate::config::Probe,
+    ) {
+        let name = self.name(service);
+        let listen = match self.supervisor.spec(service) {
+            Some((spec, _)) => spec.listen,
+            None => return,
+        };
+        let prober = match self.probers.get(&(service, slot)) {
+            Some(prober) => Arc::clone(prober),
+            None => {
+                let bound = self
+                    .probes
+                    .bind(&probe.kind, listen)
+                    .map_err(|e| e.to_string())
+                    .and_then(|prober| {
+                        self.groups[service]
+                            .set_probe(prober.source(), slot)
+                            .map_err(|e| e.to_string())?;
+                        Ok(Arc::new(prober))
+                    });
+                match bound {
+                    Ok(prober) => {
+                        self.probers.insert((service, slot), Arc::clone(&prober));
+                        prober
+                    }
+                    Err(error) => {
+                        error!(service = %name, slot, %error, "cannot set up the health probe of this slot; its workers are not probed");
+                        return;
+                    }
+                }
+            }
+        };
+        let task = self.probes.probe(
+            prober,
+            probe,
+            slot,
+            pid,
+            name,
+            self.events.clone(),
+            move |outcome| Input::Probed {
+                service,
+                slot,
+                pid,
+                outcome,
+            },
+        );
+        if let Some(old) = self.probing.insert((service, slot), task) {
+            old.abort();
+        }
+    }
+
+    /// What `status` would print, from the daemon's open handles.
+    pub(super) fn status(&self) -> StatusReport {
+        StatusReport {
+            services: self
+                .groups
+                .iter()
+                .filter_map(|group| group.dataplane().status().ok())
+                .collect(),
+        }
+    }
+
+    /// Turns SIGTERM and SIGINT into [`Input::Stop`], SIGHUP into [`Input::Hangup`], and
+    /// sends [`Input::Tick`] every [`supervisor::TICK`].
+    pub(in crate::daemon) fn listen_for_signals(&self) {
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            error!("cannot install signal handlers; stopping");
+            let _ = self.events.send(Input::Stop);
+            return;
+        };
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM: stopping workers and removing pins"),
+                _ = int.recv() => info!("SIGINT: stopping workers and removing pins"),
+            }
+            let _ = events.send(Input::Stop);
+        });
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                if events.send(Input::Hangup).is_err() {
+                    return;
+                }
+            }
+        });
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(supervisor::TICK);
+            loop {
+                ticks.tick().await;
+                if events.send(Input::Tick).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,219 @@
+//! The shell's syscalls on workers and groups: spawning, watching and reaping workers,
+//! signalling them, changing a group, reading how busy retiring workers are.
+use std::{
+    collections::HashMap,
+    os::fd::{AsFd as _, OwnedFd},
+};
+
+use tokio::io::{Interest, unix::AsyncFd};
+use tracing::{error, warn};
+
+use super::{Input, Process, Shell};
+use crate::{
+    config::Service,
+    daemon::{DaemonError, Launch},
+    group::Holder,
+    process::{self, Activation, Exit},
+    socket::{self, Proto},
+    supervisor::{self, Activity, ServiceId, Signal, TableOp},
+    table::Slot,
+};
+
+impl Shell {
+    pub(super) fn name(&self, service: ServiceId) -> String {
+        self.supervisor
+            .spec(service)
+            .map_or_else(|| format!("#{service}"), |(spec, _)| spec.name.clone())
+    }
+
+    /// Binds a socket for `slot`, starts a worker on it, hands the socket to the group
+    /// (into the table, or staged), closes the daemon's copy and watches the worker.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn spawn(
+        &mut self,
+        service: ServiceId,
+        slot: Slot,
+        spec: &Service,
+        launch: &Launch,
+        generation: u32,
+        restarts: u32,
+        staged: bool,
+    ) -> Result<u32, DaemonError> {
+        let socket = socket::bind_reuseport(spec.proto, spec.listen).map_err(|source| {
+            DaemonError::Socket {
+                service: spec.name.clone(),
+                source,
+            }
+        })?;
+        let spawned = process::spawn(
+            &launch.program,
+            &spec.command,
+            socket.as_fd(),
+            &Activation {
+                name: &spec.name,
+                slot,
+            },
+            launch.credentials.as_ref(),
+        )
+        .map_err(|source| DaemonError::Worker {
+            service: spec.name.clone(),
+            slot,
+            source,
+        })?;
+        let holder = Holder {
+            pid: spawned.pid,
+            generation,
+            started: process::start_time(spawned.pid).unwrap_or(0),
+            restarts,
+        };
+        let group = &mut self.groups[service];
+        let placed = if staged {
+            group.stage(slot, socket.as_fd(), spec.weight, holder)
+        } else {
+            group
+                .add(slot, socket.as_fd(), spec.weight, holder)
+                .map(drop)
+        };
+        if let Err(error) = placed {
+            let _ = process::signal(spawned.pidfd.as_fd(), libc::SIGKILL);
+            return Err(error.into());
+        }
+        drop(socket);
+        self.track(service, slot, spawned.pid, spawned.pidfd);
+        Ok(spawned.pid)
+    }
+
+    /// Keeps `pidfd` for worker `pid` of `slot` and sends [`Input::Exited`] when it ends.
+    pub(super) fn track(&mut self, service: ServiceId, slot: Slot, pid: u32, pidfd: OwnedFd) {
+        let events = self.events.clone();
+        match exit_watch(&pidfd) {
+            Ok(fd) => {
+                tokio::spawn(async move {
+                    let _ = fd.readable().await;
+                    let _ = events.send(Input::Exited { service, slot, pid });
+                });
+            }
+            Err(e) => {
+                error!(pid, error = %e, "cannot watch worker; treating it as dead");
+                let _ = events.send(Input::Exited { service, slot, pid });
+            }
+        }
+        self.processes
+            .insert((service, slot), Process { pid, pidfd });
+    }
+
+    /// A worker's pidfd became readable: reap it and tell the supervisor how it ended.
+    pub(super) fn exited(&mut self, service: ServiceId, slot: Slot, pid: u32) {
+        let Some(process) = self
+            .processes
+            .get(&(service, slot))
+            .filter(|p| p.pid == pid)
+        else {
+            return;
+        };
+        let exit = process::reap(process.pidfd.as_fd())
+            .ok()
+            .flatten()
+            .unwrap_or(Exit::Unknown);
+        self.processes.remove(&(service, slot));
+        self.feed(supervisor::Event::Exited {
+            service,
+            slot,
+            pid,
+            exit,
+        });
+    }
+
+    /// A reload's new worker may have ended while its exit event is still on its way:
+    /// report such exits before the reload's readiness timer.
+    pub(super) fn notice_staged_exits(&mut self, service: ServiceId) {
+        for (slot, pid) in self.supervisor.staged(service) {
+            let ended = self
+                .processes
+                .get(&(service, slot))
+                .is_some_and(|p| p.pid == pid && process::has_exited(p.pidfd.as_fd()));
+            if ended {
+                self.exited(service, slot, pid);
+            }
+        }
+    }
+
+    pub(super) fn signal(&self, service: ServiceId, slot: Slot, pid: u32, signal: Signal) {
+        let Some(process) = self
+            .processes
+            .get(&(service, slot))
+            .filter(|p| p.pid == pid)
+        else {
+            return;
+        };
+        let number = match signal {
+            Signal::Term => libc::SIGTERM,
+            Signal::Kill => libc::SIGKILL,
+        };
+        if let Err(error) = process::signal(process.pidfd.as_fd(), number) {
+            warn!(service = %self.name(service), slot, pid, ?signal, %error, "cannot signal the worker");
+        }
+    }
+
+    /// Makes a change to a group: entries moved, or the group's error.
+    pub(super) fn change(&mut self, service: ServiceId, op: &TableOp) -> Result<u32, String> {
+        let group = &mut self.groups[service];
+        let moved = match op {
+            TableOp::Remove(slot) => group.remove(*slot).map(|d| d.moved),
+            TableOp::Release(slot) => group.release(*slot).map(|()| 0),
+            TableOp::Drain(slot) => group.drain(*slot).map(|d| d.moved),
+            TableOp::Admit { slot, weight } => group.admit(*slot, *weight).map(|d| d.moved),
+            TableOp::SetWeight { slot, weight } => {
+                group.set_weight(*slot, *weight).map(|d| d.moved)
+            }
+            TableOp::Switch { old, new, weight } => {
+                group.switch(old, new, *weight).map(|d| d.moved)
+            }
+            TableOp::SetFlags(flags) => {
+                group.dataplane().set_flags(*flags);
+                Ok(0)
+            }
+            TableOp::SetHealth { slot, health } => group.set_health(*slot, *health).map(|()| 0),
+        };
+        moved.map_err(|error| error.to_string())
+    }
+
+    /// How busy each retiring worker is: datagrams delivered to its slot (UDP) or its
+    /// established connections (TCP).
+    pub(super) fn activity(&self) -> Vec<(ServiceId, Slot, Activity)> {
+        let retiring = self.supervisor.retiring();
+        let mut counters = HashMap::new();
+        retiring
+            .into_iter()
+            .map(|(service, slot, pid)| {
+                let Some((spec, _)) = self.supervisor.spec(service) else {
+                    return (service, slot, Activity::Unknown);
+                };
+                let activity = match spec.proto {
+                    Proto::Udp => counters
+                        .entry(service)
+                        .or_insert_with(|| self.groups[service].dataplane().counters().ok())
+                        .as_ref()
+                        .and_then(|c: &portshard_common::Counters| c.slots.get(usize::from(slot)))
+                        .map_or(Activity::Unknown, |c| {
+                            Activity::Delivered(
+                                c.selected + c.failed_over + c.probed + c.migrated + c.flow_hits,
+                            )
+                        }),
+                    Proto::Tcp => process::established_connections(pid, spec.listen.port())
+                        .map_or(Activity::Unknown, Activity::Connections),
+                };
+                (service, slot, activity)
+            })
+            .collect()
+    }
+}
+
+/// Registers a copy of `pidfd` with the reactor, so its worker's exit can be awaited: a
+/// pidfd becomes readable when its process ends.
+fn exit_watch(pidfd: &OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
+    let fd = pidfd.try_clone()?;
+    // SAFETY: `fd` is an `OwnedFd`, so it stays open and refers to the same pidfd until the
+    // `AsyncFd` drops it.
+    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| e.into_parts().1)
+}
