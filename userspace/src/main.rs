@@ -1,18 +1,21 @@
 //! The `portshard` command: the daemon (`serve`), the built-in worker (`echo`) and the CLI.
 //! Read-only commands read the pinned maps directly, so they work whatever runs (or does
 //! not run) the service; commands that change state go through the daemon's control socket.
+//! Errors are printed once, on one line, without a backtrace, and the exit code tells
+//! scripts what happened (see [`Failure`]).
 use std::{
     io::{BufRead as _, BufReader, IsTerminal as _, Write as _},
     net::SocketAddr,
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
+    process::ExitCode,
 };
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use portshard::{
     config::Config,
-    control::{self, Reply, Request},
+    control::{self, ErrorKind, Reply, Request},
     daemon::{self, Options},
     dataplane::Dataplane,
     echo,
@@ -20,8 +23,37 @@ use portshard::{
     table::Slot,
 };
 
+/// Exit codes: 0 done; 1 failed (I/O, kernel, pins); 2 invalid input or refused by the
+/// daemon (nothing changed); 3 the daemon is not running; 4 a reload was rolled back (the
+/// old generation serves on).
+const EXIT_CODES: &str = "Exit codes: 0 done; 1 failed (I/O, kernel, pins); 2 invalid input, or refused by the daemon (nothing changed); 3 the daemon is not running; 4 a reload was rolled back (the old generation serves on).";
+
+/// An outcome with its own exit code, so scripts tell them apart.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// Invalid input, or the daemon refused: nothing changed.
+    #[error("{0}")]
+    Refused(String),
+    /// No daemon answers on the control socket.
+    #[error("{0}")]
+    NotRunning(String),
+    /// A reload was tried and rolled back.
+    #[error("{0}")]
+    RolledBack(String),
+}
+
+impl Failure {
+    fn code(&self) -> u8 {
+        match self {
+            Self::Refused(_) => 2,
+            Self::NotRunning(_) => 3,
+            Self::RolledBack(_) => 4,
+        }
+    }
+}
+
 #[derive(Parser)]
-#[command(version, about = "eBPF-steered SO_REUSEPORT load balancer")]
+#[command(version, about = "eBPF-steered SO_REUSEPORT load balancer", after_help = EXIT_CODES)]
 struct Cli {
     /// Root directory of the pins on a BPF filesystem.
     #[arg(
@@ -84,6 +116,9 @@ enum Command {
         service: String,
         /// The slot to drain.
         slot: Slot,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Set a slot's weight (a drained slot rejoins the table with it).
     Weight {
@@ -93,12 +128,18 @@ enum Command {
         slot: Slot,
         /// The new weight, 1 to 10000.
         weight: u32,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Start a new generation of a service's workers (its config as the file now says) and
     /// switch new work to it once it is ready; exits non-zero if it was rolled back.
     Reload {
         /// The service.
         service: String,
+        /// Print the outcome (with its progress and the entries moved) as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List a service's UDP flow table: flows per slot and generation.
     Flows {
@@ -112,8 +153,42 @@ enum Command {
     Echo,
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        // `portshard status | head`: the reader has what it wanted.
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", render(&error));
+            ExitCode::from(error.downcast_ref::<Failure>().map_or(1, Failure::code))
+        }
+    }
+}
+
+/// The error and each cause not already in the text, on one line: a cause whose
+/// message its wrapper repeats is printed once.
+fn render(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve {
             config,
@@ -122,13 +197,16 @@ fn main() -> Result<()> {
         } => serve(config, cli.bpffs, cli.control, metrics, log_format),
         Command::Status { json } => status(&cli.bpffs, json),
         Command::Table { service, json } => table(&cli.bpffs, &service, json),
-        Command::Drain { service, slot } => {
-            request(&cli.control, &Request::Drain { service, slot })
-        }
+        Command::Drain {
+            service,
+            slot,
+            json,
+        } => request(&cli.control, &Request::Drain { service, slot }, json),
         Command::Weight {
             service,
             slot,
             weight,
+            json,
         } => request(
             &cli.control,
             &Request::Weight {
@@ -136,8 +214,11 @@ fn main() -> Result<()> {
                 slot,
                 weight,
             },
+            json,
         ),
-        Command::Reload { service } => request(&cli.control, &Request::Reload { service }),
+        Command::Reload { service, json } => {
+            request(&cli.control, &Request::Reload { service }, json)
+        }
         Command::Flows { service, json } => flows(&cli.bpffs, &service, json),
         Command::Echo => Ok(echo::serve()?),
     }
@@ -175,7 +256,7 @@ fn serve(
     }
     let path = config;
     let config = match &path {
-        Some(path) => daemon::read_config(path).map_err(anyhow::Error::msg)?,
+        Some(path) => daemon::read_config(path).map_err(Failure::Refused)?,
         None => {
             let exe = std::env::current_exe()
                 .context("finding this program's path for the built-in echo workers")?;
@@ -198,24 +279,40 @@ fn serve(
     Ok(())
 }
 
-/// Sends one request to the daemon and prints its answer; fails on a refusal.
-fn request(path: &Path, request: &Request) -> Result<()> {
+/// What a request to the daemon came to, for `--json`.
+#[derive(serde::Serialize)]
+struct Outcome<'a> {
+    /// `done`, `refused` or `rolled_back`.
+    outcome: &'a str,
+    /// The daemon's last word.
+    message: &'a str,
+    /// Table entries whose owner changed.
+    moved: u32,
+    /// The progress the daemon reported on the way (a reload's steps).
+    progress: &'a [String],
+}
+
+/// Sends one request to the daemon and prints its answer (its progress as it comes, or
+/// all of it as one JSON object); fails with the exit code of a refusal or rollback.
+fn request(path: &Path, request: &Request, json: bool) -> Result<()> {
     let mut stream = UnixStream::connect(path).map_err(|error| match error.kind() {
         std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
             "permission denied on control socket {}: only root may control portshard",
             path.display()
         ),
-        _ => anyhow::anyhow!(
+        _ => Failure::NotRunning(format!(
             "the portshard daemon is not running (no daemon answers on control socket {}: {error}): start it with `portshard serve`, or pass --control/PORTSHARD_CONTROL",
             path.display()
-        ),
+        ))
+        .into(),
     })?;
     stream
         .write_all(&control::encode_request(request))
         .with_context(|| format!("sending the request to {}", path.display()))?;
-    // Progress lines, then the final reply.
+    let mut out = std::io::stdout().lock();
+    let mut progress = Vec::new();
     let mut reader = BufReader::new(&stream);
-    loop {
+    let (outcome, message, moved) = loop {
         let mut line = Vec::new();
         reader
             .read_until(b'\n', &mut line)
@@ -227,13 +324,38 @@ fn request(path: &Path, request: &Request) -> Result<()> {
             );
         }
         match control::decode_reply(line.trim_ascii_end())? {
-            Reply::Progress { message } => println!("{message}"),
-            Reply::Done { message, .. } => {
-                println!("{message}");
-                return Ok(());
+            Reply::Progress { message } => {
+                if !json {
+                    writeln!(out, "{message}").context("writing to stdout")?;
+                }
+                progress.push(message);
             }
-            Reply::Error { message, .. } => bail!("the daemon refused: {message}"),
+            Reply::Done { message, moved } => break ("done", message, moved),
+            Reply::Error { message, kind } => match kind {
+                ErrorKind::Refused => break ("refused", message, 0),
+                ErrorKind::RolledBack => break ("rolled_back", message, 0),
+            },
         }
+    };
+    if json {
+        let report = Outcome {
+            outcome,
+            message: &message,
+            moved,
+            progress: &progress,
+        };
+        serde_json::to_writer(&mut out, &report).context("writing JSON to stdout")?;
+        writeln!(out).context("writing to stdout")?;
+    }
+    match outcome {
+        "done" => {
+            if !json {
+                writeln!(out, "{message}").context("writing to stdout")?;
+            }
+            Ok(())
+        }
+        "rolled_back" => Err(Failure::RolledBack(message).into()),
+        _ => Err(Failure::Refused(format!("the daemon refused: {message}")).into()),
     }
 }
 

@@ -66,14 +66,38 @@ fn table_reads_the_pins_of_a_running_group() {
         text.starts_with("service web: 2 slots own entries, balance 1.0000"),
         "{text}"
     );
+
+    // A reader that went away (`| head`) ends the command quietly, with success.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_portshard"))
+        .args(["table", "web", "--bpffs", root])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn table_of_an_unknown_service_says_so() {
     let pins = PinRoot::new().expect("creating a pin root on the BPF filesystem");
-    let out = portshard(&["table", "nope", "--bpffs", pins.path().to_str().unwrap()]);
+    // As on CI machines: still one line, no backtrace.
+    let out = Command::new(env!("CARGO_BIN_EXE_portshard"))
+        .args(["table", "nope", "--bpffs", pins.path().to_str().unwrap()])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error: ") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
     assert!(
         stderr.contains(&format!(
             "no dataplane is pinned at {}/nope",

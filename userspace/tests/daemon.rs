@@ -339,13 +339,24 @@ fn drain_and_weight_go_through_the_daemon_and_move_only_that_slot() {
             .output()
             .unwrap()
     };
-    let drained = cli(&["drain", "dns", "2"]);
+    let drained = cli(&["drain", "dns", "2", "--json"]);
     assert!(
         drained.status.success(),
         "{}",
         String::from_utf8_lossy(&drained.stderr)
     );
-    assert!(String::from_utf8_lossy(&drained.stdout).contains("16384 entries moved"));
+    let outcome: serde_json::Value = serde_json::from_slice(&drained.stdout).unwrap();
+    assert_eq!(
+        (outcome["outcome"].as_str(), outcome["moved"].as_u64()),
+        (Some("done"), Some(16384)),
+        "{outcome}"
+    );
+    assert!(
+        outcome["message"]
+            .as_str()
+            .unwrap()
+            .contains("16384 entries moved")
+    );
     let during = flows
         .round_again_if_lost(Duration::from_secs(2), 2)
         .unwrap();
@@ -392,9 +403,17 @@ fn drain_and_weight_go_through_the_daemon_and_move_only_that_slot() {
         ),
     ] {
         let refused = cli(args);
-        assert!(!refused.status.success());
         let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(
+            refused.status.code(),
+            Some(2),
+            "a refusal exits 2: {stderr}"
+        );
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert_eq!(stderr.matches(expected).count(), 1, "said twice: {stderr}");
+        let json = cli(&[args, &["--json"]].concat());
+        let outcome: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+        assert_eq!(outcome["outcome"], "refused", "{outcome}");
     }
     // A malformed request gets an error reply and the daemon keeps serving.
     let reply = daemon
@@ -429,7 +448,7 @@ fn bad_config_second_daemon_and_absent_daemon_get_clear_errors() {
         .arg(dir.join("c.sock"))
         .output()
         .unwrap();
-    assert!(!absent.status.success());
+    assert_eq!(absent.status.code(), Some(3), "no daemon exits 3");
     assert!(
         String::from_utf8_lossy(&absent.stderr).contains("the portshard daemon is not running")
     );

@@ -416,7 +416,11 @@ fn a_failing_generation_is_rolled_back_and_a_balance_reload_moves_each_flow_once
     daemon.set_config(&failing).unwrap();
     let refused = reload(&daemon, "dns");
     let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
-    assert!(!refused.status.success());
+    assert_eq!(
+        refused.status.code(),
+        Some(4),
+        "a rollback exits 4: {stderr}"
+    );
     assert!(
         stderr.contains("generation 2 rolled back") && stderr.contains("exit code 3"),
         "{stderr}"
@@ -551,7 +555,7 @@ fn a_generation_that_never_answers_its_readiness_probe_is_rolled_back() {
     let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
     let stdout = String::from_utf8_lossy(&refused.stdout).into_owned();
     eprintln!("silent generation: {stdout}{stderr}");
-    assert!(!refused.status.success());
+    assert_eq!(refused.status.code(), Some(4), "a rollback exits 4");
     assert!(
         stderr.contains("generation 2 rolled back") && stderr.contains("readiness probe"),
         "{stderr}"

@@ -401,6 +401,19 @@ fn bench(quick: bool) -> Result<()> {
     Ok(())
 }
 
+/// The rate libFuzzer's closing line (`Done 92906 runs in 31 second(s)`) gives, as
+/// `N exec/s`.
+fn executions_per_second(done: &str) -> String {
+    let numbers: Vec<u64> = done
+        .split_whitespace()
+        .filter_map(|word| word.parse().ok())
+        .collect();
+    match numbers[..] {
+        [runs, seconds] if seconds > 0 => format!("{} exec/s", runs / seconds),
+        _ => "exec/s unknown".to_owned(),
+    }
+}
+
 /// Runs each fuzz target for `seconds` on the stable toolchain (`RUSTC_BOOTSTRAP` unlocks
 /// the flags cargo-fuzz passes; no sanitizer, so no nightly runtime is needed) and prints
 /// how many inputs each ran.
@@ -469,7 +482,10 @@ fn fuzz(seconds: u64) -> Result<()> {
             );
         }
         let done = done.with_context(|| format!("fuzz target {target} reported no run count"))?;
-        summary.push(format!("fuzz {target}: {done}"));
+        summary.push(format!(
+            "fuzz {target}: {done} ({})",
+            executions_per_second(&done)
+        ));
     }
     for line in &summary {
         println!("{line}");
