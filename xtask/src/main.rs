@@ -1,5 +1,7 @@
 //! `cargo xtask`: the developer commands. Each installs what it needs first, so a fresh
 //! clone on a fresh machine needs nothing but cargo.
+mod docs;
+
 use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
@@ -58,6 +60,9 @@ enum Task {
         #[arg(long, default_value_t = 1.0)]
         minutes: f64,
     },
+    /// Generate the docs' measured figures (docs/measurements.md's table and the README's
+    /// picture, docs/surviving-flows.svg) from target/bench/report.json.
+    Docs,
     /// Run every fuzz target (config parser, control decoder, table operations) in turn,
     /// installing cargo-fuzz first if needed; fails on the first crash or hang.
     Fuzz {
@@ -89,6 +94,7 @@ fn main() -> Result<()> {
         Task::Run { args } => run(&args),
         Task::Bench { quick } => bench(quick),
         Task::Fuzz { seconds } => fuzz(seconds),
+        Task::Docs => docs::generate(&root()),
         Task::Soak { minutes } => harness_binary(
             "portshard-soak",
             &["--minutes", &minutes.to_string()],
