@@ -7,19 +7,19 @@ use std::{
     collections::BTreeMap,
     fmt,
     net::SocketAddr,
-    ops::Range,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use portshard_common::MAX_SLOTS;
-use serde::Deserialize;
-use toml::Spanned;
 
-use crate::{
-    service::{Proto, is_valid_name},
-    table::MAX_WEIGHT,
-};
+mod check;
+mod raw;
+
+use check::{Checker, Lines, check_service};
+use raw::{RawConfig, RawService};
+
+use crate::service::Proto;
 
 /// The most workers a service may have: half the slots, so that a reload can start a whole
 /// new generation beside the running one.
@@ -205,123 +205,6 @@ impl fmt::Display for ConfigError {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    service: Vec<Spanned<RawService>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawService {
-    name: Spanned<String>,
-    proto: Spanned<String>,
-    listen: Spanned<String>,
-    workers: Spanned<i64>,
-    command: Spanned<Vec<String>>,
-    mode: Option<Spanned<String>>,
-    weight: Option<Spanned<i64>>,
-    sticky: Option<Spanned<bool>>,
-    drain_idle: Option<Spanned<String>>,
-    drain_timeout: Option<Spanned<String>>,
-    flow_table: Option<Spanned<i64>>,
-    restart_delay: Option<Spanned<String>>,
-    restart_delay_max: Option<Spanned<String>>,
-    restart_limit: Option<Spanned<i64>>,
-    restart_window: Option<Spanned<String>>,
-    stop_timeout: Option<Spanned<String>>,
-    ready_delay: Option<Spanned<String>>,
-    user: Option<Spanned<String>>,
-    group: Option<Spanned<String>>,
-    probe: Option<Spanned<String>>,
-    probe_interval: Option<Spanned<String>>,
-    probe_timeout: Option<Spanned<String>>,
-    probe_failures: Option<Spanned<i64>>,
-}
-
-/// Byte offsets to line and column.
-struct Lines<'a>(&'a str);
-
-impl Lines<'_> {
-    fn position(&self, offset: usize) -> (usize, usize) {
-        let before = &self.0[..offset.min(self.0.len())];
-        let line = before.matches('\n').count() + 1;
-        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-        (line, column)
-    }
-}
-
-/// Collects the problems of one file.
-struct Checker<'a> {
-    lines: Lines<'a>,
-    problems: Vec<Problem>,
-}
-
-impl Checker<'_> {
-    fn report(&mut self, span: Range<usize>, what: String, message: String) {
-        let (line, column) = self.lines.position(span.start);
-        self.problems.push(Problem {
-            line,
-            column,
-            what,
-            message,
-        });
-    }
-
-    fn duration(
-        &mut self,
-        field: Option<Spanned<String>>,
-        what: &str,
-        default: Duration,
-    ) -> Duration {
-        let Some(field) = field else {
-            return default;
-        };
-        match humantime::parse_duration(field.get_ref()) {
-            Ok(duration) if !duration.is_zero() => duration,
-            Ok(_) => {
-                self.report(
-                    field.span(),
-                    what.to_owned(),
-                    "must be longer than zero".to_owned(),
-                );
-                default
-            }
-            Err(e) => {
-                self.report(
-                    field.span(),
-                    what.to_owned(),
-                    format!(
-                        "{:?} is not a duration ({e}): write it like \"100ms\", \"30s\" or \"5m\"",
-                        field.get_ref()
-                    ),
-                );
-                default
-            }
-        }
-    }
-
-    fn integer(&mut self, field: &Spanned<i64>, what: &str, allowed: Range<u32>) -> u32 {
-        let value = *field.get_ref();
-        match u32::try_from(value) {
-            Ok(v) if allowed.contains(&v) => v,
-            _ => {
-                self.report(
-                    field.span(),
-                    what.to_owned(),
-                    format!(
-                        "{value} is out of range: use {} to {}",
-                        allowed.start,
-                        allowed.end - 1
-                    ),
-                );
-                allowed.start
-            }
-        }
-    }
-}
-
 impl Config {
     /// Parses and validates `text`, read from `origin` (named in errors).
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
@@ -342,12 +225,12 @@ impl Config {
             }
         };
         if raw.service.is_empty() {
-            checker.problems.push(Problem {
-                line: 0,
-                column: 0,
-                what: String::new(),
-                message: "no service: add at least one [[service]] table".to_owned(),
-            });
+            let message = if text.trim().is_empty() {
+                "the file is empty: add at least one [[service]] table, like the example in docs/configuration.md"
+            } else {
+                "no service: add at least one [[service]] table"
+            };
+            checker.report(0..0, String::new(), message.to_owned());
         }
         if raw.service.len() > MAX_SERVICES {
             let span = raw.service[MAX_SERVICES].span();
@@ -364,7 +247,7 @@ impl Config {
         let mut addresses: BTreeMap<(Proto, SocketAddr), String> = BTreeMap::new();
         let mut services = Vec::new();
         for (index, raw) in raw.service.into_iter().enumerate() {
-            let raw = raw.into_inner();
+            let raw = RawService::read(&mut checker, raw, index);
             let service = check_service(&mut checker, raw, index);
             let Some(service) = service else { continue };
             services.push(service);
@@ -445,307 +328,12 @@ pub const DEFAULT_FLOW_TABLE: u32 = 65_536;
 /// Largest UDP flow table a service may ask for.
 pub const MAX_FLOW_TABLE: u32 = 1 << 24;
 
-/// Where the fields that must be unique were written.
-struct Spans {
-    name: Range<usize>,
-    listen: Range<usize>,
-}
-
-/// Validates one service; `None` (with problems reported) if it cannot be used.
-fn check_service(
-    checker: &mut Checker<'_>,
-    raw: RawService,
-    index: usize,
-) -> Option<(Service, Spans)> {
-    let before = checker.problems.len();
-    let name = raw.name.get_ref().clone();
-    let label = if is_valid_name(&name) {
-        format!("service {name:?}")
-    } else {
-        checker.report(
-            raw.name.span(),
-            format!("service #{} field `name`", index + 1),
-            format!("{name:?} is not a valid name: use 1 to 32 characters from a-z, 0-9 and '-'"),
-        );
-        format!("service #{}", index + 1)
-    };
-    let what = |field: &str| format!("{label} field `{field}`");
-
-    let proto = match raw.proto.get_ref().as_str() {
-        "udp" => Proto::Udp,
-        "tcp" => Proto::Tcp,
-        other => {
-            checker.report(
-                raw.proto.span(),
-                what("proto"),
-                format!("{other:?} is not a transport: use \"udp\" or \"tcp\""),
-            );
-            Proto::Udp
-        }
-    };
-    let listen = match raw.listen.get_ref().parse::<SocketAddr>() {
-        Ok(addr) if addr.port() != 0 => addr,
-        Ok(_) => {
-            checker.report(
-                raw.listen.span(),
-                what("listen"),
-                "port 0 is not allowed: workers of one service must share a fixed port".to_owned(),
-            );
-            SocketAddr::from(([0, 0, 0, 0], 0))
-        }
-        Err(_) => {
-            checker.report(
-                raw.listen.span(),
-                what("listen"),
-                format!(
-                    "{:?} is not an address: write \"127.0.0.1:5300\" or \"[::1]:5300\"",
-                    raw.listen.get_ref()
-                ),
-            );
-            SocketAddr::from(([0, 0, 0, 0], 0))
-        }
-    };
-    let workers = checker.integer(&raw.workers, &what("workers"), 1..MAX_WORKERS + 1);
-    let command = raw.command.get_ref().clone();
-    if command.first().is_none_or(|program| program.is_empty()) {
-        checker.report(
-            raw.command.span(),
-            what("command"),
-            "is empty: give the program and its arguments, like [\"/usr/bin/my-server\", \"--flag\"]"
-                .to_owned(),
-        );
-    } else if command.iter().any(|arg| arg.contains('\0')) {
-        checker.report(
-            raw.command.span(),
-            what("command"),
-            "contains a NUL character, which no program argument can hold".to_owned(),
-        );
-    }
-    let mode = match raw.mode.as_ref().map(|m| m.get_ref().as_str()) {
-        None | Some("balance") => Mode::Balance,
-        Some("handover") => Mode::Handover,
-        Some(other) => {
-            checker.report(
-                raw.mode.as_ref().map_or(0..0, Spanned::span),
-                what("mode"),
-                format!("{other:?} is not a mode: use \"balance\" or \"handover\""),
-            );
-            Mode::Balance
-        }
-    };
-    let sticky = raw.sticky.as_ref().is_some_and(|s| *s.get_ref());
-    let weight = raw.weight.as_ref().map_or(1, |w| {
-        checker.integer(w, &what("weight"), 1..MAX_WEIGHT + 1)
-    });
-    let flow_table = raw.flow_table.as_ref().map_or(DEFAULT_FLOW_TABLE, |f| {
-        checker.integer(f, &what("flow_table"), 1..MAX_FLOW_TABLE + 1)
-    });
-    let defaults = RestartPolicy::default();
-    let restart = RestartPolicy {
-        delay: checker.duration(raw.restart_delay, &what("restart_delay"), defaults.delay),
-        delay_max: checker.duration(
-            raw.restart_delay_max,
-            &what("restart_delay_max"),
-            defaults.delay_max,
-        ),
-        limit: raw.restart_limit.as_ref().map_or(defaults.limit, |l| {
-            checker.integer(l, &what("restart_limit"), 1..1_000_001)
-        }),
-        window: checker.duration(raw.restart_window, &what("restart_window"), defaults.window),
-    };
-    let run_as = check_run_as(checker, raw.user, raw.group, &what);
-    let probe = check_probe(
-        checker,
-        proto,
-        RawProbe {
-            probe: raw.probe,
-            interval: raw.probe_interval,
-            timeout: raw.probe_timeout,
-            failures: raw.probe_failures,
-        },
-        &what,
-    );
-    let service = Service {
-        name,
-        proto,
-        listen,
-        workers,
-        command,
-        mode,
-        weight,
-        sticky,
-        drain_idle: checker.duration(raw.drain_idle, &what("drain_idle"), DEFAULT_DRAIN_IDLE),
-        drain_timeout: checker.duration(
-            raw.drain_timeout,
-            &what("drain_timeout"),
-            DEFAULT_DRAIN_TIMEOUT,
-        ),
-        flow_table,
-        restart,
-        stop_timeout: checker.duration(
-            raw.stop_timeout,
-            &what("stop_timeout"),
-            DEFAULT_STOP_TIMEOUT,
-        ),
-        ready_delay: checker.duration(raw.ready_delay, &what("ready_delay"), DEFAULT_READY_DELAY),
-        run_as,
-        probe,
-    };
-    (checker.problems.len() == before).then(|| {
-        (
-            service,
-            Spans {
-                name: raw.name.span(),
-                listen: raw.listen.span(),
-            },
-        )
-    })
-}
-
 /// Default time between two probes of a worker.
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Default time a probe waits for its answer.
 pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Default number of unanswered probes in a row that make a worker hung.
 pub const DEFAULT_PROBE_FAILURES: u32 = 3;
-
-/// The probe fields of a service, as written.
-struct RawProbe {
-    probe: Option<Spanned<String>>,
-    interval: Option<Spanned<String>>,
-    timeout: Option<Spanned<String>>,
-    failures: Option<Spanned<i64>>,
-}
-
-/// Validates the probe of a service of transport `proto`.
-fn check_probe(
-    checker: &mut Checker<'_>,
-    proto: Proto,
-    raw: RawProbe,
-    what: &dyn Fn(&str) -> String,
-) -> Option<Probe> {
-    let Some(probe) = raw.probe else {
-        let stray = [
-            ("probe_interval", raw.interval.map(|f| f.span())),
-            ("probe_timeout", raw.timeout.map(|f| f.span())),
-            ("probe_failures", raw.failures.map(|f| f.span())),
-        ];
-        for (field, span) in stray {
-            if let Some(span) = span {
-                checker.report(span, what(field), "is set without `probe`: add `probe = \"udp:<payload>\"` or `probe = \"tcp\"`, or remove it".to_owned());
-            }
-        }
-        return None;
-    };
-    let kind = match (
-        probe.get_ref().split_once(':'),
-        probe.get_ref().as_str(),
-        proto,
-    ) {
-        (Some(("udp", payload)), _, Proto::Udp) if !payload.is_empty() => {
-            ProbeKind::Udp(payload.as_bytes().to_vec())
-        }
-        (_, "tcp", Proto::Tcp) => ProbeKind::Tcp,
-        _ => {
-            let allowed = match proto {
-                Proto::Udp => {
-                    "\"udp:<payload>\" with a payload the worker answers, like \"udp:ping\""
-                }
-                Proto::Tcp => "\"tcp\"",
-            };
-            checker.report(
-                probe.span(),
-                what("probe"),
-                format!(
-                    "{:?} is not a probe for a {proto} service: use {allowed}",
-                    probe.get_ref()
-                ),
-            );
-            return None;
-        }
-    };
-    let interval = checker.duration(
-        raw.interval,
-        &what("probe_interval"),
-        DEFAULT_PROBE_INTERVAL,
-    );
-    let timeout_span = raw.timeout.as_ref().map(|f| f.span());
-    let timeout = checker.duration(
-        raw.timeout,
-        &what("probe_timeout"),
-        DEFAULT_PROBE_TIMEOUT.min(interval),
-    );
-    if timeout > interval {
-        checker.report(
-            timeout_span.unwrap_or(probe.span()),
-            what("probe_timeout"),
-            format!(
-                "{} is longer than probe_interval {}: a probe must end before the next starts",
-                humantime::format_duration(timeout),
-                humantime::format_duration(interval)
-            ),
-        );
-    }
-    let failures = raw.failures.as_ref().map_or(DEFAULT_PROBE_FAILURES, |f| {
-        checker.integer(f, &what("probe_failures"), 1..101)
-    });
-    Some(Probe {
-        kind,
-        interval,
-        timeout,
-        failures,
-    })
-}
-
-/// Whether `name` can name a user or group: a POSIX portable name (`[a-z_][a-z0-9_-]*`, at
-/// most 32 characters, as `useradd` accepts) or a numeric id.
-fn is_account_name(name: &str) -> bool {
-    let numeric = !name.is_empty() && name.len() <= 10 && name.bytes().all(|b| b.is_ascii_digit());
-    let portable = (1..=32).contains(&name.len())
-        && name.bytes().enumerate().all(|(i, b)| {
-            b.is_ascii_lowercase() || b == b'_' || (i > 0 && (b.is_ascii_digit() || b == b'-'))
-        });
-    (numeric && name.parse::<u32>().is_ok()) || portable
-}
-
-/// Validates `user` and `group`; a group alone is refused, since it would leave the workers
-/// running as root.
-fn check_run_as(
-    checker: &mut Checker<'_>,
-    user: Option<Spanned<String>>,
-    group: Option<Spanned<String>>,
-    what: &dyn Fn(&str) -> String,
-) -> Option<RunAs> {
-    for (field, value) in [("user", &user), ("group", &group)] {
-        if let Some(value) = value
-            && !is_account_name(value.get_ref())
-        {
-            checker.report(
-                value.span(),
-                what(field),
-                format!(
-                    "{:?} is not a {field} name: use a name like \"nobody\" ([a-z_][a-z0-9_-]*, at most 32 characters) or a numeric id",
-                    value.get_ref()
-                ),
-            );
-        }
-    }
-    match (user, group) {
-        (Some(user), group) => Some(RunAs {
-            user: user.into_inner(),
-            group: group.map(Spanned::into_inner),
-        }),
-        (None, Some(group)) => {
-            checker.report(
-                group.span(),
-                what("group"),
-                "is set without `user`, which would leave the workers running as root: set `user` too".to_owned(),
-            );
-            None
-        }
-        (None, None) => None,
-    }
-}
 
 #[cfg(test)]
 mod tests;

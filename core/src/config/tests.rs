@@ -182,7 +182,7 @@ fn bad_values_name_their_field_and_what_is_allowed() {
         (
             "mode = \"balance\"",
             "drain_idle = \"soon\"",
-            "8:14: service \"dns\" field `drain_idle`: \"soon\" is not a duration (expected number at 0): write it like \"100ms\", \"30s\" or \"5m\"",
+            "8:14: service \"dns\" field `drain_idle`: \"soon\" is not a duration: write a number and a unit, like \"100ms\", \"30s\" or \"5m\"",
         ),
         (
             "mode = \"balance\"",
@@ -199,21 +199,59 @@ fn bad_values_name_their_field_and_what_is_allowed() {
 #[test]
 fn unknown_keys_and_syntax_errors_point_at_the_place() {
     let unknown = problem(&DNS.replace("mode = \"balance\"", "modes = \"balance\""));
+    assert_eq!(
+        unknown,
+        format!("{FILE}:8:1: service \"dns\": unknown field `modes`: did you mean `mode`?")
+    );
+    let far = problem(&DNS.replace("mode = \"balance\"", "colour = \"blue\""));
     assert!(
-        unknown.starts_with(&format!(
-            "{FILE}:8:1: unknown field `modes`, expected one of"
-        )),
-        "{unknown}"
+        far.contains("unknown field `colour`: a service takes name, proto"),
+        "{far}"
     );
     let missing = problem(&DNS.replace("workers = 4\n", ""));
-    assert!(missing.contains("missing field `workers`"), "{missing}");
+    assert!(
+        missing.contains("service \"dns\": missing field `workers`"),
+        "{missing}"
+    );
     let syntax = problem("[[service]\nname = 1");
     assert!(syntax.starts_with(&format!("{FILE}:1:")), "{syntax}");
     let wrong_type = problem(&DNS.replace("workers = 4", "workers = \"four\""));
-    assert!(
-        wrong_type.starts_with(&format!("{FILE}:6:11: invalid type")),
-        "{wrong_type}"
+    assert_eq!(
+        wrong_type,
+        format!(
+            "{FILE}:6:11: service \"dns\" field `workers`: expected a whole number, found the string \"four\""
+        )
     );
+    let duration = problem(&DNS.replace("mode = \"balance\"", "drain_idle = \"soon\""));
+    assert!(
+        duration.ends_with("\"soon\" is not a duration: write a number and a unit, like \"100ms\", \"30s\" or \"5m\""),
+        "{duration}"
+    );
+}
+
+#[test]
+fn an_unknown_key_or_a_wrong_type_hides_no_other_problem() {
+    let text = "[[service]]\nname = \"Bad Name\"\nproto = \"sctp\"\nlisten = \"localhost\"\nworkers = \"four\"\ncommand = []\nweight = 0\nflow_table = -1\ndrain_idle = \"soon\"\nunknown_key = 1\n\n[[service]]\nname = \"web\"\nworkers = 100000\n";
+    let error = parse(text).unwrap_err();
+    let report = error.to_string();
+    for expected in [
+        "2:8: service #1 field `name`: \"Bad Name\" is not a valid name",
+        "3:9: service #1 field `proto`: \"sctp\" is not a transport",
+        "4:10: service #1 field `listen`: \"localhost\" is not an address",
+        "5:11: service #1 field `workers`: expected a whole number, found the string \"four\"",
+        "6:11: service #1 field `command`: is empty",
+        "7:10: service #1 field `weight`: 0 is out of range",
+        "8:14: service #1 field `flow_table`: -1 is out of range",
+        "9:14: service #1 field `drain_idle`: \"soon\" is not a duration",
+        "10:1: service #1: unknown field `unknown_key`",
+        "service \"web\": missing field `proto`",
+        "service \"web\": missing field `listen`",
+        "service \"web\": missing field `command`",
+        "14:11: service \"web\" field `workers`: 100000 is out of range",
+    ] {
+        assert!(report.contains(expected), "{expected} not in\n{report}");
+    }
+    assert_eq!(error.problems.len(), 13, "{report}");
 }
 
 #[test]
@@ -231,7 +269,13 @@ fn every_problem_is_reported_at_once() {
 
 #[test]
 fn an_empty_file_says_what_to_add() {
-    assert!(problem("").ends_with("no service: add at least one [[service]] table"));
+    assert_eq!(
+        problem(""),
+        format!(
+            "{FILE}:1:1: the file is empty: add at least one [[service]] table, like the example in docs/configuration.md"
+        )
+    );
+    assert!(problem("# nothing yet\n[other]\n").contains("unknown field `other`"));
 }
 
 #[test]
