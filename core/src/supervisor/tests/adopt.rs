@@ -1,0 +1,134 @@
+//! Adoption after a daemon restart, and SIGHUP diffs.
+use super::*;
+
+#[test]
+fn adoption_keeps_live_workers_restarts_dead_ones_and_rolls_back_a_half_done_reload() {
+    let record = |slot, state, generation, alive| AdoptedSlot {
+        slot,
+        state,
+        pid: 500 + u32::from(slot),
+        generation,
+        restarts: 2,
+        alive,
+    };
+    let adoption = Adoption {
+        generation: 3,
+        members: [(0, 1), (1, 1), (2, 1)].into(),
+        slots: vec![
+            record(0, SlotState::Live, 3, true),
+            record(1, SlotState::Live, 3, false),
+            record(2, SlotState::Draining, 3, true),
+            record(4, SlotState::Draining, 2, true),
+            record(5, SlotState::Draining, 2, false),
+            record(6, SlotState::Starting, 4, true),
+            record(7, SlotState::Starting, 4, false),
+        ],
+    };
+    let mut sup = Supervisor::<()>::new();
+    let now = Instant::now();
+    sup.handle(
+        now,
+        Event::Added {
+            spec: Box::new(service("workers = 3")),
+            launch: (),
+            adoption,
+        },
+    );
+    let actions: Vec<_> = std::iter::from_fn(|| sup.poll_action()).collect();
+    assert_eq!(
+        table_ops(&actions),
+        vec![
+            TableOp::Remove(1),
+            TableOp::Release(5),
+            TableOp::Release(6),
+            TableOp::Release(7),
+        ]
+    );
+    assert_eq!(signals(&actions), vec![(6, 506, Signal::Kill)]);
+    // The dead current slot restarts at once, with its restart count.
+    assert_eq!(
+        timers(&actions),
+        vec![(
+            Duration::ZERO,
+            Timer::RestartDue {
+                service: 0,
+                slot: 1
+            }
+        )]
+    );
+    let running = &sup.services[0];
+    assert_eq!(running.generation, 3);
+    assert!(
+        matches!(&running.slots[&0], SlotRun::Serving(w) if w.role == Role::Current && w.pid == 500)
+    );
+    assert!(matches!(&running.slots[&2], SlotRun::Serving(w) if w.role == Role::Current));
+    assert!(running.drained.contains(&2));
+    assert!(
+        matches!(&running.slots[&4], SlotRun::Serving(w) if matches!(w.role, Role::Retiring(_)))
+    );
+    assert!(matches!(&running.slots[&6], SlotRun::Serving(w) if w.stopping));
+    assert_eq!(running.crashes[&1].restarts, 2);
+    // The killed half-started worker's exit rolls nothing back and frees its slot again.
+    sup.handle(
+        now,
+        Event::Exited {
+            service: 0,
+            slot: 6,
+            pid: 506,
+            exit: Exit::Unknown,
+        },
+    );
+    let actions: Vec<_> = std::iter::from_fn(|| sup.poll_action()).collect();
+    assert_eq!(table_ops(&actions), vec![TableOp::Release(6)]);
+    assert!(replies(&actions).is_empty());
+}
+
+#[test]
+fn hangup_adds_services_resizes_and_reloads_on_a_new_command() {
+    let mut h = Harness::with(service("workers = 2"));
+    let both = config(
+        "[[service]]\nname = \"dns\"\nproto = \"udp\"\nlisten = \"127.0.0.1:5300\"\nworkers = 3\ncommand = [\"srv\"]\nweight = 2\n\
+         [[service]]\nname = \"web\"\nproto = \"tcp\"\nlisten = \"127.0.0.1:8080\"\nworkers = 1\ncommand = [\"web\"]\n",
+    );
+    let actions = h.feed(Event::Hangup(both.into_iter().map(|s| (s, ())).collect()));
+    assert_eq!(
+        table_ops(&actions),
+        vec![
+            TableOp::SetWeight { slot: 0, weight: 2 },
+            TableOp::SetWeight { slot: 1, weight: 2 },
+            TableOp::SetFlags(0),
+        ]
+    );
+    assert_eq!(spawns(&actions), vec![(2, false, 1)]);
+    assert!(matches!(&actions.last(), Some(Action::AddService { spec, .. }) if spec.name == "web"));
+    // Fewer workers: the highest current slot retires.
+    let actions = h.feed(Event::Hangup(vec![(
+        service("workers = 2\nweight = 2"),
+        (),
+    )]));
+    assert_eq!(
+        table_ops(&actions),
+        vec![TableOp::SetFlags(0), TableOp::Drain(2)]
+    );
+    assert_eq!(h.sup.retiring(), vec![(0, 2, h.pid(2))]);
+    // The same config again changes nothing.
+    assert!(
+        h.feed(Event::Hangup(vec![(
+            service("workers = 2\nweight = 2"),
+            ()
+        )]))
+        .is_empty()
+    );
+    // A new command takes a new generation.
+    let actions = h.feed(Event::Hangup(vec![(
+        service("workers = 2\nweight = 2\ncommand = [\"srv2\"]"),
+        (),
+    )]));
+    assert_eq!(spawns(&actions), vec![(3, true, 2), (4, true, 2)]);
+    // A change of what the pins record is refused: nothing happens.
+    let actions = h.feed(Event::Hangup(vec![(
+        service("workers = 2\nproto = \"tcp\""),
+        (),
+    )]));
+    assert!(actions.is_empty());
+}
