@@ -6,7 +6,7 @@ fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let root = manifest_dir
         .parent()
-        .expect("userspace sits inside the workspace");
+        .expect("the dataplane crate sits inside the workspace");
     for input in ["ebpf", "common", "Cargo.lock", ".cargo/config.toml"] {
         println!("cargo::rerun-if-changed={}", root.join(input).display());
     }

@@ -3,7 +3,7 @@
 //!
 //! rustup's toolchain here has no `rust-src`, so `-Z build-std` is impossible. Debian ships a
 //! rustc (`rustc-web`) with a prebuilt `core` for `bpfel-unknown-none`, and `bpf-linker` is
-//! built against Debian's LLVM 22. The userspace build script and `cargo xtask` both use this
+//! built against Debian's LLVM 22. The dataplane crate's build script and `cargo xtask` both use this
 //! crate, so the recipe exists once.
 #![warn(missing_docs)]
 use std::{

@@ -10,15 +10,16 @@
 //! its shell ([`shell`]): one task turns pidfds, timers, signals and requests into events
 //! and carries out the actions, in the order events arrive; the other tasks only watch
 //! and forward.
+mod control_socket;
+mod metrics_http;
 mod pins;
 mod probes;
-mod servers;
 mod shell;
 
 use std::{
     io,
     net::SocketAddr,
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
 };
 
@@ -77,6 +78,12 @@ pub enum DaemonError {
         /// Why.
         #[source]
         source: ProcessError,
+    },
+    /// Programs or accounts of the config could not be found; nothing was started.
+    #[error("cannot run the configured workers; nothing was started:\n  {}", problems.join("\n  "))]
+    Unlaunchable {
+        /// One line per service whose program or account is missing.
+        problems: Vec<String>,
     },
     /// A worker's socket could not be made.
     #[error("service {service}: {source}")]
@@ -146,21 +153,65 @@ fn io_error(
 /// Returns once everything is stopped; an error before any worker started leaves nothing
 /// behind.
 pub async fn serve(config: Config, options: Options) -> Result<(), DaemonError> {
+    // Programs and accounts first: a typo there is found before anything is made.
+    let services = resolve(config)?;
+    let made = Made::before(&options);
+    let result = serve_resolved(services, &options).await;
+    made.remove_if_empty();
+    result
+}
+
+/// Resolves every service's program on `PATH` and its `user` and `group`, reporting every
+/// one that cannot be found at once.
+fn resolve(config: Config) -> Result<Vec<(Service, Launch)>, DaemonError> {
+    let mut services = Vec::new();
+    let mut problems = Vec::new();
+    for service in config.services {
+        match Launch::of(&service) {
+            Ok(launch) => services.push((service, launch)),
+            Err(error) => problems.push(format!("service {}: {error}", service.name)),
+        }
+    }
+    if problems.is_empty() {
+        Ok(services)
+    } else {
+        Err(DaemonError::Unlaunchable { problems })
+    }
+}
+
+/// The directories the daemon makes for its pins and its control socket, removed again
+/// (when empty) once it stops, so a clean stop leaves nothing behind.
+struct Made {
+    dirs: Vec<PathBuf>,
+}
+
+impl Made {
+    fn before(options: &Options) -> Self {
+        let control_dir = options.control.parent().map(Path::to_path_buf);
+        Self {
+            dirs: [Some(options.bpffs.clone()), control_dir]
+                .into_iter()
+                .flatten()
+                .filter(|dir| !dir.as_os_str().is_empty() && !dir.exists())
+                .collect(),
+        }
+    }
+
+    fn remove_if_empty(&self) {
+        for dir in &self.dirs {
+            // Fails, leaving it, if anything is still in it.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+async fn serve_resolved(
+    services: Vec<(Service, Launch)>,
+    options: &Options,
+) -> Result<(), DaemonError> {
     bpffs::ensure_dir(&options.bpffs)?;
     Dataplane::check_root(&options.bpffs)?;
     let lock = lock_root(&options.bpffs)?;
-    let services = config
-        .services
-        .into_iter()
-        .map(|service| match Launch::of(&service) {
-            Ok(launch) => Ok((service, launch)),
-            Err(source) => Err(DaemonError::Worker {
-                service: service.name.clone(),
-                slot: 0,
-                source,
-            }),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
     let control = bind_control(&options.control).await?;
     let metrics = match options.metrics {
         Some(addr) => Some(
@@ -190,14 +241,17 @@ pub async fn serve(config: Config, options: Options) -> Result<(), DaemonError> 
         }
         return Err(error);
     }
-    tokio::spawn(servers::control_server(control, events.clone()));
+    tokio::spawn(control_socket::control_server(control, events.clone()));
     if let Some(listener) = metrics {
-        tokio::spawn(servers::metrics_server(listener, events.clone()));
+        tokio::spawn(metrics_http::serve(listener, events.clone()));
     }
+    let metrics = options
+        .metrics
+        .map_or_else(|| "off".to_owned(), |addr| format!("http://{addr}/metrics"));
     info!(
         bpffs = %options.bpffs.display(),
         control = %options.control.display(),
-        metrics = ?options.metrics,
+        %metrics,
         "portshard is serving"
     );
     shell.run(&mut inbox).await;
@@ -212,16 +266,14 @@ pub async fn serve(config: Config, options: Options) -> Result<(), DaemonError> 
 /// it even on `kill -9`), so two daemons never manage the same pins.
 fn lock_root(root: &Path) -> Result<OwnedFd, DaemonError> {
     let dir = std::fs::File::open(root).map_err(io_error("opening pin root", root.display()))?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let error = io::Error::last_os_error();
-        return Err(if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            DaemonError::Locked {
+    match rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            return Err(DaemonError::Locked {
                 root: root.to_path_buf(),
-            }
-        } else {
-            io_error("locking pin root", root.display())(error)
-        });
+            });
+        }
+        Err(error) => return Err(io_error("locking pin root", root.display())(error.into())),
     }
     Ok(dir.into())
 }

@@ -3,6 +3,8 @@
 //! not run) the service; commands that change state go through the daemon's control socket.
 //! Errors are printed once, on one line, without a backtrace, and the exit code tells
 //! scripts what happened (see [`Failure`]).
+mod print;
+
 use std::{
     io::{BufRead as _, BufReader, IsTerminal as _, Write as _},
     net::SocketAddr,
@@ -12,14 +14,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use portshard::{
     config::Config,
     control::{self, ErrorKind, Reply, Request},
     daemon::{self, Options},
-    dataplane::Dataplane,
     echo,
-    report::StatusReport,
     table::Slot,
 };
 
@@ -30,7 +30,7 @@ const EXIT_CODES: &str = "Exit codes: 0 done; 1 failed (I/O, kernel, pins); 2 in
 
 /// An outcome with its own exit code, so scripts tell them apart.
 #[derive(Debug, thiserror::Error)]
-enum Failure {
+pub(crate) enum Failure {
     /// Invalid input, or the daemon refused: nothing changed.
     #[error("{0}")]
     Refused(String),
@@ -55,24 +55,43 @@ impl Failure {
 #[derive(Parser)]
 #[command(version, about = "eBPF-steered SO_REUSEPORT load balancer", after_help = EXIT_CODES)]
 struct Cli {
-    /// Root directory of the pins on a BPF filesystem.
+    /// Root directory of the pins on a BPF filesystem (for every command; a command's own
+    /// --bpffs wins).
     #[arg(
         long,
-        global = true,
         env = "PORTSHARD_BPFFS",
-        default_value = "/sys/fs/bpf/portshard"
+        default_value = "/sys/fs/bpf/portshard",
+        value_name = "DIR"
     )]
     bpffs: PathBuf,
-    /// The daemon's control socket.
+    /// The daemon's control socket (for every command; a command's own --control wins).
     #[arg(
         long,
-        global = true,
         env = "PORTSHARD_CONTROL",
-        default_value = "/run/portshard/control.sock"
+        default_value = "/run/portshard/control.sock",
+        value_name = "PATH"
     )]
     control: PathBuf,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where the pins are, for the commands that read or make them.
+#[derive(Args)]
+struct Pins {
+    /// Root directory of the pins on a BPF filesystem [default: $PORTSHARD_BPFFS, else
+    /// /sys/fs/bpf/portshard].
+    #[arg(long, value_name = "DIR")]
+    bpffs: Option<PathBuf>,
+}
+
+/// Where the daemon listens, for the commands that ask it.
+#[derive(Args)]
+struct Control {
+    /// The daemon's control socket [default: $PORTSHARD_CONTROL, else
+    /// /run/portshard/control.sock].
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -95,12 +114,19 @@ enum Command {
         /// Log lines for humans, or one JSON object per line.
         #[arg(long, value_enum, default_value = "human")]
         log_format: LogFormat,
+        #[command(flatten)]
+        pins: Pins,
+        #[command(flatten)]
+        control: Control,
     },
-    /// Show every service: its slots, their workers, states, entries and counters.
+    /// Show every service: its slots, their workers, states, entries and counters, its
+    /// generations and its flow table.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        pins: Pins,
     },
     /// Show a service's table: entries, share and heirs per slot, balance, counters.
     Table {
@@ -109,6 +135,8 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        pins: Pins,
     },
     /// Move a slot's table entries to their heirs; its worker keeps its connections.
     Drain {
@@ -119,6 +147,8 @@ enum Command {
         /// Print the outcome as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        control: Control,
     },
     /// Set a slot's weight (a drained slot rejoins the table with it).
     Weight {
@@ -131,15 +161,19 @@ enum Command {
         /// Print the outcome as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        control: Control,
     },
     /// Start a new generation of a service's workers (its config as the file now says) and
-    /// switch new work to it once it is ready; exits non-zero if it was rolled back.
+    /// switch new work to it once it is ready; exits 4 if it was rolled back.
     Reload {
         /// The service.
         service: String,
         /// Print the outcome (with its progress and the entries moved) as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        control: Control,
     },
     /// List a service's UDP flow table: flows per slot and generation.
     Flows {
@@ -148,6 +182,8 @@ enum Command {
         /// Print JSON (every flow) instead of a summary.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        pins: Pins,
     },
     /// The built-in socket-activated echo worker (run by `serve`, not by hand).
     Echo,
@@ -189,26 +225,36 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let root = |pins: Pins| pins.bpffs.unwrap_or_else(|| cli.bpffs.clone());
+    let socket = |control: Control| control.control.unwrap_or_else(|| cli.control.clone());
     match cli.command {
         Command::Serve {
             config,
             metrics,
             log_format,
-        } => serve(config, cli.bpffs, cli.control, metrics, log_format),
-        Command::Status { json } => status(&cli.bpffs, json),
-        Command::Table { service, json } => table(&cli.bpffs, &service, json),
+            pins,
+            control,
+        } => serve(config, root(pins), socket(control), metrics, log_format),
+        Command::Status { json, pins } => print::status(&root(pins), json),
+        Command::Table {
+            service,
+            json,
+            pins,
+        } => print::table(&root(pins), &service, json),
         Command::Drain {
             service,
             slot,
             json,
-        } => request(&cli.control, &Request::Drain { service, slot }, json),
+            control,
+        } => request(&socket(control), &Request::Drain { service, slot }, json),
         Command::Weight {
             service,
             slot,
             weight,
             json,
+            control,
         } => request(
-            &cli.control,
+            &socket(control),
             &Request::Weight {
                 service,
                 slot,
@@ -216,10 +262,16 @@ fn run(cli: Cli) -> Result<()> {
             },
             json,
         ),
-        Command::Reload { service, json } => {
-            request(&cli.control, &Request::Reload { service }, json)
-        }
-        Command::Flows { service, json } => flows(&cli.bpffs, &service, json),
+        Command::Reload {
+            service,
+            json,
+            control,
+        } => request(&socket(control), &Request::Reload { service }, json),
+        Command::Flows {
+            service,
+            json,
+            pins,
+        } => print::flows(&root(pins), &service, json),
         Command::Echo => Ok(echo::serve()?),
     }
 }
@@ -267,7 +319,7 @@ fn serve(
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(daemon::serve(
+    let served = runtime.block_on(daemon::serve(
         config,
         Options {
             config: path,
@@ -275,8 +327,14 @@ fn serve(
             control,
             metrics,
         },
-    ))?;
-    Ok(())
+    ));
+    match served {
+        // A program or account the config names is missing: invalid input.
+        Err(error @ daemon::DaemonError::Unlaunchable { .. }) => {
+            Err(Failure::Refused(error.to_string()).into())
+        }
+        other => Ok(other?),
+    }
 }
 
 /// What a request to the daemon came to, for `--json`.
@@ -357,160 +415,4 @@ fn request(path: &Path, request: &Request, json: bool) -> Result<()> {
         "rolled_back" => Err(Failure::RolledBack(message).into()),
         _ => Err(Failure::Refused(format!("the daemon refused: {message}")).into()),
     }
-}
-
-/// Prints a service's flow table, read from its pins.
-fn flows(root: &Path, service: &str, json: bool) -> Result<()> {
-    let report = Dataplane::open(root, service)?.flow_report()?;
-    let mut out = std::io::stdout().lock();
-    if json {
-        serde_json::to_writer(&mut out, &report).context("writing JSON to stdout")?;
-        writeln!(out).context("writing to stdout")?;
-        return Ok(());
-    }
-    writeln!(
-        out,
-        "service {service}: {} of {} flows",
-        report.flows.len(),
-        report.capacity
-    )
-    .context("writing to stdout")?;
-    writeln!(
-        out,
-        "{:>6} {:>10} {:>8} {:>14}",
-        "slot", "generation", "flows", "newest idle ms"
-    )
-    .context("writing to stdout")?;
-    for group in &report.by_slot {
-        writeln!(
-            out,
-            "{:>6} {:>10} {:>8} {:>14}",
-            group.slot, group.generation, group.flows, group.least_idle_ms
-        )
-        .context("writing to stdout")?;
-    }
-    Ok(())
-}
-
-fn status(root: &Path, json: bool) -> Result<()> {
-    let services = Dataplane::pinned_services(root)?
-        .iter()
-        .map(|name| Dataplane::open(root, name)?.status())
-        .collect::<Result<Vec<_>, _>>()?;
-    let report = StatusReport { services };
-    let mut out = std::io::stdout().lock();
-    if json {
-        serde_json::to_writer(&mut out, &report).context("writing JSON to stdout")?;
-        writeln!(out).context("writing to stdout")?;
-        return Ok(());
-    }
-    if report.services.is_empty() {
-        writeln!(out, "no service is pinned under {}", root.display())
-            .context("writing to stdout")?;
-    }
-    for service in &report.services {
-        writeln!(
-            out,
-            "{} {} {} ({}): balance {:.4}, {} runs fell through",
-            service.name,
-            service.proto,
-            service.listen,
-            service.mode,
-            service.balance,
-            service.fell_through
-        )
-        .context("writing to stdout")?;
-        writeln!(
-            out,
-            "{:>6}  {:<8} {:>8} {:>4} {:>8} {:>8} {:>10} {:>11} {:>8}  probe",
-            "slot",
-            "state",
-            "pid",
-            "gen",
-            "entries",
-            "restarts",
-            "selected",
-            "failed_over",
-            "migrated"
-        )
-        .context("writing to stdout")?;
-        for slot in &service.slots {
-            writeln!(
-                out,
-                "{:>6}  {:<8} {:>8} {:>4} {:>8} {:>8} {:>10} {:>11} {:>8}  {}",
-                slot.slot,
-                slot.state,
-                slot.pid,
-                slot.generation,
-                slot.entries,
-                slot.restarts,
-                slot.counters.selected,
-                slot.counters.failed_over,
-                slot.counters.migrated,
-                match slot.probe_failures {
-                    0 => slot.probe.to_owned(),
-                    n => format!("{} ({n} in a row)", slot.probe),
-                }
-            )
-            .context("writing to stdout")?;
-        }
-    }
-    Ok(())
-}
-
-fn table(root: &Path, service: &str, json: bool) -> Result<()> {
-    let report = Dataplane::open(root, service)?.table_report()?;
-    let mut out = std::io::stdout().lock();
-    if json {
-        serde_json::to_writer_pretty(&mut out, &report).context("writing JSON to stdout")?;
-        writeln!(out).context("writing to stdout")?;
-        return Ok(());
-    }
-    let owners = report.slots.iter().filter(|s| s.entries > 0).count();
-    writeln!(
-        out,
-        "service {}: {owners} slots own entries, balance {:.4}, {} runs fell through to the kernel",
-        report.service, report.balance, report.fell_through
-    )
-    .context("writing to stdout")?;
-    writeln!(
-        out,
-        "{:>4}  {:<8} {:>8} {:>6} {:>8} {:>7}  {:>10} {:>11} {:>7} {:>8}  heirs",
-        "slot",
-        "state",
-        "pid",
-        "weight",
-        "entries",
-        "share",
-        "selected",
-        "failed_over",
-        "probed",
-        "migrated"
-    )
-    .context("writing to stdout")?;
-    for slot in &report.slots {
-        let heirs = match (slot.heirs.values().min(), slot.heirs.values().max()) {
-            (Some(min), Some(max)) => {
-                format!("{} slots, {min}-{max} entries each", slot.heirs.len())
-            }
-            _ => "none".to_owned(),
-        };
-        let c = slot.counters;
-        writeln!(
-            out,
-            "{:>4}  {:<8} {:>8} {:>6} {:>8} {:>6.2}%  {:>10} {:>11} {:>7} {:>8}  {heirs}",
-            slot.slot,
-            slot.state,
-            slot.pid,
-            slot.weight,
-            slot.entries,
-            slot.share * 100.0,
-            c.selected,
-            c.failed_over,
-            c.probed,
-            c.migrated
-        )
-        .context("writing to stdout")?;
-    }
-    Ok(())
 }

@@ -4,12 +4,19 @@
 //! A worker is started with `fork` and `execve` rather than `std::process::Command`,
 //! because socket activation needs `LISTEN_PID` to be the worker's own pid, which only the
 //! child knows; the child writes it into an environment buffer prepared before the fork,
-//! and calls nothing but async-signal-safe functions.
+//! and calls nothing but async-signal-safe functions: between fork and exec it makes raw
+//! `libc` calls only, which allocate nothing. Everything else goes through `rustix`
+//! (pidfds, waitid, poll, pipes, fds, access) and `nix` (the user database).
+mod accounts;
+mod pidfd;
+
+use nix::unistd::{Gid, Uid};
+
 use std::{
     ffi::{CString, OsStr},
     io,
     os::{
-        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd, RawFd},
         unix::ffi::OsStrExt as _,
     },
     path::{Path, PathBuf},
@@ -85,7 +92,10 @@ pub struct Spawned {
     pub pidfd: OwnedFd,
 }
 
+pub use accounts::Credentials;
+pub use pidfd::{has_exited, pidfd_open, reap, signal};
 pub use portshard_core::supervisor::Exit;
+pub use portshard_dataplane::group::start_time;
 
 /// Where `program` would be run from: itself if it names a path, else the first
 /// executable of that name on `PATH`.
@@ -95,13 +105,7 @@ pub fn resolve(program: &str) -> Result<PathBuf, ProcessError> {
         reason,
     };
     let executable = |path: &Path| {
-        CString::new(path.as_os_str().as_bytes())
-            .ok()
-            .is_some_and(|c| {
-                // SAFETY: `c` is a valid NUL-terminated path.
-                unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
-            })
-            && path.is_file()
+        rustix::fs::access(path, rustix::fs::Access::EXEC_OK).is_ok() && path.is_file()
     };
     if program.contains('/') {
         let path = PathBuf::from(program);
@@ -116,118 +120,6 @@ pub fn resolve(program: &str) -> Result<PathBuf, ProcessError> {
         .map(|dir| dir.join(program))
         .find(|path| executable(path))
         .ok_or_else(|| not_runnable("not found on PATH".to_owned()))
-}
-
-/// Whom a worker runs as: resolved from the config's `user` and `group` when the daemon
-/// starts, applied in the child between fork and exec.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Credentials {
-    /// The uid.
-    pub uid: u32,
-    /// The primary gid.
-    pub gid: u32,
-    /// Supplementary groups: the user's, as `/etc/group` lists them, with `gid` among them.
-    pub groups: Vec<u32>,
-}
-
-impl Credentials {
-    /// Resolves `user` (a name or a uid) and `group` (a name or a gid; `None` for the user's
-    /// primary group) through the system's user database.
-    pub fn lookup(user: &str, group: Option<&str>) -> Result<Self, ProcessError> {
-        let missing = |kind, name: &str| ProcessError::NoSuchAccount {
-            kind,
-            name: name.to_owned(),
-        };
-        let account = passwd(user).map_err(os(format!("looking up user {user:?}")))?;
-        let (uid, primary, name) = match (account, user.parse::<u32>()) {
-            (Some(found), _) => found,
-            // A bare uid with no passwd entry is allowed when the group is given.
-            (None, Ok(uid)) if group.is_some() => (uid, u32::MAX, None),
-            (None, _) => return Err(missing("user", user)),
-        };
-        let gid = match group {
-            None => primary,
-            Some(group) => {
-                match group_id(group).map_err(os(format!("looking up group {group:?}")))? {
-                    Some(gid) => gid,
-                    None => group.parse().map_err(|_| missing("group", group))?,
-                }
-            }
-        };
-        let mut groups = name.map_or_else(Vec::new, |name| supplementary(&name, gid));
-        if !groups.contains(&gid) {
-            groups.push(gid);
-        }
-        Ok(Self { uid, gid, groups })
-    }
-}
-
-/// Runs a reentrant user-database lookup (`getpw*_r`, `getgr*_r`) with a buffer of `size`
-/// bytes and `read`s the entry while its strings are valid: `Ok(None)` when there is none.
-fn database<T, R>(
-    size: usize,
-    lookup: impl FnOnce(*mut T, *mut libc::c_char, usize, *mut *mut T) -> libc::c_int,
-    read: impl FnOnce(&T) -> R,
-) -> io::Result<Option<R>> {
-    // SAFETY: the database records are plain C data; zeroed is a valid out-buffer.
-    let mut entry: T = unsafe { std::mem::zeroed() };
-    let mut buffer = vec![0 as libc::c_char; size];
-    let mut found: *mut T = std::ptr::null_mut();
-    let rc = lookup(&mut entry, buffer.as_mut_ptr(), buffer.len(), &mut found);
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
-    }
-    Ok((!found.is_null()).then(|| read(&entry)))
-}
-
-/// The uid, primary gid and name of `user` (a name, or a uid) from the user database.
-fn passwd(user: &str) -> io::Result<Option<(u32, u32, Option<CString>)>> {
-    let Ok(c_user) = CString::new(user) else {
-        return Ok(None);
-    };
-    database::<libc::passwd, _>(
-        16 * 1024,
-        // SAFETY: every pointer is valid for the call; the buffer's length is passed.
-        |entry, buffer, len, found| unsafe {
-            match user.parse::<u32>() {
-                Ok(uid) => libc::getpwuid_r(uid, entry, buffer, len, found),
-                Err(_) => libc::getpwnam_r(c_user.as_ptr(), entry, buffer, len, found),
-            }
-        },
-        |entry| {
-            // SAFETY: the lookup filled `entry`, whose name points into the live buffer.
-            let name = unsafe { std::ffi::CStr::from_ptr(entry.pw_name) }.to_owned();
-            (entry.pw_uid, entry.pw_gid, Some(name))
-        },
-    )
-}
-
-/// The gid of `group` (a name or a gid) from the group database, `None` if it has none.
-fn group_id(group: &str) -> io::Result<Option<u32>> {
-    let Ok(c_group) = CString::new(group) else {
-        return Ok(None);
-    };
-    database::<libc::group, _>(
-        64 * 1024,
-        // SAFETY: every pointer is valid for the call; the buffer's length is passed.
-        |entry, buffer, len, found| unsafe {
-            match group.parse::<u32>() {
-                Ok(gid) => libc::getgrgid_r(gid, entry, buffer, len, found),
-                Err(_) => libc::getgrnam_r(c_group.as_ptr(), entry, buffer, len, found),
-            }
-        },
-        |entry| entry.gr_gid,
-    )
-}
-
-/// The groups `name` belongs to, `gid` included (`getgrouplist`).
-fn supplementary(name: &std::ffi::CStr, gid: u32) -> Vec<u32> {
-    let mut groups = vec![0 as libc::gid_t; 256];
-    let mut count = groups.len() as libc::c_int;
-    // SAFETY: `groups` has room for `count` gids; getgrouplist writes at most that many.
-    let rc = unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &mut count) };
-    groups.truncate(if rc < 0 { 0 } else { count.max(0) as usize });
-    groups
 }
 
 /// The socket-activation environment of a worker, besides `LISTEN_PID`.
@@ -309,23 +201,20 @@ pub fn spawn(
     envp.push(std::ptr::null());
 
     // Every fd the child rearranges sits above 3 first, so no dup2 clobbers another.
-    let high = |fd: RawFd, what: &str| {
-        // SAFETY: duplicating an fd we hold; the result is a fresh fd we own.
-        let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
-        if new < 0 {
-            Err(os(format!("duplicating {what} for {name}"))(
-                io::Error::last_os_error(),
-            ))
-        } else {
-            // SAFETY: `new` is a fresh fd owned by nobody else.
-            Ok(unsafe { OwnedFd::from_raw_fd(new) })
-        }
+    let high = |fd: BorrowedFd<'_>, what: &str| {
+        rustix::io::fcntl_dupfd_cloexec(fd, 10)
+            .map_err(|e| os(format!("duplicating {what} for {name}"))(e.into()))
     };
     let null = std::fs::File::open("/dev/null").map_err(os("opening /dev/null"))?;
-    let null = high(null.as_raw_fd(), "/dev/null")?;
-    let socket = high(socket.as_raw_fd(), "the listening socket")?;
-    let (report_read, report_write) = pipe().map_err(os("creating the exec report pipe"))?;
-    let identity = credentials.map(|c| (c.uid, c.gid, c.groups.as_slice()));
+    let null = high(null.as_fd(), "/dev/null")?;
+    let socket = high(socket, "the listening socket")?;
+    let (report_read, report_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| os("creating the exec report pipe")(e.into()))?;
+    // Prepared before the fork: the child only passes them to the kernel.
+    let identity = credentials.map(|c| {
+        let groups: Vec<Gid> = c.groups.iter().copied().map(Gid::from_raw).collect();
+        (Uid::from_raw(c.uid), Gid::from_raw(c.gid), groups)
+    });
 
     // SAFETY: the child only calls async-signal-safe functions on memory prepared above,
     // then execs or exits.
@@ -336,7 +225,10 @@ pub fn spawn(
         ));
     }
     if pid == 0 {
-        // SAFETY: in the child of a fork: async-signal-safe calls only.
+        // SAFETY: in the child of a fork: async-signal-safe calls only. `nix` and `rustix`
+        // wrap each of theirs as one syscall with no allocation; `execve` stays raw because
+        // its wrappers build their argument arrays on the heap, `close_range` because neither
+        // wraps it.
         unsafe {
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
@@ -349,17 +241,11 @@ pub fn spawn(
                 || libc::syscall(libc::SYS_close_range, LISTEN_FD + 1, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0
             {
                 Stage::Fds
-            } else if libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                0,
-                0,
-                0,
-            ) != 0
-                || identity.is_some_and(|(uid, gid, groups)| {
-                    libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                        || libc::setresgid(gid, gid, gid) != 0
-                        || libc::setresuid(uid, uid, uid) != 0
+            } else if rustix::thread::clear_ambient_capability_set().is_err()
+                || identity.as_ref().is_some_and(|(uid, gid, groups)| {
+                    nix::unistd::setgroups(groups).is_err()
+                        || nix::unistd::setresgid(*gid, *gid, *gid).is_err()
+                        || nix::unistd::setresuid(*uid, *uid, *uid).is_err()
                 })
             {
                 Stage::Identity
@@ -384,19 +270,11 @@ pub fn spawn(
     let mut report = [0u8; 8];
     let mut read = 0;
     while read < report.len() {
-        // SAFETY: reading into the rest of a local buffer.
-        let n = unsafe {
-            libc::read(
-                report_read.as_raw_fd(),
-                report[read..].as_mut_ptr().cast(),
-                report.len() - read,
-            )
-        };
-        match n {
-            0 => break,
-            n if n > 0 => read += n as usize,
-            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
-            _ => break,
+        match rustix::io::read(&report_read, &mut report[read..]) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => break,
         }
     }
     if read < report.len() {
@@ -455,117 +333,11 @@ unsafe fn write_decimal(at: *mut u8, value: libc::pid_t) {
     unsafe { *at.add(len) = 0 };
 }
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two fds.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both fds are fresh and ours.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// A pidfd on `pid` (`pidfd_open`); fails with `ESRCH` if no such process exists.
-pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall; a non-negative result is a fresh fd.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        // SAFETY: `fd` is a fresh fd we own.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-    }
-}
-
-/// Sends `signal` to the process behind `pidfd` (never to a process that reused its pid).
-pub fn signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
-    // SAFETY: plain syscall with a valid fd.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            signal,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// Collects the exit of the process behind `pidfd` if it has ended: `Ok(None)` while it
-/// runs, [`Exit::Unknown`] if it is not our child.
-pub fn reap(pidfd: BorrowedFd<'_>) -> io::Result<Option<Exit>> {
-    const P_PIDFD: libc::idtype_t = 3;
-    // SAFETY: a zeroed siginfo is a valid out-buffer.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd and out-pointer.
-    let rc = unsafe {
-        libc::waitid(
-            P_PIDFD,
-            pidfd.as_raw_fd() as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOHANG,
-        )
-    };
-    if rc != 0 {
-        let error = io::Error::last_os_error();
-        return if error.raw_os_error() == Some(libc::ECHILD) {
-            Ok(Some(Exit::Unknown))
-        } else {
-            Err(error)
-        };
-    }
-    // SAFETY: waitid filled `info` (or left it zeroed when nothing exited).
-    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
-    if pid == 0 {
-        return Ok(None);
-    }
-    Ok(Some(match info.si_code {
-        libc::CLD_EXITED => Exit::Code(status),
-        _ => Exit::Signal(status),
-    }))
-}
-
-/// Whether the process behind `pidfd` has ended (its pidfd is readable), without waiting.
-pub fn has_exited(pidfd: BorrowedFd<'_>) -> bool {
-    let mut poll = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, no waiting.
-    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-    ready > 0 && poll.revents & libc::POLLIN != 0
-}
-
-/// The start time of `pid` in clock ticks after boot (`/proc/<pid>/stat` field 22): with
-/// the pid, it names one process for the life of the machine.
-pub fn start_time(pid: u32) -> io::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    parse_start_time(&stat).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("/proc/{pid}/stat has no start time"),
-        )
-    })
-}
-
-/// Field 22 of a `/proc/<pid>/stat` line; the command name (field 2) may hold spaces and
-/// parentheses, so fields are counted after its last `)`.
-fn parse_start_time(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
 /// How many established TCP connections with local port `port` the process `pid` holds:
-/// its socket descriptors (`/proc/<pid>/fd`) matched against its network namespace's
-/// connection tables (`/proc/<pid>/net/tcp` and `tcp6`).
+/// its socket descriptors (`/proc/<pid>/fd`) matched against the established connections
+/// sock_diag lists.
 pub fn established_connections(pid: u32, port: u16) -> io::Result<usize> {
-    let mut inodes = std::collections::BTreeSet::new();
+    let mut held = std::collections::BTreeSet::new();
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
         // A descriptor closed while listing is simply not counted.
         let Ok(target) = std::fs::read_link(fd?.path()) else {
@@ -575,55 +347,18 @@ pub fn established_connections(pid: u32, port: u16) -> io::Result<usize> {
             .to_str()
             .and_then(|t| t.strip_prefix("socket:["))
             .and_then(|t| t.strip_suffix(']'))
-            .and_then(|t| t.parse::<u64>().ok())
+            .and_then(|t| t.parse::<u32>().ok())
         {
-            inodes.insert(inode);
+            held.insert(inode);
         }
     }
-    let mut count = 0;
-    for table in ["tcp", "tcp6"] {
-        match std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
-            Ok(text) => {
-                count += established_inodes(&text, port)
-                    .filter(|inode| inodes.contains(inode))
-                    .count();
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(count)
-}
-
-/// The inodes of the established connections with local port `port` in a
-/// `/proc/net/tcp{,6}` table (`sl local_address rem_address st ... inode`, hex ports).
-fn established_inodes(table: &str, port: u16) -> impl Iterator<Item = u64> + '_ {
-    const ESTABLISHED: &str = "01";
-    table.lines().skip(1).filter_map(move |line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let local_port = fields.get(1)?.rsplit_once(':')?.1;
-        let local_port = u16::from_str_radix(local_port, 16).ok()?;
-        (local_port == port && *fields.get(3)? == ESTABLISHED)
-            .then(|| fields.get(9)?.parse().ok())
-            .flatten()
-    })
+    let established = crate::sockdiag::SockDiag::open()?.established_inodes(port)?;
+    Ok(established.intersection(&held).count())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn established_connections_are_read_from_the_tcp_table() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:14B4 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1 0 100 0 0 10 0
-   1: 0100007F:14B4 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 222 1 0 20 4 30 10 -1
-   2: 0100007F:C350 0100007F:14B4 01 00000000:00000000 00:00000000 00000000     0        0 333 1 0 20 4 30 10 -1
-   3: 0100007F:14B4 0100007F:C351 06 00000000:00000000 03:00000000 00000000     0        0 0 3 0
-";
-        assert_eq!(established_inodes(table, 5300).collect::<Vec<_>>(), [222]);
-        assert_eq!(established_inodes(table, 50000).collect::<Vec<_>>(), [333]);
-    }
 
     #[test]
     fn this_process_holds_its_connections() {
@@ -635,18 +370,6 @@ mod tests {
             established_connections(std::process::id(), port).unwrap(),
             1
         );
-    }
-
-    #[test]
-    fn start_time_survives_odd_command_names() {
-        let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
-        assert_eq!(parse_start_time(stat), Some(987_654));
-        assert_eq!(parse_start_time("garbage"), None);
-    }
-
-    #[test]
-    fn this_process_has_a_start_time() {
-        assert!(start_time(std::process::id()).unwrap() > 0);
     }
 
     #[test]

@@ -1,11 +1,13 @@
-//! The kernel's sock_diag netlink interface, for the one question the TCP health probe asks:
-//! has a worker accepted the probe's connection? A connection still in a listener's accept
-//! queue has no file yet, so sock_diag reports inode 0 for it; `accept()` gives it one. An
-//! exact lookup by 4-tuple is a hash lookup in the kernel, cheap enough to repeat while a
-//! probe waits.
-use std::{io, net::SocketAddr, time::Duration};
+//! The kernel's sock_diag netlink interface, for two questions: has a worker accepted the
+//! TCP health probe's connection, and how many established connections does a retiring
+//! worker still hold? A connection still in a listener's accept queue has no file yet, so
+//! sock_diag reports inode 0 for it; `accept()` gives it one. An exact lookup by 4-tuple is
+//! a hash lookup in the kernel, cheap enough to repeat while a probe waits.
+use std::{collections::BTreeSet, io, net::SocketAddr, time::Duration};
 
-use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
 use netlink_packet_sock_diag::{
     SockDiagMessage,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP},
@@ -60,12 +62,8 @@ impl SockDiag {
         remote: SocketAddr,
     ) -> io::Result<Option<TcpSocketState>> {
         let family = if local.is_ipv6() { AF_INET6 } else { AF_INET };
-        self.sequence = self.sequence.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST;
-        header.sequence_number = self.sequence;
-        let mut request = NetlinkMessage::new(
-            header,
+        let request = NetlinkMessage::new(
+            self.header(NLM_F_REQUEST),
             SockDiagMessage::InetRequest(InetRequest {
                 family,
                 protocol: IPPROTO_TCP,
@@ -82,10 +80,7 @@ impl SockDiag {
             })
             .into(),
         );
-        request.finalize();
-        let mut bytes = vec![0; request.buffer_len()];
-        request.serialize(&mut bytes);
-        self.socket.send(&bytes, 0)?;
+        self.send(request)?;
         self.buffer.clear();
         let received = self.socket.recv(&mut self.buffer, 0)?;
         let reply = NetlinkMessage::<SockDiagMessage>::deserialize(&self.buffer[..received])
@@ -111,6 +106,103 @@ impl SockDiag {
                     other.message_type()
                 ),
             )),
+        }
+    }
+
+    /// The inodes of the established TCP connections, IPv4 and IPv6, whose local port is
+    /// `port` (one dump of each family; the kernel filters by state).
+    pub fn established_inodes(&mut self, port: u16) -> io::Result<BTreeSet<u32>> {
+        let mut inodes = BTreeSet::new();
+        for family in [AF_INET, AF_INET6] {
+            let unspecified = if family == AF_INET {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            };
+            let request = NetlinkMessage::new(
+                self.header(NLM_F_REQUEST | NLM_F_DUMP),
+                SockDiagMessage::InetRequest(InetRequest {
+                    family,
+                    protocol: IPPROTO_TCP,
+                    extensions: ExtensionFlags::empty(),
+                    states: StateFlags::ESTABLISHED,
+                    socket_id: SocketId {
+                        source_port: 0,
+                        destination_port: 0,
+                        source_address: unspecified,
+                        destination_address: unspecified,
+                        interface_id: 0,
+                        cookie: NO_COOKIE,
+                    },
+                })
+                .into(),
+            );
+            self.send(request)?;
+            self.dump(|header| {
+                if header.socket_id.source_port == port && header.inode != 0 {
+                    inodes.insert(header.inode);
+                }
+            })?;
+        }
+        Ok(inodes)
+    }
+
+    /// A request header with the next sequence number.
+    fn header(&mut self, flags: u16) -> NetlinkHeader {
+        self.sequence = self.sequence.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = flags;
+        header.sequence_number = self.sequence;
+        header
+    }
+
+    fn send(&mut self, mut request: NetlinkMessage<SockDiagMessage>) -> io::Result<()> {
+        request.finalize();
+        let mut bytes = vec![0; request.buffer_len()];
+        request.serialize(&mut bytes);
+        self.socket.send(&bytes, 0)?;
+        Ok(())
+    }
+
+    /// Reads the replies to the last dump request, each socket's header to `each`, until
+    /// the kernel says it is done.
+    fn dump(
+        &mut self,
+        mut each: impl FnMut(&netlink_packet_sock_diag::inet::InetResponseHeader),
+    ) -> io::Result<()> {
+        loop {
+            self.buffer.clear();
+            let received = self.socket.recv(&mut self.buffer, 0)?;
+            let mut offset = 0;
+            while offset < received {
+                let message =
+                    NetlinkMessage::<SockDiagMessage>::deserialize(&self.buffer[offset..received])
+                        .map_err(|e| {
+                            io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                format!("sock_diag reply: {e}"),
+                            )
+                        })?;
+                let length = message.header.length as usize;
+                if message.header.sequence_number == self.sequence {
+                    match message.payload {
+                        NetlinkPayload::Done(_) => return Ok(()),
+                        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                            each(&response.header)
+                        }
+                        NetlinkPayload::Error(error) => {
+                            if let Some(code) = error.code {
+                                return Err(io::Error::from_raw_os_error(-code.get()));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                if length == 0 {
+                    break;
+                }
+                offset += length.next_multiple_of(4);
+            }
         }
     }
 }

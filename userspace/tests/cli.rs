@@ -100,9 +100,14 @@ fn table_of_an_unknown_service_says_so() {
     );
     assert!(
         stderr.contains(&format!(
-            "no dataplane is pinned at {}/nope",
+            "no service \"nope\": none is pinned under {}",
             pins.path().display()
         )),
         "{stderr}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown service is invalid input"
     );
 }

@@ -445,7 +445,7 @@ fn bad_config_second_daemon_and_absent_daemon_get_clear_errors() {
 
     let absent = Command::new(EXE)
         .args(["drain", "dns", "1", "--control"])
-        .arg(dir.join("c.sock"))
+        .arg(dir.path().join("c.sock"))
         .output()
         .unwrap();
     assert_eq!(absent.status.code(), Some(3), "no daemon exits 3");
@@ -459,7 +459,7 @@ fn bad_config_second_daemon_and_absent_daemon_get_clear_errors() {
         .args(["serve", "--bpffs"])
         .arg(sandbox.pins())
         .arg("--control")
-        .arg(dir.join("other.sock"))
+        .arg(dir.path().join("other.sock"))
         .output()
         .unwrap();
     assert!(!second.status.success());
@@ -475,17 +475,14 @@ fn bad_config_second_daemon_and_absent_daemon_get_clear_errors() {
         std::fs::read_dir(sandbox.pins()).unwrap().next().is_none(),
         "pins left after SIGTERM"
     );
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "portshard-cli-{}-{:?}",
-        std::process::id(),
-        thread::current().id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A directory of this test's own, removed when it goes (even if the test fails).
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("portshard-cli-")
+        .tempdir()
+        .unwrap()
 }
 
 /// Runs the CLI as an unprivileged user (`nobody`) against `daemon`'s control socket.
@@ -827,8 +824,8 @@ fn serve_refused(
     config: &str,
     setup: impl FnOnce(&mut Command),
 ) -> (String, std::path::PathBuf) {
-    let dir = tempdir().join("refused");
-    std::fs::create_dir_all(&dir).unwrap();
+    let temp = tempdir();
+    let dir = temp.path();
     let path = dir.join("portshard.toml");
     std::fs::write(&path, config).unwrap();
     let mut command = Command::new(EXE);
@@ -841,7 +838,6 @@ fn serve_refused(
         .arg(dir.join("c.sock"));
     setup(&mut command);
     let out = command.output().unwrap();
-    std::fs::remove_dir_all(dir).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "the daemon started: {stderr}");
     (stderr, path)
@@ -962,5 +958,42 @@ fn without_bpf_the_daemon_says_why_and_what_to_do_and_starts_no_worker() {
     assert!(
         std::fs::read_dir(sandbox.pins()).unwrap().next().is_none(),
         "pins left behind"
+    );
+}
+
+#[test]
+fn a_clean_stop_removes_the_directories_it_made() {
+    let sandbox = sandbox();
+    let temp = tempdir();
+    let pins = sandbox.pins().join("made-by-the-daemon");
+    let control = temp.path().join("run").join("control.sock");
+    let path = temp.path().join("portshard.toml");
+    std::fs::write(&path, config(&[("dns", "udp", 2)])).unwrap();
+    let mut daemon = Command::new(EXE)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .arg("--bpffs")
+        .arg(&pins)
+        .arg("--control")
+        .arg(&control)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Serving once it answers on its control socket.
+    let deadline = Instant::now() + READY;
+    while portshard_harness::daemon::control_request(&control, &Request::Ping).is_err() {
+        assert!(Instant::now() < deadline, "the daemon never answered");
+        assert!(daemon.try_wait().unwrap().is_none(), "the daemon exited");
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(pins.is_dir() && control.exists());
+    signal(daemon.id(), libc::SIGTERM);
+    assert!(daemon.wait().unwrap().success());
+    assert!(!pins.exists(), "{} left after a clean stop", pins.display());
+    assert!(
+        !control.parent().unwrap().exists(),
+        "{} left after a clean stop",
+        control.parent().unwrap().display()
     );
 }

@@ -79,7 +79,7 @@ pub fn failover(exe: &Path, pins: &Path, budget: &Budget) -> Result<Figure> {
         let client = RealTime::enter()
             .map_err(|e| context(e, "raising the probing client to SCHED_FIFO".into()))?;
         let started = Instant::now();
-        process::signal(pidfd.as_fd(), libc::SIGKILL)
+        process::signal(pidfd.as_fd(), portshard::supervisor::Signal::Kill)
             .map_err(|e| context(e, format!("killing worker {pid} (slot {slot})")))?;
         let (answered, exited) = first_other_answer(&flow, &identity, pidfd.as_fd(), started)?;
         drop(client);

@@ -1,12 +1,11 @@
-//! The daemon's two listeners: the control socket (root only, one JSON request per line,
-//! see [`crate::control`]) and the Prometheus endpoint. Both only forward to the event
-//! loop and write back what it answers.
+//! The control socket: root only, one JSON request per line (see [`crate::control`]). It
+//! only forwards requests to the event loop and writes back what it answers.
 use std::io;
 
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
-    net::{TcpListener, UnixListener, UnixStream},
-    sync::{mpsc, oneshot},
+    net::{UnixListener, UnixStream},
+    sync::mpsc,
 };
 use tracing::warn;
 
@@ -84,38 +83,5 @@ async fn control_connection(
         if too_long || refusal.is_some() {
             return Ok(());
         }
-    }
-}
-
-/// Serves `GET /metrics` in the OpenMetrics text format.
-pub(super) async fn metrics_server(listener: TcpListener, events: mpsc::UnboundedSender<Input>) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let events = events.clone();
-        tokio::spawn(async move {
-            let mut head = Vec::new();
-            let mut buffer = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-                match stream.read(&mut buffer).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => head.extend_from_slice(&buffer[..n]),
-                }
-            }
-            let wanted = head.starts_with(b"GET /metrics ") || head.starts_with(b"GET / ");
-            let (status, body) = if wanted {
-                let (tx, rx) = oneshot::channel();
-                let _ = events.send(Input::Scrape { reply: tx });
-                ("200 OK", rx.await.unwrap_or_default())
-            } else {
-                ("404 Not Found", "only GET /metrics is served\n".to_owned())
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-        });
     }
 }

@@ -85,6 +85,8 @@ pub(super) struct Shell {
     start_error: Option<DaemonError>,
     /// Whether a previous daemon's state was taken over.
     pub(super) adopted: bool,
+    /// The services whose pins this daemon opened (and removes when it stops).
+    pinned: Vec<String>,
 }
 
 impl Shell {
@@ -108,6 +110,7 @@ impl Shell {
             probes,
             start_error: None,
             adopted: false,
+            pinned: Vec::new(),
         }
     }
 
@@ -119,6 +122,7 @@ impl Shell {
         for (spec, launch) in services {
             self.adopted |= pins::is_pinned(&self.root, &spec);
             let (group, adoption, alive) = pins::open(&self.root, &spec)?;
+            self.pinned.push(spec.name.clone());
             opened.push((spec, launch, group, adoption, alive));
         }
         self.start_error = None;
@@ -204,10 +208,9 @@ impl Shell {
 
     /// Removes every service's pins.
     pub(super) fn remove_pins(&self) {
-        for service in 0..self.groups.len() {
-            let name = self.name(service);
-            if let Err(error) = Dataplane::remove_pins(&self.root, &name) {
-                error!(service = name, %error, "cannot remove pins");
+        for name in &self.pinned {
+            if let Err(error) = Dataplane::remove_pins(&self.root, name) {
+                error!(service = %name, %error, "cannot remove pins");
             }
         }
     }
@@ -300,7 +303,10 @@ impl Shell {
             }
             Action::AddService { spec, launch } => {
                 match pins::open(&self.root, &spec) {
-                    Ok((group, adoption, alive)) => self.add(*spec, launch, group, adoption, alive),
+                    Ok((group, adoption, alive)) => {
+                        self.pinned.push(spec.name.clone());
+                        self.add(*spec, launch, group, adoption, alive)
+                    }
                     Err(error) => {
                         error!(service = %spec.name, %error, "SIGHUP: cannot add the service")
                     }

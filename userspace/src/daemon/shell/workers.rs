@@ -75,7 +75,7 @@ impl Shell {
                 .map(drop)
         };
         if let Err(error) = placed {
-            let _ = process::signal(spawned.pidfd.as_fd(), libc::SIGKILL);
+            let _ = process::signal(spawned.pidfd.as_fd(), Signal::Kill);
             return Err(error.into());
         }
         drop(socket);
@@ -146,11 +146,7 @@ impl Shell {
         else {
             return;
         };
-        let number = match signal {
-            Signal::Term => libc::SIGTERM,
-            Signal::Kill => libc::SIGKILL,
-        };
-        if let Err(error) = process::signal(process.pidfd.as_fd(), number) {
+        if let Err(error) = process::signal(process.pidfd.as_fd(), signal) {
             warn!(service = %self.name(service), slot, pid, ?signal, %error, "cannot signal the worker");
         }
     }
