@@ -67,6 +67,15 @@ fn table_reads_the_pins_of_a_running_group() {
         "{text}"
     );
 
+    // A TCP service has no flow table: `flows` says so rather than list an empty one.
+    let out = portshard(&["flows", "web", "--bpffs", root]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("service web has no flow table"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // A reader that went away (`| head`) ends the command quietly, with success.
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);

@@ -430,7 +430,7 @@ fn drain_and_weight_go_through_the_daemon_and_move_only_that_slot() {
 fn bad_config_second_daemon_and_absent_daemon_get_clear_errors() {
     let sandbox = sandbox();
     let dir = tempdir();
-    let (stderr, bad) = serve_refused(sandbox.pins(), &config(&[("dns", "udp", 0)]), |_| {});
+    let (stderr, bad, code) = serve_refused(sandbox.pins(), &config(&[("dns", "udp", 0)]), |_| {});
     assert!(
         stderr.contains(&format!(
             "{}:5:11: service \"dns\" field `workers`: 0 is out of range",
@@ -438,6 +438,7 @@ fn bad_config_second_daemon_and_absent_daemon_get_clear_errors() {
         )),
         "{stderr}"
     );
+    assert_eq!(code, Some(2), "an invalid config exits 2");
     assert!(
         std::fs::read_dir(sandbox.pins()).unwrap().next().is_none(),
         "something was started"
@@ -808,22 +809,32 @@ fn workers_run_as_their_user_with_fds_0_to_3_no_capabilities_and_their_own_proce
 #[test]
 fn an_unknown_worker_user_stops_the_daemon_before_anything_starts() {
     let sandbox = sandbox();
-    let config = config_as(&[("dns", "udp", 2)], "no-such-user-here", "nogroup");
-    let (stderr, _) = serve_refused(sandbox.pins(), &config, |_| {});
+    let unknown_user = config_as(&[("dns", "udp", 2)], "no-such-user-here", "nogroup");
+    // A second service with a program that is nowhere: both are reported at once.
+    let missing = config(&[("web", "tcp", 1)]).replace("\"python3\"", "\"no-such-program-here\"");
+    let pins = sandbox.pins().join("not-made");
+    let (stderr, _, code) = serve_refused(&pins, &format!("{unknown_user}\n{missing}"), |_| {});
     assert!(
-        stderr.contains("user \"no-such-user-here\" does not exist on this machine"),
+        stderr.contains("user \"no-such-user-here\" does not exist on this machine")
+            && stderr.contains("cannot run \"no-such-program-here\": not found on PATH"),
         "{stderr}"
     );
-    assert!(std::fs::read_dir(sandbox.pins()).unwrap().next().is_none());
+    assert_eq!(
+        code,
+        Some(2),
+        "a config naming what is not there is invalid input"
+    );
+    assert!(!pins.exists(), "a pin directory was made: {stderr}");
 }
 
 /// Runs `portshard serve` with `config` on `pins` to its end, with `setup` applied to the
-/// command, and checks that it refused to start; returns its stderr and the config's path.
+/// command, and checks that it refused to start; returns its stderr, the config's path and
+/// its exit code.
 fn serve_refused(
     pins: &Path,
     config: &str,
     setup: impl FnOnce(&mut Command),
-) -> (String, std::path::PathBuf) {
+) -> (String, std::path::PathBuf, Option<i32>) {
     let temp = tempdir();
     let dir = temp.path();
     let path = dir.join("portshard.toml");
@@ -840,7 +851,7 @@ fn serve_refused(
     let out = command.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "the daemon started: {stderr}");
-    (stderr, path)
+    (stderr, path, out.status.code())
 }
 
 /// Every directory and file under `dir`, with its mode bits.
@@ -881,7 +892,7 @@ fn pin_directories_are_private_and_foreign_or_linked_pin_roots_are_refused_untou
     std::fs::create_dir(&real).unwrap();
     let link = sandbox.pins().join("link");
     std::os::unix::fs::symlink(&real, &link).unwrap();
-    let (stderr, _) = serve_refused(&link.join("root"), &dns, |_| {});
+    let (stderr, _, _) = serve_refused(&link.join("root"), &dns, |_| {});
     assert!(
         stderr.contains(&format!(
             "pin path {} goes through a symbolic link at {}",
@@ -903,7 +914,7 @@ fn pin_directories_are_private_and_foreign_or_linked_pin_roots_are_refused_untou
         let root = sandbox.pins().join("foreign");
         std::fs::create_dir_all(root.join(foreign)).unwrap();
         let before = modes(&root);
-        let (stderr, _) = serve_refused(&root, &dns, |_| {});
+        let (stderr, _, _) = serve_refused(&root, &dns, |_| {});
         assert!(
             stderr.contains(&format!(
                 "pin root {} is not a portshard pin root",
@@ -934,7 +945,7 @@ fn without_bpf_the_daemon_says_why_and_what_to_do_and_starts_no_worker() {
     );
     // Root, but without the capabilities BPF needs: dropped from the bounding set, so the
     // daemon's exec does not grant them.
-    let (stderr, _) = serve_refused(sandbox.pins(), &config, |command| {
+    let (stderr, _, _) = serve_refused(sandbox.pins(), &config, |command| {
         // SAFETY: only prctl between fork and exec.
         unsafe {
             command.pre_exec(|| {
