@@ -67,13 +67,7 @@ fn a_refused_weight_leaves_the_membership_as_it_was() {
         },
         reply: ReplyTo(1),
     });
-    let Some(Action::Table {
-        ticket: Some(ticket),
-        ..
-    }) = actions.first().cloned()
-    else {
-        panic!("{actions:?}")
-    };
+    let ticket = first_ticket(&actions);
     let actions = h.feed(Event::TableDone {
         ticket,
         result: Err("weight 0 is out of range".into()),

@@ -126,6 +126,17 @@ impl Harness {
     }
 }
 
+/// The ticket of the first action, a table change whose outcome is awaited.
+fn first_ticket(actions: &[Action<()>]) -> u64 {
+    match actions.first() {
+        Some(Action::Table {
+            ticket: Some(ticket),
+            ..
+        }) => *ticket,
+        _ => panic!("no awaited table change first: {actions:?}"),
+    }
+}
+
 fn spawns(actions: &[Action<()>]) -> Vec<(Slot, bool, u32)> {
     actions
         .iter()

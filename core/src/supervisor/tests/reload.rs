@@ -133,13 +133,7 @@ fn a_refused_switch_rolls_back() {
     let actions = h.feed(reload_event(service("workers = 1")));
     let (_, ready) = timers(&actions)[0];
     let actions = h.feed(Event::Timer(ready));
-    let Some(Action::Table {
-        ticket: Some(ticket),
-        ..
-    }) = actions.first().cloned()
-    else {
-        panic!("{actions:?}")
-    };
+    let ticket = first_ticket(&actions);
     let actions = h.feed(Event::TableDone {
         ticket,
         result: Err("map update failed".into()),

@@ -104,11 +104,7 @@ impl Shell {
 
     /// A worker's pidfd became readable: reap it and tell the supervisor how it ended.
     pub(super) fn exited(&mut self, service: ServiceId, slot: Slot, pid: u32) {
-        let Some(process) = self
-            .processes
-            .get(&(service, slot))
-            .filter(|p| p.pid == pid)
-        else {
+        let Some(process) = self.process(service, slot, pid) else {
             return;
         };
         let exit = process::reap(process.pidfd.as_fd())
@@ -129,21 +125,23 @@ impl Shell {
     pub(super) fn notice_staged_exits(&mut self, service: ServiceId) {
         for (slot, pid) in self.supervisor.staged(service) {
             let ended = self
-                .processes
-                .get(&(service, slot))
-                .is_some_and(|p| p.pid == pid && process::has_exited(p.pidfd.as_fd()));
+                .process(service, slot, pid)
+                .is_some_and(|p| process::has_exited(p.pidfd.as_fd()));
             if ended {
                 self.exited(service, slot, pid);
             }
         }
     }
 
-    pub(super) fn signal(&self, service: ServiceId, slot: Slot, pid: u32, signal: Signal) {
-        let Some(process) = self
-            .processes
+    /// Worker `pid` of `slot`, if it is the one the shell knows there.
+    fn process(&self, service: ServiceId, slot: Slot, pid: u32) -> Option<&Process> {
+        self.processes
             .get(&(service, slot))
             .filter(|p| p.pid == pid)
-        else {
+    }
+
+    pub(super) fn signal(&self, service: ServiceId, slot: Slot, pid: u32, signal: Signal) {
+        let Some(process) = self.process(service, slot, pid) else {
             return;
         };
         if let Err(error) = process::signal(process.pidfd.as_fd(), signal) {
