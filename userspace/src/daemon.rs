@@ -32,7 +32,7 @@ use tracing::{error, info};
 
 use crate::{
     bpffs::{self, BpffsError},
-    config::{Config, Service},
+    config::{Config, ConfigError, Service},
     dataplane::{Dataplane, DataplaneError},
     group::GroupError,
     process::{self, Credentials, ProcessError},
@@ -331,9 +331,28 @@ impl Launch {
     }
 }
 
+/// The config file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    /// It could not be read.
+    #[error("reading config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// It has problems (all of them listed).
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
 /// Reads and checks the config file at `path`.
-pub fn read_config(path: &Path) -> Result<Config, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("reading config {}: {e}", path.display()))?;
-    Config::parse(&text, path).map_err(|e| e.to_string())
+pub fn read_config(path: &Path) -> Result<Config, ConfigFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(Config::parse(&text, path)?)
 }

@@ -308,7 +308,7 @@ fn serve(
     }
     let path = config;
     let config = match &path {
-        Some(path) => daemon::read_config(path).map_err(Failure::Refused)?,
+        Some(path) => daemon::read_config(path).map_err(|e| Failure::Refused(e.to_string()))?,
         None => {
             let exe = std::env::current_exe()
                 .context("finding this program's path for the built-in echo workers")?;

@@ -12,11 +12,43 @@ use super::{Input, Shell};
 use crate::{
     config::Service,
     control::{Reply, Request},
-    daemon::{Launch, read_config},
+    daemon::{ConfigFileError, Launch, read_config},
+    process::ProcessError,
     report::StatusReport,
-    supervisor::{self, Command, ReplyTo, ServiceId},
+    supervisor::{self, Command, ControlError, ReplyTo, ServiceId},
     table::Slot,
 };
+
+/// Why a reload was refused before the supervisor saw it.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ReloadRefused {
+    /// No such service runs.
+    #[error(transparent)]
+    Unknown(#[from] ControlError),
+    /// The config file cannot be used.
+    #[error(transparent)]
+    Config(#[from] ConfigFileError),
+    /// The service was taken out of the config file.
+    #[error(
+        "service {service} is no longer in {}: put it back, or restart portshard to drop it",
+        path.display()
+    )]
+    NotInConfig {
+        /// The service.
+        service: String,
+        /// The config file.
+        path: std::path::PathBuf,
+    },
+    /// Its program or account cannot be found.
+    #[error("service {service}: {source}")]
+    Launch {
+        /// The service.
+        service: String,
+        /// Why.
+        #[source]
+        source: ProcessError,
+    },
+}
 
 impl Shell {
     /// SIGHUP: reads the config file again; a file with errors changes nothing, a service
@@ -78,8 +110,8 @@ impl Shell {
                     spec: Box::new(spec),
                     launch,
                 },
-                Err(message) => {
-                    let _ = reply.send(Reply::error(message));
+                Err(refused) => {
+                    let _ = reply.send(Reply::error(refused.to_string()));
                     return;
                 }
             },
@@ -94,11 +126,8 @@ impl Shell {
 
     /// The settings a reload of `service` starts its new generation with: the service's
     /// as the config file now says (the built-in default's stay as they are).
-    pub(super) fn reload_spec(&self, service: &str) -> Result<(Service, Launch), String> {
-        let id = self
-            .supervisor
-            .service_id(service)
-            .map_err(|e| e.to_string())?;
+    pub(super) fn reload_spec(&self, service: &str) -> Result<(Service, Launch), ReloadRefused> {
+        let id = self.supervisor.service_id(service)?;
         let Some(path) = &self.config else {
             let (spec, launch) = self.supervisor.spec(id).expect("a known service");
             return Ok((spec.clone(), launch.clone()));
@@ -107,13 +136,14 @@ impl Shell {
             .services
             .into_iter()
             .find(|s| s.name == service)
-            .ok_or_else(|| {
-                format!(
-                    "service {service} is no longer in {}: put it back, or restart portshard to drop it",
-                    path.display()
-                )
+            .ok_or_else(|| ReloadRefused::NotInConfig {
+                service: service.to_owned(),
+                path: path.clone(),
             })?;
-        let launch = Launch::of(&spec).map_err(|e| format!("service {service}: {e}"))?;
+        let launch = Launch::of(&spec).map_err(|source| ReloadRefused::Launch {
+            service: service.to_owned(),
+            source,
+        })?;
         Ok((spec, launch))
     }
 
