@@ -8,157 +8,43 @@ use std::{
     collections::BTreeMap,
     io,
     net::SocketAddr,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    os::fd::{AsRawFd as _, BorrowedFd},
     path::{Path, PathBuf},
-    ptr::NonNull,
-    sync::atomic::{AtomicU32, Ordering},
 };
 
 use aya::{
     EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, ReusePortSockArray},
-    programs::{ProgramError, SkReuseport, sk_reuseport::SkReuseportAttachType},
+    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, ReusePortSockArray},
+    programs::SkReuseport,
 };
-use aya_obj::generated::bpf_prog_type;
 use portshard_common::{
-    Counters, FLAGS_WORD, Flow, MAX_SLOTS, ProbeHealth, ProbeRoute, ServiceMeta, SlotMeta,
-    TABLE_SIZE, Table, TableEntry, names,
+    Counters, Flow, MAX_SLOTS, ProbeHealth, ProbeRoute, ServiceMeta, SlotMeta, TABLE_SIZE,
+    TableEntry, names,
+};
+
+mod error;
+mod mapped;
+mod pinned;
+
+pub use error::DataplaneError;
+use error::Result;
+use mapped::MappedTable;
+use pinned::{
+    check_pin, open_map, open_program, program_error, raise_memlock, remove_if_present, typed,
 };
 
 use crate::{
-    bpffs::{self, BpffsError},
-    object::{self, MapSpec, OBJECT, ObjectError},
+    bpffs,
+    object::{self, OBJECT, ObjectError},
     report::{FlowReport, FlowTableReport, ServiceStatus, TableReport},
     table::Slot,
 };
 
-/// A dataplane operation failed; each message names the path, service, slot or socket.
-#[derive(Debug, thiserror::Error)]
-pub enum DataplaneError {
-    /// The pin root is unusable.
-    #[error(transparent)]
-    Bpffs(#[from] BpffsError),
-    /// The embedded object is unusable.
-    #[error(transparent)]
-    Object(#[from] ObjectError),
-    /// The service name cannot name a pin directory.
-    #[error("service name {name:?} is invalid: use 1 to 32 characters from a-z, 0-9 and '-'")]
-    BadServiceName {
-        /// The offending name.
-        name: String,
-    },
-    /// Nothing is pinned for the service.
-    #[error(
-        "no dataplane is pinned at {dir}: the service was never started under this pin root, or was stopped"
-    )]
-    NotPinned {
-        /// The service's pin directory.
-        dir: PathBuf,
-    },
-    /// A pin exists but is not what this build uses: never reused silently.
-    #[error(
-        "pinned map {path} has {what} {found}, but this build expects {expected}: it was left by another portshard version or another program; remove {} (after stopping whatever uses it) or use another pin root",
-        path.parent().map_or_else(|| path.display(), |dir| dir.display())
-    )]
-    PinMismatch {
-        /// The mismatching pin.
-        path: PathBuf,
-        /// Which property differs.
-        what: &'static str,
-        /// What the pin has.
-        found: String,
-        /// What this build needs.
-        expected: String,
-    },
-    /// A pin path holds something that is not a map (or cannot be opened).
-    #[error("cannot open pinned map {path}: {source}")]
-    OpenPin {
-        /// The pin.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: Box<MapError>,
-    },
-    /// Creating the maps or reading the object failed.
-    #[error("loading the eBPF object for the pins in {dir} failed: {source}; {}", bpf_hint(source.as_ref()))]
-    Load {
-        /// The service's pin directory.
-        dir: PathBuf,
-        /// Why.
-        #[source]
-        source: Box<aya::EbpfError>,
-    },
-    /// The verifier or the program pin failed.
-    #[error("{action} ({path}) failed: {source}; {}", bpf_hint(source.as_ref()))]
-    Program {
-        /// What was being done.
-        action: String,
-        /// The program pin.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: Box<ProgramError>,
-    },
-    /// A pin could not be written or removed.
-    #[error("{action} {path} failed: {source}")]
-    PinIo {
-        /// What was being done.
-        action: &'static str,
-        /// The pin or directory.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// A map operation failed.
-    #[error("{action} in {path} failed: {source}")]
-    Map {
-        /// What was being done, naming the slot or socket.
-        action: String,
-        /// The map's pin.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: Box<MapError>,
-    },
-    /// A table of the wrong length was offered for writing.
-    #[error("refusing to write {len} entries to the table {path}: a table has {TABLE_SIZE}")]
-    TableLength {
-        /// The table's pin.
-        path: PathBuf,
-        /// The offered length.
-        len: usize,
-    },
-    /// An entry index outside the table was offered for writing.
-    #[error("refusing to write entry {index} of the table {path}: entries are 0 to {}", TABLE_SIZE - 1)]
-    TableIndex {
-        /// The table's pin.
-        path: PathBuf,
-        /// The offending index.
-        index: u32,
-    },
-    /// A program pin holds something other than this build's program type.
-    #[error(
-        "pinned program {path} is of type {found}, not SK_REUSEPORT: it was left by another program; remove it or use another pin root"
-    )]
-    ProgramMismatch {
-        /// The pin.
-        path: PathBuf,
-        /// Its type, as the kernel reports it.
-        found: String,
-    },
-    /// Memory-mapping the table failed.
-    #[error("memory-mapping the table {path} failed: {source}")]
-    Mmap {
-        /// The table's pin.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
+/// The clock the program stamps flows with (`bpf_ktime_get_coarse_ns`), in nanoseconds.
+fn coarse_now_ns() -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
-
-type Result<T, E = DataplaneError> = std::result::Result<T, E>;
 
 /// Checks that `name` can be a service's pin directory: 1 to 32 of `a-z`, `0-9`, `-`.
 pub fn check_service_name(name: &str) -> Result<()> {
@@ -576,12 +462,12 @@ impl Dataplane {
     /// Sets the table's switches ([`portshard_common::TABLE_FLOWS`]): one atomic store the
     /// program sees on its next run.
     pub fn set_flags(&self, flags: u32) {
-        self.table.word(FLAGS_WORD).store(flags, Ordering::Relaxed);
+        self.table.set_flags(flags);
     }
 
     /// The table's switches as the program reads them.
     pub fn flags(&self) -> u32 {
-        self.table.word(FLAGS_WORD).load(Ordering::Relaxed)
+        self.table.flags()
     }
 
     /// Every flow in the flow table, by flow hash. Flows evicted or added meanwhile may be
@@ -647,240 +533,6 @@ impl Dataplane {
     }
 }
 
-/// What to do about a failure to create BPF maps or load the program, from the kernel's
-/// error at the bottom of `error`'s chain.
-fn bpf_hint(error: &(dyn std::error::Error + 'static)) -> &'static str {
-    let mut errno = None;
-    let mut next = Some(error);
-    while let Some(current) = next {
-        if let Some(io) = current.downcast_ref::<io::Error>() {
-            errno = io.raw_os_error().or(errno);
-        }
-        next = current.source();
-    }
-    match errno {
-        Some(libc::EPERM | libc::EACCES) => {
-            "the kernel refused BPF to this process: run `portshard serve` as root with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (or CAP_SYS_ADMIN), not in a container or sandbox that drops them, and check that kernel lockdown allows BPF"
-        }
-        Some(libc::ENOMEM) => {
-            "the kernel ran out of memory for BPF maps: on kernels before 5.11 raise the locked-memory limit (`ulimit -l unlimited`, or LimitMEMLOCK=infinity for a systemd unit)"
-        }
-        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::E2BIG | 524) => {
-            "this kernel lacks what portshard needs (SK_REUSEPORT select-or-migrate programs and mmapable arrays): use Linux 5.14 or later built with CONFIG_BPF_SYSCALL"
-        }
-        _ => "check the kernel log (`dmesg`) and that this is Linux 5.14 or later with BPF enabled",
-    }
-}
-
-/// Raises the locked-memory limit as far as allowed: kernels before 5.11 charge BPF maps
-/// to it, and the table alone is 256 KiB. Later kernels ignore it; a failure is harmless
-/// here and explained by the map creation that then fails.
-fn raise_memlock() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid out-pointer, then a valid rlimit.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit);
-        }
-    }
-}
-
-/// Turns a program error into one that says what was being done and names the pin.
-fn program_error(path: &Path, action: String) -> impl FnOnce(ProgramError) -> DataplaneError {
-    let path = path.to_path_buf();
-    move |source| DataplaneError::Program {
-        action,
-        path,
-        source: Box::new(source),
-    }
-}
-
-/// Opens the program pinned at `path`, refusing anything but an `SK_REUSEPORT` program.
-fn open_program(path: &Path) -> Result<SkReuseport> {
-    let error = |action: &str| program_error(path, action.to_owned());
-    let program = SkReuseport::from_pin(path, SkReuseportAttachType::SelectOrMigrate)
-        .map_err(error("opening the pinned program"))?;
-    let found = program
-        .info()
-        .map_err(error("reading the pinned program's type"))?
-        .program_type();
-    if found == bpf_prog_type::BPF_PROG_TYPE_SK_REUSEPORT {
-        Ok(program)
-    } else {
-        Err(DataplaneError::ProgramMismatch {
-            path: path.to_path_buf(),
-            found: format!("{found:?}"),
-        })
-    }
-}
-
-/// The clock the program stamps flows with (`bpf_ktime_get_coarse_ns`), in nanoseconds.
-fn coarse_now_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to fill; CLOCK_MONOTONIC_COARSE always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
-}
-
-/// Opens the map pinned at `dir/spec.name` after checking it against `spec`.
-fn open_map(dir: &Path, spec: &MapSpec) -> Result<MapData> {
-    let path = dir.join(spec.name);
-    check_pin(&path, spec)?;
-    MapData::from_pin(&path).map_err(|source| DataplaneError::OpenPin {
-        path,
-        source: Box::new(source),
-    })
-}
-
-/// Refuses a pin that is not exactly the map `spec` describes.
-fn check_pin(path: &Path, spec: &MapSpec) -> Result<()> {
-    let info = MapInfo::from_pin(path).map_err(|source| DataplaneError::OpenPin {
-        path: path.to_path_buf(),
-        source: Box::new(source),
-    })?;
-    let found_type = info
-        .map_type()
-        .map_or_else(|e| e.to_string(), |t| format!("{t:?}"));
-    let expected_type = map_type_name(spec.map_type);
-    let checks = [
-        ("map type", found_type, expected_type),
-        (
-            "key size",
-            info.key_size().to_string(),
-            spec.key_size.to_string(),
-        ),
-        (
-            "value size",
-            info.value_size().to_string(),
-            spec.value_size.to_string(),
-        ),
-        (
-            "max entries",
-            info.max_entries().to_string(),
-            spec.max_entries.to_string(),
-        ),
-        (
-            "flags",
-            format!("{:#x}", info.map_flags()),
-            format!("{:#x}", spec.flags),
-        ),
-    ];
-    match checks
-        .into_iter()
-        .find(|(_, found, expected)| found != expected)
-    {
-        Some((what, found, expected)) => Err(DataplaneError::PinMismatch {
-            path: path.to_path_buf(),
-            what,
-            found,
-            expected,
-        }),
-        None => Ok(()),
-    }
-}
-
-/// The name aya gives a raw `bpf_map_type`, as [`MapInfo::map_type`] reports a pin's.
-fn map_type_name(raw: u32) -> String {
-    aya_obj::generated::bpf_map_type::try_from(raw)
-        .ok()
-        .and_then(|t| aya::maps::MapType::try_from(t).ok())
-        .map_or_else(|| format!("type {raw}"), |t| format!("{t:?}"))
-}
-
-/// Converts an opened map into its typed aya handle.
-fn typed<T>(dir: &Path, name: &str, data: MapData) -> Result<T>
-where
-    T: TryFrom<Map, Error = MapError>,
-{
-    let path = dir.join(name);
-    Map::from_map_data(data)
-        .and_then(T::try_from)
-        .map_err(|source| DataplaneError::OpenPin {
-            path,
-            source: Box::new(source),
-        })
-}
-
-fn remove_if_present(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DataplaneError::PinIo {
-            action: "unpinning",
-            path: path.to_path_buf(),
-            source: e,
-        }),
-        _ => Ok(()),
-    }
-}
-
-/// The table map, memory-mapped: userspace reads and writes entries as 32-bit words.
-struct MappedTable {
-    words: NonNull<AtomicU32>,
-    _map: MapData,
-}
-
-// SAFETY: the mapping is shared memory accessed only through atomics.
-unsafe impl Send for MappedTable {}
-unsafe impl Sync for MappedTable {}
-
-impl MappedTable {
-    const BYTES: usize = size_of::<Table>();
-
-    fn new(map: MapData, path: &Path) -> Result<Self> {
-        let fd = map.fd().as_fd().as_raw_fd();
-        // SAFETY: maps a BPF_F_MMAPABLE array whose single value is exactly `BYTES` long
-        // (checked against the object's spec when opened); the mapping lives as long as `self`.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                Self::BYTES,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(DataplaneError::Mmap {
-                path: path.to_path_buf(),
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(Self {
-            words: NonNull::new(ptr.cast()).expect("mmap never returns null on success"),
-            _map: map,
-        })
-    }
-
-    /// Entry `index`, or the flags word at [`FLAGS_WORD`].
-    fn word(&self, index: usize) -> &AtomicU32 {
-        assert!(index <= FLAGS_WORD, "table word {index} out of range");
-        // SAFETY: in bounds of the mapping, 4-byte aligned (page-aligned base).
-        unsafe { self.words.add(index).as_ref() }
-    }
-
-    fn store(&self, index: usize, entry: TableEntry) {
-        self.word(index).store(entry.to_word(), Ordering::Relaxed);
-    }
-
-    fn load(&self, index: usize) -> TableEntry {
-        TableEntry::from_word(self.word(index).load(Ordering::Relaxed))
-    }
-}
-
-impl Drop for MappedTable {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`.
-        unsafe { libc::munmap(self.words.as_ptr().cast(), Self::BYTES) };
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -893,35 +545,6 @@ mod tests {
         for bad in ["", "DNS", "a/b", "..", "a_b", &"x".repeat(33)] {
             let error = check_service_name(bad).unwrap_err().to_string();
             assert!(error.contains("use 1 to 32 characters"), "{bad:?}: {error}");
-        }
-    }
-
-    #[test]
-    fn bpf_failures_say_what_to_do_from_the_kernel_error_at_the_bottom() {
-        let load = |errno| {
-            let map = MapError::CreateError {
-                name: names::TABLE.to_owned(),
-                io_error: io::Error::from_raw_os_error(errno),
-            };
-            DataplaneError::Load {
-                dir: PathBuf::from("/sys/fs/bpf/portshard/dns"),
-                source: Box::new(aya::EbpfError::MapError(map)),
-            }
-            .to_string()
-        };
-        for (errno, advice) in [
-            (libc::EPERM, "run `portshard serve` as root with CAP_BPF"),
-            (libc::ENOMEM, "raise the locked-memory limit"),
-            (libc::EINVAL, "use Linux 5.14 or later"),
-            (libc::EIO, "check the kernel log"),
-        ] {
-            let message = load(errno);
-            assert!(
-                message.starts_with(
-                    "loading the eBPF object for the pins in /sys/fs/bpf/portshard/dns failed"
-                ) && message.contains(advice),
-                "{message}"
-            );
         }
     }
 }
