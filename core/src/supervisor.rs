@@ -22,6 +22,7 @@ mod io;
 pub use adopt::{AdoptedSlot, Adoption};
 pub use control::ControlError;
 pub use io::{Action, Activity, Command, Event, Exit, Signal, TableOp, Timer};
+pub use slots::KILL_GRACE;
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -232,6 +233,9 @@ impl<L: Clone> Supervisor<L> {
             Event::Timer(Timer::StopOverdue { service, slot, pid }) => {
                 self.stop_overdue(service, slot, pid)
             }
+            Event::Timer(Timer::KillOverdue { service, slot, pid }) => {
+                self.kill_overdue(now, service, slot, pid)
+            }
             Event::Tick { activity } => self.tick(now, activity),
             Event::Probed {
                 service,
@@ -241,7 +245,7 @@ impl<L: Clone> Supervisor<L> {
             } => self.probed(service, slot, pid, outcome),
             Event::Control { command, reply } => self.control(now, command, reply),
             Event::TableDone { ticket, result } => self.table_done(now, ticket, result),
-            Event::Hangup(services) => self.hangup(now, services),
+            Event::Hangup { services, named } => self.hangup(now, services, &named),
             Event::Stop => self.stop(),
         }
     }

@@ -110,7 +110,10 @@ impl<L: Clone> Supervisor<L> {
             (SlotState::Starting, false) => self.release(service, slot),
             (_, true) if old => {
                 info!(service = %name, slot, pid, generation, "adopted an old generation's worker; it goes on draining");
-                self.services[service].members.remove(&slot);
+                // An old worker the table still names (a switch cut short) takes no new work.
+                if self.services[service].members.remove(&slot).is_some() {
+                    self.table(service, TableOp::Drain(slot));
+                }
                 self.serve(
                     service,
                     slot,

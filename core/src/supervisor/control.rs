@@ -113,6 +113,9 @@ pub enum ControlError {
         /// Slots free.
         free: usize,
     },
+    /// The daemon is stopping: it takes no more changes.
+    #[error("the daemon is stopping: it takes no more changes")]
+    Stopping,
     /// The group refused the table change.
     #[error("the table change was refused: {message}")]
     Table {
@@ -152,6 +155,7 @@ impl<L: Clone> Supervisor<L> {
     /// Decides on a control request from `reply`; a refused one changes nothing.
     pub(super) fn control(&mut self, now: Instant, command: super::Command<L>, reply: ReplyTo) {
         let result = match command {
+            _ if self.stopping => Err(ControlError::Stopping),
             Command::Drain { service, slot } => self.drain(&service, slot, reply),
             Command::Weight {
                 service,

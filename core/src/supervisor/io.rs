@@ -77,6 +77,15 @@ pub enum Timer {
         /// Which attempt, so an old attempt's timer does nothing.
         attempt: u64,
     },
+    /// A worker killed during a stop has had [`KILL_GRACE`](super::KILL_GRACE) to end.
+    KillOverdue {
+        /// The service.
+        service: ServiceId,
+        /// The slot.
+        slot: Slot,
+        /// The worker.
+        pid: u32,
+    },
     /// A worker asked to stop has had its stop timeout.
     StopOverdue {
         /// The service.
@@ -315,8 +324,13 @@ pub enum Event<L> {
         /// Entries whose owner changed, or the error.
         result: Result<u32, String>,
     },
-    /// SIGHUP with the config file read again, each service with its launch.
-    Hangup(Vec<(Service, L)>),
+    /// SIGHUP with the config file read again.
+    Hangup {
+        /// Each service whose program and account were found, with its launch.
+        services: Vec<(Service, L)>,
+        /// Every service the file names (some may have been left out of `services`).
+        named: Vec<String>,
+    },
     /// SIGTERM or SIGINT: stop every worker.
     Stop,
 }

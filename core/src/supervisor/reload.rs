@@ -28,7 +28,7 @@ pub(super) struct Reload<L> {
     pub(super) spec: Service,
     pub(super) launch: L,
     /// The slots of the new generation.
-    staged: Vec<Slot>,
+    pub(super) staged: Vec<Slot>,
     /// Spawns not answered yet.
     spawning: usize,
     reply: Option<ReplyTo>,
@@ -52,6 +52,9 @@ impl<L: Clone> Supervisor<L> {
         launch: L,
         reply: Option<ReplyTo>,
     ) -> Result<(), ControlError> {
+        if self.stopping {
+            return Err(ControlError::Stopping);
+        }
         let running = &mut self.services[service];
         let name = running.spec.name.clone();
         if let Some(reload) = &running.reload {
@@ -93,14 +96,9 @@ impl<L: Clone> Supervisor<L> {
     }
 
     /// A reload's new worker started; once all have, they get their ready delay.
-    pub(super) fn staged_started(&mut self, service: ServiceId, slot: Slot, pid: u32) {
+    pub(super) fn staged_started(&mut self, service: ServiceId) {
         let running = &mut self.services[service];
-        let Some(reload) = running.reload.as_mut().filter(|r| r.staged.contains(&slot)) else {
-            // Its reload was rolled back while it started: it goes too.
-            if let Some(SlotRun::Serving(worker)) = running.slots.get_mut(&slot) {
-                worker.stopping = true;
-            }
-            self.signal(service, slot, pid, Signal::Kill);
+        let Some(reload) = running.reload.as_mut() else {
             return;
         };
         reload.spawning -= 1;
@@ -142,6 +140,9 @@ impl<L: Clone> Supervisor<L> {
     /// The new workers stayed up for the ready delay: switch to them once each has also
     /// answered a probe (if the service probes), or roll back if one never does.
     pub(super) fn reload_ready(&mut self, now: Instant, service: ServiceId, attempt: u64) {
+        if self.stopping {
+            return;
+        }
         let running = &self.services[service];
         let Some(reload) = running
             .reload
@@ -282,12 +283,13 @@ impl<L: Clone> Supervisor<L> {
         }
         let current = running.generation;
         let name = running.spec.name.clone();
+        // The killed workers keep their slots until they have exited (so no new worker
+        // takes a slot an old one still holds); the group frees the slots now.
         for (slot, pid, probed) in staged {
             if probed {
                 self.push(Action::Unprobe { service, slot });
             }
             self.signal(service, slot, pid, Signal::Kill);
-            self.services[service].slots.remove(&slot);
             self.release(service, slot);
         }
         warn!(service = %name, generation = reload.generation, %reason, "reload rolled back");
@@ -392,9 +394,13 @@ impl<L: Clone> Supervisor<L> {
 
     /// SIGHUP: applies the config read again, service by service (see the module
     /// documentation). A service that cannot take its change keeps running as it was.
-    pub(super) fn hangup(&mut self, now: Instant, services: Vec<(Service, L)>) {
+    pub(super) fn hangup(&mut self, now: Instant, services: Vec<(Service, L)>, named: &[String]) {
+        if self.stopping {
+            warn!("SIGHUP during the stop: not applied");
+            return;
+        }
         for running in &self.services {
-            if !services.iter().any(|(s, _)| s.name == running.spec.name) {
+            if !named.contains(&running.spec.name) {
                 warn!(service = %running.spec.name, "service is no longer in the config but keeps running: restart portshard to drop it");
             }
         }

@@ -15,10 +15,16 @@ use crate::{
 /// Crashes in a row beyond which the backoff stops doubling (the cap applies anyway).
 const MAX_DOUBLINGS: u32 = 20;
 
+/// How long a stop waits for a worker after SIGKILL before it gives up on it.
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
+
 impl<L: Clone> Supervisor<L> {
     /// Starts a worker in `slot`: of the reload's generation if `staged`, else of the
     /// current one.
     pub(super) fn spawn(&mut self, service: ServiceId, slot: Slot, staged: bool) {
+        if self.stopping {
+            return;
+        }
         let running = &mut self.services[service];
         let (spec, launch, generation) = match (&running.reload, staged) {
             (Some(reload), true) => (
@@ -52,6 +58,29 @@ impl<L: Clone> Supervisor<L> {
             return;
         };
         let staged = *staged;
+        if staged
+            && !running
+                .reload
+                .as_ref()
+                .is_some_and(|reload| reload.staged.contains(&slot))
+        {
+            // Its reload was rolled back (or the daemon is stopping) while it started: it
+            // goes too, and its slot is freed when it has exited.
+            let generation = running.generation + 1;
+            running.slots.insert(
+                slot,
+                SlotRun::Serving(Worker {
+                    pid,
+                    since: now,
+                    generation,
+                    role: Role::Staged,
+                    stopping: true,
+                    probe: None,
+                }),
+            );
+            self.signal(service, slot, pid, Signal::Kill);
+            return;
+        }
         let (role, generation, weight) = match (&running.reload, staged) {
             (Some(reload), true) => (Role::Staged, reload.generation, None),
             _ => (Role::Current, running.generation, Some(running.spec.weight)),
@@ -78,7 +107,7 @@ impl<L: Clone> Supervisor<L> {
         };
         self.serve(service, slot, worker);
         if staged {
-            self.staged_started(service, slot, pid);
+            self.staged_started(service);
         }
     }
 
@@ -90,7 +119,7 @@ impl<L: Clone> Supervisor<L> {
             return;
         };
         if staged {
-            self.table(service, TableOp::Release(slot));
+            self.release(service, slot);
             self.rollback(
                 service,
                 &format!("starting the worker for slot {slot}: {error}"),
@@ -268,11 +297,15 @@ impl<L: Clone> Supervisor<L> {
         let verdict = tracker.record(outcome);
         let health = tracker.health();
         let staged = worker.role == Role::Staged;
-        if matches!(verdict, Verdict::Hung(_)) {
+        let hung = matches!(verdict, Verdict::Hung(_));
+        if hung {
             worker.probe = None;
         }
         running.probe_outcomes.entry(slot).or_default().add(outcome);
         self.table(service, TableOp::SetHealth { slot, health });
+        if hung {
+            self.push(Action::Unprobe { service, slot });
+        }
         if let (Verdict::Hung(failures), true) = (verdict, staged) {
             let reason = format!(
                 "the worker in slot {slot} (pid {pid}) answered none of its first {failures} readiness probes"
@@ -299,7 +332,6 @@ impl<L: Clone> Supervisor<L> {
                     failures,
                     "worker is hung (alive, but answered none of its last {failures} probes): killing it, so its entries go to their heirs, and restarting it"
                 );
-                self.push(Action::Unprobe { service, slot });
                 self.signal(service, slot, pid, Signal::Kill);
             }
         }
@@ -325,12 +357,26 @@ impl<L: Clone> Supervisor<L> {
         self.after(timeout, Timer::StopOverdue { service, slot, pid });
     }
 
-    /// A worker sent SIGTERM had its stop timeout: SIGKILL it if it still runs.
+    /// A worker sent SIGTERM had its stop timeout: SIGKILL it if it still runs. During a
+    /// stop, a worker that outlives even that by [`KILL_GRACE`] (stuck in the kernel) is
+    /// given up on, so the stop ends.
     pub(super) fn stop_overdue(&mut self, service: ServiceId, slot: Slot, pid: u32) {
         let running = &self.services[service];
         if running.worker(slot, pid).is_some() {
             warn!(service = %running.spec.name, slot, pid, "worker ignored SIGTERM; sending SIGKILL");
             self.signal(service, slot, pid, Signal::Kill);
+            if self.stopping {
+                self.after(KILL_GRACE, Timer::KillOverdue { service, slot, pid });
+            }
+        }
+    }
+
+    /// A worker sent SIGKILL during a stop has still not ended: stop waiting for it.
+    pub(super) fn kill_overdue(&mut self, now: Instant, service: ServiceId, slot: Slot, pid: u32) {
+        let running = &self.services[service];
+        if self.stopping && running.worker(slot, pid).is_some() {
+            error!(service = %running.spec.name, slot, pid, "worker survived SIGKILL (stuck in the kernel?); no longer waiting for it");
+            self.exited(now, service, slot, pid, Exit::Unknown);
         }
     }
 
@@ -339,6 +385,9 @@ impl<L: Clone> Supervisor<L> {
     /// have ended.
     pub(super) fn stop(&mut self) {
         self.stopping = true;
+        for service in 0..self.services.len() {
+            self.rollback(service, "portshard is stopping");
+        }
         for service in 0..self.services.len() {
             let slots: Vec<Slot> = self.services[service].slots.keys().copied().collect();
             for slot in slots {

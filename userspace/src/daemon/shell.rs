@@ -81,6 +81,8 @@ pub(super) struct Shell {
     asked: u64,
     events: mpsc::UnboundedSender<Input>,
     probes: ProbeThread,
+    /// Whether the start is under way (a worker that cannot be started fails it).
+    starting: bool,
     /// During the start, the first worker that could not be started.
     start_error: Option<DaemonError>,
     /// Whether a previous daemon's state was taken over.
@@ -108,6 +110,7 @@ impl Shell {
             asked: 0,
             events,
             probes,
+            starting: false,
             start_error: None,
             adopted: false,
             pinned: Vec::new(),
@@ -125,13 +128,15 @@ impl Shell {
             self.pinned.push(spec.name.clone());
             opened.push((spec, launch, group, adoption, alive));
         }
-        self.start_error = None;
+        self.starting = true;
         for (spec, launch, group, adoption, alive) in opened {
             self.add(spec, launch, group, adoption, alive);
             if let Some(error) = self.start_error.take() {
+                self.starting = false;
                 return Err(error);
             }
         }
+        self.starting = false;
         Ok(())
     }
 
@@ -249,7 +254,9 @@ impl Shell {
                             slot,
                             error: error.to_string(),
                         };
-                        self.start_error.get_or_insert(error);
+                        if self.starting {
+                            self.start_error.get_or_insert(error);
+                        }
                         event
                     }
                 },

@@ -13,7 +13,7 @@ fn adoption_keeps_live_workers_restarts_dead_ones_and_rolls_back_a_half_done_rel
     };
     let adoption = Adoption {
         generation: 3,
-        members: [(0, 1), (1, 1), (2, 1)].into(),
+        members: [(0, 1), (1, 1), (2, 1), (4, 1)].into(),
         slots: vec![
             record(0, SlotState::Live, 3, true),
             record(1, SlotState::Live, 3, false),
@@ -39,6 +39,7 @@ fn adoption_keeps_live_workers_restarts_dead_ones_and_rolls_back_a_half_done_rel
         table_ops(&actions),
         vec![
             TableOp::Remove(1),
+            TableOp::Drain(4),
             TableOp::Release(5),
             TableOp::Release(6),
             TableOp::Release(7),
@@ -90,7 +91,7 @@ fn hangup_adds_services_resizes_and_reloads_on_a_new_command() {
         "[[service]]\nname = \"dns\"\nproto = \"udp\"\nlisten = \"127.0.0.1:5300\"\nworkers = 3\ncommand = [\"srv\"]\nweight = 2\n\
          [[service]]\nname = \"web\"\nproto = \"tcp\"\nlisten = \"127.0.0.1:8080\"\nworkers = 1\ncommand = [\"web\"]\n",
     );
-    let actions = h.feed(Event::Hangup(both.into_iter().map(|s| (s, ())).collect()));
+    let actions = h.feed(hangup(both));
     assert_eq!(
         table_ops(&actions),
         vec![
@@ -102,10 +103,7 @@ fn hangup_adds_services_resizes_and_reloads_on_a_new_command() {
     assert_eq!(spawns(&actions), vec![(2, false, 1)]);
     assert!(matches!(&actions.last(), Some(Action::AddService { spec, .. }) if spec.name == "web"));
     // Fewer workers: the highest current slot retires.
-    let actions = h.feed(Event::Hangup(vec![(
-        service("workers = 2\nweight = 2"),
-        (),
-    )]));
+    let actions = h.feed(hangup(vec![service("workers = 2\nweight = 2")]));
     assert_eq!(
         table_ops(&actions),
         vec![TableOp::SetFlags(0), TableOp::Drain(2)]
@@ -113,22 +111,23 @@ fn hangup_adds_services_resizes_and_reloads_on_a_new_command() {
     assert_eq!(h.sup.retiring(), vec![(0, 2, h.pid(2))]);
     // The same config again changes nothing.
     assert!(
-        h.feed(Event::Hangup(vec![(
-            service("workers = 2\nweight = 2"),
-            ()
-        )]))
-        .is_empty()
+        h.feed(hangup(vec![service("workers = 2\nweight = 2")]))
+            .is_empty()
     );
     // A new command takes a new generation.
-    let actions = h.feed(Event::Hangup(vec![(
-        service("workers = 2\nweight = 2\ncommand = [\"srv2\"]"),
-        (),
+    let actions = h.feed(hangup(vec![service(
+        "workers = 2\nweight = 2\ncommand = [\"srv2\"]",
     )]));
     assert_eq!(spawns(&actions), vec![(3, true, 2), (4, true, 2)]);
     // A change of what the pins record is refused: nothing happens.
-    let actions = h.feed(Event::Hangup(vec![(
-        service("workers = 2\nproto = \"tcp\""),
-        (),
-    )]));
+    let actions = h.feed(hangup(vec![service("workers = 2\nproto = \"tcp\"")]));
     assert!(actions.is_empty());
+}
+
+/// SIGHUP with `services` as the file now says, each with its launch.
+fn hangup(services: Vec<Service>) -> Event<()> {
+    Event::Hangup {
+        named: services.iter().map(|s| s.name.clone()).collect(),
+        services: services.into_iter().map(|s| (s, ())).collect(),
+    }
 }

@@ -219,3 +219,118 @@ fn a_second_reload_and_too_few_free_slots_are_refused() {
         [Reply::Error { ref message, .. }] if message.contains("cannot change")
     ));
 }
+
+#[test]
+fn a_staged_worker_that_starts_after_a_rollback_is_killed_and_never_joins() {
+    let mut h = Harness::with(service("workers = 1"));
+    // Both new workers' spawns are asked for at once; the first fails, the second starts.
+    h.sup.handle(h.now, reload_event(service("workers = 2")));
+    let asked: Vec<_> = std::iter::from_fn(|| h.sup.poll_action()).collect();
+    assert_eq!(spawns(&asked), vec![(1, true, 2), (2, true, 2)]);
+    let failed = h.feed(Event::SpawnFailed {
+        service: 0,
+        slot: 1,
+        error: "exec failed".into(),
+    });
+    assert!(matches!(
+        replies(&failed).last(),
+        Some(Reply::Error { message, .. }) if message.contains("exec failed")
+    ));
+    let late = h.feed(Event::Spawned {
+        service: 0,
+        slot: 2,
+        pid: 777,
+    });
+    assert_eq!(signals(&late), vec![(2, 777, Signal::Kill)]);
+    assert!(!late.iter().any(|a| matches!(a, Action::Probe { .. })));
+    assert_eq!(h.sup.services[0].members, [(0, 1)].into());
+    // Its exit frees its slot and rolls nothing back.
+    let exited = h.feed(Event::Exited {
+        service: 0,
+        slot: 2,
+        pid: 777,
+        exit: Exit::Signal(9),
+    });
+    assert_eq!(table_ops(&exited), vec![TableOp::Release(2)]);
+    assert!(replies(&exited).is_empty());
+}
+
+#[test]
+fn a_rolled_back_worker_keeps_its_slot_until_it_has_exited() {
+    // One staged worker's exit rolls the reload back: the other is killed.
+    let mut h = Harness::with(service("workers = 2"));
+    h.feed(reload_event(service("workers = 2")));
+    let (first, second) = (h.pid(2), h.pid(3));
+    let actions = h.feed(Event::Exited {
+        service: 0,
+        slot: 2,
+        pid: first,
+        exit: Exit::Code(1),
+    });
+    assert_eq!(signals(&actions), vec![(3, second, Signal::Kill)]);
+    assert!(matches!(h.run(3), SlotRun::Serving(w) if w.stopping));
+    // A new reload cannot take slot 3 while its killed worker still holds it.
+    let retry = h.feed(reload_event(service("workers = 2")));
+    assert_eq!(spawns(&retry), vec![(2, true, 2), (4, true, 2)]);
+}
+
+#[test]
+fn a_hung_staged_worker_stops_being_probed() {
+    let text = "workers = 1\nprobe = \"udp:ping\"\nprobe_failures = 1";
+    let mut h = Harness::with(service(text));
+    h.feed(reload_event(service(text)));
+    let staged = h.pid(1);
+    let actions = h.feed(Event::Probed {
+        service: 0,
+        slot: 1,
+        pid: staged,
+        outcome: Outcome::Unanswered,
+    });
+    assert!(actions.contains(&Action::Unprobe {
+        service: 0,
+        slot: 1
+    }));
+    assert!(matches!(
+        replies(&actions).last(),
+        Some(Reply::Error { .. })
+    ));
+}
+
+#[test]
+fn a_stop_rolls_back_a_reload_and_takes_no_more_changes() {
+    let mut h = Harness::with(service("workers = 1\nready_delay = \"1s\""));
+    let actions = h.feed(reload_event(service("workers = 1\nready_delay = \"1s\"")));
+    let (_, ready) = timers(&actions)[0];
+    let (old, new) = (h.pid(0), h.pid(1));
+    let stopping = h.feed(Event::Stop);
+    assert!(matches!(
+        replies(&stopping).last(),
+        Some(Reply::Error { message, .. }) if message.contains("portshard is stopping")
+    ));
+    assert_eq!(
+        signals(&stopping),
+        vec![(1, new, Signal::Kill), (0, old, Signal::Term)]
+    );
+    // No switch, no reload, no SIGHUP change, no restart while stopping.
+    assert!(h.feed(Event::Timer(ready)).is_empty());
+    let refused = h.feed(reload_event(service("workers = 1")));
+    assert!(matches!(
+        replies(&refused)[..],
+        [Reply::Error { ref message, .. }] if message.contains("the daemon is stopping")
+    ));
+    assert!(spawns(&refused).is_empty());
+    let hangup = h.feed(Event::Hangup {
+        services: vec![(service("workers = 3"), ())],
+        named: vec!["dns".to_owned()],
+    });
+    assert!(hangup.is_empty());
+    for (slot, pid) in [(0, old), (1, new)] {
+        h.feed(Event::Exited {
+            service: 0,
+            slot,
+            pid,
+            exit: Exit::Signal(15),
+        });
+    }
+    assert!(h.sup.is_stopped());
+}

@@ -264,3 +264,18 @@ fn exits_read_as_words() {
     assert_eq!(Exit::Code(3).to_string(), "exit code 3");
     assert_eq!(Exit::Signal(9).to_string(), "signal 9 (SIGKILL)");
 }
+
+#[test]
+fn a_stop_gives_up_on_a_worker_that_survives_sigkill() {
+    let mut h = Harness::with(service("workers = 1\nstop_timeout = \"1s\""));
+    let pid = h.pid(0);
+    let actions = h.feed(Event::Stop);
+    let (_, overdue) = timers(&actions)[0];
+    let killed = h.feed(Event::Timer(overdue));
+    assert_eq!(signals(&killed), vec![(0, pid, Signal::Kill)]);
+    let (after, given_up) = timers(&killed)[0];
+    assert_eq!(after, KILL_GRACE);
+    assert!(!h.sup.is_stopped());
+    h.feed(Event::Timer(given_up));
+    assert!(h.sup.is_stopped());
+}

@@ -66,6 +66,7 @@ impl Shell {
             }
         };
         info!(config = %path.display(), "SIGHUP: applying the config");
+        let named = config.services.iter().map(|s| s.name.clone()).collect();
         let services = config
             .services
             .into_iter()
@@ -77,7 +78,7 @@ impl Shell {
                 }
             })
             .collect();
-        self.feed(supervisor::Event::Hangup(services));
+        self.feed(supervisor::Event::Hangup { services, named });
     }
 
     /// A control request: `ping` is answered here, a reload's config is read here, the
