@@ -372,10 +372,11 @@ impl<L: Clone> Supervisor<L> {
         match self.pending.remove(&ticket) {
             Some(Pending::Reply { to, done, undo }) => {
                 let reply = match result {
-                    Ok(moved) => Reply::Done {
-                        message: done.replace("{moved}", &moved.to_string()),
-                        moved,
-                    },
+                    Ok(moved) => {
+                        let message = done.replace("{moved}", &moved.to_string());
+                        tracing::info!(moved, "{message}");
+                        Reply::Done { message, moved }
+                    }
                     Err(message) => {
                         self.undo(undo);
                         ControlError::Table { message }.reply()

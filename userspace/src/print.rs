@@ -179,12 +179,17 @@ pub fn table(root: &Path, service: &str, json: bool) -> Result<()> {
     )
     .context(STDOUT)?;
     for slot in &report.slots {
-        let heirs = match (slot.heirs.values().min(), slot.heirs.values().max()) {
-            (Some(min), Some(max)) if min == max => format!(
+        let heirs = match (
+            slot.heirs.keys().next(),
+            slot.heirs.values().min(),
+            slot.heirs.values().max(),
+        ) {
+            (Some(heir), _, _) if slot.heirs.len() == 1 => format!("its entries go to slot {heir}"),
+            (_, Some(min), Some(max)) if min == max => format!(
                 "its entries go to {} other slots, {min} each",
                 slot.heirs.len()
             ),
-            (Some(min), Some(max)) => format!(
+            (_, Some(min), Some(max)) => format!(
                 "its entries go to {} other slots, {min} to {max} each",
                 slot.heirs.len()
             ),

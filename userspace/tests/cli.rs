@@ -66,6 +66,8 @@ fn table_reads_the_pins_of_a_running_group() {
         text.starts_with("service web: 2 slots own entries, balance 1.0000"),
         "{text}"
     );
+    // Each slot says, in words, where its entries go if it dies.
+    assert!(text.contains("its entries go to slot 4"), "{text}");
 
     // A TCP service has no flow table: `flows` says so rather than list an empty one.
     let out = portshard(&["flows", "web", "--bpffs", root]);
