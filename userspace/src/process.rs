@@ -13,6 +13,7 @@ mod pidfd;
 use nix::unistd::{Gid, Uid};
 
 use std::{
+    collections::BTreeSet,
     ffi::{CString, OsStr},
     io,
     os::{
@@ -333,11 +334,9 @@ unsafe fn write_decimal(at: *mut u8, value: libc::pid_t) {
     unsafe { *at.add(len) = 0 };
 }
 
-/// How many established TCP connections with local port `port` the process `pid` holds:
-/// its socket descriptors (`/proc/<pid>/fd`) matched against the established connections
-/// sock_diag lists.
-pub fn established_connections(pid: u32, port: u16) -> io::Result<usize> {
-    let mut held = std::collections::BTreeSet::new();
+/// The inodes of the sockets process `pid` holds (`/proc/<pid>/fd`).
+pub fn held_sockets(pid: u32) -> io::Result<BTreeSet<u32>> {
+    let mut held = BTreeSet::new();
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
         // A descriptor closed while listing is simply not counted.
         let Ok(target) = std::fs::read_link(fd?.path()) else {
@@ -352,8 +351,13 @@ pub fn established_connections(pid: u32, port: u16) -> io::Result<usize> {
             held.insert(inode);
         }
     }
-    let established = crate::sockdiag::SockDiag::open()?.established_inodes(port)?;
-    Ok(established.intersection(&held).count())
+    Ok(held)
+}
+
+/// How many of `established` (connection inodes, see
+/// [`crate::sockdiag::SockDiag::established_inodes`]) the process `pid` holds.
+pub fn established_connections(pid: u32, established: &BTreeSet<u32>) -> io::Result<usize> {
+    Ok(held_sockets(pid)?.intersection(established).count())
 }
 
 #[cfg(test)]
@@ -367,7 +371,14 @@ mod tests {
         let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         let _server = listener.accept().unwrap();
         assert_eq!(
-            established_connections(std::process::id(), port).unwrap(),
+            established_connections(
+                std::process::id(),
+                &crate::sockdiag::SockDiag::open()
+                    .unwrap()
+                    .established_inodes(port)
+                    .unwrap()
+            )
+            .unwrap(),
             1
         );
     }

@@ -14,6 +14,7 @@ use crate::{
     daemon::{DaemonError, Launch},
     group::Holder,
     process::{self, Activation, Exit},
+    sockdiag::SockDiag,
     socket::{self, Proto},
     supervisor::{self, Activity, ServiceId, Signal, TableOp},
     table::Slot,
@@ -173,10 +174,13 @@ impl Shell {
     }
 
     /// How busy each retiring worker is: datagrams delivered to its slot (UDP) or its
-    /// established connections (TCP).
+    /// established connections (TCP). Each service's counters, and each port's established
+    /// connections (one sock_diag dump), are read once per tick, whatever the number of
+    /// retiring workers.
     pub(super) fn activity(&self) -> Vec<(ServiceId, Slot, Activity)> {
         let retiring = self.supervisor.retiring();
         let mut counters = HashMap::new();
+        let mut established = HashMap::new();
         retiring
             .into_iter()
             .map(|(service, slot, pid)| {
@@ -194,7 +198,15 @@ impl Shell {
                                 c.selected + c.failed_over + c.probed + c.migrated + c.flow_hits,
                             )
                         }),
-                    Proto::Tcp => process::established_connections(pid, spec.listen.port())
+                    Proto::Tcp => established
+                        .entry(spec.listen.port())
+                        .or_insert_with(|| {
+                            SockDiag::open()
+                                .and_then(|mut diag| diag.established_inodes(spec.listen.port()))
+                                .ok()
+                        })
+                        .as_ref()
+                        .and_then(|inodes| process::established_connections(pid, inodes).ok())
                         .map_or(Activity::Unknown, Activity::Connections),
                 };
                 (service, slot, activity)
