@@ -21,7 +21,7 @@ mod io;
 
 pub use adopt::{AdoptedSlot, Adoption};
 pub use control::ControlError;
-pub use io::{Action, Activity, Command, Event, Exit, Signal, TableOp, Timer};
+pub use io::{Action, Activity, Command, Event, Exit, Signal, Spawn, TableOp, Timer};
 pub use slots::KILL_GRACE;
 
 use std::{

@@ -140,27 +140,32 @@ pub enum TableOp {
     },
 }
 
+/// A worker to start in `slot`: a socket, the process, then the group (into the table, or
+/// staged for a reload).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Spawn<L> {
+    /// The service.
+    pub service: ServiceId,
+    /// The slot.
+    pub slot: Slot,
+    /// The service's settings for this worker.
+    pub spec: Box<Service>,
+    /// How to run it (the resolved program and identity).
+    pub launch: L,
+    /// Its generation.
+    pub generation: u32,
+    /// Restarts of this slot so far, for its record.
+    pub restarts: u32,
+    /// Whether it is a reload's new worker (staged, owning no entry yet).
+    pub staged: bool,
+}
+
 /// What the daemon should do. Carried out in the order taken.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action<L> {
-    /// Start a worker in `slot`: a socket, the process, then the group (into the table, or
-    /// staged for a reload). Answer with [`Event::Spawned`] or [`Event::SpawnFailed`].
-    Spawn {
-        /// The service.
-        service: ServiceId,
-        /// The slot.
-        slot: Slot,
-        /// The service's settings for this worker.
-        spec: Box<Service>,
-        /// How to run it (the resolved program and identity).
-        launch: L,
-        /// Its generation.
-        generation: u32,
-        /// Restarts of this slot so far, for its record.
-        restarts: u32,
-        /// Whether it is a reload's new worker (staged, owning no entry yet).
-        staged: bool,
-    },
+    /// Start a worker (see [`Spawn`]). Answer with [`Event::Spawned`] or
+    /// [`Event::SpawnFailed`].
+    Spawn(Spawn<L>),
     /// Send `signal` to worker `pid` of `slot`.
     Signal {
         /// The service.

@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    Action, Crashes, Exit, Role, ServiceId, Signal, SlotRun, Supervisor, TableOp, Timer, Worker,
+    Action, Crashes, Exit, Role, ServiceId, Signal, SlotRun, Spawn, Supervisor, TableOp, Timer,
+    Worker,
 };
 use crate::{
     probe::{Outcome, Tracker, Verdict},
@@ -40,7 +41,7 @@ impl<L: Clone> Supervisor<L> {
         };
         let restarts = running.crashes.get(&slot).map_or(0, |c| c.restarts);
         running.slots.insert(slot, SlotRun::Spawning { staged });
-        self.push(Action::Spawn {
+        self.push(Action::Spawn(Spawn {
             service,
             slot,
             spec: Box::new(spec),
@@ -48,7 +49,7 @@ impl<L: Clone> Supervisor<L> {
             generation,
             restarts,
             staged,
-        });
+        }));
     }
 
     /// A spawn succeeded: the worker serves its slot (a current one is in the table).

@@ -4,11 +4,7 @@
 //! event loop. Outcomes go back to the event loop; the supervisor keeps the verdicts.
 use std::{net::SocketAddr, sync::Arc, thread};
 
-use tokio::{
-    runtime,
-    sync::{mpsc, oneshot},
-    task::JoinHandle,
-};
+use tokio::{runtime, sync::oneshot, task::JoinHandle};
 use tracing::warn;
 
 use crate::{
@@ -52,18 +48,16 @@ impl ProbeThread {
         Prober::bind(kind, listen)
     }
 
-    /// Probes worker `pid` of `slot` every interval with `prober`, sending each outcome,
-    /// wrapped by `report`, to `events`, until the task is aborted or `events` closes.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn probe<E: Send + 'static>(
+    /// Probes worker `pid` of `slot` every interval with `prober`, handing each outcome to
+    /// `report`, until the task is aborted or `report` says nobody listens any more.
+    pub(super) fn probe(
         &self,
         prober: Arc<Prober>,
         probe: Probe,
         slot: Slot,
         pid: u32,
         service: String,
-        events: mpsc::UnboundedSender<E>,
-        report: impl Fn(Outcome) -> E + Send + 'static,
+        report: impl Fn(Outcome) -> bool + Send + 'static,
     ) -> JoinHandle<()> {
         // Slots start a fraction of an interval apart, so their probes do not all fall due
         // at once on the probe thread.
@@ -86,7 +80,7 @@ impl ProbeThread {
                     }
                 };
                 previous_end = tokio::time::Instant::now();
-                if events.send(report(outcome)).is_err() {
+                if !report(outcome) {
                     return;
                 }
             }

@@ -237,16 +237,9 @@ impl Shell {
     /// Carries out one action; returns the event that reports its outcome, if awaited.
     fn execute(&mut self, action: Action<Launch>) -> Option<supervisor::Event<Launch>> {
         match action {
-            Action::Spawn {
-                service,
-                slot,
-                spec,
-                launch,
-                generation,
-                restarts,
-                staged,
-            } => Some(
-                match self.spawn(service, slot, &spec, &launch, generation, restarts, staged) {
+            Action::Spawn(spawn) => {
+                let (service, slot) = (spawn.service, spawn.slot);
+                Some(match self.spawn(&spawn) {
                     Ok(pid) => supervisor::Event::Spawned { service, slot, pid },
                     Err(error) => {
                         let event = supervisor::Event::SpawnFailed {
@@ -259,8 +252,8 @@ impl Shell {
                         }
                         event
                     }
-                },
-            ),
+                })
+            }
             Action::Signal {
                 service,
                 slot,

@@ -65,7 +65,7 @@ impl Harness {
         self.sup.handle(self.now, event);
         let mut out = Vec::new();
         while let Some(action) = self.sup.poll_action() {
-            if let Action::Spawn { service, slot, .. } = action {
+            if let Action::Spawn(Spawn { service, slot, .. }) = action {
                 self.next_pid += 1;
                 let pid = self.next_pid;
                 out.push(action);
@@ -141,12 +141,12 @@ fn spawns(actions: &[Action<()>]) -> Vec<(Slot, bool, u32)> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Spawn {
+            Action::Spawn(Spawn {
                 slot,
                 staged,
                 generation,
                 ..
-            } => Some((*slot, *staged, *generation)),
+            }) => Some((*slot, *staged, *generation)),
             _ => None,
         })
         .collect()

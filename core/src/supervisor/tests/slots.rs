@@ -42,7 +42,7 @@ fn a_dead_worker_is_healed_then_restarted_into_its_slot() {
     }));
     assert_eq!(spawns(&actions), vec![(2, false, 1)]);
     match &actions[0] {
-        Action::Spawn { restarts, .. } => assert_eq!(*restarts, 1),
+        Action::Spawn(Spawn { restarts, .. }) => assert_eq!(*restarts, 1),
         other => panic!("{other:?}"),
     }
     assert!(matches!(h.run(2), SlotRun::Serving(_)));
@@ -128,7 +128,7 @@ fn a_failed_spawn_counts_as_a_crash_with_a_delay() {
     let mut h = Harness::with(service("restart_delay = \"100ms\""));
     let (_, timer) = timers(&h.crash(1))[0];
     h.sup.handle(h.now, Event::Timer(timer));
-    let Some(Action::Spawn { slot, .. }) = h.sup.poll_action() else {
+    let Some(Action::Spawn(Spawn { slot, .. })) = h.sup.poll_action() else {
         panic!("no spawn");
     };
     h.sup.handle(

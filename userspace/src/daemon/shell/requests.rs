@@ -187,20 +187,18 @@ impl Shell {
                 }
             }
         };
-        let task = self.probes.probe(
-            prober,
-            probe,
-            slot,
-            pid,
-            name,
-            self.events.clone(),
-            move |outcome| Input::Probed {
-                service,
-                slot,
-                pid,
-                outcome,
-            },
-        );
+        let events = self.events.clone();
+        let task = self
+            .probes
+            .probe(prober, probe, slot, pid, name, move |outcome| {
+                let probed = Input::Probed {
+                    service,
+                    slot,
+                    pid,
+                    outcome,
+                };
+                events.send(probed).is_ok()
+            });
         if let Some(old) = self.probing.insert((service, slot), task) {
             old.abort();
         }

@@ -10,13 +10,12 @@ use tracing::{error, warn};
 
 use super::{Input, Process, Shell};
 use crate::{
-    config::Service,
     daemon::{DaemonError, Launch},
     group::Holder,
     process::{self, Activation, Exit},
     sockdiag::SockDiag,
     socket::{self, Proto},
-    supervisor::{self, Activity, ServiceId, Signal, TableOp},
+    supervisor::{self, Activity, ServiceId, Signal, Spawn, TableOp},
     table::Slot,
 };
 
@@ -29,17 +28,16 @@ impl Shell {
 
     /// Binds a socket for `slot`, starts a worker on it, hands the socket to the group
     /// (into the table, or staged), closes the daemon's copy and watches the worker.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn spawn(
-        &mut self,
-        service: ServiceId,
-        slot: Slot,
-        spec: &Service,
-        launch: &Launch,
-        generation: u32,
-        restarts: u32,
-        staged: bool,
-    ) -> Result<u32, DaemonError> {
+    pub(super) fn spawn(&mut self, spawn: &Spawn<Launch>) -> Result<u32, DaemonError> {
+        let Spawn {
+            service,
+            slot,
+            ref spec,
+            ref launch,
+            generation,
+            restarts,
+            staged,
+        } = *spawn;
         let socket = socket::bind_reuseport(spec.proto, spec.listen).map_err(|source| {
             DaemonError::Socket {
                 service: spec.name.clone(),
