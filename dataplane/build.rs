@@ -13,10 +13,19 @@ fn main() {
     println!("cargo::rerun-if-env-changed=PORTSHARD_BPF_RUSTC");
 
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
+    // The upgrade tests' second build embeds a program that differs (see the eBPF crate's
+    // `upgrade-test` feature), built apart so neither build overwrites the other's object.
+    let (target, features): (&str, &[&str]) = if env::var_os("CARGO_FEATURE_UPGRADE_TEST").is_some()
+    {
+        ("target/ebpf-upgrade-test", &["upgrade-test"])
+    } else {
+        ("target/ebpf", &[])
+    };
     let built = portshard_toolchain::build_object(
         &root.join("ebpf"),
-        &root.join("target/ebpf"),
+        &root.join(target),
         portshard_toolchain::OBJECT_NAME,
+        features,
     )
     .map_err(|e| e.to_string())
     .and_then(|object| {

@@ -54,11 +54,20 @@ pub mod names {
     pub const PROBES: &str = "probes";
     /// Array of [`crate::ProbeHealth`], one per slot: the daemon's probe results.
     pub const HEALTH: &str = "health";
+    /// Array with one `u32`: the pin layout version ([`crate::PIN_LAYOUT`]) the pins were
+    /// written in, so a build never reuses pins it does not understand.
+    pub const LAYOUT: &str = "layout";
     /// Every map the program's object defines, in a fixed order.
-    pub const MAPS: [&str; 8] = [
-        SOCKETS, TABLE, SLOTS, COUNTERS, SERVICE, FLOWS, PROBES, HEALTH,
+    pub const MAPS: [&str; 9] = [
+        SOCKETS, TABLE, SLOTS, COUNTERS, SERVICE, FLOWS, PROBES, HEALTH, LAYOUT,
     ];
 }
+
+/// The version of the pin layout (which maps a service's pin directory holds, and the
+/// shape of each) this build writes. Pins without a `layout` map are layout 1 (every
+/// build before the version was recorded); layout 2 adds the `layout` map itself. A build
+/// migrates the layouts it knows in place and refuses any other before touching it.
+pub const PIN_LAYOUT: u32 = 2;
 
 /// The reference programs `cargo xtask bench` measures the program against, in their own
 /// object (`portshard-reference`), never loaded by the daemon.

@@ -5,6 +5,7 @@
 //! puts it to work on the kernel.
 pub mod config;
 pub mod control;
+pub mod layout;
 pub mod metrics;
 pub mod probe;
 pub mod report;

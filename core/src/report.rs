@@ -172,6 +172,11 @@ pub struct ServiceStatus {
     pub generations: Vec<GenerationReport>,
     /// The UDP flow table, if the service has one.
     pub flow_table: Option<FlowTableReport>,
+    /// The pinned program's tag (16 hex digits, as `bpftool prog` shows it): which build's
+    /// program steers the group.
+    pub program_tag: String,
+    /// The layout the service's pins are in (see [`portshard_common::PIN_LAYOUT`]).
+    pub pin_layout: u32,
 }
 
 /// One generation of a service's workers.
@@ -354,6 +359,17 @@ impl ServiceStatus {
             generations: generations(&table.slots),
             slots: table.slots,
             flow_table,
+            program_tag: String::new(),
+            pin_layout: 0,
+        }
+    }
+
+    /// The same status, with the pinned program's tag and the pins' layout.
+    pub fn with_program(self, program_tag: String, pin_layout: u32) -> Self {
+        Self {
+            program_tag,
+            pin_layout,
+            ..self
         }
     }
 }

@@ -15,6 +15,7 @@
 mod adopt;
 mod control;
 mod reload;
+mod remove;
 mod slots;
 
 mod io;
@@ -143,6 +144,10 @@ struct Running<L> {
     attempts: u64,
     /// Each probed slot's outcomes so far, across its workers.
     probe_outcomes: BTreeMap<Slot, OutcomeCounts>,
+    /// Taken out of the config: its workers retire and nothing restarts.
+    removing: bool,
+    /// Removed: its last worker ended and its pins were handed over for removal.
+    removed: bool,
 }
 
 impl<L> Running<L> {
@@ -198,6 +203,22 @@ impl<L> Default for Supervisor<L> {
             stopping: false,
         }
     }
+}
+
+/// How many of `running`'s current workers run and answer their probes (if probed).
+fn serving<L>(running: &Running<L>) -> usize {
+    running
+        .slots
+        .values()
+        .filter(|run| match run {
+            SlotRun::Serving(worker) => {
+                worker.role == Role::Current
+                    && !worker.stopping
+                    && worker.probe.as_ref().is_none_or(Tracker::is_passing)
+            }
+            _ => false,
+        })
+        .count()
 }
 
 impl<L: Clone> Supervisor<L> {
@@ -266,9 +287,11 @@ impl<L: Clone> Supervisor<L> {
             })
     }
 
-    /// The service named `name`, if supervised.
+    /// The service named `name`, if supervised (and not being removed).
     pub fn find(&self, name: &str) -> Option<ServiceId> {
-        self.services.iter().position(|s| s.spec.name == name)
+        self.services
+            .iter()
+            .position(|s| s.spec.name == name && !s.removing)
     }
 
     /// The settings service `service` runs with, and how its workers are launched.
@@ -307,9 +330,37 @@ impl<L: Clone> Supervisor<L> {
             .collect()
     }
 
-    /// How many services are supervised.
+    /// How many services are supervised (not counting removed ones).
     pub fn services(&self) -> usize {
-        self.services.len()
+        self.services.iter().filter(|s| !s.removing).count()
+    }
+
+    /// Whether every service serves as configured: no reload or stop under way, and each
+    /// service's current generation has all its workers running, in the table, and
+    /// answering their probes if probed. What `READY=1` waits for.
+    pub fn is_ready(&self) -> bool {
+        !self.stopping
+            && self
+                .services
+                .iter()
+                .filter(|running| !running.removing)
+                .all(|running| {
+                    running.reload.is_none() && serving(running) == running.spec.workers as usize
+                })
+    }
+
+    /// Workers serving (current, running, answering their probes if probed) and workers
+    /// configured, over every service: for `STATUS=` lines.
+    pub fn serving(&self) -> (usize, usize) {
+        self.services
+            .iter()
+            .filter(|running| !running.removing)
+            .fold((0, 0), |(serving_now, wanted), running| {
+                (
+                    serving_now + serving(running),
+                    wanted + running.spec.workers as usize,
+                )
+            })
     }
 
     fn workers(&self) -> impl Iterator<Item = (ServiceId, Slot, &Worker)> {

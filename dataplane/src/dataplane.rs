@@ -13,25 +13,25 @@ use std::{
 };
 
 use aya::{
-    EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, ReusePortSockArray},
     programs::SkReuseport,
 };
 use portshard_common::{
-    Counters, Flow, MAX_SLOTS, ProbeHealth, ProbeRoute, ServiceMeta, SlotMeta, TABLE_SIZE,
-    TableEntry, names,
+    Counters, Flow, MAX_SLOTS, PIN_LAYOUT, ProbeHealth, ProbeRoute, ServiceMeta, SlotMeta,
+    TABLE_SIZE, TableEntry, names,
 };
 
 mod error;
+mod layout;
 mod mapped;
 mod pinned;
+mod program;
 
 pub use error::DataplaneError;
 use error::Result;
 use mapped::MappedTable;
-use pinned::{
-    check_pin, open_map, open_program, program_error, raise_memlock, remove_if_present, typed,
-};
+use pinned::{check_pin, open_map, open_program, program_error, remove_if_present, typed};
+pub use program::{Adopted, LoadedProgram, format_tag};
 
 use crate::{
     bpffs,
@@ -88,35 +88,23 @@ impl Dataplane {
                 check_pin(&path, &spec)?;
             }
         }
-        raise_memlock();
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&dir)
-            .map_max_entries(names::FLOWS, flow_capacity)
-            .load(OBJECT)
-            .map_err(|source| {
-                // Nothing was pinned; leave no empty directory behind (a non-empty one stays).
-                let _ = std::fs::remove_dir(&dir);
-                DataplaneError::Load {
-                    dir: dir.clone(),
-                    source: Box::new(source),
-                }
-            })?;
-        let path = dir.join(names::PROGRAM);
-        let program_error = |action: &str| program_error(&path, action.to_owned());
-        let program: &mut SkReuseport = ebpf
-            .program_mut(names::PROGRAM)
-            .ok_or(ObjectError::MissingProgram(names::PROGRAM))?
-            .try_into()
-            .map_err(program_error("preparing the program"))?;
-        program
-            .load()
-            .map_err(program_error("verifying and loading the program"))?;
-        remove_if_present(&path)?;
-        program.pin(&path).map_err(|source| DataplaneError::PinIo {
-            action: "pinning the program at",
-            path: path.clone(),
-            source: io::Error::other(source),
+        match layout::pinned_layout(&dir)? {
+            _ if !dir.join(names::LAYOUT).exists() => layout::pin_layout(&dir)?,
+            PIN_LAYOUT => {}
+            found => {
+                return Err(DataplaneError::UnknownLayout {
+                    dir,
+                    source: portshard_core::layout::UnknownLayout { found },
+                });
+            }
+        }
+        let loaded = LoadedProgram::load(&dir, flow_capacity).inspect_err(|_| {
+            // Nothing but the layout was pinned; leave no such directory behind (one with
+            // other pins in it stays).
+            let _ = std::fs::remove_file(dir.join(names::LAYOUT));
+            let _ = std::fs::remove_dir(&dir);
         })?;
+        loaded.pin()?;
         Self::open_dir(dir)
     }
 
@@ -227,11 +215,10 @@ impl Dataplane {
         } else {
             None
         };
-        Ok(ServiceStatus::new(
-            &service,
-            self.table_report()?,
-            flow_table,
-        ))
+        Ok(
+            ServiceStatus::new(&service, self.table_report()?, flow_table)
+                .with_program(format_tag(self.program_tag()?), self.layout()?),
+        )
     }
 
     /// Everything `table` shows about this service, read from the pins.

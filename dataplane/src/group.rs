@@ -12,7 +12,7 @@ use std::{
 use portshard_common::{MAX_SLOTS, ProbeHealth, ServiceMeta, SlotMeta, SlotState};
 
 use crate::{
-    dataplane::{Dataplane, DataplaneError},
+    dataplane::{Dataplane, DataplaneError, LoadedProgram},
     socket,
     table::{Delta, Slot, Table, TableError},
 };
@@ -129,23 +129,23 @@ impl Group {
         })
     }
 
-    /// Takes over the pinned dataplane of `service` as a previous process left it, without
-    /// writing anything: `members` (slot, weight) are the slots the pinned table is over.
-    /// If the pinned table does not fit them (a process died halfway through a change), it
-    /// is rebuilt from scratch over `members`, which moves flows, and `rebuilt` says so.
+    /// Takes over `dataplane` (see [`Dataplane::adopt`]) as a previous process left it,
+    /// without writing anything: `members` (slot, weight) are the slots the pinned table
+    /// is over. If the pinned table does not fit them (a process died halfway through a
+    /// change), it is rebuilt from scratch over `members`, which moves flows, and
+    /// `rebuilt` says so.
     pub fn adopt(
-        root: &Path,
-        service: &str,
+        dataplane: Dataplane,
         members: &[(Slot, u32)],
     ) -> Result<(Self, Option<TableError>), GroupError> {
-        let dataplane = Dataplane::open(root, service)?;
+        let service = dataplane.name();
         let (table, rebuilt) = match Table::adopt(dataplane.read_entries(), members.iter().copied())
         {
             Ok(table) => (table, None),
             Err(error) => {
                 let table = Table::with_members(members.iter().copied()).map_err(|source| {
                     GroupError::Table {
-                        service: service.to_owned(),
+                        service: service.clone(),
                         source,
                     }
                 })?;
@@ -155,7 +155,7 @@ impl Group {
         };
         Ok((
             Self {
-                service: service.to_owned(),
+                service,
                 dataplane,
                 table,
                 vacated: BTreeMap::new(),
@@ -177,6 +177,16 @@ impl Group {
     /// The service's dataplane.
     pub fn dataplane(&self) -> &Dataplane {
         &self.dataplane
+    }
+
+    /// Puts this build's `program` in place of the pinned one, attached through `socket`,
+    /// a live member of the group (see [`Dataplane::replace_program`]).
+    pub fn replace_program(
+        &mut self,
+        program: LoadedProgram,
+        socket: Option<BorrowedFd<'_>>,
+    ) -> Result<(), GroupError> {
+        Ok(self.dataplane.replace_program(program, socket)?)
     }
 
     /// Puts `socket` (bound with `SO_REUSEPORT`, and listening for TCP), served by

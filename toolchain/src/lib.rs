@@ -187,13 +187,19 @@ const BUILD_SCRIPT_VARIABLES: [&str; 7] = [
     "NUM_JOBS",
 ];
 
-/// Compiles the eBPF crate at `ebpf_dir` (all its binaries) into `target_dir` and returns
-/// the path of the object `name` (e.g. [`OBJECT_NAME`]).
+/// Compiles the eBPF crate at `ebpf_dir` (all its binaries, with the cargo `features`
+/// given) into `target_dir` and returns the path of the object `name` (e.g.
+/// [`OBJECT_NAME`]). Builds with other features belong in another `target_dir`.
 ///
 /// Runs a nested cargo with the BPF rustc. Every variable a surrounding cargo, clippy or
 /// rustdoc sets for its own compiler is removed first, so the nested build compiles for the
 /// BPF target with the BPF compiler and nothing else.
-pub fn build_object(ebpf_dir: &Path, target_dir: &Path, name: &str) -> Result<PathBuf, BuildError> {
+pub fn build_object(
+    ebpf_dir: &Path,
+    target_dir: &Path,
+    name: &str,
+    features: &[&str],
+) -> Result<PathBuf, BuildError> {
     let missing = missing();
     let Some(linker) = bpf_linker().filter(|_| missing.is_empty()) else {
         return Err(BuildError::Incomplete(missing));
@@ -218,6 +224,7 @@ pub fn build_object(ebpf_dir: &Path, target_dir: &Path, name: &str) -> Result<Pa
         .current_dir(ebpf_dir)
         .args(["build", "--release", "--target", BPF_TARGET, "--target-dir"])
         .arg(target_dir)
+        .args(features.iter().flat_map(|feature| ["--features", feature]))
         .env("RUSTC", bpf_rustc())
         .env("RUSTC_BOOTSTRAP", "1")
         .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", linker)

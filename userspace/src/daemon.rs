@@ -124,6 +124,22 @@ pub enum DaemonError {
         /// What the config asks for.
         configured: String,
     },
+    /// The service was taken out of the config and its group is gone.
+    #[error("service {service} was taken out of the config: no worker starts for it")]
+    Removed {
+        /// The service.
+        service: String,
+    },
+    /// A new program could not be attached: no running worker's socket was reachable.
+    #[error(
+        "service {service}: cannot attach this build's program to the group: none of its running workers (pids {pids:?}) holds the socket recorded for its slot, or it cannot be reached (pidfd_getfd); the pinned program keeps steering. Check that the daemon runs as root and no security module forbids pidfd_getfd"
+    )]
+    Unreachable {
+        /// The service.
+        service: String,
+        /// Its running workers.
+        pids: Vec<u32>,
+    },
     /// An I/O operation on a path or socket failed.
     #[error("{action} {path}: {source}")]
     Io {

@@ -85,13 +85,15 @@ pub fn status(root: &Path, json: bool) -> Result<()> {
     for service in &report.services {
         writeln!(
             out,
-            "{} {} {} ({}): balance {:.4}, {} runs fell through",
+            "{} {} {} ({}): balance {:.4}, {} runs fell through; program {}, pin layout {}",
             service.name,
             service.proto,
             service.listen,
             service.mode,
             service.balance,
-            service.fell_through
+            service.fell_through,
+            service.program_tag,
+            service.pin_layout
         )
         .context(STDOUT)?;
         writeln!(

@@ -334,24 +334,53 @@ unsafe fn write_decimal(at: *mut u8, value: libc::pid_t) {
     unsafe { *at.add(len) = 0 };
 }
 
-/// The inodes of the sockets process `pid` holds (`/proc/<pid>/fd`).
-pub fn held_sockets(pid: u32) -> io::Result<BTreeSet<u32>> {
-    let mut held = BTreeSet::new();
+/// The sockets process `pid` holds (`/proc/<pid>/fd`), as (descriptor, inode).
+fn socket_fds(pid: u32) -> io::Result<Vec<(i32, u32)>> {
+    let mut held = Vec::new();
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let fd = fd?;
         // A descriptor closed while listing is simply not counted.
-        let Ok(target) = std::fs::read_link(fd?.path()) else {
+        let Ok(target) = std::fs::read_link(fd.path()) else {
             continue;
         };
-        if let Some(inode) = target
+        let number = fd.file_name().to_str().and_then(|n| n.parse::<i32>().ok());
+        let inode = target
             .to_str()
             .and_then(|t| t.strip_prefix("socket:["))
             .and_then(|t| t.strip_suffix(']'))
-            .and_then(|t| t.parse::<u32>().ok())
-        {
-            held.insert(inode);
+            .and_then(|t| t.parse::<u32>().ok());
+        if let (Some(number), Some(inode)) = (number, inode) {
+            held.push((number, inode));
         }
     }
     Ok(held)
+}
+
+/// The inodes of the sockets process `pid` holds (`/proc/<pid>/fd`).
+pub fn held_sockets(pid: u32) -> io::Result<BTreeSet<u32>> {
+    Ok(socket_fds(pid)?
+        .into_iter()
+        .map(|(_, inode)| inode)
+        .collect())
+}
+
+/// A copy of the socket whose cookie is `cookie` among those the process behind `pidfd`
+/// (pid `pid`) holds, taken with `pidfd_getfd`: how a restarted daemon reaches a worker's
+/// listening socket, the only handle on its reuseport group. `None` if it holds no such
+/// socket.
+pub fn socket_of(pidfd: BorrowedFd<'_>, pid: u32, cookie: u64) -> io::Result<Option<OwnedFd>> {
+    for (number, _) in socket_fds(pid)? {
+        // A descriptor closed meanwhile is simply skipped.
+        let Ok(copy) =
+            rustix::process::pidfd_getfd(pidfd, number, rustix::process::PidfdGetfdFlags::empty())
+        else {
+            continue;
+        };
+        if crate::socket::cookie(copy.as_fd()).ok() == Some(cookie) {
+            return Ok(Some(copy));
+        }
+    }
+    Ok(None)
 }
 
 /// How many of `established` (connection inodes, see

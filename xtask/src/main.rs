@@ -158,6 +158,7 @@ fn ebpf_object(name: &str) -> Result<PathBuf> {
         &root.join("ebpf"),
         &root.join("target/ebpf"),
         name,
+        &[],
     )?)
 }
 

@@ -56,6 +56,8 @@ impl<L: Clone> Supervisor<L> {
             reload: None,
             attempts: 0,
             probe_outcomes: BTreeMap::new(),
+            removing: false,
+            removed: false,
         });
         for record in adoption.slots {
             if record.state == SlotState::Free {

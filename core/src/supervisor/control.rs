@@ -21,6 +21,14 @@ pub enum ControlError {
         /// The services there are, comma-separated.
         known: String,
     },
+    /// The service was taken out of the config and its workers have not all ended.
+    #[error(
+        "service {service} was taken out of the config and its workers are still draining: send SIGHUP again once they have ended (`portshard status` shows them)"
+    )]
+    StillRemoving {
+        /// The service.
+        service: String,
+    },
     /// The slot number cannot name a slot.
     #[error("service {service} has no slot {slot}: slots are numbered 0 to {}", MAX_SLOTS - 1)]
     SlotOutOfRange {

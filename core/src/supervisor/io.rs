@@ -218,6 +218,12 @@ pub enum Action<L> {
         /// How to run its workers.
         launch: L,
     },
+    /// Remove the pins of a service taken out of the config, whose workers have all
+    /// ended, and forget its group.
+    RemoveService {
+        /// The service.
+        service: ServiceId,
+    },
     /// Send `reply` to the asker `to`.
     Reply {
         /// The asker.

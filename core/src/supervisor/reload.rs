@@ -399,10 +399,14 @@ impl<L: Clone> Supervisor<L> {
             warn!("SIGHUP during the stop: not applied");
             return;
         }
-        for running in &self.services {
-            if !named.contains(&running.spec.name) {
-                warn!(service = %running.spec.name, "service is no longer in the config but keeps running: restart portshard to drop it");
-            }
+        let gone: Vec<ServiceId> = (0..self.services.len())
+            .filter(|&service| {
+                let running = &self.services[service];
+                !running.removing && !named.contains(&running.spec.name)
+            })
+            .collect();
+        for service in gone {
+            self.remove(now, service);
         }
         for (spec, launch) in services {
             let name = spec.name.clone();
@@ -414,6 +418,13 @@ impl<L: Clone> Supervisor<L> {
 
     /// Brings one service in line with `spec`.
     fn apply(&mut self, now: Instant, spec: Service, launch: L) -> Result<(), ControlError> {
+        let still_removing = self
+            .services
+            .iter()
+            .any(|running| running.spec.name == spec.name && running.removing && !running.removed);
+        if still_removing {
+            return Err(ControlError::StillRemoving { service: spec.name });
+        }
         let Some(service) = self.find(&spec.name) else {
             self.push(Action::AddService {
                 spec: Box::new(spec),

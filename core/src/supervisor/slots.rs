@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 
 use super::{
-    Action, Crashes, Exit, Role, ServiceId, Signal, SlotRun, Spawn, Supervisor, TableOp, Timer,
-    Worker,
+    Action, Crashes, Drain, Exit, Role, ServiceId, Signal, SlotRun, Spawn, Supervisor, TableOp,
+    Timer, Worker,
 };
 use crate::{
     probe::{Outcome, Tracker, Verdict},
@@ -59,6 +59,21 @@ impl<L: Clone> Supervisor<L> {
             return;
         };
         let staged = *staged;
+        if running.removing {
+            // Started while its service was being removed: it retires at once.
+            running.slots.insert(
+                slot,
+                SlotRun::Serving(Worker {
+                    pid,
+                    since: now,
+                    generation: running.generation,
+                    role: Role::Retiring(Drain::new(now)),
+                    stopping: false,
+                    probe: None,
+                }),
+            );
+            return;
+        }
         if staged
             && !running
                 .reload
@@ -119,7 +134,10 @@ impl<L: Clone> Supervisor<L> {
         let Some(SlotRun::Spawning { staged }) = running.slots.remove(&slot) else {
             return;
         };
-        if staged {
+        if running.removing {
+            self.release(service, slot);
+            self.finish_removal(service);
+        } else if staged {
             self.release(service, slot);
             self.rollback(
                 service,
@@ -223,6 +241,7 @@ impl<L: Clone> Supervisor<L> {
                 }
             }
         }
+        self.finish_removal(service);
     }
 
     /// Frees `slot` for good; its crash history goes with it.

@@ -122,6 +122,28 @@ pub enum DataplaneError {
         /// Its type, as the kernel reports it.
         found: String,
     },
+    /// The pins are in a layout this build does not know: nothing was touched.
+    #[error(
+        "the pins in {dir} are in {source}: nothing was changed; run the portshard build that wrote them (or a newer one), or stop the service's workers and remove {dir}"
+    )]
+    UnknownLayout {
+        /// The service's pin directory.
+        dir: PathBuf,
+        /// The layout found, and the ones this build knows.
+        #[source]
+        source: portshard_core::layout::UnknownLayout,
+    },
+    /// A map the pins' layout must have is missing: half a pin directory is never adopted.
+    #[error(
+        "pin {path} is missing, but pin layout {layout} has it: the directory was changed by hand or left half-made; stop the service's workers and remove {}",
+        path.parent().map_or_else(|| path.display(), |dir| dir.display())
+    )]
+    MissingPin {
+        /// The missing pin.
+        path: PathBuf,
+        /// The layout the directory is in.
+        layout: u32,
+    },
     /// Memory-mapping the table failed.
     #[error("memory-mapping the table {path} failed: {source}")]
     Mmap {

@@ -1,15 +1,18 @@
 //! A service's group at start or SIGHUP: created, or adopted from the pins a previous
 //! daemon left, read into the [`Adoption`] the supervisor decides on. Only the reading
 //! happens here; what to keep, heal or stop is the supervisor's.
-use std::{os::fd::OwnedFd, path::Path};
+use std::{
+    os::fd::{AsFd as _, OwnedFd},
+    path::Path,
+};
 
-use portshard_common::{MAX_SLOTS, SlotMeta, SlotState, names};
-use tracing::warn;
+use portshard_common::{MAX_SLOTS, PIN_LAYOUT, SlotMeta, SlotState, names};
+use tracing::{info, warn};
 
 use super::DaemonError;
 use crate::{
     config::{Mode, Service},
-    dataplane::Dataplane,
+    dataplane::{Dataplane, LoadedProgram, format_tag},
     group::Group,
     process,
     report::{self, PROTO_TCP, PROTO_UDP, listen_address},
@@ -61,21 +64,44 @@ fn service_record(spec: &Service) -> portshard_common::ServiceMeta {
     )
 }
 
-/// Reads the pinned state of `spec`: the table is taken over as it is (rebuilt only if
-/// inconsistent), each slot's record is read, and a pidfd is opened on every worker
-/// still running (same pid and start time).
-fn adopt(root: &Path, spec: &Service) -> Result<(Group, Adoption, Vec<Alive>), DaemonError> {
+/// Checks, changing nothing, that the pins of `spec` (if any) can be adopted by this build:
+/// a layout it knows, every pin as it expects, and the service the config describes.
+/// Returns the layout the pins are in, `None` if there are none.
+pub(super) fn check(root: &Path, spec: &Service) -> Result<Option<u32>, DaemonError> {
+    if !is_pinned(root, spec) {
+        return Ok(None);
+    }
+    let layout = Dataplane::check_adoptable(root, &spec.name)?;
     let dataplane = Dataplane::open(root, &spec.name)?;
+    same_service(&dataplane, spec)?;
+    Ok(Some(layout))
+}
+
+/// Refuses pins that record another service than `spec` describes.
+fn same_service(dataplane: &Dataplane, spec: &Service) -> Result<(), DaemonError> {
     let pinned = dataplane.service()?;
     let configured = service_record(spec);
-    if pinned != configured {
-        return Err(DaemonError::Changed {
-            service: spec.name.clone(),
-            dir: dataplane.dir().to_path_buf(),
-            pinned: describe(&pinned),
-            configured: describe(&configured),
-        });
+    if pinned == configured {
+        return Ok(());
     }
+    Err(DaemonError::Changed {
+        service: spec.name.clone(),
+        dir: dataplane.dir().to_path_buf(),
+        pinned: describe(&pinned),
+        configured: describe(&configured),
+    })
+}
+
+/// Reads the pinned state of `spec`: its layout is migrated if older, this build's program
+/// put in place if it differs, the table taken over as it is (rebuilt only if
+/// inconsistent), each slot's record read, and a pidfd opened on every worker still
+/// running (same pid and start time).
+fn adopt(root: &Path, spec: &Service) -> Result<(Group, Adoption, Vec<Alive>), DaemonError> {
+    let (dataplane, adopted) = Dataplane::adopt(root, &spec.name)?;
+    if let Some(from) = adopted.migrated_from {
+        info!(service = %spec.name, from, to = PIN_LAYOUT, "migrated the pins to this build's layout in place; no map, flow or slot changed");
+    }
+    same_service(&dataplane, spec)?;
     let entries = dataplane.read_entries();
     let mut owns = vec![false; MAX_SLOTS as usize];
     entries
@@ -85,14 +111,13 @@ fn adopt(root: &Path, spec: &Service) -> Result<(Group, Adoption, Vec<Alive>), D
     let metas: Vec<SlotMeta> = (0..MAX_SLOTS as Slot)
         .map(|slot| dataplane.meta(slot))
         .collect::<Result<_, _>>()?;
-    drop(dataplane);
     let members: Vec<(Slot, u32)> = metas
         .iter()
         .enumerate()
         .filter(|&(slot, meta)| owns[slot] || meta.state == SlotState::Live as u32)
         .map(|(slot, meta)| (slot as Slot, meta.weight.max(1)))
         .collect();
-    let (group, rebuilt) = Group::adopt(root, &spec.name, &members)?;
+    let (mut group, rebuilt) = Group::adopt(dataplane, &members)?;
     if let Some(reason) = rebuilt {
         warn!(service = %spec.name, %reason, "rebuilt the table from scratch; some flows moved");
     }
@@ -131,12 +156,55 @@ fn adopt(root: &Path, spec: &Service) -> Result<(Group, Adoption, Vec<Alive>), D
             alive.push((slot, meta.pid, pidfd));
         }
     }
+    if let Some(program) = adopted.replacement {
+        put_in_place(&mut group, program, adopted.pinned_tag, &metas, &alive)?;
+    }
     let adoption = Adoption {
         generation,
         members: group.table().members().clone(),
         slots,
     };
     Ok((group, adoption, alive))
+}
+
+/// Puts this build's `program` in place of the pinned one (tag `pinned_tag`): attached to
+/// the group through a running worker's listening socket (the slot's recorded cookie tells
+/// it among the worker's sockets), then pinned. With workers running but none of their
+/// sockets reachable it refuses, rather than leave the old program steering unnoticed.
+fn put_in_place(
+    group: &mut Group,
+    program: LoadedProgram,
+    pinned_tag: u64,
+    metas: &[SlotMeta],
+    alive: &[Alive],
+) -> Result<(), DaemonError> {
+    let service = group.dataplane().name();
+    let socket = alive.iter().find_map(|(slot, pid, pidfd)| {
+        let cookie = metas[usize::from(*slot)].cookie;
+        match process::socket_of(pidfd.as_fd(), *pid, cookie) {
+            Ok(socket) => socket.map(|socket| (*pid, socket)),
+            Err(error) => {
+                warn!(service = %service, slot, pid, %error, "cannot reach this worker's listening socket");
+                None
+            }
+        }
+    });
+    if socket.is_none() && !alive.is_empty() {
+        return Err(DaemonError::Unreachable {
+            service,
+            pids: alive.iter().map(|(_, pid, _)| *pid).collect(),
+        });
+    }
+    let new_tag = program.tag();
+    group.replace_program(program, socket.as_ref().map(|(_, socket)| socket.as_fd()))?;
+    info!(
+        service = %service,
+        from = %format_tag(pinned_tag),
+        to = %format_tag(new_tag),
+        through = ?socket.as_ref().map(|(pid, _)| pid),
+        "the pinned program differs from this build's: attached this build's program to the group and pinned it; the maps, and so every flow, stay"
+    );
+    Ok(())
 }
 
 /// A pidfd on the process `meta` records, if that very process (same start time) runs.

@@ -14,7 +14,7 @@ use std::{
 };
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::error;
+use tracing::{error, info};
 
 use super::{DaemonError, Launch, pins, probes::ProbeThread};
 use crate::{
@@ -72,7 +72,8 @@ pub(super) struct Shell {
     root: PathBuf,
     config: Option<PathBuf>,
     supervisor: Supervisor<Launch>,
-    groups: Vec<Group>,
+    /// Each service's group, by service id; `None` once a removed service's pins are gone.
+    groups: Vec<Option<Group>>,
     processes: HashMap<(ServiceId, Slot), Process>,
     /// Each probed slot's prober, kept across its workers (so is its source port).
     probers: BTreeMap<(ServiceId, Slot), Arc<Prober>>,
@@ -121,6 +122,11 @@ impl Shell {
     /// a service whose dataplane cannot be loaded stops the start before any worker runs,
     /// and a worker that cannot be started fails it.
     pub(super) fn start(&mut self, services: Vec<(Service, Launch)>) -> Result<(), DaemonError> {
+        // Every service's pins are checked before any is changed (migrated, or given this
+        // build's program): one that cannot be adopted leaves all of them as they were.
+        for (spec, _) in &services {
+            pins::check(&self.root, spec)?;
+        }
         let mut opened = Vec::new();
         for (spec, launch) in services {
             self.adopted |= pins::is_pinned(&self.root, &spec);
@@ -150,7 +156,7 @@ impl Shell {
         alive: Vec<pins::Alive>,
     ) {
         let service = self.groups.len();
-        self.groups.push(group);
+        self.groups.push(Some(group));
         for (slot, pid, pidfd) in alive {
             self.track(service, slot, pid, pidfd);
         }
@@ -309,6 +315,21 @@ impl Shell {
                     }
                     Err(error) => {
                         error!(service = %spec.name, %error, "SIGHUP: cannot add the service")
+                    }
+                }
+                None
+            }
+            Action::RemoveService { service } => {
+                let name = self.name(service);
+                self.groups[service] = None;
+                self.probers.retain(|(id, _), _| *id != service);
+                self.pinned.retain(|pinned| *pinned != name);
+                match Dataplane::remove_pins(&self.root, &name) {
+                    Ok(()) => {
+                        info!(service = %name, "removed: its workers have ended and its pins are gone")
+                    }
+                    Err(error) => {
+                        error!(service = %name, %error, "cannot remove the pins of the removed service")
                     }
                 }
                 None

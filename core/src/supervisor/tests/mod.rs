@@ -198,5 +198,6 @@ fn replies(actions: &[Action<()>]) -> Vec<Reply> {
 
 mod adopt;
 mod control;
+mod lifecycle;
 mod reload;
 mod slots;

@@ -171,6 +171,8 @@ impl Shell {
                     .map_err(|e| e.to_string())
                     .and_then(|prober| {
                         self.groups[service]
+                            .as_mut()
+                            .ok_or("the service was removed")?
                             .set_probe(prober.source(), slot)
                             .map_err(|e| e.to_string())?;
                         Ok(Arc::new(prober))
@@ -210,6 +212,7 @@ impl Shell {
             services: self
                 .groups
                 .iter()
+                .flatten()
                 .filter_map(|group| group.dataplane().status().ok())
                 .collect(),
         }

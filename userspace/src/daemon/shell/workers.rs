@@ -65,7 +65,11 @@ impl Shell {
             started: process::start_time(spawned.pid).unwrap_or(0),
             restarts,
         };
-        let group = &mut self.groups[service];
+        let Some(group) = self.groups[service].as_mut() else {
+            return Err(DaemonError::Removed {
+                service: spec.name.clone(),
+            });
+        };
         let placed = if staged {
             group.stage(slot, socket.as_fd(), spec.weight, holder)
         } else {
@@ -150,7 +154,9 @@ impl Shell {
 
     /// Makes a change to a group: entries moved, or the group's error.
     pub(super) fn change(&mut self, service: ServiceId, op: &TableOp) -> Result<u32, String> {
-        let group = &mut self.groups[service];
+        let Some(group) = self.groups[service].as_mut() else {
+            return Err(format!("service {} was removed", self.name(service)));
+        };
         let moved = match op {
             TableOp::Remove(slot) => group.remove(*slot).map(|d| d.moved),
             TableOp::Release(slot) => group.release(*slot).map(|()| 0),
@@ -188,7 +194,10 @@ impl Shell {
                 let activity = match spec.proto {
                     Proto::Udp => counters
                         .entry(service)
-                        .or_insert_with(|| self.groups[service].dataplane().counters().ok())
+                        .or_insert_with(|| {
+                            let group = self.groups[service].as_ref()?;
+                            group.dataplane().counters().ok()
+                        })
                         .as_ref()
                         .and_then(|c: &portshard_common::Counters| c.slots.get(usize::from(slot)))
                         .map_or(Activity::Unknown, |c| {
