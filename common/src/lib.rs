@@ -38,6 +38,9 @@ pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 pub mod names {
     /// The `SK_REUSEPORT` select-or-migrate program.
     pub const PROGRAM: &str = "steer";
+    /// Where a new program is pinned before it is renamed over [`PROGRAM`] (the BPF
+    /// filesystem refuses names with a dot).
+    pub const PROGRAM_STAGED: &str = "steer_new";
     /// `REUSEPORT_SOCKARRAY`: slot number to socket.
     pub const SOCKETS: &str = "sockets";
     /// Array with one [`crate::Table`] value: the consistent lookup table.

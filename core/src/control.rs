@@ -44,6 +44,11 @@ pub enum Request {
         /// The service.
         service: String,
     },
+    /// Replaces the daemon with the binary now on disk, keeping its pid, its workers and
+    /// every flow: the new binary is checked first, then executed in place; the new image
+    /// adopts everything and answers `Done` once it serves. If it cannot, the old binary
+    /// is executed again and answers `Error` with the reason.
+    Upgrade,
 }
 
 /// The daemon's answer.

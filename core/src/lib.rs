@@ -5,9 +5,11 @@
 //! puts it to work on the kernel.
 pub mod config;
 pub mod control;
+pub mod handover;
 pub mod layout;
 pub mod metrics;
 pub mod probe;
+pub mod readiness;
 pub mod report;
 pub mod service;
 pub mod supervisor;

@@ -287,6 +287,11 @@ impl<L: Clone> Supervisor<L> {
             })
     }
 
+    /// Whether a reload of any service is under way, or the stop: an upgrade waits.
+    pub fn is_busy(&self) -> bool {
+        self.stopping || self.services.iter().any(|running| running.reload.is_some())
+    }
+
     /// The service named `name`, if supervised (and not being removed).
     pub fn find(&self, name: &str) -> Option<ServiceId> {
         self.services

@@ -506,7 +506,10 @@ impl Dataplane {
     pub fn remove_pins(root: &Path, service: &str) -> Result<()> {
         check_service_name(service)?;
         let dir = root.join(service);
-        for name in names::MAPS.iter().chain([&names::PROGRAM]) {
+        for name in names::MAPS
+            .iter()
+            .chain([&names::PROGRAM, &names::PROGRAM_STAGED])
+        {
             remove_if_present(&dir.join(name))?;
         }
         match std::fs::remove_dir(&dir) {

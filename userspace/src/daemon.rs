@@ -12,18 +12,22 @@
 //! and forward.
 mod control_socket;
 mod metrics_http;
+mod notify;
 mod pins;
 mod probes;
 mod shell;
+mod upgrade;
+
+pub use upgrade::go_back;
 
 use std::{
     io,
     net::SocketAddr,
-    os::fd::OwnedFd,
+    os::fd::{AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
-use portshard_common::MAX_SLOTS;
+use portshard_common::{MAX_SLOTS, PIN_LAYOUT};
 use tokio::{
     net::{TcpListener, UnixListener, UnixStream},
     sync::mpsc,
@@ -35,12 +39,14 @@ use crate::{
     config::{Config, ConfigError, Service},
     dataplane::{Dataplane, DataplaneError},
     group::GroupError,
+    handover::Handover,
     process::{self, Credentials, ProcessError},
     socket::SocketError,
     table::Slot,
 };
 use probes::ProbeThread;
 use shell::Shell;
+use upgrade::Handles;
 
 /// Where the daemon keeps its state and listens.
 #[derive(Clone, Debug)]
@@ -54,6 +60,9 @@ pub struct Options {
     pub control: PathBuf,
     /// Address of the Prometheus endpoint, if any.
     pub metrics: Option<SocketAddr>,
+    /// What the previous image handed over, when this one was executed by `portshard
+    /// upgrade` (see [`crate::handover`]).
+    pub handover: Option<Handover>,
 }
 
 /// The daemon could not start, or failed while running.
@@ -227,8 +236,23 @@ async fn serve_resolved(
 ) -> Result<(), DaemonError> {
     bpffs::ensure_dir(&options.bpffs)?;
     Dataplane::check_root(&options.bpffs)?;
-    let lock = lock_root(&options.bpffs)?;
-    let control = bind_control(&options.control).await?;
+    // An upgraded image takes over its predecessor's lock and control listener: no other
+    // daemon could take the root meanwhile, and requests sent meanwhile wait in the backlog.
+    let (lock, control, mut client) = match &options.handover {
+        Some(handover) => {
+            let taken = upgrade::take_over(handover, &options.bpffs)?;
+            let control = UnixListener::from_std(taken.control).map_err(io_error(
+                "taking over the control socket",
+                options.control.display(),
+            ))?;
+            (taken.lock, control, Some(taken.client))
+        }
+        None => (
+            lock_root(&options.bpffs)?,
+            bind_control(&options.control).await?,
+            None,
+        ),
+    };
     let metrics = match options.metrics {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -240,14 +264,23 @@ async fn serve_resolved(
     let (events, mut inbox) = mpsc::unbounded_channel();
     let probes =
         ProbeThread::start().map_err(io_error("starting the probe thread", "portshard-probes"))?;
+    let handles = Handles {
+        lock: lock.as_raw_fd(),
+        control: control.as_raw_fd(),
+    };
     let mut shell = Shell::new(
         options.bpffs.clone(),
         options.config.clone(),
         events.clone(),
         probes,
+        handles,
     );
     shell.listen_for_signals();
     if let Err(error) = shell.start(services) {
+        if options.handover.is_some() {
+            // The previous image gets everything back (see `go_back`): nothing is removed.
+            return Err(error);
+        }
         let _ = std::fs::remove_file(&options.control);
         if shell.adopted {
             error!("leaving the adopted workers running: the kernel keeps steering their flows");
@@ -270,12 +303,43 @@ async fn serve_resolved(
         %metrics,
         "portshard is serving"
     );
+    if let (Some(client), Some(handover)) = (client.as_mut(), &options.handover) {
+        let outcome = upgrade::outcome(handover, &shell.programs());
+        info!(outcome = ?outcome, "upgrade over");
+        upgrade::reply(client, &outcome);
+    }
+    drop(client);
     shell.run(&mut inbox).await;
     shell.remove_pins();
     let _ = std::fs::remove_file(&options.control);
     drop(lock);
     info!("portshard stopped");
     Ok(())
+}
+
+/// `serve` in check mode, the first step of `portshard upgrade` run by the daemon being
+/// upgraded: could this build take over the pins `config` describes? Changes nothing (no
+/// lock, no socket, no pin written). Returns a one-line summary.
+pub fn check_takeover(config: Config, options: &Options) -> Result<String, DaemonError> {
+    let services = resolve(config)?;
+    Dataplane::check_root(&options.bpffs)?;
+    let mut found = Vec::new();
+    for (spec, _) in &services {
+        let layout = pins::check(&options.bpffs, spec)?;
+        found.push(match layout {
+            None => format!("{} (not pinned yet)", spec.name),
+            Some(PIN_LAYOUT) => format!("{} (pin layout {PIN_LAYOUT})", spec.name),
+            Some(layout) => format!(
+                "{} (pin layout {layout}, migrated to {PIN_LAYOUT})",
+                spec.name
+            ),
+        });
+    }
+    Ok(format!(
+        "portshard {} can take over: {}",
+        env!("CARGO_PKG_VERSION"),
+        found.join(", ")
+    ))
 }
 
 /// Takes an exclusive lock on the pin root, held until the daemon exits (the kernel drops

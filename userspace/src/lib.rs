@@ -13,5 +13,8 @@ pub mod prober;
 pub mod process;
 pub mod sockdiag;
 
-pub use portshard_core::{config, control, metrics, probe, report, service, supervisor, table};
+pub use portshard_core::{
+    config, control, handover, layout, metrics, probe, readiness, report, service, supervisor,
+    table,
+};
 pub use portshard_dataplane::{bpffs, dataplane, group, object, socket};

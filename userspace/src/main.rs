@@ -20,6 +20,7 @@ use portshard::{
     control::{self, ErrorKind, Reply, Request},
     daemon::{self, Options},
     echo,
+    handover::{self, Handover},
     table::Slot,
 };
 
@@ -175,6 +176,16 @@ enum Command {
         #[command(flatten)]
         control: Control,
     },
+    /// Replace the running daemon with the binary now on disk, keeping its pid, workers and
+    /// flows: the new binary is checked, then executed in place, and adopts everything;
+    /// if it cannot, the old one is executed again (exit 4, with the reason).
+    Upgrade {
+        /// Print the outcome (with its progress) as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: Control,
+    },
     /// List a service's UDP flow table: flows per slot and generation.
     Flows {
         /// The service (its pin directory under --bpffs).
@@ -267,6 +278,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
             control,
         } => request(&socket(control), &Request::Reload { service }, json),
+        Command::Upgrade { json, control } => request(&socket(control), &Request::Upgrade, json),
         Command::Flows {
             service,
             json,
@@ -295,6 +307,31 @@ fn serve(
     metrics: Option<SocketAddr>,
     log_format: LogFormat,
 ) -> Result<()> {
+    let checking = std::env::var_os(handover::CHECK_ENV).is_some();
+    let handover = std::env::var(handover::ENV)
+        .ok()
+        .map(|value| Handover::parse(&value))
+        .transpose()
+        .map_err(|e| Failure::Refused(e.to_string()))?;
+    // SAFETY: no other thread runs yet; workers must not see these.
+    unsafe {
+        std::env::remove_var(handover::CHECK_ENV);
+        std::env::remove_var(handover::ENV);
+    }
+    let options = Options {
+        config,
+        bpffs,
+        control,
+        metrics,
+        handover,
+    };
+    if checking {
+        let config = read_config(options.config.as_deref())?;
+        let summary = daemon::check_takeover(config, &options)
+            .map_err(|e| Failure::Refused(e.to_string()))?;
+        println!("{summary}");
+        return Ok(());
+    }
     return_large_frees_to_the_os();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -306,34 +343,44 @@ fn serve(
         LogFormat::Human => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
-    let path = config;
-    let config = match &path {
-        Some(path) => daemon::read_config(path).map_err(|e| Failure::Refused(e.to_string()))?,
+    if options.config.is_none() {
+        tracing::warn!(
+            "no --config given: running the BUILT-IN DEMO services (UDP and TCP echo on 127.0.0.1:5300, four `portshard echo` workers each); give --config FILE to serve your own"
+        );
+    }
+    let handover = options.handover.clone();
+    let served = read_config(options.config.as_deref()).and_then(|config| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        match runtime.block_on(daemon::serve(config, options.clone())) {
+            // A program or account the config names is missing: invalid input.
+            Err(error @ daemon::DaemonError::Unlaunchable { .. }) => {
+                Err(Failure::Refused(error.to_string()).into())
+            }
+            other => Ok(other?),
+        }
+    });
+    if let (Err(error), Some(handover)) = (&served, handover.filter(|h| h.previous.is_some())) {
+        // This image cannot take over: the previous one gets everything back.
+        let reason = render(error);
+        tracing::error!(%reason, "upgrade: this binary cannot take over; executing the previous one again");
+        let back = daemon::go_back(&handover, &reason);
+        tracing::error!(error = %back, "cannot execute the previous binary again");
+    }
+    served
+}
+
+/// The config file at `path`, or the built-in default (the echo workers are this binary).
+fn read_config(path: Option<&Path>) -> Result<Config> {
+    match path {
+        Some(path) => Ok(daemon::read_config(path).map_err(|e| Failure::Refused(e.to_string()))?),
         None => {
             let exe = std::env::current_exe()
                 .context("finding this program's path for the built-in echo workers")?;
-            Config::builtin(&exe)
+            Ok(Config::builtin(&exe))
         }
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let served = runtime.block_on(daemon::serve(
-        config,
-        Options {
-            config: path,
-            bpffs,
-            control,
-            metrics,
-        },
-    ));
-    match served {
-        // A program or account the config names is missing: invalid input.
-        Err(error @ daemon::DaemonError::Unlaunchable { .. }) => {
-            Err(Failure::Refused(error.to_string()).into())
-        }
-        other => Ok(other?),
     }
 }
 

@@ -131,12 +131,16 @@ pub struct Activation<'a> {
     pub slot: u16,
 }
 
-const STRIPPED: [&str; 5] = [
+/// The daemon's variables a worker must not see: socket activation's (set anew for the
+/// worker) and systemd's notification and watchdog ones, which are the daemon's alone.
+const STRIPPED: [&str; 7] = [
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
     "PORTSHARD_SLOT",
     "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
 ];
 
 /// Where a forked child failed before its program ran, as reported through the exec pipe.

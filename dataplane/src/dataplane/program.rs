@@ -75,7 +75,7 @@ impl LoadedProgram {
     /// renamed over it, so the pin always names a whole program.
     pub(super) fn pin(mut self) -> Result<()> {
         let path = self.dir.join(names::PROGRAM);
-        let staged = self.dir.join(format!("{}.new", names::PROGRAM));
+        let staged = self.dir.join(names::PROGRAM_STAGED);
         remove_if_present(&staged)?;
         self.program()
             .pin(&staged)

@@ -10,7 +10,7 @@ use tokio::{
 use tracing::warn;
 
 use super::shell::Input;
-use crate::control::{self, Reply};
+use crate::control::{self, Reply, Request};
 
 /// Accepts control connections: root only, one request per line.
 pub(super) async fn control_server(listener: UnixListener, events: mpsc::UnboundedSender<Input>) {
@@ -61,6 +61,17 @@ async fn control_connection(
         };
         let reply = match decoded {
             Err(message) => Reply::error(message),
+            Ok(Request::Upgrade) => {
+                // The connection goes with the request: the image that serves after the
+                // upgrade (this one or the next) writes the replies.
+                let stream = lines
+                    .into_inner()
+                    .reunite(write)
+                    .map_err(io::Error::other)?
+                    .into_std()?;
+                let _ = events.send(Input::Upgrade { client: stream });
+                return Ok(());
+            }
             Ok(request) => {
                 let (tx, mut rx) = mpsc::unbounded_channel();
                 if events.send(Input::Control { request, reply: tx }).is_err() {

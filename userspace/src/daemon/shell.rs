@@ -7,7 +7,7 @@ mod workers;
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    os::fd::OwnedFd,
+    os::{fd::OwnedFd, unix::net::UnixStream},
     path::PathBuf,
     sync::Arc,
     time::Instant,
@@ -16,7 +16,13 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info};
 
-use super::{DaemonError, Launch, pins, probes::ProbeThread};
+use super::{
+    DaemonError, Launch,
+    notify::Notifier,
+    pins,
+    probes::ProbeThread,
+    upgrade::{Handles, Image},
+};
 use crate::{
     config::Service,
     control::{Reply, Request},
@@ -25,6 +31,7 @@ use crate::{
     metrics,
     probe::Outcome,
     prober::Prober,
+    readiness::{self, Readiness},
     supervisor::{self, Action, ServiceId, Supervisor, Timer},
     table::Slot,
 };
@@ -59,6 +66,16 @@ pub(super) enum Input {
     Scrape { reply: oneshot::Sender<String> },
     /// SIGTERM or SIGINT.
     Stop,
+    /// Time to tell systemd's watchdog the loop is alive.
+    Watchdog,
+    /// `portshard upgrade`, on its connection (the replies are written there).
+    Upgrade { client: UnixStream },
+    /// The new binary's check for an upgrade ended.
+    UpgradeChecked {
+        client: UnixStream,
+        image: Image,
+        checked: Result<String, String>,
+    },
 }
 
 /// A running worker as the shell knows it: its pid and a pidfd on it.
@@ -71,7 +88,7 @@ struct Process {
 pub(super) struct Shell {
     root: PathBuf,
     config: Option<PathBuf>,
-    supervisor: Supervisor<Launch>,
+    pub(super) supervisor: Supervisor<Launch>,
     /// Each service's group, by service id; `None` once a removed service's pins are gone.
     groups: Vec<Option<Group>>,
     processes: HashMap<(ServiceId, Slot), Process>,
@@ -80,7 +97,7 @@ pub(super) struct Shell {
     probing: HashMap<(ServiceId, Slot), tokio::task::JoinHandle<()>>,
     replies: HashMap<u64, mpsc::UnboundedSender<Reply>>,
     asked: u64,
-    events: mpsc::UnboundedSender<Input>,
+    pub(super) events: mpsc::UnboundedSender<Input>,
     probes: ProbeThread,
     /// Whether the start is under way (a worker that cannot be started fails it).
     starting: bool,
@@ -90,6 +107,15 @@ pub(super) struct Shell {
     pub(super) adopted: bool,
     /// The services whose pins this daemon opened (and removes when it stops).
     pinned: Vec<String>,
+    /// What systemd was told, and the notifications' edge.
+    readiness: Readiness,
+    notifier: Notifier,
+    /// The last thing that happened, for the `STATUS=` line.
+    last_event: String,
+    /// Whether an upgrade's check is under way.
+    pub(super) upgrading: bool,
+    /// What an upgrade hands to the next image.
+    pub(super) handles: Handles,
 }
 
 impl Shell {
@@ -98,6 +124,7 @@ impl Shell {
         config: Option<PathBuf>,
         events: mpsc::UnboundedSender<Input>,
         probes: ProbeThread,
+        handles: Handles,
     ) -> Self {
         Self {
             root,
@@ -115,6 +142,11 @@ impl Shell {
             start_error: None,
             adopted: false,
             pinned: Vec::new(),
+            readiness: Readiness::new(),
+            notifier: Notifier::from_env(),
+            last_event: "starting".to_owned(),
+            upgrading: false,
+            handles,
         }
     }
 
@@ -167,11 +199,28 @@ impl Shell {
         });
     }
 
-    /// Handles inputs until the supervisor has stopped every worker after a stop.
+    /// Handles inputs until the supervisor has stopped every worker after a stop. After
+    /// each, systemd hears of what changed.
     pub(super) async fn run(&mut self, inbox: &mut mpsc::UnboundedReceiver<Input>) {
+        if let Some(every) = Notifier::watchdog_interval() {
+            let events = self.events.clone();
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(every);
+                while events.send(Input::Watchdog).is_ok() {
+                    ticks.tick().await;
+                }
+            });
+        }
+        self.settle();
         while let Some(input) = inbox.recv().await {
             match input {
-                Input::Exited { service, slot, pid } => self.exited(service, slot, pid),
+                Input::Exited { service, slot, pid } => {
+                    self.last_event = format!(
+                        "worker pid {pid} of {} slot {slot} ended",
+                        self.name(service)
+                    );
+                    self.exited(service, slot, pid);
+                }
                 Input::Timer(timer) => {
                     if let Timer::ReloadReady { service, .. } = timer {
                         self.notice_staged_exits(service);
@@ -201,12 +250,63 @@ impl Shell {
                         &self.supervisor.probe_outcomes(),
                     ));
                 }
-                Input::Stop => self.feed(supervisor::Event::Stop),
+                Input::Stop => {
+                    self.last_event = "stopping every worker".to_owned();
+                    if let Some(notice) = self.readiness.stopping() {
+                        self.notifier.notice(notice, &self.status_line());
+                    }
+                    self.feed(supervisor::Event::Stop);
+                }
+                // Sent from here, the event loop: a wedged loop sends none.
+                Input::Watchdog => self.notifier.watchdog(),
+                Input::Upgrade { client } => self.upgrade(client),
+                Input::UpgradeChecked {
+                    client,
+                    image,
+                    checked,
+                } => self.upgrade_checked(client, image, checked),
             }
             if self.supervisor.is_stopped() {
                 return;
             }
+            self.settle();
         }
+    }
+
+    /// A SIGHUP or an upgrade begins: systemd hears `RELOADING=1`.
+    pub(super) fn reloading(&mut self, event: &str) {
+        self.last_event = event.to_owned();
+        if let Some(notice) = self.readiness.reloading() {
+            self.notifier.notice(notice, &self.status_line());
+        }
+    }
+
+    /// Tells systemd `READY=1` once every service serves after a start or reload, and
+    /// the status line when it changed.
+    pub(super) fn settle(&mut self) {
+        let status = self.status_line();
+        match self.readiness.settled(self.supervisor.is_ready()) {
+            Some(notice) => self.notifier.notice(notice, &status),
+            None => self.notifier.status(&status),
+        }
+    }
+
+    fn status_line(&self) -> String {
+        readiness::status_line(
+            self.supervisor.services(),
+            self.supervisor.serving(),
+            &self.last_event,
+        )
+    }
+
+    /// The services' program tags, for an upgrade's reply.
+    pub(super) fn programs(&self) -> String {
+        self.status()
+            .services
+            .iter()
+            .map(|service| format!("{} program {}", service.name, service.program_tag))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Stops every worker (see [`Input::Stop`]) and waits until all have ended.

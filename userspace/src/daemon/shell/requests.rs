@@ -30,7 +30,7 @@ pub(super) enum ReloadRefused {
     Config(#[from] ConfigFileError),
     /// The service was taken out of the config file.
     #[error(
-        "service {service} is no longer in {}: put it back, or restart portshard to drop it",
+        "service {service} is no longer in {}: put it back, or send SIGHUP to drain and remove it",
         path.display()
     )]
     NotInConfig {
@@ -54,6 +54,7 @@ impl Shell {
     /// SIGHUP: reads the config file again; a file with errors changes nothing, a service
     /// whose program or user cannot be resolved keeps running as it was.
     pub(super) fn hangup(&mut self) {
+        self.reloading("SIGHUP: reading the config again");
         let Some(path) = self.config.clone() else {
             warn!("SIGHUP: the built-in default has no config file to read again");
             return;
@@ -106,6 +107,13 @@ impl Shell {
                 slot,
                 weight,
             },
+            // The control socket hands `upgrade` over with its connection instead.
+            Request::Upgrade => {
+                let _ = reply.send(Reply::error(
+                    "upgrade is asked on a control connection of its own",
+                ));
+                return;
+            }
             Request::Reload { service } => match self.reload_spec(&service) {
                 Ok((spec, launch)) => Command::Reload {
                     spec: Box::new(spec),

@@ -1,0 +1,342 @@
+//! `portshard upgrade`: the daemon replaces itself with the binary now on disk, keeping its
+//! pid (so systemd and the workers, its children, see no change), the way nginx upgrades
+//! its binary, then the new image adopts the pins and workers exactly as a restarted
+//! daemon does.
+//!
+//! 1. The new binary is run in check mode ([`CHECK_ENV`]): it reads the config and checks
+//!    every service's pins (layout, maps, recorded service) without changing anything. A
+//!    refusal ends the upgrade there; this daemon serves on.
+//! 2. The daemon executes the new binary in its own process, with its original arguments.
+//!    The pin root's lock, the control listener, the asking client's connection and the
+//!    old image (opened) stay open across the exec, named in [`handover::ENV`].
+//! 3. The new image adopts everything and answers the client. If it cannot, it executes
+//!    the old image again, which adopts everything back and answers with the reason.
+use std::{
+    ffi::{CString, OsString},
+    io::{self, Write as _},
+    os::{
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
+        unix::{ffi::OsStrExt as _, net::UnixStream, process::CommandExt as _},
+    },
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use rustix::io::{FdFlags, fcntl_getfd, fcntl_setfd};
+use tracing::{error, info};
+
+use super::{
+    DaemonError,
+    shell::{Input, Shell},
+};
+use crate::{
+    control::{self, ErrorKind, Reply},
+    handover::{self, CHECK_ENV, Handover},
+};
+
+/// How long a client's connection may block the daemon on one reply.
+const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The binary to execute and the arguments this daemon was started with.
+#[derive(Clone, Debug)]
+pub(super) struct Image {
+    exe: PathBuf,
+    args: Vec<OsString>,
+}
+
+impl Image {
+    /// This daemon's binary path (where a package upgrade puts the new one, even if the
+    /// running file was replaced since) and arguments.
+    pub(super) fn current() -> io::Result<Self> {
+        let exe = std::env::current_exe()?;
+        // A replaced binary reads as "<path> (deleted)": the new one is at <path>.
+        let exe = match exe.to_str().and_then(|e| e.strip_suffix(" (deleted)")) {
+            Some(path) => PathBuf::from(path),
+            None => exe,
+        };
+        Ok(Self {
+            exe,
+            args: std::env::args_os().skip(1).collect(),
+        })
+    }
+}
+
+/// The descriptors this daemon hands to its next image.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Handles {
+    /// The pin root's lock.
+    pub(super) lock: RawFd,
+    /// The control socket's listener.
+    pub(super) control: RawFd,
+}
+
+/// Writes `reply` on `client`; a client that went away misses it.
+pub(super) fn reply(client: &mut UnixStream, reply: &Reply) {
+    let _ = client.write_all(&control::encode_reply(reply));
+}
+
+/// Prepares a client connection for replies written from the event loop.
+pub(super) fn blocking(client: &UnixStream) {
+    let _ = client.set_nonblocking(false);
+    let _ = client.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));
+}
+
+fn cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    let flags = fcntl_getfd(fd)?;
+    let flags = if on {
+        flags | FdFlags::CLOEXEC
+    } else {
+        flags - FdFlags::CLOEXEC
+    };
+    Ok(fcntl_setfd(fd, flags)?)
+}
+
+impl Shell {
+    /// Step 1: checks the new binary in the background, answering with
+    /// [`Input::UpgradeChecked`].
+    pub(super) fn upgrade(&mut self, mut client: UnixStream) {
+        blocking(&client);
+        let refusal = if self.upgrading {
+            Some("an upgrade is already under way".to_owned())
+        } else if self.supervisor.is_busy() {
+            Some("a reload or the stop is under way: upgrade once it is over".to_owned())
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            return reply(&mut client, &Reply::error(refusal));
+        }
+        let image = match Image::current() {
+            Ok(image) => image,
+            Err(error) => {
+                return reply(
+                    &mut client,
+                    &Reply::error(format!("cannot find this daemon's binary: {error}")),
+                );
+            }
+        };
+        reply(
+            &mut client,
+            &Reply::Progress {
+                message: format!(
+                    "checking that {} can take over pid {}'s pins and workers",
+                    image.exe.display(),
+                    std::process::id()
+                ),
+            },
+        );
+        self.upgrading = true;
+        let events = self.events.clone();
+        std::thread::spawn(move || {
+            let checked = check(&image);
+            let _ = events.send(Input::UpgradeChecked {
+                client,
+                image,
+                checked,
+            });
+        });
+    }
+
+    /// Step 2: executes the checked binary in place of this one. Returns only if that
+    /// could not be done (this daemon serves on, and says why).
+    pub(super) fn upgrade_checked(
+        &mut self,
+        mut client: UnixStream,
+        image: Image,
+        checked: Result<String, String>,
+    ) {
+        self.upgrading = false;
+        let exe = image.exe.display().to_string();
+        let summary = match checked {
+            Ok(summary) => summary,
+            Err(reason) => {
+                let message = format!(
+                    "{exe} cannot take over: {reason}; nothing was changed, this daemon (pid {}) serves on",
+                    std::process::id()
+                );
+                error!(%message, "upgrade refused");
+                return reply(&mut client, &Reply::error(message));
+            }
+        };
+        if self.supervisor.is_busy() {
+            return reply(
+                &mut client,
+                &Reply::error("a reload or the stop began meanwhile: upgrade once it is over"),
+            );
+        }
+        reply(&mut client, &Reply::Progress { message: summary });
+        info!(binary = %exe, "upgrade: executing the new binary in place of this one");
+        self.reloading(&format!("upgrading to {exe}"));
+        let error = execute(&image, self.handles, &client);
+        let message = format!(
+            "cannot execute {exe}: {error}; nothing was changed, this daemon (pid {}) serves on",
+            std::process::id()
+        );
+        error!(%message, "upgrade failed");
+        reply(&mut client, &Reply::error(message));
+        self.settle();
+    }
+}
+
+/// Runs `image` in check mode: `Ok` with its summary, or `Err` with why it refuses.
+fn check(image: &Image) -> Result<String, String> {
+    let output = std::process::Command::new(&image.exe)
+        .args(&image.args)
+        .env(CHECK_ENV, "1")
+        .env_remove(handover::ENV)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|error| format!("cannot run it: {error}"))?;
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim().to_owned();
+    if output.status.success() {
+        Ok(text(&output.stdout))
+    } else {
+        let stderr = text(&output.stderr);
+        let reason = stderr.strip_prefix("error: ").unwrap_or(&stderr);
+        Err(format!("its check failed ({}): {reason}", output.status))
+    }
+}
+
+/// Executes `image` in this process, handing over `handles`, `client` and this image.
+/// Returns only on failure, with every descriptor as it was.
+fn execute(image: &Image, handles: Handles, client: &UnixStream) -> io::Error {
+    let previous = match rustix::fs::open(
+        "/proc/self/exe",
+        rustix::fs::OFlags::RDONLY,
+        rustix::fs::Mode::empty(),
+    ) {
+        Ok(previous) => previous,
+        Err(error) => return error.into(),
+    };
+    let handover = Handover {
+        lock: handles.lock,
+        control: handles.control,
+        client: client.as_raw_fd(),
+        previous: Some(previous.as_raw_fd()),
+        failed: None,
+    };
+    // SAFETY: both descriptors stay open in this process for as long as it runs.
+    let (lock, control) = unsafe {
+        (
+            BorrowedFd::borrow_raw(handles.lock),
+            BorrowedFd::borrow_raw(handles.control),
+        )
+    };
+    let kept = [lock, control, client.as_fd(), previous.as_fd()];
+    if let Err(error) = kept.iter().try_for_each(|fd| cloexec(*fd, false)) {
+        kept.iter().for_each(|fd| drop(cloexec(*fd, true)));
+        return error;
+    }
+    let error = std::process::Command::new(&image.exe)
+        .args(&image.args)
+        .env(handover::ENV, handover.to_string())
+        .env_remove(CHECK_ENV)
+        .exec();
+    kept.iter().for_each(|fd| drop(cloexec(*fd, true)));
+    error
+}
+
+/// In a new image that could not take over: executes the previous image again, with the
+/// same arguments and handles, telling it why. Returns only if that failed too.
+pub fn go_back(handover: &Handover, reason: &str) -> io::Error {
+    let Some(previous) = handover.previous else {
+        return io::Error::other("no previous image to go back to");
+    };
+    let back = Handover {
+        previous: None,
+        failed: Some(reason.to_owned()),
+        ..handover.clone()
+    };
+    let args: Vec<CString> = std::env::args_os()
+        .filter_map(|arg| CString::new(arg.as_bytes()).ok())
+        .collect();
+    let env: Vec<CString> = std::env::vars_os()
+        .filter(|(key, _)| key != handover::ENV)
+        .chain([(handover::ENV.into(), back.to_string().into())])
+        .filter_map(|(key, value)| {
+            let mut pair = key.as_bytes().to_vec();
+            pair.push(b'=');
+            pair.extend_from_slice(value.as_bytes());
+            CString::new(pair).ok()
+        })
+        .collect();
+    // SAFETY: the descriptor was handed over open by the previous image.
+    let previous = unsafe { BorrowedFd::borrow_raw(previous) };
+    match nix::unistd::fexecve(previous, &args, &env) {
+        Err(errno) => errno.into(),
+    }
+}
+
+/// The descriptors a handover names, taken back by the new image (close-on-exec again, so
+/// workers never inherit them).
+pub(super) struct TakenOver {
+    /// The pin root's lock, checked to be on the pin root.
+    pub(super) lock: OwnedFd,
+    /// The control listener.
+    pub(super) control: std::os::unix::net::UnixListener,
+    /// The asking client.
+    pub(super) client: UnixStream,
+}
+
+/// Takes back what `handover` names; the lock must be on `root`.
+pub(super) fn take_over(handover: &Handover, root: &Path) -> Result<TakenOver, DaemonError> {
+    let io_error = |what: &'static str| {
+        let path = format!("descriptor {what} handed over for {}", root.display());
+        move |source: io::Error| DaemonError::Io {
+            action: "taking over",
+            path,
+            source,
+        }
+    };
+    // SAFETY: the previous image handed these descriptors over open and owns them no
+    // more; each is taken once.
+    let (lock, control, client) = unsafe {
+        (
+            OwnedFd::from_raw_fd(handover.lock),
+            OwnedFd::from_raw_fd(handover.control),
+            OwnedFd::from_raw_fd(handover.client),
+        )
+    };
+    for fd in [&lock, &control, &client] {
+        cloexec(fd.as_fd(), true).map_err(io_error("(close-on-exec)"))?;
+    }
+    let locked = rustix::fs::fstat(&lock).map_err(|e| io_error("lock")(e.into()))?;
+    let on_root = rustix::fs::stat(root).map_err(|e| io_error("lock")(e.into()))?;
+    if (locked.st_dev, locked.st_ino) != (on_root.st_dev, on_root.st_ino) {
+        return Err(io_error("lock")(io::Error::other(
+            "it is not the pin root: was --bpffs changed?",
+        )));
+    }
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .map_err(|e| io_error("lock")(e.into()))?;
+    let control = std::os::unix::net::UnixListener::from(control);
+    control.set_nonblocking(true).map_err(io_error("control"))?;
+    let client = UnixStream::from(client);
+    blocking(&client);
+    Ok(TakenOver {
+        lock,
+        control,
+        client,
+    })
+}
+
+/// The final reply of an upgrade, from the image that serves after it: the new one
+/// (`Done`), or the previous one gone back to (`Error`, with why).
+pub(super) fn outcome(handover: &Handover, programs: &str) -> Reply {
+    let pid = std::process::id();
+    match &handover.failed {
+        None => Reply::Done {
+            message: format!(
+                "upgraded: pid {pid} now runs portshard {} ({programs})",
+                env!("CARGO_PKG_VERSION")
+            ),
+            moved: 0,
+        },
+        Some(reason) => Reply::Error {
+            message: format!(
+                "the new binary could not take over: {reason}; the previous binary serves again as pid {pid} ({programs})"
+            ),
+            kind: ErrorKind::RolledBack,
+        },
+    }
+}
