@@ -84,7 +84,7 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
     // The build upgrade tests switch to: a few more instructions, so its tag differs, and
     // never a different decision (no packet is that long).
     #[cfg(feature = "upgrade-test")]
-    if ctx.len() == u32::MAX {
+    if ctx.len() == u32::MAX as usize {
         return SK_PASS;
     }
     let Some(table) = TABLE.get_ptr(0) else {

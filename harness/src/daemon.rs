@@ -72,6 +72,8 @@ pub struct DaemonRun {
     log: PathBuf,
     /// More arguments for `serve`, e.g. `--metrics ADDR`.
     args: Vec<String>,
+    /// More environment variables, e.g. systemd's `NOTIFY_SOCKET`.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -91,7 +93,29 @@ impl DaemonRun {
         Self::start_with(exe, None, pins, &[])
     }
 
+    /// [`DaemonRun::start`] with more environment variables, e.g. systemd's.
+    pub fn start_with_env(
+        exe: &Path,
+        config: &str,
+        pins: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let mut run = Self::prepare(exe, Some(config), pins, &[])?;
+        run.env = env
+            .iter()
+            .map(|&(key, value)| (key.to_owned(), value.to_owned()))
+            .collect();
+        run.spawn()?;
+        Ok(run)
+    }
+
     fn start_with(exe: &Path, config: Option<&str>, pins: &Path, args: &[&str]) -> Result<Self> {
+        let mut run = Self::prepare(exe, config, pins, args)?;
+        run.spawn()?;
+        Ok(run)
+    }
+
+    fn prepare(exe: &Path, config: Option<&str>, pins: &Path, args: &[&str]) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!(
             "portshard-daemon-{}",
             pins.file_name()
@@ -107,17 +131,16 @@ impl DaemonRun {
                 Ok::<_, MeasureError>(path)
             })
             .transpose()?;
-        let mut run = Self {
+        Ok(Self {
             exe: exe.to_path_buf(),
             config: config_path,
             pins: pins.to_path_buf(),
             control: dir.join("control.sock"),
             log: dir.join("daemon.log"),
             args: args.iter().map(|&arg| arg.to_owned()).collect(),
+            env: Vec::new(),
             child: None,
-        };
-        run.spawn()?;
-        Ok(run)
+        })
     }
 
     /// Starts the daemon (again) with the same config, pins and control socket.
@@ -138,6 +161,7 @@ impl DaemonRun {
             .arg("--control")
             .arg(&self.control)
             .args(&self.args)
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(
                 log.try_clone()
@@ -264,6 +288,22 @@ impl DaemonRun {
             .as_ref()
             .ok_or_else(|| MeasureError::Traffic("the daemon is not running".into()))?;
         signal(child.id(), libc::SIGHUP)
+    }
+
+    /// The daemon's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Waits for the daemon to exit by itself (a refused start) and returns its status.
+    pub fn wait_exit(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| MeasureError::Traffic("the daemon is not running".into()))?;
+        Ok(child
+            .wait()
+            .map_err(|e| context(e, "waiting for the daemon".into()))?)
     }
 
     /// The pin root.

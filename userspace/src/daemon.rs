@@ -304,9 +304,18 @@ async fn serve_resolved(
         "portshard is serving"
     );
     if let (Some(client), Some(handover)) = (client.as_mut(), &options.handover) {
+        #[cfg(feature = "upgrade-test")]
+        if std::env::var_os(UPGRADE_TEST_FAIL).is_some() {
+            return Err(DaemonError::Io {
+                action: "taking over, in the upgrade-test build asked to fail by",
+                path: UPGRADE_TEST_FAIL.to_owned(),
+                source: io::Error::other("a failure on purpose, after adopting everything"),
+            });
+        }
         let outcome = upgrade::outcome(handover, &shell.programs());
         info!(outcome = ?outcome, "upgrade over");
         upgrade::reply(client, &outcome);
+        upgrade::finish(handover);
     }
     drop(client);
     shell.run(&mut inbox).await;
@@ -341,6 +350,11 @@ pub fn check_takeover(config: Config, options: &Options) -> Result<String, Daemo
         found.join(", ")
     ))
 }
+
+/// In the upgrade tests' second build only: a takeover fails on purpose, after adopting
+/// everything, when this variable is set, so the tests see the previous image come back.
+#[cfg(feature = "upgrade-test")]
+const UPGRADE_TEST_FAIL: &str = "PORTSHARD_UPGRADE_TEST_FAIL";
 
 /// Takes an exclusive lock on the pin root, held until the daemon exits (the kernel drops
 /// it even on `kill -9`), so two daemons never manage the same pins.

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the developer commands. Each installs what it needs first, so a fresh
 //! clone on a fresh machine needs nothing but cargo.
 mod docs;
+mod package;
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -70,6 +71,9 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Build the Debian package (target/debian/*.deb, with cargo-deb, installed first if
+    /// needed): the binary, the systemd unit and the example config.
+    Package,
     /// One busy loop of `--under-load`, run as a child of xtask.
     #[command(hide = true)]
     Spin {
@@ -95,6 +99,7 @@ fn main() -> Result<()> {
         Task::Bench { quick } => bench(quick),
         Task::Fuzz { seconds } => fuzz(seconds),
         Task::Docs => docs::generate(&root()),
+        Task::Package => package::package().map(drop),
         Task::Soak { minutes } => harness_binary(
             "portshard-soak",
             &["--minutes", &minutes.to_string()],
@@ -164,6 +169,11 @@ fn ebpf_object(name: &str) -> Result<PathBuf> {
 
 fn test(under_load: bool, args: &[String]) -> Result<()> {
     build_ebpf()?;
+    // What the upgrade and packaging tests need, built before the tests: the release
+    // binary the tests build comes last, so the second build never overwrites it.
+    package::install_test_tools()?;
+    let upgrade_test = package::upgrade_test_binary()?;
+    let deb = package::package()?;
     const TEST: [&str; 9] = [
         "test",
         "--release",
@@ -177,6 +187,8 @@ fn test(under_load: bool, args: &[String]) -> Result<()> {
     ];
     // Built first, so a load only weighs on the tests themselves.
     let built = cargo_command(&TEST)
+        .env(package::UPGRADE_TEST_BINARY_ENV, &upgrade_test)
+        .env(package::DEB_ENV, &deb)
         .arg("--no-run")
         .status()
         .context("could not start cargo test --no-run")?;
@@ -189,6 +201,8 @@ fn test(under_load: bool, args: &[String]) -> Result<()> {
         None
     };
     let mut child = cargo_command(&TEST)
+        .env(package::UPGRADE_TEST_BINARY_ENV, &upgrade_test)
+        .env(package::DEB_ENV, &deb)
         .arg("--")
         .args(args)
         .stdout(Stdio::piped())

@@ -267,8 +267,10 @@ pub fn go_back(handover: &Handover, reason: &str) -> io::Error {
     }
 }
 
-/// The descriptors a handover names, taken back by the new image (close-on-exec again, so
-/// workers never inherit them).
+/// The descriptors a handover names, as the new image uses them: copies, close-on-exec
+/// (workers never inherit them). The handed-over descriptors stay open as they are until
+/// the new image serves ([`finish`]), so one that cannot take over can still hand them
+/// back ([`go_back`]).
 pub(super) struct TakenOver {
     /// The pin root's lock, checked to be on the pin root.
     pub(super) lock: OwnedFd,
@@ -278,28 +280,25 @@ pub(super) struct TakenOver {
     pub(super) client: UnixStream,
 }
 
-/// Takes back what `handover` names; the lock must be on `root`.
+/// Takes copies of what `handover` names; the lock must be on `root`.
 pub(super) fn take_over(handover: &Handover, root: &Path) -> Result<TakenOver, DaemonError> {
     let io_error = |what: &'static str| {
-        let path = format!("descriptor {what} handed over for {}", root.display());
+        let path = format!("the {what} descriptor handed over for {}", root.display());
         move |source: io::Error| DaemonError::Io {
             action: "taking over",
             path,
             source,
         }
     };
-    // SAFETY: the previous image handed these descriptors over open and owns them no
-    // more; each is taken once.
-    let (lock, control, client) = unsafe {
-        (
-            OwnedFd::from_raw_fd(handover.lock),
-            OwnedFd::from_raw_fd(handover.control),
-            OwnedFd::from_raw_fd(handover.client),
-        )
+    let copy = |fd: RawFd, what: &'static str| {
+        // SAFETY: the previous image handed this descriptor over open; it stays open (see
+        // `finish`), and only a copy is owned here.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        rustix::io::fcntl_dupfd_cloexec(fd, 3).map_err(|e| io_error(what)(e.into()))
     };
-    for fd in [&lock, &control, &client] {
-        cloexec(fd.as_fd(), true).map_err(io_error("(close-on-exec)"))?;
-    }
+    let lock = copy(handover.lock, "lock")?;
+    let control = copy(handover.control, "control socket")?;
+    let client = copy(handover.client, "client")?;
     let locked = rustix::fs::fstat(&lock).map_err(|e| io_error("lock")(e.into()))?;
     let on_root = rustix::fs::stat(root).map_err(|e| io_error("lock")(e.into()))?;
     if (locked.st_dev, locked.st_ino) != (on_root.st_dev, on_root.st_ino) {
@@ -310,7 +309,9 @@ pub(super) fn take_over(handover: &Handover, root: &Path) -> Result<TakenOver, D
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
         .map_err(|e| io_error("lock")(e.into()))?;
     let control = std::os::unix::net::UnixListener::from(control);
-    control.set_nonblocking(true).map_err(io_error("control"))?;
+    control
+        .set_nonblocking(true)
+        .map_err(io_error("control socket"))?;
     let client = UnixStream::from(client);
     blocking(&client);
     Ok(TakenOver {
@@ -318,6 +319,18 @@ pub(super) fn take_over(handover: &Handover, root: &Path) -> Result<TakenOver, D
         control,
         client,
     })
+}
+
+/// The new image serves: closes the handed-over descriptors (its copies stay), the old
+/// image's included, so its file is freed once replaced on disk.
+pub(super) fn finish(handover: &Handover) {
+    let handed = [handover.lock, handover.control, handover.client]
+        .into_iter()
+        .chain(handover.previous);
+    for fd in handed {
+        // SAFETY: handed over open, owned by nothing in this image but this call.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
 }
 
 /// The final reply of an upgrade, from the image that serves after it: the new one

@@ -63,3 +63,79 @@ pub fn pid_of(daemon: &DaemonRun, service: &str, slot: Slot) -> u32 {
     live_pid(daemon, service, slot)
         .unwrap_or_else(|| panic!("{service} slot {slot} has no live worker"))
 }
+
+/// What the daemon tells systemd, caught on a datagram socket the test owns (the daemon's
+/// `NOTIFY_SOCKET`): one message per datagram, newline-separated `KEY=value` lines.
+pub struct Notifications {
+    socket: std::os::unix::net::UnixDatagram,
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Notifications {
+    /// A fresh socket in a directory of its own.
+    pub fn bind() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        Self {
+            socket,
+            path,
+            _dir: dir,
+        }
+    }
+
+    /// The socket's path, for `NOTIFY_SOCKET`.
+    pub fn path(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+
+    /// The next message and when it arrived, if one comes within `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<(std::time::Instant, String)> {
+        self.socket
+            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+            .unwrap();
+        let mut buffer = [0u8; 4096];
+        let n = self.socket.recv(&mut buffer).ok()?;
+        Some((
+            std::time::Instant::now(),
+            String::from_utf8_lossy(&buffer[..n]).into_owned(),
+        ))
+    }
+
+    /// Reads messages until one has the line `line` (e.g. `READY=1`); returns it, when it
+    /// arrived, and every message before it. Panics after `timeout`.
+    pub fn wait_for(
+        &self,
+        line: &str,
+        timeout: Duration,
+    ) -> (std::time::Instant, String, Vec<String>) {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut before = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let Some((at, message)) = self.next(left) else {
+                panic!("no {line} within {timeout:?}; messages so far: {before:?}");
+            };
+            if message.lines().any(|l| l == line) {
+                return (at, message, before);
+            }
+            before.push(message);
+        }
+    }
+}
+
+/// Runs `portshard <args> --control <daemon's>` and returns its output.
+pub fn cli(daemon: &DaemonRun, args: &[&str]) -> std::process::Output {
+    cli_at(daemon.control(), args)
+}
+
+/// Runs `portshard <args> --control <control>` and returns its output.
+pub fn cli_at(control: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(EXE)
+        .args(args)
+        .arg("--control")
+        .arg(control)
+        .output()
+        .unwrap()
+}
