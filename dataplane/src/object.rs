@@ -139,6 +139,7 @@ mod tests {
                 MAX_SLOTS,
                 0,
             ),
+            (names::LAYOUT, BPF_MAP_TYPE_ARRAY, 4, 1, 0),
         ];
         assert_eq!(specs.len(), expected.len());
         for (spec, (name, map_type, value_size, max_entries, flags)) in specs.iter().zip(expected) {
