@@ -194,7 +194,7 @@ impl Dataplane {
         let pins: Vec<&str> = names::MAPS
             .iter()
             .copied()
-            .chain([names::PROGRAM])
+            .chain([names::PROGRAM, names::PROGRAM_STAGED])
             .collect();
         Ok(bpffs::check_root(
             root,

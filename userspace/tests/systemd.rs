@@ -40,7 +40,11 @@ fn watchdog_gaps(notifications: &Notifications, window: Duration) -> Vec<Duratio
         {
             continue;
         }
-        assert_eq!(message.trim_end(), "WATCHDOG=1", "only the watchdog was expected");
+        assert_eq!(
+            message.trim_end(),
+            "WATCHDOG=1",
+            "only the watchdog was expected"
+        );
         if let Some(last) = last {
             gaps.push(at.duration_since(last));
         }
@@ -234,6 +238,19 @@ fn the_package_installs_and_its_unit_passes_systemd_analyze_verify() {
     portshard::config::Config::parse(&config, Path::new("/etc/portshard/portshard.toml"))
         .unwrap_or_else(|e| panic!("the packaged example config: {e}"));
     assert!(!Path::new("/usr/bin/portshard").exists(), "purged");
+}
+
+#[test]
+fn serve_without_a_config_says_first_that_it_runs_the_demo() {
+    let sandbox = sandbox();
+    let mut daemon = DaemonRun::start_builtin(Path::new(EXE), sandbox.pins()).unwrap();
+    daemon.wait_control(READY).unwrap();
+    let log = daemon.log_text();
+    let first = log.lines().next().unwrap_or_default();
+    assert!(
+        first.contains("WARN") && first.contains("BUILT-IN DEMO") && first.contains("--config"),
+        "first log line: {first:?}"
+    );
 }
 
 /// Makes a FIFO at `path`.
