@@ -89,7 +89,13 @@ impl Dataplane {
             }
         }
         match layout::pinned_layout(&dir)? {
-            _ if !dir.join(names::LAYOUT).exists() => layout::pin_layout(&dir)?,
+            _ if !dir.join(names::LAYOUT).exists() => {
+                layout::pin_layout(&dir).inspect_err(|_| {
+                    // Nothing was pinned; leave no empty directory behind (one with other pins
+                    // in it stays).
+                    let _ = std::fs::remove_dir(&dir);
+                })?
+            }
             PIN_LAYOUT => {}
             found => {
                 return Err(DataplaneError::UnknownLayout {

@@ -143,6 +143,15 @@ const STRIPPED: [&str; 7] = [
     "WATCHDOG_PID",
 ];
 
+/// `key=value` as `execve` takes it; `None` if either holds a NUL byte (no such variable
+/// can exist).
+pub fn env_entry(key: &OsStr, value: &OsStr) -> Option<CString> {
+    let mut pair = key.as_bytes().to_vec();
+    pair.push(b'=');
+    pair.extend_from_slice(value.as_bytes());
+    CString::new(pair).ok()
+}
+
 /// Where a forked child failed before its program ran, as reported through the exec pipe.
 #[derive(Clone, Copy)]
 #[repr(i32)]
@@ -181,12 +190,7 @@ pub fn spawn(
         .collect::<Result<Vec<_>, _>>()?;
     let mut env: Vec<CString> = std::env::vars_os()
         .filter(|(key, _)| !STRIPPED.iter().any(|s| OsStr::new(s) == key))
-        .filter_map(|(key, value)| {
-            let mut pair = key.as_bytes().to_vec();
-            pair.push(b'=');
-            pair.extend_from_slice(value.as_bytes());
-            CString::new(pair).ok()
-        })
+        .filter_map(|(key, value)| env_entry(&key, &value))
         .collect();
     env.push(cstring(b"LISTEN_FDS=1")?);
     env.push(cstring(

@@ -10,6 +10,7 @@ use std::{
     collections::BTreeMap,
     net::TcpStream,
     path::{Path, PathBuf},
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -61,18 +62,36 @@ impl Installed {
         self.dir.path().join("portshard")
     }
 
+    /// Copies `from` in. The copy is written by `cp`, never through a descriptor of this
+    /// process: a test thread forking meanwhile would hold it open across its fork and make
+    /// executing the copy fail with "text file busy".
     fn install(&self, from: &Path) {
         let staged = self.dir.path().join("portshard.new");
-        std::fs::copy(from, &staged).unwrap();
+        let copied = Command::new("cp").arg(from).arg(&staged).status().unwrap();
+        assert!(
+            copied.success(),
+            "cp {} {}",
+            from.display(),
+            staged.display()
+        );
         std::fs::rename(&staged, self.path()).unwrap();
     }
 
-    /// A "binary" that refuses, as a broken or foreign build would.
+    /// A "binary" that refuses, as a broken or foreign build would (written by `sh`, for
+    /// the reason in [`Installed::install`]).
     fn install_script(&self, text: &str) {
-        use std::os::unix::fs::PermissionsExt as _;
         let staged = self.dir.path().join("portshard.new");
-        std::fs::write(&staged, text).unwrap();
-        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let written = Command::new("sh")
+            .args([
+                "-c",
+                "printf '%s' \"$1\" > \"$2\" && chmod 755 \"$2\"",
+                "sh",
+                text,
+            ])
+            .arg(&staged)
+            .status()
+            .unwrap();
+        assert!(written.success());
         std::fs::rename(&staged, self.path()).unwrap();
     }
 }
@@ -259,6 +278,15 @@ impl Serving {
         }
     }
 
+    /// Starts the daemon again (after `kill -9`) and waits until it serves.
+    fn respawn(&mut self) {
+        self.daemon.spawn().unwrap();
+        self.daemon
+            .wait_ready(&[("dns", 4), ("web", 4)], READY)
+            .unwrap();
+        self.notifications.wait_for("READY=1", READY);
+    }
+
     fn load(&mut self) -> Load {
         let flows = self.flows.take().expect("one load at a time");
         let load = Load::start(flows, self.owners.clone());
@@ -340,12 +368,7 @@ fn an_upgrade_to_a_build_with_another_program_keeps_the_pid_the_workers_and_ever
     let load = serving.load();
     serving.daemon.kill9().unwrap();
     installed.install(Path::new(EXE));
-    serving.daemon.spawn().unwrap();
-    serving
-        .daemon
-        .wait_ready(&[("dns", 4), ("web", 4)], READY)
-        .unwrap();
-    serving.notifications.wait_for("READY=1", READY);
+    serving.respawn();
     load.wait_rounds(2);
     let seen = serving.settle("kill -9 and start", load);
     assert_untouched("kill -9 and start", &seen);
@@ -447,12 +470,7 @@ fn an_old_pin_layout_is_migrated_in_place_under_load() {
         std::fs::remove_file(sandbox.pins().join(service).join(names::LAYOUT)).unwrap();
     }
     assert!(layouts(&serving.daemon).values().all(|&layout| layout == 1));
-    serving.daemon.spawn().unwrap();
-    serving
-        .daemon
-        .wait_ready(&[("dns", 4), ("web", 4)], READY)
-        .unwrap();
-    serving.notifications.wait_for("READY=1", READY);
+    serving.respawn();
     load.wait_rounds(2);
     let seen = serving.settle("layout migration", load);
     assert_untouched("layout migration", &seen);

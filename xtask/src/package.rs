@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{build_ebpf, cargo_command, root};
+use crate::{build_ebpf, cargo_command, portshard_cargo, root};
 
 /// The cargo-deb release `cargo xtask package` installs.
 const CARGO_DEB_VERSION: &str = "3.8.0";
@@ -72,19 +72,10 @@ fn install_cargo_deb() -> Result<()> {
 /// branch more, so a different tag) and keeps it as `target/upgrade-test/portshard`, for
 /// the upgrade tests to upgrade to. Returns its path.
 pub fn upgrade_test_binary() -> Result<PathBuf> {
-    let built = cargo_command(&[
-        "build",
-        "--release",
-        "--quiet",
-        "--package",
-        "portshard",
-        "--bin",
-        "portshard",
-        "--features",
-        "upgrade-test",
-    ])
-    .status()
-    .context("could not start cargo build")?;
+    let built = portshard_cargo("build")
+        .args(["--features", "upgrade-test"])
+        .status()
+        .context("could not start cargo build")?;
     if !built.success() {
         bail!("building the upgrade-test portshard failed ({built})");
     }

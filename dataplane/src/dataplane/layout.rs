@@ -91,8 +91,13 @@ pub(super) fn pin_layout(dir: &Path) -> Result<()> {
         .get(names::LAYOUT)
         .cloned()
         .ok_or(ObjectError::MissingMap(names::LAYOUT))?;
-    let data = MapData::create(spec, names::LAYOUT, None)
-        .map_err(map_error("creating the pin layout map"))?;
+    // The first map a fresh service creates: a refusal here is the kernel refusing BPF,
+    // and is explained as such.
+    let data =
+        MapData::create(spec, names::LAYOUT, None).map_err(|source| DataplaneError::Load {
+            dir: dir.to_path_buf(),
+            source: Box::new(aya::EbpfError::MapError(source)),
+        })?;
     let mut map = Map::Array(data);
     Array::<&mut MapData, u32>::try_from(&mut map)
         .and_then(|mut array| array.set(0, PIN_LAYOUT, 0))

@@ -48,16 +48,19 @@ impl Image {
     /// This daemon's binary path (where a package upgrade puts the new one, even if the
     /// running file was replaced since) and arguments.
     pub(super) fn current() -> io::Result<Self> {
-        let exe = std::env::current_exe()?;
-        // A replaced binary reads as "<path> (deleted)": the new one is at <path>.
-        let exe = match exe.to_str().and_then(|e| e.strip_suffix(" (deleted)")) {
-            Some(path) => PathBuf::from(path),
-            None => exe,
-        };
         Ok(Self {
-            exe,
+            exe: installed_path(std::env::current_exe()?),
             args: std::env::args_os().skip(1).collect(),
         })
+    }
+}
+
+/// Where the binary behind `exe` (`/proc/self/exe`'s target) is installed: a file replaced
+/// since it started reads as "<path> (deleted)", and the new one is at <path>.
+fn installed_path(exe: PathBuf) -> PathBuf {
+    match exe.to_str().and_then(|e| e.strip_suffix(" (deleted)")) {
+        Some(path) => PathBuf::from(path),
+        None => exe,
     }
 }
 
@@ -253,12 +256,7 @@ pub fn go_back(handover: &Handover, reason: &str) -> io::Error {
     let env: Vec<CString> = std::env::vars_os()
         .filter(|(key, _)| key != handover::ENV)
         .chain([(handover::ENV.into(), back.to_string().into())])
-        .filter_map(|(key, value)| {
-            let mut pair = key.as_bytes().to_vec();
-            pair.push(b'=');
-            pair.extend_from_slice(value.as_bytes());
-            CString::new(pair).ok()
-        })
+        .filter_map(|(key, value)| crate::process::env_entry(&key, &value))
         .collect();
     // SAFETY: the descriptor was handed over open by the previous image.
     let previous = unsafe { BorrowedFd::borrow_raw(previous) };
@@ -351,5 +349,52 @@ pub(super) fn outcome(handover: &Handover, programs: &str) -> Reply {
             ),
             kind: ErrorKind::RolledBack,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replaced_binary_is_looked_for_where_it_was_installed() {
+        for (running, installed) in [
+            ("/usr/bin/portshard", "/usr/bin/portshard"),
+            ("/usr/bin/portshard (deleted)", "/usr/bin/portshard"),
+            ("/opt/a (deleted) b", "/opt/a (deleted) b"),
+        ] {
+            assert_eq!(installed_path(running.into()), PathBuf::from(installed));
+        }
+    }
+
+    #[test]
+    fn the_final_reply_names_the_image_that_serves() {
+        let handover = Handover {
+            lock: 3,
+            control: 4,
+            client: 5,
+            previous: Some(6),
+            failed: None,
+        };
+        let done = outcome(&handover, "dns program 00ff");
+        assert!(
+            matches!(&done, Reply::Done { message, .. } if message.starts_with("upgraded: pid ") && message.ends_with("(dns program 00ff)"))
+        );
+        let back = Handover {
+            failed: Some("no BPF".to_owned()),
+            previous: None,
+            ..handover
+        };
+        match outcome(&back, "dns program 00ff") {
+            Reply::Error { message, kind } => {
+                assert_eq!(kind, ErrorKind::RolledBack);
+                assert!(message.contains("could not take over: no BPF"), "{message}");
+                assert!(
+                    message.contains("the previous binary serves again"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
