@@ -290,7 +290,7 @@ impl Serving {
     fn load(&mut self) -> Load {
         let flows = self.flows.take().expect("one load at a time");
         let load = Load::start(flows, self.owners.clone());
-        load.wait_rounds(2);
+        load.wait_rounds(5);
         load
     }
 
@@ -306,18 +306,19 @@ impl Serving {
     }
 }
 
-#[test]
-fn an_upgrade_to_a_build_with_another_program_keeps_the_pid_the_workers_and_every_flow() {
-    let sandbox = sandbox();
-    let installed = Installed::new(Path::new(EXE));
-    let mut serving = Serving::start(&sandbox, &installed, &[]);
+/// Runs `portshard upgrade` on `serving` and checks it: the notifications, the answer,
+/// the same daemon and worker pids, every service's program now `binary`'s. Prints how long
+/// it took. Returns the new program tags.
+fn upgrade_to(
+    serving: &Serving,
+    installed: &Installed,
+    binary: &Path,
+    phase: &str,
+) -> BTreeMap<String, String> {
     let pid = serving.daemon.pid().unwrap();
     let workers_before = workers(&serving.daemon.status().unwrap());
-    let first = tags(&serving.daemon);
-
-    // 1. `portshard upgrade` to the second build.
-    let load = serving.load();
-    installed.install(&second_build());
+    let tags_before = tags(&serving.daemon);
+    installed.install(binary);
     let asked = Instant::now();
     let upgrade = {
         let control = serving.daemon.control().to_path_buf();
@@ -333,30 +334,50 @@ fn an_upgrade_to_a_build_with_another_program_keeps_the_pid_the_workers_and_ever
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "upgrade failed: {stdout}{}\n{}",
+        "{phase} failed: {stdout}{}\n{}",
         String::from_utf8_lossy(&out.stderr),
         serving.daemon.log_text()
     );
     println!(
-        "upgrade: from the request, RELOADING=1 after {} ms, the answer after {} ms, READY=1 after {} ms; it said:\n{stdout}",
+        "{phase}: from the request, RELOADING=1 after {} ms, the answer after {} ms, READY=1 after {} ms; it said:\n{stdout}",
         reloading.duration_since(asked).as_millis(),
         answered.as_millis(),
         ready.duration_since(asked).as_millis()
     );
-    load.wait_rounds(2);
-    let seen = serving.settle("upgrade", load);
-    assert_untouched("upgrade", &seen);
     assert_eq!(serving.daemon.pid(), Some(pid));
     assert!(Path::new(&format!("/proc/{pid}")).exists());
     assert_eq!(workers(&serving.daemon.status().unwrap()), workers_before);
-    let second = tags(&serving.daemon);
-    for (service, tag) in &second {
-        assert_ne!(tag, &first[service], "{service}: program not replaced");
+    let after = tags(&serving.daemon);
+    for (service, tag) in &after {
+        assert_ne!(
+            tag, &tags_before[service],
+            "{phase}: {service}'s program not replaced"
+        );
         assert!(
             stdout.contains(&format!("{service} program {tag}")),
             "{stdout}"
         );
     }
+    after
+}
+
+#[test]
+fn an_upgrade_to_a_build_with_another_program_keeps_the_pid_the_workers_and_every_flow() {
+    let sandbox = sandbox();
+    let installed = Installed::new(Path::new(EXE));
+    let mut serving = Serving::start(&sandbox, &installed, &[]);
+    let workers_before = workers(&serving.daemon.status().unwrap());
+    let first = tags(&serving.daemon);
+
+    // 1. `portshard upgrade` to the second build, and back: an upgraded image upgrades too.
+    let load = serving.load();
+    let second = upgrade_to(&serving, &installed, &second_build(), "upgrade");
+    load.wait_rounds(10);
+    let back = upgrade_to(&serving, &installed, Path::new(EXE), "upgrade back");
+    load.wait_rounds(10);
+    let seen = serving.settle("upgrade and back", load);
+    assert_untouched("upgrade and back", &seen);
+    assert_eq!(back, first);
     assert!(
         serving
             .daemon
@@ -364,19 +385,19 @@ fn an_upgrade_to_a_build_with_another_program_keeps_the_pid_the_workers_and_ever
             .contains("attached this build's program")
     );
 
-    // 2. `kill -9` of the daemon, then a start of the other build.
+    // 2. `kill -9` of the daemon, then a start of the second build.
     let load = serving.load();
     serving.daemon.kill9().unwrap();
-    installed.install(Path::new(EXE));
+    installed.install(&second_build());
     serving.respawn();
-    load.wait_rounds(2);
+    load.wait_rounds(10);
     let seen = serving.settle("kill -9 and start", load);
     assert_untouched("kill -9 and start", &seen);
     assert_eq!(workers(&serving.daemon.status().unwrap()), workers_before);
     assert_eq!(
         tags(&serving.daemon),
-        first,
-        "the first build's program is back"
+        second,
+        "the second build's program steers"
     );
 }
 
@@ -443,7 +464,7 @@ fn a_binary_that_cannot_take_over_leaves_the_running_one_serving() {
     assert_eq!(layouts(&serving.daemon)["dns"], 99, "untouched");
     write_layout(sandbox.pins(), "dns", PIN_LAYOUT);
 
-    load.wait_rounds(2);
+    load.wait_rounds(10);
     let seen = serving.settle("refused upgrades", load);
     assert_untouched("refused upgrades", &seen);
     assert_eq!(serving.daemon.pid(), Some(pid));
@@ -471,7 +492,7 @@ fn an_old_pin_layout_is_migrated_in_place_under_load() {
     }
     assert!(layouts(&serving.daemon).values().all(|&layout| layout == 1));
     serving.respawn();
-    load.wait_rounds(2);
+    load.wait_rounds(10);
     let seen = serving.settle("layout migration", load);
     assert_untouched("layout migration", &seen);
     assert!(
