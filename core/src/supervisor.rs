@@ -287,9 +287,14 @@ impl<L: Clone> Supervisor<L> {
             })
     }
 
-    /// Whether a reload of any service is under way, or the stop: an upgrade waits.
+    /// Whether a reload or a removal of any service is under way, or the stop: an upgrade
+    /// waits (the next image would not know what to finish).
     pub fn is_busy(&self) -> bool {
-        self.stopping || self.services.iter().any(|running| running.reload.is_some())
+        self.stopping
+            || self
+                .services
+                .iter()
+                .any(|running| running.reload.is_some() || (running.removing && !running.removed))
     }
 
     /// The service named `name`, if supervised (and not being removed).
@@ -342,7 +347,8 @@ impl<L: Clone> Supervisor<L> {
 
     /// Whether every service serves as configured: no reload or stop under way, and each
     /// service's current generation has all its workers running, in the table, and
-    /// answering their probes if probed. What `READY=1` waits for.
+    /// answering their probes if probed, but for slots given up on as crash loops (waiting
+    /// longer would change nothing; `STATUS=` counts them out). What `READY=1` waits for.
     pub fn is_ready(&self) -> bool {
         !self.stopping
             && self
@@ -350,7 +356,13 @@ impl<L: Clone> Supervisor<L> {
                 .iter()
                 .filter(|running| !running.removing)
                 .all(|running| {
-                    running.reload.is_none() && serving(running) == running.spec.workers as usize
+                    let given_up = running
+                        .slots
+                        .values()
+                        .filter(|run| matches!(run, SlotRun::GaveUp))
+                        .count();
+                    running.reload.is_none()
+                        && serving(running) + given_up >= running.spec.workers as usize
                 })
     }
 

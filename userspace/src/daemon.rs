@@ -276,6 +276,7 @@ async fn serve_resolved(
         handles,
     );
     shell.listen_for_signals();
+    upgrade::release_signals();
     if let Err(error) = shell.start(services) {
         if options.handover.is_some() {
             // The previous image gets everything back (see `go_back`): nothing is removed.

@@ -377,7 +377,11 @@ pub fn held_sockets(pid: u32) -> io::Result<BTreeSet<u32>> {
 /// listening socket, the only handle on its reuseport group. `None` if it holds no such
 /// socket.
 pub fn socket_of(pidfd: BorrowedFd<'_>, pid: u32, cookie: u64) -> io::Result<Option<OwnedFd>> {
-    for (number, _) in socket_fds(pid)? {
+    let mut sockets = socket_fds(pid)?;
+    // Where socket activation put it first: a worker holding many connections is not
+    // searched through.
+    sockets.sort_by_key(|&(number, _)| number != LISTEN_FD);
+    for (number, _) in sockets {
         // A descriptor closed meanwhile is simply skipped.
         let Ok(copy) =
             rustix::process::pidfd_getfd(pidfd, number, rustix::process::PidfdGetfdFlags::empty())

@@ -47,13 +47,26 @@ fn a_service_taken_out_of_the_config_drains_stops_and_loses_its_pins_alone() {
     daemon.set_config(&kept).unwrap();
     let asked = Instant::now();
     daemon.hangup().unwrap();
+    while !daemon
+        .log_text()
+        .contains("service taken out of the config")
+    {
+        assert!(
+            asked.elapsed() < READY,
+            "SIGHUP not applied: {}",
+            daemon.log_text()
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
     // Its workers keep serving their flows while they drain.
     let answers = gone_flows
         .round_again_if_lost(Duration::from_secs(2), 3)
         .unwrap();
     assert!(
-        answers.iter().flatten().all(|a| gone.contains(&a.pid)),
-        "the draining workers answer: {answers:?}"
+        answers
+            .iter()
+            .all(|a| a.is_some_and(|a| gone.contains(&a.pid))),
+        "the draining workers answer every flow: {answers:?}"
     );
     while gone.iter().any(|&pid| running(pid)) {
         assert!(

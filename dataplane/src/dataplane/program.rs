@@ -110,8 +110,9 @@ pub fn format_tag(tag: u64) -> String {
 
 impl Dataplane {
     /// Checks, changing nothing, that the pins of `service` under `root` can be adopted
-    /// by this build: their layout is one it knows and every pin is what it expects.
-    /// Returns the layout they are in.
+    /// by this build: their layout is one it knows, every pin is what it expects, and (in
+    /// this build's layout) its program passes this kernel's verifier over them. Returns
+    /// the layout they are in.
     pub fn check_adoptable(root: &Path, service: &str) -> Result<u32> {
         check_service_name(service)?;
         let dir = root.join(service);
@@ -119,6 +120,12 @@ impl Dataplane {
             return Err(DataplaneError::NotPinned { dir });
         }
         let steps = layout::check(&dir)?;
+        if steps.is_empty() {
+            // Every map is there, so loading creates none: the program is verified by this
+            // kernel over the very maps, and dropped.
+            let flow_capacity = Self::open_dir(dir.clone())?.flow_capacity;
+            LoadedProgram::load(&dir, flow_capacity)?;
+        }
         Ok(PIN_LAYOUT - steps.len() as u32)
     }
 
@@ -168,8 +175,15 @@ impl Dataplane {
                 .program()
                 .attach(socket)
                 .map_err(program_error(&path, action))?;
+            if let Err(error) = program.pin() {
+                // The pin still names the old program: the group goes back to it, so
+                // what steers is what the pin says.
+                let _ = self.program.attach(socket);
+                return Err(error);
+            }
+        } else {
+            program.pin()?;
         }
-        program.pin()?;
         self.program = open_program(&path)?;
         Ok(())
     }

@@ -16,7 +16,7 @@ use std::{
     io::{self, Write as _},
     os::{
         fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
-        unix::{ffi::OsStrExt as _, net::UnixStream, process::CommandExt as _},
+        unix::{ffi::OsStrExt as _, net::UnixStream},
     },
     path::{Path, PathBuf},
     time::Duration,
@@ -102,7 +102,7 @@ impl Shell {
         let refusal = if self.upgrading {
             Some("an upgrade is already under way".to_owned())
         } else if self.supervisor.is_busy() {
-            Some("a reload or the stop is under way: upgrade once it is over".to_owned())
+            Some("a reload, the removal of a service or the stop is under way: upgrade once it is over".to_owned())
         } else {
             None
         };
@@ -164,7 +164,9 @@ impl Shell {
         if self.supervisor.is_busy() {
             return reply(
                 &mut client,
-                &Reply::error("a reload or the stop began meanwhile: upgrade once it is over"),
+                &Reply::error(
+                    "a reload, a removal or the stop began meanwhile: upgrade once it is over",
+                ),
             );
         }
         reply(&mut client, &Reply::Progress { message: summary });
@@ -181,15 +183,39 @@ impl Shell {
     }
 }
 
+/// How long the new binary's check may take: it starts, reads the config and the pins and
+/// verifies its program; a check still running by then is killed and the upgrade refused.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Runs `image` in check mode: `Ok` with its summary, or `Err` with why it refuses.
 fn check(image: &Image) -> Result<String, String> {
-    let output = std::process::Command::new(&image.exe)
+    let child = std::process::Command::new(&image.exe)
         .args(&image.args)
         .env(CHECK_ENV, "1")
         .env_remove(handover::ENV)
         .stdin(std::process::Stdio::null())
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .map_err(|error| format!("cannot run it: {error}"))?;
+    let pid = child.id();
+    let (done, outcome) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(child.wait_with_output()));
+    let output = match outcome.recv_timeout(CHECK_TIMEOUT) {
+        Ok(output) => output.map_err(|error| format!("waiting for its check: {error}"))?,
+        Err(_) => {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            return Err(format!(
+                "its check (pid {pid}) did not finish within {} s and was killed",
+                CHECK_TIMEOUT.as_secs()
+            ));
+        }
+    };
     let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim().to_owned();
     if output.status.success() {
         Ok(text(&output.stdout))
@@ -230,13 +256,68 @@ fn execute(image: &Image, handles: Handles, client: &UnixStream) -> io::Error {
         kept.iter().for_each(|fd| drop(cloexec(*fd, true)));
         return error;
     }
-    let error = std::process::Command::new(&image.exe)
-        .args(&image.args)
-        .env(handover::ENV, handover.to_string())
-        .env_remove(CHECK_ENV)
-        .exec();
+    let argv: Vec<CString> = std::iter::once(image.exe.as_os_str())
+        .chain(image.args.iter().map(OsString::as_os_str))
+        .filter_map(|arg| CString::new(arg.as_bytes()).ok())
+        .collect();
+    let error = match CString::new(image.exe.as_os_str().as_bytes()) {
+        Ok(path) => exec_with_signals_held(
+            |env| nix::unistd::execve(&path, &argv, env).map(drop),
+            &handover,
+        ),
+        Err(_) => io::Error::other("the binary's path holds a NUL byte"),
+    };
     kept.iter().for_each(|fd| drop(cloexec(*fd, true)));
     error
+}
+
+/// The signals that must not end the daemon between `execve` and the next image's
+/// handlers: held (blocked) across the exec, delivered once the next image handles them
+/// ([`release_signals`]).
+fn held_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for signal in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
+        set.add(signal);
+    }
+    set
+}
+
+/// Runs `exec` (an `execve` that returns only on failure) with this process's environment
+/// (less the check variable) plus `handover`, and [`held_signals`] blocked. Raw `execve`,
+/// not `Command::exec`: that resets the signal mask and SIGPIPE's disposition, for good if
+/// the exec then fails. On failure the mask is put back and the error returned.
+fn exec_with_signals_held(
+    exec: impl FnOnce(&[CString]) -> nix::Result<()>,
+    handover: &Handover,
+) -> io::Error {
+    use nix::sys::signal::{SigmaskHow, sigprocmask};
+    let env: Vec<CString> = std::env::vars_os()
+        .filter(|(key, _)| key != handover::ENV && key != CHECK_ENV)
+        .chain([(handover::ENV.into(), handover.to_string().into())])
+        .filter_map(|(key, value)| crate::process::env_entry(&key, &value))
+        .collect();
+    let mut before = nix::sys::signal::SigSet::empty();
+    if let Err(errno) = sigprocmask(
+        SigmaskHow::SIG_BLOCK,
+        Some(&held_signals()),
+        Some(&mut before),
+    ) {
+        return errno.into();
+    }
+    let error = match exec(&env) {
+        Ok(()) => io::Error::other("execve returned without an error"),
+        Err(errno) => errno.into(),
+    };
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&before), None);
+    error
+}
+
+/// In an image started by an upgrade (or not: it is harmless), delivers the signals held
+/// across the exec, now that their handlers are installed.
+pub(super) fn release_signals() {
+    use nix::sys::signal::{SigmaskHow, sigprocmask};
+    let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&held_signals()), None);
 }
 
 /// In a new image that could not take over: executes the previous image again, with the
@@ -253,16 +334,17 @@ pub fn go_back(handover: &Handover, reason: &str) -> io::Error {
     let args: Vec<CString> = std::env::args_os()
         .filter_map(|arg| CString::new(arg.as_bytes()).ok())
         .collect();
-    let env: Vec<CString> = std::env::vars_os()
-        .filter(|(key, _)| key != handover::ENV)
-        .chain([(handover::ENV.into(), back.to_string().into())])
-        .filter_map(|(key, value)| crate::process::env_entry(&key, &value))
-        .collect();
     // SAFETY: the descriptor was handed over open by the previous image.
     let previous = unsafe { BorrowedFd::borrow_raw(previous) };
-    match nix::unistd::fexecve(previous, &args, &env) {
-        Err(errno) => errno.into(),
+    // Closed by the exec itself (an ELF needs no open descriptor to run), so the image
+    // gone back to does not keep its own file open.
+    if let Err(error) = cloexec(previous, true) {
+        return error;
     }
+    exec_with_signals_held(
+        |env| nix::unistd::fexecve(previous, &args, env).map(drop),
+        &back,
+    )
 }
 
 /// The descriptors a handover names, as the new image uses them: copies, close-on-exec

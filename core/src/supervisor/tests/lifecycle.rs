@@ -62,6 +62,42 @@ fn ready_without_probes_once_spawned_and_not_during_a_reload_or_stop() {
 }
 
 #[test]
+fn a_slot_given_up_on_does_not_hold_readiness_back_and_a_restarting_one_does() {
+    let mut h = Harness::with(service("restart_limit = 2\nrestart_window = \"60s\""));
+    assert!(h.sup.is_ready());
+    let (after, timer) = timers(&h.crash(3))[0];
+    assert!(!h.sup.is_ready(), "a restart is due");
+    h.advance(after);
+    h.feed(Event::Timer(timer));
+    assert!(h.sup.is_ready(), "restarted");
+    for _ in 0..2 {
+        if let Some(&(after, timer)) = timers(&h.crash(3)).first() {
+            h.advance(after);
+            h.feed(Event::Timer(timer));
+        }
+    }
+    assert!(matches!(h.run(3), SlotRun::GaveUp));
+    assert!(h.sup.is_ready(), "nothing more will happen to slot 3");
+    assert_eq!(h.sup.serving(), (3, 4));
+}
+
+#[test]
+fn an_upgrade_waits_for_reloads_and_removals() {
+    let mut h = Harness::with(service("workers = 1"));
+    assert!(!h.sup.is_busy());
+    h.feed(hangup(Vec::new()));
+    assert!(h.sup.is_busy(), "a removal is draining");
+    let pid = h.pid(0);
+    h.feed(Event::Exited {
+        service: 0,
+        slot: 0,
+        pid,
+        exit: Exit::Code(0),
+    });
+    assert!(!h.sup.is_busy(), "removed");
+}
+
+#[test]
 fn a_service_taken_out_of_the_config_drains_stops_and_has_its_pins_removed() {
     let kept = service("name = \"web\"\nlisten = \"127.0.0.1:8080\"\nworkers = 1");
     let mut h = Harness::with(service(
