@@ -336,6 +336,11 @@ pub fn check_takeover(config: Config, options: &Options) -> Result<String, Daemo
     let mut found = Vec::new();
     for (spec, _) in &services {
         let layout = pins::check(&options.bpffs, spec)?;
+        // In this build's layout every map exists, so the program can be verified over
+        // them without creating any (an older layout is verified after its migration).
+        if layout == Some(PIN_LAYOUT) {
+            Dataplane::verify_program(&options.bpffs, &spec.name)?;
+        }
         found.push(match layout {
             None => format!("{} (not pinned yet)", spec.name),
             Some(PIN_LAYOUT) => format!("{} (pin layout {PIN_LAYOUT})", spec.name),

@@ -110,9 +110,8 @@ pub fn format_tag(tag: u64) -> String {
 
 impl Dataplane {
     /// Checks, changing nothing, that the pins of `service` under `root` can be adopted
-    /// by this build: their layout is one it knows, every pin is what it expects, and (in
-    /// this build's layout) its program passes this kernel's verifier over them. Returns
-    /// the layout they are in.
+    /// by this build: their layout is one it knows and every pin is what it expects.
+    /// Returns the layout they are in.
     pub fn check_adoptable(root: &Path, service: &str) -> Result<u32> {
         check_service_name(service)?;
         let dir = root.join(service);
@@ -120,13 +119,15 @@ impl Dataplane {
             return Err(DataplaneError::NotPinned { dir });
         }
         let steps = layout::check(&dir)?;
-        if steps.is_empty() {
-            // Every map is there, so loading creates none: the program is verified by this
-            // kernel over the very maps, and dropped.
-            let flow_capacity = Self::open_dir(dir.clone())?.flow_capacity;
-            LoadedProgram::load(&dir, flow_capacity)?;
-        }
         Ok(PIN_LAYOUT - steps.len() as u32)
+    }
+
+    /// Has this kernel verify this build's program over the pins of `service` under
+    /// `root`, then drops it, changing nothing: for pins in this build's layout, where
+    /// every map exists and loading creates none ([`Dataplane::check_adoptable`] first).
+    pub fn verify_program(root: &Path, service: &str) -> Result<()> {
+        let dataplane = Self::open(root, service)?;
+        LoadedProgram::load(&dataplane.dir, dataplane.flow_capacity).map(drop)
     }
 
     /// Adopts the pins of `service` under `root`: checks them all first (an unknown layout
