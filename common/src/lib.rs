@@ -51,8 +51,19 @@ pub mod names {
     pub const COUNTERS: &str = "counters";
     /// Array with one [`crate::ServiceMeta`] value: what the service listens on.
     pub const SERVICE: &str = "service";
-    /// LRU hash from a UDP flow's hash to its [`crate::Flow`]: the flow table.
-    pub const FLOWS: &str = "flows";
+    /// Hash from a UDP flow's [`crate::FlowKey`] to its [`crate::Flow`]: the flow table.
+    pub const FLOWS: &str = "flow_table";
+    /// Array of [`crate::PendingFlow`], [`crate::ADMIT_SIZE`] records: flows seen once,
+    /// waiting for a second datagram to be admitted to the flow table.
+    pub const ADMISSION: &str = "flow_admit";
+    /// Per-CPU array with one [`crate::FlowCounters`] value: the flow table's events.
+    pub const FLOW_COUNTERS: &str = "flow_events";
+    /// Array with one `u64`: flows the daemon removed from the flow table as idle. Only
+    /// userspace writes it; the table holds `flows_new` minus this many flows.
+    pub const FLOW_SWEPT: &str = "flow_swept";
+    /// The flow table of pin layouts 1 and 2 (an LRU hash keyed by the flow hash alone),
+    /// removed when pins are migrated to layout 3.
+    pub const LEGACY_FLOWS: &str = "flows";
     /// Hash of health-probe source port (`u32`) to its [`crate::ProbeRoute`].
     pub const PROBES: &str = "probes";
     /// Array of [`crate::ProbeHealth`], one per slot: the daemon's probe results.
@@ -61,16 +72,31 @@ pub mod names {
     /// written in, so a build never reuses pins it does not understand.
     pub const LAYOUT: &str = "layout";
     /// Every map the program's object defines, in a fixed order.
-    pub const MAPS: [&str; 9] = [
-        SOCKETS, TABLE, SLOTS, COUNTERS, SERVICE, FLOWS, PROBES, HEALTH, LAYOUT,
+    pub const MAPS: [&str; 12] = [
+        SOCKETS,
+        TABLE,
+        SLOTS,
+        COUNTERS,
+        SERVICE,
+        FLOWS,
+        PROBES,
+        HEALTH,
+        LAYOUT,
+        ADMISSION,
+        FLOW_COUNTERS,
+        FLOW_SWEPT,
     ];
+    /// The maps pin layout 3 added, created when older pins are migrated.
+    pub const ADDED_IN_LAYOUT_3: [&str; 4] = [FLOWS, ADMISSION, FLOW_COUNTERS, FLOW_SWEPT];
 }
 
 /// The version of the pin layout (which maps a service's pin directory holds, and the
 /// shape of each) this build writes. Pins without a `layout` map are layout 1 (every
-/// build before the version was recorded); layout 2 adds the `layout` map itself. A build
-/// migrates the layouts it knows in place and refuses any other before touching it.
-pub const PIN_LAYOUT: u32 = 2;
+/// build before the version was recorded); layout 2 adds the `layout` map itself; layout 3
+/// keys the flow table by the flow's source as well as its hash and adds admission, its
+/// counters and the swept count. A build migrates the layouts it knows in place and
+/// refuses any other before touching it.
+pub const PIN_LAYOUT: u32 = 3;
 
 /// The reference programs `cargo xtask bench` measures the program against, in their own
 /// object (`portshard-reference`), never loaded by the daemon.
@@ -127,8 +153,9 @@ pub struct Table {
     /// [`TABLE_FLOWS`] and other switches, read by the program with the entry it needs,
     /// so a switch costs no extra map lookup.
     pub flags: u32,
-    /// Keeps the size a multiple of 8.
-    pub reserved: u32,
+    /// Seconds without a datagram after which a flow is forgotten (`flow_idle`): its next
+    /// datagram is steered as a new flow's. Read only when [`TABLE_FLOWS`] is set.
+    pub flow_idle_s: u32,
 }
 
 /// [`Table::flags`] bit: UDP flows stick to the slot that took their first datagram (the
@@ -143,7 +170,103 @@ pub const TABLE_PROBES: u32 = 2;
 /// Index of the [`Table::flags`] word when the table is read as 32-bit words.
 pub const FLAGS_WORD: usize = TABLE_SIZE;
 
-/// A flow table value: which slot (of which generation) a UDP flow belongs to.
+/// Index of the [`Table::flow_idle_s`] word when the table is read as 32-bit words.
+pub const FLOW_IDLE_WORD: usize = TABLE_SIZE + 1;
+
+/// Records in the admission array ([`names::ADMISSION`]), in buckets of [`ADMIT_WAYS`].
+/// A new flow's record goes in bucket `hash & ADMIT_BUCKET_MASK`, in a free or stale
+/// record, else in place of the bucket's oldest: only when more than [`ADMIT_WAYS`] new
+/// flows meet in one bucket before their second datagrams is one displaced.
+pub const ADMIT_SIZE: u32 = 1 << 16;
+
+/// Records per admission bucket, searched one by one on a flow table miss.
+pub const ADMIT_WAYS: u32 = 8;
+
+/// Mask that turns the flow hash into an admission bucket's number.
+pub const ADMIT_BUCKET_MASK: u32 = ADMIT_SIZE / ADMIT_WAYS - 1;
+
+/// Which flow a datagram belongs to: its source address and port as the packet carries
+/// them, and the kernel's hash of its whole 4-tuple (which covers the destination, the
+/// one part that differs between flows from one source only on a wildcard listener).
+/// Two flows share a key only if they come from the same address and port and their
+/// 4-tuples' hashes collide too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// The source address; an IPv4 address fills the first 4 bytes, the rest are 0.
+    pub source: [u8; 16],
+    /// The source port, in network byte order as read from the UDP header.
+    pub port: u16,
+    /// 4 or 6: which IP header `source` was read from.
+    pub family: u16,
+    /// The kernel's reuseport hash of the flow's 4-tuple.
+    pub hash: u32,
+}
+
+impl FlowKey {
+    /// The source address and port.
+    pub fn source(&self) -> core::net::SocketAddr {
+        let port = u16::from_be(self.port);
+        if self.family == 4 {
+            let [a, b, c, d, ..] = self.source;
+            core::net::SocketAddr::new(core::net::Ipv4Addr::new(a, b, c, d).into(), port)
+        } else {
+            core::net::SocketAddr::new(core::net::Ipv6Addr::from(self.source).into(), port)
+        }
+    }
+}
+
+/// A flow seen once: where its first datagram went. Its second datagram admits it to the
+/// flow table with this slot, so a one-datagram flow (a DNS query, a spoofed flood) never
+/// takes a flow table entry and never evicts an established flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingFlow {
+    /// The flow.
+    pub key: FlowKey,
+    /// The slot its first datagram went to.
+    pub slot: u16,
+    /// Keeps `generation` aligned.
+    pub reserved: u16,
+    /// That slot's generation then.
+    pub generation: u32,
+    /// Coarse monotonic time (ns since boot) of its first datagram; 0 for an empty record.
+    pub seen: u64,
+}
+
+/// The flow table's events, counted per CPU by the program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct FlowCounters {
+    /// First datagrams of flows not in the table, recorded for admission.
+    pub pending: u64,
+    /// Admission records overwritten by another flow's first datagram before their own
+    /// flow's second one: flows that stay unadmitted (a flood's mark).
+    pub displaced: u64,
+    /// Second datagrams whose flow could not be entered because the table was full: the
+    /// flow follows the table, unkept.
+    pub unkept: u64,
+    /// Datagrams of known flows idle past `flow_idle`, steered as new flows.
+    pub expired: u64,
+    /// Datagrams of known flows whose slot now holds another generation's socket, steered
+    /// by the table again rather than delivered there.
+    pub reused_slot: u64,
+}
+
+impl FlowCounters {
+    /// Adds `other` to these counters (to sum the CPUs' copies).
+    pub fn add(&mut self, other: &Self) {
+        self.pending = self.pending.wrapping_add(other.pending);
+        self.displaced = self.displaced.wrapping_add(other.displaced);
+        self.unkept = self.unkept.wrapping_add(other.unkept);
+        self.expired = self.expired.wrapping_add(other.expired);
+        self.reused_slot = self.reused_slot.wrapping_add(other.reused_slot);
+    }
+}
+
+/// A flow table value: which slot (of which generation) a UDP flow belongs to. The program
+/// delivers a flow's datagrams to its slot only while that slot holds the same generation.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Flow {
@@ -151,7 +274,7 @@ pub struct Flow {
     pub slot: u16,
     /// Keeps `generation` aligned.
     pub reserved: u16,
-    /// The slot's generation when the flow was placed (for listings).
+    /// The slot's generation when the flow was placed.
     pub generation: u32,
     /// Coarse monotonic time (ns since boot) of the flow's latest datagram.
     pub last_seen: u64,
@@ -358,7 +481,7 @@ pub struct Counters {
     pub slots: [SlotCounters; MAX_SLOTS as usize],
     /// Program runs that found no live slot and let the kernel's own hash choose.
     pub fell_through: u64,
-    /// Flows entered in the flow table (first datagram of a flow not in it).
+    /// Flows entered in the flow table (admitted on their second datagram).
     pub flows_new: u64,
     /// Datagrams of a known flow whose slot's socket was gone, steered by the table again.
     pub flows_owner_gone: u64,
@@ -423,6 +546,10 @@ const _: () = {
     assert!(size_of::<SlotMeta>() == 40);
     assert!(size_of::<ServiceMeta>() == 32);
     assert!(size_of::<Flow>() == 16);
+    assert!(size_of::<FlowKey>() == 24);
+    assert!(size_of::<PendingFlow>() == 40);
+    assert!(size_of::<FlowCounters>() == 40);
+    assert!(ADMIT_SIZE.is_power_of_two() && ADMIT_WAYS.is_power_of_two());
     assert!(size_of::<ProbeHealth>() == 8);
     assert!(size_of::<ProbeRoute>() == 24);
     // A per-CPU map value is limited to 32 KiB by the kernel's per-CPU allocator.
@@ -442,6 +569,9 @@ mod pod {
     unsafe impl aya::Pod for super::SlotCounters {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::PendingFlow {}
+    unsafe impl aya::Pod for super::FlowCounters {}
 }
 
 #[cfg(test)]

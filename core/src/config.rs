@@ -100,6 +100,9 @@ pub struct Service {
     pub ready_delay: Duration,
     /// Capacity of the UDP flow table, in flows.
     pub flow_table: u32,
+    /// A UDP flow with no datagram for this long is forgotten: its next datagram is
+    /// steered as a new flow's, and the daemon sweeps it from the flow table.
+    pub flow_idle: Duration,
     /// How dead workers are restarted.
     pub restart: RestartPolicy,
     /// How long a stopping worker gets between SIGTERM and SIGKILL.
@@ -305,6 +308,7 @@ impl Config {
             drain_idle: DEFAULT_DRAIN_IDLE,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             flow_table: DEFAULT_FLOW_TABLE,
+            flow_idle: DEFAULT_FLOW_IDLE,
             restart: RestartPolicy::default(),
             stop_timeout: DEFAULT_STOP_TIMEOUT,
             ready_delay: DEFAULT_READY_DELAY,
@@ -320,6 +324,8 @@ impl Config {
 /// The port of the built-in default services.
 pub const BUILTIN_PORT: u16 = 5300;
 const DEFAULT_DRAIN_IDLE: Duration = Duration::from_secs(30);
+/// Like QUIC's idle timeouts and udpgrm's flow expiry: about two minutes.
+const DEFAULT_FLOW_IDLE: Duration = Duration::from_secs(120);
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_READY_DELAY: Duration = Duration::from_secs(1);

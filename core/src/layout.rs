@@ -25,6 +25,21 @@ pub enum Step {
     /// 1 to 2: pin the `layout` map, holding the new layout's number. The other maps are
     /// the same in both, so no flow, slot or counter changes.
     RecordLayout,
+    /// 2 to 3: pin the flow table keyed by each flow's source, its admission array, its
+    /// counters and the swept count. The old flow table (keyed by the flow hash alone)
+    /// cannot be carried over: its flows are steered by the table again, once each, and
+    /// its pin is removed once the new program replaces the old one.
+    KeyFlowsBySource,
+}
+
+impl Step {
+    /// The layout the pins are in once this step is done.
+    pub fn reaches(self) -> u32 {
+        match self {
+            Self::RecordLayout => 2,
+            Self::KeyFlowsBySource => 3,
+        }
+    }
 }
 
 /// Pins in a layout this build does not know.
@@ -54,6 +69,7 @@ pub fn migration(from: u32) -> Result<Vec<Step>, UnknownLayout> {
         Adoption::Migrate { from } => (from..PIN_LAYOUT)
             .map(|layout| match layout {
                 1 => Ok(Step::RecordLayout),
+                2 => Ok(Step::KeyFlowsBySource),
                 found => Err(UnknownLayout { found }),
             })
             .collect(),
@@ -77,7 +93,16 @@ mod tests {
             let steps = migration(from).unwrap();
             assert_eq!(steps.len(), (PIN_LAYOUT - from) as usize);
         }
-        assert_eq!(migration(1), Ok(vec![Step::RecordLayout]));
+        assert_eq!(
+            migration(1),
+            Ok(vec![Step::RecordLayout, Step::KeyFlowsBySource])
+        );
+        assert_eq!(migration(2), Ok(vec![Step::KeyFlowsBySource]));
+        for from in OLDEST_MIGRATABLE..PIN_LAYOUT {
+            let steps = migration(from).unwrap();
+            let reached: Vec<u32> = steps.iter().map(|step| step.reaches()).collect();
+            assert_eq!(reached, ((from + 1)..=PIN_LAYOUT).collect::<Vec<_>>());
+        }
     }
 
     #[test]

@@ -94,21 +94,41 @@ pub fn encode_status(status: &StatusReport, probes: &ProbeOutcomes) -> String {
         registry.register(name, help, family.clone());
         family
     };
-    let flows_new = service_counter(
-        &mut registry,
-        "flow_table_new",
-        "UDP flows entered in the flow table",
-    );
-    let flows_owner_gone = service_counter(
-        &mut registry,
-        "flow_table_owner_gone",
-        "Datagrams of known flows whose slot was gone, steered by the table again",
-    );
-    let flows_evicted = service_counter(
-        &mut registry,
-        "flow_table_evictions",
-        "Flows dropped from the flow table to make room for new ones",
-    );
+    let flow_events = [
+        (
+            "flow_table_new",
+            "UDP flows entered in the flow table (on their second datagram)",
+        ),
+        (
+            "flow_table_owner_gone",
+            "Datagrams of known flows whose slot was gone, steered by the table again",
+        ),
+        (
+            "flow_table_swept",
+            "Flows removed from the flow table after flow_idle without a datagram",
+        ),
+        (
+            "flow_table_pending",
+            "First datagrams of flows not in the flow table, recorded for admission",
+        ),
+        (
+            "flow_table_displaced",
+            "Admission records overwritten by another new flow before their flow's second datagram (a flood of new flows shows here)",
+        ),
+        (
+            "flow_table_unkept",
+            "Flows not entered because the flow table was full: they follow the table, unkept",
+        ),
+        (
+            "flow_table_expired",
+            "Datagrams of flows idle past flow_idle, steered as new flows",
+        ),
+        (
+            "flow_table_reused_slot",
+            "Datagrams of known flows whose slot now holds another generation, steered by the table instead",
+        ),
+    ]
+    .map(|(name, help)| service_counter(&mut registry, name, help));
     let flows = Family::<ServiceLabels, Gauge>::default();
     registry.register(
         "flow_table_flows",
@@ -152,11 +172,20 @@ pub fn encode_status(status: &StatusReport, probes: &ProbeOutcomes) -> String {
             .get_or_create(&labels)
             .inc_by(service.fell_through);
         if let Some(table) = &service.flow_table {
-            flows_new.get_or_create(&labels).inc_by(table.new);
-            flows_owner_gone
-                .get_or_create(&labels)
-                .inc_by(table.owner_gone);
-            flows_evicted.get_or_create(&labels).inc_by(table.evictions);
+            let events = &table.events;
+            let counts = [
+                table.new,
+                table.owner_gone,
+                table.swept,
+                events.pending,
+                events.displaced,
+                events.unkept,
+                events.expired,
+                events.reused_slot,
+            ];
+            for (family, count) in flow_events.iter().zip(counts) {
+                family.get_or_create(&labels).inc_by(count);
+            }
             flows
                 .get_or_create(&labels)
                 .set(i64::try_from(table.flows).unwrap_or(i64::MAX));
@@ -231,7 +260,16 @@ mod tests {
         let service = ServiceStatus::new(
             &service_meta("127.0.0.1:53".parse().unwrap(), PROTO_UDP, 0, 16),
             TableReport::new("dns", table.entries(), &metas, &counters),
-            Some(FlowTableReport::new(16, 3, &counters)),
+            Some(FlowTableReport::new(
+                16,
+                3,
+                1,
+                &counters,
+                &portshard_common::FlowCounters {
+                    displaced: 7,
+                    ..Default::default()
+                },
+            )),
         );
         let mut outcomes = OutcomeCounts::default();
         outcomes.add(crate::probe::Outcome::Answered);
@@ -254,7 +292,9 @@ mod tests {
             "portshard_workers{service=\"dns\",state=\"live\"} 2",
             "portshard_flow_hits_total{service=\"dns\",slot=\"0\"} 9",
             "portshard_flow_table_new_total{service=\"dns\"} 4",
-            "portshard_flow_table_evictions_total{service=\"dns\"} 1",
+            "portshard_flow_table_swept_total{service=\"dns\"} 1",
+            "portshard_flow_table_displaced_total{service=\"dns\"} 7",
+            "portshard_flow_table_unkept_total{service=\"dns\"} 0",
             "portshard_flow_table_flows{service=\"dns\"} 3",
             "portshard_generation{service=\"dns\"} 0",
             "portshard_probes_total{service=\"dns\",slot=\"1\",outcome=\"answered\"} 1",

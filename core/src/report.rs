@@ -7,8 +7,8 @@ use std::{
 };
 
 use portshard_common::{
-    Counters, Flow, MAX_SLOTS, NO_SLOT, ProbeHealth, ProbeState, ServiceMeta, SlotCounters,
-    SlotMeta, SlotState, TABLE_SIZE, TableEntry,
+    Counters, Flow, FlowCounters, FlowKey, MAX_SLOTS, NO_SLOT, ProbeHealth, ProbeState,
+    ServiceMeta, SlotCounters, SlotMeta, SlotState, TABLE_SIZE, TableEntry,
 };
 use serde::Serialize;
 
@@ -191,8 +191,8 @@ pub struct GenerationReport {
     pub slots: Vec<Slot>,
 }
 
-/// The flow table's use: how often known flows were found, how many were new, and how many
-/// were dropped to make room.
+/// The flow table's use: how often known flows were found, how many were admitted, swept
+/// as idle or could not be kept, and what floods of new flows did to admission.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FlowTableReport {
     /// Flows it holds at most.
@@ -201,24 +201,37 @@ pub struct FlowTableReport {
     pub flows: u64,
     /// Datagrams of known flows delivered to their slot.
     pub hits: u64,
-    /// Flows entered.
+    /// Flows entered (admitted on their second datagram).
     pub new: u64,
     /// Datagrams of known flows whose slot's socket was gone (steered by the table again).
     pub owner_gone: u64,
-    /// Flows dropped to make room for new ones (entered but no longer held).
-    pub evictions: u64,
+    /// Flows the daemon removed as idle past `flow_idle`.
+    pub swept: u64,
+    /// The program's flow table events: first datagrams recorded for admission, records
+    /// displaced before their second datagram, flows not kept because the table was full,
+    /// flows found expired, and flows whose slot held another generation.
+    #[serde(flatten)]
+    pub events: FlowCounters,
 }
 
 impl FlowTableReport {
-    /// The flow table of `capacity` holding `flows` now, with the program's `counters`.
-    pub fn new(capacity: u32, flows: u64, counters: &Counters) -> Self {
+    /// The flow table of `capacity` holding `flows` now, `swept` removed as idle so far,
+    /// with the program's `counters` and flow table `events`.
+    pub fn new(
+        capacity: u32,
+        flows: u64,
+        swept: u64,
+        counters: &Counters,
+        events: &FlowCounters,
+    ) -> Self {
         Self {
             capacity,
             flows,
             hits: counters.slots.iter().map(|s| s.flow_hits).sum(),
             new: counters.flows_new,
             owner_gone: counters.flows_owner_gone,
-            evictions: counters.flows_new.saturating_sub(flows),
+            swept,
+            events: *events,
         }
     }
 }
@@ -254,7 +267,9 @@ pub fn generations(slots: &[SlotReport]) -> Vec<GenerationReport> {
 /// One flow of the flow table.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FlowLine {
-    /// The kernel's hash of the flow's 4-tuple (the table key).
+    /// The flow's source address and port.
+    pub source: SocketAddr,
+    /// The kernel's hash of the flow's 4-tuple.
     pub hash: u32,
     /// The slot it belongs to.
     pub slot: Slot,
@@ -286,24 +301,25 @@ pub struct FlowReport {
     pub capacity: u32,
     /// Per slot and generation, by slot.
     pub by_slot: Vec<FlowGroup>,
-    /// Every flow, by hash.
+    /// Every flow, by source.
     pub flows: Vec<FlowLine>,
 }
 
 impl FlowReport {
-    /// Summarises `flows` (hash, flow) of a table of `capacity`, read at coarse monotonic
-    /// time `now_ns` (the program's clock).
-    pub fn new(service: &str, capacity: u32, flows: &[(u32, Flow)], now_ns: u64) -> Self {
+    /// Summarises `flows` of a table of `capacity`, read at coarse monotonic time `now_ns`
+    /// (the program's clock).
+    pub fn new(service: &str, capacity: u32, flows: &[(FlowKey, Flow)], now_ns: u64) -> Self {
         let mut lines: Vec<FlowLine> = flows
             .iter()
-            .map(|(hash, flow)| FlowLine {
-                hash: *hash,
+            .map(|(key, flow)| FlowLine {
+                source: key.source(),
+                hash: key.hash,
                 slot: flow.slot,
                 generation: flow.generation,
                 idle_ms: now_ns.saturating_sub(flow.last_seen) / 1_000_000,
             })
             .collect();
-        lines.sort_by_key(|line| line.hash);
+        lines.sort_by_key(|line| (line.source, line.hash));
         let mut groups: BTreeMap<(Slot, u32), FlowGroup> = BTreeMap::new();
         for line in &lines {
             let group = groups
@@ -545,11 +561,19 @@ mod tests {
         counters.slots[3].flow_hits = 7;
         counters.flows_new = 100;
         counters.flows_owner_gone = 2;
-        let report = FlowTableReport::new(64, 60, &counters);
+        let events = FlowCounters {
+            pending: 300,
+            displaced: 4,
+            ..FlowCounters::default()
+        };
+        let report = FlowTableReport::new(64, 60, 40, &counters, &events);
         assert_eq!(
-            (report.hits, report.new, report.owner_gone, report.evictions),
+            (report.hits, report.new, report.owner_gone, report.swept),
             (12, 100, 2, 40)
         );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["pending"], 300);
+        assert_eq!(json["displaced"], 4);
     }
 
     #[test]
@@ -560,10 +584,16 @@ mod tests {
             generation,
             last_seen,
         };
+        let key = |port: u16, hash| FlowKey {
+            source: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            port: port.to_be(),
+            family: 4,
+            hash,
+        };
         let flows = [
-            (9, flow(1, 2, 5_000_000_000)),
-            (3, flow(1, 2, 7_000_000_000)),
-            (5, flow(0, 1, 1_000_000_000)),
+            (key(9, 90), flow(1, 2, 5_000_000_000)),
+            (key(3, 30), flow(1, 2, 7_000_000_000)),
+            (key(5, 50), flow(0, 1, 1_000_000_000)),
         ];
         let report = FlowReport::new("dns", 64, &flows, 8_000_000_000);
         let groups: Vec<(Slot, u32, usize, u64)> = report
@@ -573,8 +603,16 @@ mod tests {
             .collect();
         assert_eq!(groups, [(0, 1, 1, 7000), (1, 2, 2, 1000)]);
         assert_eq!(
-            report.flows.iter().map(|f| f.hash).collect::<Vec<_>>(),
-            [3, 5, 9]
+            report
+                .flows
+                .iter()
+                .map(|f| (f.source.to_string(), f.hash))
+                .collect::<Vec<_>>(),
+            [
+                ("127.0.0.1:3".to_owned(), 30),
+                ("127.0.0.1:5".to_owned(), 50),
+                ("127.0.0.1:9".to_owned(), 90)
+            ]
         );
     }
 }

@@ -22,7 +22,7 @@ mod io;
 
 pub use adopt::{AdoptedSlot, Adoption};
 pub use control::ControlError;
-pub use io::{Action, Activity, Command, Event, Exit, Signal, Spawn, TableOp, Timer};
+pub use io::{Action, Activity, Command, Event, Exit, Signal, Spawn, Switches, TableOp, Timer};
 pub use slots::KILL_GRACE;
 
 use std::{
@@ -457,9 +457,10 @@ impl<L: Clone> Supervisor<L> {
         }
     }
 
-    /// The table flags for `spec` (see [`portshard_common::TABLE_FLOWS`] and
-    /// [`portshard_common::TABLE_PROBES`]).
-    pub fn table_flags(spec: &Service) -> u32 {
+    /// The switches the program reads beside the table for `spec` (see
+    /// [`portshard_common::TABLE_FLOWS`], [`portshard_common::TABLE_PROBES`] and
+    /// [`portshard_common::Table::flow_idle_s`]).
+    pub fn table_switches(spec: &Service) -> Switches {
         let flows = if spec.flow_capacity() > 0 {
             portshard_common::TABLE_FLOWS
         } else {
@@ -470,7 +471,10 @@ impl<L: Clone> Supervisor<L> {
         } else {
             0
         };
-        flows | probes
+        Switches {
+            flags: flows | probes,
+            flow_idle_s: u32::try_from(spec.flow_idle.as_secs().max(1)).unwrap_or(u32::MAX),
+        }
     }
 }
 

@@ -13,15 +13,18 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, ReusePortSockArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, ReusePortSockArray},
     programs::SkReuseport,
 };
 use portshard_common::{
-    Counters, Flow, MAX_SLOTS, PIN_LAYOUT, ProbeHealth, ProbeRoute, ServiceMeta, SlotMeta,
-    TABLE_SIZE, TableEntry, names,
+    Counters, Flow, FlowCounters, FlowKey, MAX_SLOTS, PIN_LAYOUT, ProbeHealth, ProbeRoute,
+    ServiceMeta, SlotMeta, TABLE_SIZE, TableEntry, names,
 };
+use portshard_core::supervisor::Switches;
 
+mod batch;
 mod error;
+mod flows;
 mod layout;
 mod mapped;
 mod pinned;
@@ -29,6 +32,7 @@ mod program;
 
 pub use error::DataplaneError;
 use error::Result;
+pub use flows::Sweep;
 use mapped::MappedTable;
 use pinned::{check_pin, open_map, open_program, program_error, remove_if_present, typed};
 pub use program::{Adopted, LoadedProgram, format_tag};
@@ -65,7 +69,9 @@ pub struct Dataplane {
     slots: Array<MapData, SlotMeta>,
     counters: PerCpuArray<MapData, Counters>,
     service: Array<MapData, ServiceMeta>,
-    flows: HashMap<MapData, u32, Flow>,
+    flows: HashMap<MapData, FlowKey, Flow>,
+    flow_counters: PerCpuArray<MapData, FlowCounters>,
+    flow_swept: Array<MapData, u64>,
     flow_capacity: u32,
     probes: HashMap<MapData, u32, ProbeRoute>,
     health: Array<MapData, ProbeHealth>,
@@ -90,7 +96,7 @@ impl Dataplane {
         }
         match layout::pinned_layout(&dir)? {
             _ if !dir.join(names::LAYOUT).exists() => {
-                layout::pin_layout(&dir).inspect_err(|_| {
+                layout::pin_layout(&dir, PIN_LAYOUT).inspect_err(|_| {
                     // Nothing was pinned; leave no empty directory behind (one with other pins
                     // in it stays).
                     let _ = std::fs::remove_dir(&dir);
@@ -125,13 +131,7 @@ impl Dataplane {
             return Err(DataplaneError::NotPinned { dir });
         }
         // The flow table's size is the service's own; everything else is this build's.
-        let flows_pin = dir.join(names::FLOWS);
-        let flow_capacity = MapInfo::from_pin(&flows_pin)
-            .map_err(|source| DataplaneError::OpenPin {
-                path: flows_pin,
-                source: Box::new(source),
-            })?
-            .max_entries();
+        let flow_capacity = layout::pinned_flow_capacity(&dir)?;
         let specs = object::map_specs(OBJECT, flow_capacity)?;
         let open = |name: &'static str| {
             let spec = specs
@@ -145,6 +145,8 @@ impl Dataplane {
         let counters = typed(&dir, names::COUNTERS, open(names::COUNTERS)?)?;
         let service = typed(&dir, names::SERVICE, open(names::SERVICE)?)?;
         let flows = typed(&dir, names::FLOWS, open(names::FLOWS)?)?;
+        let flow_counters = typed(&dir, names::FLOW_COUNTERS, open(names::FLOW_COUNTERS)?)?;
+        let flow_swept = typed(&dir, names::FLOW_SWEPT, open(names::FLOW_SWEPT)?)?;
         let probes = typed(&dir, names::PROBES, open(names::PROBES)?)?;
         let health = typed(&dir, names::HEALTH, open(names::HEALTH)?)?;
         let table = MappedTable::new(open(names::TABLE)?, &dir.join(names::TABLE))?;
@@ -157,6 +159,8 @@ impl Dataplane {
             counters,
             service,
             flows,
+            flow_counters,
+            flow_swept,
             flow_capacity,
             probes,
             health,
@@ -200,7 +204,7 @@ impl Dataplane {
         let pins: Vec<&str> = names::MAPS
             .iter()
             .copied()
-            .chain([names::PROGRAM, names::PROGRAM_STAGED])
+            .chain([names::PROGRAM, names::PROGRAM_STAGED, names::LEGACY_FLOWS])
             .collect();
         Ok(bpffs::check_root(
             root,
@@ -215,8 +219,10 @@ impl Dataplane {
         let flow_table = if service.flow_table > 0 {
             Some(FlowTableReport::new(
                 self.flow_capacity,
-                self.flows()?.len() as u64,
+                self.flows_held()?,
+                self.flows_swept()?,
                 &self.counters()?,
+                &self.flow_counters()?,
             ))
         } else {
             None
@@ -293,16 +299,25 @@ impl Dataplane {
             .map_err(program_error(&self.dir.join(names::PROGRAM), action))
     }
 
-    /// Puts `socket` in `slot` of the socket array and records `meta` for it.
+    /// Records `meta` for `slot` and puts `socket` in it. The record goes first: the
+    /// program delivers a known flow to its slot only while the slot's recorded generation
+    /// is the flow's, so a socket of a new generation placed in a slot an old one used never
+    /// receives the old flows. If the socket cannot be placed, the old record is restored.
     pub fn place(&mut self, slot: Slot, socket: BorrowedFd<'_>, meta: SlotMeta) -> Result<()> {
-        self.sockets
+        let before = self.meta(slot)?;
+        self.set_meta(slot, meta)?;
+        let placed = self
+            .sockets
             .set(u32::from(slot), &socket.as_raw_fd(), 0)
             .map_err(|source| DataplaneError::Map {
                 action: format!("placing socket fd {} in slot {slot}", socket.as_raw_fd()),
                 path: self.dir.join(names::SOCKETS),
                 source: Box::new(source),
-            })?;
-        self.set_meta(slot, meta)
+            });
+        if placed.is_err() {
+            let _ = self.set_meta(slot, before);
+        }
+        placed
     }
 
     /// Empties `slot` of the socket array (a no-op if its socket already closed).
@@ -452,28 +467,19 @@ impl Dataplane {
         (0..TABLE_SIZE).map(|i| self.table.load(i)).collect()
     }
 
-    /// Sets the table's switches ([`portshard_common::TABLE_FLOWS`]): one atomic store the
-    /// program sees on its next run.
-    pub fn set_flags(&self, flags: u32) {
-        self.table.set_flags(flags);
+    /// Sets the switches the program reads beside the table: one atomic store each,
+    /// which the program sees on its next run.
+    pub fn set_switches(&self, switches: Switches) {
+        self.table.set_flow_idle(switches.flow_idle_s);
+        self.table.set_flags(switches.flags);
     }
 
-    /// The table's switches as the program reads them.
-    pub fn flags(&self) -> u32 {
-        self.table.flags()
-    }
-
-    /// Every flow in the flow table, by flow hash. Flows evicted or added meanwhile may be
-    /// missed or seen: it is a snapshot for listings, not a transaction.
-    pub fn flows(&self) -> Result<Vec<(u32, Flow)>> {
-        self.flows
-            .iter()
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|source| DataplaneError::Map {
-                action: "listing the flow table".to_owned(),
-                path: self.dir.join(names::FLOWS),
-                source: Box::new(source),
-            })
+    /// The switches as the program reads them.
+    pub fn switches(&self) -> Switches {
+        Switches {
+            flags: self.table.flags(),
+            flow_idle_s: self.table.flow_idle(),
+        }
     }
 
     /// Everything `portshard flows` shows about this service, read from the pins.
@@ -512,10 +518,11 @@ impl Dataplane {
     pub fn remove_pins(root: &Path, service: &str) -> Result<()> {
         check_service_name(service)?;
         let dir = root.join(service);
-        for name in names::MAPS
-            .iter()
-            .chain([&names::PROGRAM, &names::PROGRAM_STAGED])
-        {
+        for name in names::MAPS.iter().chain([
+            &names::PROGRAM,
+            &names::PROGRAM_STAGED,
+            &names::LEGACY_FLOWS,
+        ]) {
             remove_if_present(&dir.join(name))?;
         }
         match std::fs::remove_dir(&dir) {

@@ -65,8 +65,8 @@ pub fn map_specs(object: &[u8], flow_capacity: u32) -> Result<Vec<MapSpec>, Obje
 #[cfg(test)]
 mod tests {
     use portshard_common::{
-        BPF_F_MMAPABLE, Counters, Flow, MAX_SLOTS, ProbeHealth, ProbeRoute, ServiceMeta, SlotMeta,
-        Table,
+        ADMIT_SIZE, BPF_F_MMAPABLE, Counters, Flow, FlowCounters, FlowKey, MAX_SLOTS, PendingFlow,
+        ProbeHealth, ProbeRoute, ServiceMeta, SlotMeta, Table,
     };
 
     use super::*;
@@ -75,7 +75,6 @@ mod tests {
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
     const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
     const BPF_MAP_TYPE_REUSEPORT_SOCKARRAY: u32 = 20;
-    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 
     /// The kernel side and the user side agree on every map, because both are built from
     /// `portshard-common`; this checks that the embedded object really was.
@@ -87,69 +86,96 @@ mod tests {
                 names::SOCKETS,
                 BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
                 4,
+                4,
                 MAX_SLOTS,
                 0,
             ),
             (
                 names::TABLE,
                 BPF_MAP_TYPE_ARRAY,
-                size_of::<Table>() as u32,
+                4,
+                size_of::<Table>(),
                 1,
                 BPF_F_MMAPABLE,
             ),
             (
                 names::SLOTS,
                 BPF_MAP_TYPE_ARRAY,
-                size_of::<SlotMeta>() as u32,
+                4,
+                size_of::<SlotMeta>(),
                 MAX_SLOTS,
                 0,
             ),
             (
                 names::COUNTERS,
                 BPF_MAP_TYPE_PERCPU_ARRAY,
-                size_of::<Counters>() as u32,
+                4,
+                size_of::<Counters>(),
                 1,
                 0,
             ),
             (
                 names::SERVICE,
                 BPF_MAP_TYPE_ARRAY,
-                size_of::<ServiceMeta>() as u32,
+                4,
+                size_of::<ServiceMeta>(),
                 1,
                 0,
             ),
             (
                 names::FLOWS,
-                BPF_MAP_TYPE_LRU_HASH,
-                size_of::<Flow>() as u32,
+                BPF_MAP_TYPE_HASH,
+                size_of::<FlowKey>(),
+                size_of::<Flow>(),
                 1234,
                 0,
             ),
             (
                 names::PROBES,
                 BPF_MAP_TYPE_HASH,
-                size_of::<ProbeRoute>() as u32,
+                4,
+                size_of::<ProbeRoute>(),
                 MAX_SLOTS,
                 0,
             ),
             (
                 names::HEALTH,
                 BPF_MAP_TYPE_ARRAY,
-                size_of::<ProbeHealth>() as u32,
+                4,
+                size_of::<ProbeHealth>(),
                 MAX_SLOTS,
                 0,
             ),
-            (names::LAYOUT, BPF_MAP_TYPE_ARRAY, 4, 1, 0),
+            (names::LAYOUT, BPF_MAP_TYPE_ARRAY, 4, 4, 1, 0),
+            (
+                names::ADMISSION,
+                BPF_MAP_TYPE_ARRAY,
+                4,
+                size_of::<PendingFlow>(),
+                ADMIT_SIZE,
+                0,
+            ),
+            (
+                names::FLOW_COUNTERS,
+                BPF_MAP_TYPE_PERCPU_ARRAY,
+                4,
+                size_of::<FlowCounters>(),
+                1,
+                0,
+            ),
+            (names::FLOW_SWEPT, BPF_MAP_TYPE_ARRAY, 4, 8, 1, 0),
         ];
         assert_eq!(specs.len(), expected.len());
-        for (spec, (name, map_type, value_size, max_entries, flags)) in specs.iter().zip(expected) {
+        for (spec, (name, map_type, key_size, value_size, max_entries, flags)) in
+            specs.iter().zip(expected)
+        {
             assert_eq!(
                 spec,
                 &MapSpec {
                     name,
                     map_type,
-                    key_size: 4,
-                    value_size,
+                    key_size: key_size as u32,
+                    value_size: value_size as u32,
                     max_entries,
                     flags
                 }

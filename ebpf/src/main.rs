@@ -8,10 +8,14 @@
 //! so no flow that a live socket could take is refused.
 //!
 //! With the flow table on (UDP in `handover` mode or with `sticky`), a datagram of a known
-//! flow goes to the slot that took the flow's first datagram while that slot's socket
-//! lives; only new flows, and flows whose slot is gone, go through the table. With probes
-//! on, a datagram or SYN from the source address and port the daemon registered for a
-//! health probe goes to the slot that probe checks.
+//! flow goes to the slot it was placed on while that slot's socket lives, still holds the
+//! same generation, and the flow has not been idle past `flow_idle`. A flow is known by its
+//! source address and port and its 4-tuple's hash ([`FlowKey`]), and admitted on its second
+//! datagram: the first is steered by the table and recorded in the admission array, so
+//! one-datagram flows and floods of them never take a flow table entry, and the table never
+//! evicts: a flow leaves it only when the daemon sweeps it as idle. With probes on, a
+//! datagram or SYN from the source address and port the daemon registered for a health
+//! probe goes to the slot that probe checks.
 #![no_std]
 #![no_main]
 
@@ -20,13 +24,14 @@ use aya_ebpf::{
     cty::c_void,
     helpers::{bpf_ktime_get_coarse_ns, bpf_skb_load_bytes_relative},
     macros::{map, sk_reuseport},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, ReusePortSockArray},
+    maps::{Array, HashMap, PerCpuArray, ReusePortSockArray},
     programs::SkReuseportContext,
 };
 use portshard_common::{
-    BPF_F_MMAPABLE, Counters, Flow, MAX_SLOTS, PROBE_FROM_V4, PROBE_FROM_V6, PROBE_STEPS,
-    PROBE_STRIDE, ProbeHealth, ProbeRoute, ServiceMeta, SlotCounters, SlotMeta, TABLE_FLOWS,
-    TABLE_MASK, TABLE_PROBES, Table, TableEntry,
+    ADMIT_BUCKET_MASK, ADMIT_SIZE, ADMIT_WAYS, BPF_F_MMAPABLE, Counters, Flow, FlowCounters,
+    FlowKey, MAX_SLOTS, PROBE_STEPS, PROBE_STRIDE, PendingFlow, ProbeHealth, ProbeRoute,
+    ServiceMeta, SlotCounters, SlotMeta, SlotState, TABLE_FLOWS, TABLE_MASK, TABLE_PROBES, Table,
+    TableEntry,
 };
 
 mod runtime;
@@ -52,10 +57,23 @@ static SERVICE: Array<ServiceMeta> = Array::pinned(1, 0);
 #[map(name = "counters")]
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(1, 0);
 
-/// The flow table: a UDP flow's hash to the slot that owns it. Userspace sizes it per
-/// service at load time; least recently used flows make room for new ones.
-#[map(name = "flows")]
-static FLOWS: LruHashMap<u32, Flow> = LruHashMap::pinned(1, 0);
+/// The flow table: an admitted UDP flow to the slot that owns it. Userspace sizes it per
+/// service at load time; when it is full, new flows are not kept (and counted), and no
+/// established flow is evicted.
+#[map(name = "flow_table")]
+static FLOWS: HashMap<FlowKey, Flow> = HashMap::pinned(1, 0);
+
+/// Flows seen once, in buckets of `ADMIT_WAYS` records, waiting for their second datagram.
+#[map(name = "flow_admit")]
+static ADMISSION: Array<PendingFlow> = Array::pinned(ADMIT_SIZE, 0);
+
+/// Per-CPU counters of the flow table's events.
+#[map(name = "flow_events")]
+static FLOW_COUNTERS: PerCpuArray<FlowCounters> = PerCpuArray::pinned(1, 0);
+
+/// Flows the daemon swept as idle; defined here so one object describes every pinned map.
+#[map(name = "flow_swept")]
+static FLOW_SWEPT: Array<u64> = Array::pinned(1, 0);
 
 /// Health-probe source port to the probe's source address and the slot it checks, written
 /// by the daemon.
@@ -113,45 +131,223 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
         return SK_PASS;
     }
 
+    match source_address(&ctx) {
+        Some((family, source)) => {
+            steer_flow(&ctx, table, counters, flow_key(&ctx, family, source, hash))
+        }
+        None => {
+            // Not an IP packet we can read a source from: steered, never kept.
+            let chosen = choose(&ctx, table, hash);
+            count(counters, false, chosen);
+        }
+    }
+    SK_PASS
+}
+
+/// Steers a UDP datagram of flow `key` with the flow table on: a known flow to its slot, a
+/// flow's second datagram to where its first went (admitting it), a first datagram by the
+/// table (recording it for admission).
+#[inline(always)]
+fn steer_flow(
+    ctx: &SkReuseportContext,
+    table: *const Table,
+    counters: &mut Counters,
+    key: FlowKey,
+) {
+    let Some(events) = FLOW_COUNTERS.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's value of a per-CPU array, as for `counters`.
+    let events = unsafe { &mut *events };
     // SAFETY: a helper with no arguments and no side effects.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let known = FLOWS.get_ptr_mut(hash);
-    if let Some(flow) = known {
+    // SAFETY: `table` points to the map's value; the word is inside it.
+    let idle_s = unsafe { core::ptr::read_volatile(&raw const (*table).flow_idle_s) };
+    let idle_ns = u64::from(idle_s) * 1_000_000_000;
+
+    if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: a value pointer of the flow table, valid while the program runs.
         let flow = unsafe { &mut *flow };
-        if select(&ctx, flow.slot) {
+        if now.wrapping_sub(flow.last_seen) > idle_ns {
+            events.expired += 1;
+        } else if generation_of(flow.slot) != Some(flow.generation) {
+            // The slot was freed, or holds another generation's socket now.
+            if is_vacant(flow.slot) {
+                counters.flows_owner_gone += 1;
+            } else {
+                events.reused_slot += 1;
+            }
+        } else if select(ctx, flow.slot) {
             if flow.last_seen != now {
                 flow.last_seen = now;
             }
             if let Some(row) = counters.slots.get_mut(usize::from(flow.slot)) {
                 row.flow_hits += 1;
             }
-            return SK_PASS;
+            return;
+        } else {
+            counters.flows_owner_gone += 1;
         }
-        counters.flows_owner_gone += 1;
+        // Placed again where it is: the table's choice for it now.
+        let chosen = choose(ctx, table, key.hash);
+        count(counters, false, chosen);
+        if let Some((slot, _)) = chosen {
+            *flow = placed(slot, now);
+        }
+        return;
     }
-    let chosen = choose(&ctx, table, hash);
-    count(counters, false, chosen);
-    if let Some((slot, _)) = chosen {
-        let generation = SLOTS.get(u32::from(slot)).map_or(0, |meta| meta.generation);
-        let flow = Flow {
-            slot,
-            reserved: 0,
-            generation,
-            last_seen: now,
-        };
-        match known {
-            // A known flow whose slot is gone: rewritten where it is, no new element.
-            // SAFETY: the same value pointer as above, still valid while the program runs.
-            Some(entry) => unsafe { *entry = flow },
-            None => {
-                if FLOWS.insert(hash, flow, 0).is_ok() {
-                    counters.flows_new += 1;
+
+    let Some(admission) = admission_record(&key, now, idle_ns) else {
+        return;
+    };
+    // SAFETY: a value pointer of the admission array, valid while the program runs. Two
+    // CPUs may write one record at once; the worst a torn record does is admit a flow to
+    // a slot the table also chose for another new flow.
+    let (record, found) = match admission {
+        Admission::Found(record) => (unsafe { &mut *record }, true),
+        Admission::Free(record) => (unsafe { &mut *record }, false),
+        Admission::Displace(record) => {
+            events.displaced += 1;
+            (unsafe { &mut *record }, false)
+        }
+    };
+    if found {
+        // Its second datagram: admitted where its first went, while that slot still holds
+        // the same generation; otherwise where the table sends it now.
+        let slot =
+            if generation_of(record.slot) == Some(record.generation) && select(ctx, record.slot) {
+                if let Some(row) = counters.slots.get_mut(usize::from(record.slot)) {
+                    row.flow_hits += 1;
                 }
+                Some(record.slot)
+            } else {
+                let chosen = choose(ctx, table, key.hash);
+                count(counters, false, chosen);
+                chosen.map(|(slot, _)| slot)
+            };
+        record.seen = 0;
+        if let Some(slot) = slot {
+            match FLOWS.insert(key, placed(slot, now), BPF_NOEXIST) {
+                Ok(()) => counters.flows_new += 1,
+                // Another CPU admitted it meanwhile.
+                Err(error) if error == -EEXIST => {}
+                Err(_) => events.unkept += 1,
             }
         }
+        return;
     }
-    SK_PASS
+    let chosen = choose(ctx, table, key.hash);
+    count(counters, false, chosen);
+    if let Some((slot, _)) = chosen {
+        *record = PendingFlow {
+            key,
+            slot,
+            reserved: 0,
+            generation: generation_of(slot).unwrap_or(0),
+            seen: now,
+        };
+        events.pending += 1;
+    }
+}
+
+/// Where a flow's admission record is, or goes.
+enum Admission {
+    /// The flow's own record, from its first datagram.
+    Found(*mut PendingFlow),
+    /// A free or stale record of the flow's bucket, for its first datagram.
+    Free(*mut PendingFlow),
+    /// The oldest record of a full bucket, for its first datagram in place of another's.
+    Displace(*mut PendingFlow),
+}
+
+/// Searches `key`'s admission bucket for its record, noting the free record or, in a full
+/// bucket, the oldest one its first datagram would take.
+#[inline(always)]
+fn admission_record(key: &FlowKey, now: u64, idle_ns: u64) -> Option<Admission> {
+    let first = (key.hash & ADMIT_BUCKET_MASK) * ADMIT_WAYS;
+    let mut free = None;
+    let mut oldest: Option<(*mut PendingFlow, u64)> = None;
+    for way in 0..ADMIT_WAYS {
+        let record = ADMISSION.get_ptr_mut(first + way)?;
+        // SAFETY: a value pointer of the admission array, valid while the program runs.
+        let (seen, matches) = unsafe { ((*record).seen, same_flow(&(*record).key, key)) };
+        let recent = seen != 0 && now.wrapping_sub(seen) <= idle_ns;
+        if !recent {
+            free.get_or_insert(record);
+        } else if matches {
+            return Some(Admission::Found(record));
+        } else if oldest.is_none_or(|(_, at)| seen < at) {
+            oldest = Some((record, seen));
+        }
+    }
+    match (free, oldest) {
+        (Some(record), _) => Some(Admission::Free(record)),
+        (None, Some((record, _))) => Some(Admission::Displace(record)),
+        (None, None) => None,
+    }
+}
+
+/// `BPF_NOEXIST`: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
+/// `EEXIST`, as helpers return it (negated).
+const EEXIST: i32 = 17;
+
+/// A flow placed on `slot` now, with the slot's generation.
+#[inline(always)]
+fn placed(slot: u16, now: u64) -> Flow {
+    Flow {
+        slot,
+        reserved: 0,
+        generation: generation_of(slot).unwrap_or(0),
+        last_seen: now,
+    }
+}
+
+/// Whether userspace recorded `slot` as holding no socket (free, or its socket closed).
+#[inline(always)]
+fn is_vacant(slot: u16) -> bool {
+    SLOTS.get(u32::from(slot)).is_none_or(|meta| {
+        meta.state == SlotState::Free as u32 || meta.state == SlotState::Dead as u32
+    })
+}
+
+/// The generation userspace recorded for `slot`.
+#[inline(always)]
+fn generation_of(slot: u16) -> Option<u32> {
+    SLOTS.get(u32::from(slot)).map(|meta| meta.generation)
+}
+
+/// Whether two keys name the same flow, compared as three 64-bit words (the eBPF target
+/// has no `memcmp`).
+#[inline(always)]
+fn same_flow(a: &FlowKey, b: &FlowKey) -> bool {
+    // SAFETY: `FlowKey` is 24 bytes of plain integers, so it is three `u64`s' worth.
+    let (a, b) = unsafe {
+        (
+            core::mem::transmute::<FlowKey, [u64; 3]>(*a),
+            core::mem::transmute::<FlowKey, [u64; 3]>(*b),
+        )
+    };
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2]
+}
+
+/// The flow of a datagram from `source` (of IP `family`), whose source port is the first
+/// two bytes of its UDP header (where the packet data starts).
+#[inline(always)]
+fn flow_key(ctx: &SkReuseportContext, family: u16, source: [u8; 16], hash: u32) -> FlowKey {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let port = if data + 2 <= end {
+        // SAFETY: the two bytes are inside the packet, as checked against `data_end`.
+        unsafe { core::ptr::read_unaligned(data as *const u16) }
+    } else {
+        0
+    };
+    FlowKey {
+        source,
+        port,
+        family,
+        hash,
+    }
 }
 
 /// The slot the table picks for `hash`, and how: its entry's owner, else the entry's heir,
@@ -170,6 +366,22 @@ fn choose(ctx: &SkReuseportContext, table: *const Table, hash: u32) -> Option<(u
         let other = read(table, index.wrapping_add(step * PROBE_STRIDE));
         if other.owner != entry.owner && other.owner != entry.heir && select(ctx, other.owner) {
             return Some((other.owner, Choice::Probe));
+        }
+    }
+    any_live(ctx).map(|slot| (slot, Choice::Probe))
+}
+
+/// The first slot recorded live whose socket takes the packet: the last resort before the
+/// kernel's own hash, which could pick a socket that is not portshard's (any process of
+/// the same user can join the group).
+#[inline(always)]
+fn any_live(ctx: &SkReuseportContext) -> Option<u16> {
+    for slot in 0..MAX_SLOTS {
+        let live = SLOTS
+            .get(slot)
+            .is_some_and(|meta| meta.state == SlotState::Live as u32);
+        if live && SOCKETS.select_reuseport(ctx, slot).is_ok() {
+            return Some(slot as u16);
         }
     }
     None
@@ -194,28 +406,34 @@ fn probed_slot(ctx: &SkReuseportContext) -> Option<u16> {
     u16::try_from(route.slot).ok()
 }
 
-/// Whether the packet comes from `route`'s source address, read from its IP header (the
-/// packet data starts after it).
+/// The packet's IP family (4 or 6) and source address, read from its IP header (the
+/// packet data starts after it); an IPv4 address fills the first 4 bytes.
 #[inline(always)]
-fn from_probe_source(ctx: &SkReuseportContext, route: &ProbeRoute) -> bool {
+fn source_address(ctx: &SkReuseportContext) -> Option<(u16, [u8; 16])> {
     const ETH_P_IP: u16 = 0x0800;
     const ETH_P_IPV6: u16 = 0x86dd;
     let mut source = [0u8; 16];
     let skb = ctx.md as *const c_void;
     let to = source.as_mut_ptr().cast::<c_void>();
+    let protocol = ctx.eth_protocol();
     // The helper's length must be a constant: one call per family. The source address is
     // at byte 12 of an IPv4 header, at byte 8 of an IPv6 one.
     // SAFETY: the helper writes at most `len` bytes into `source`, which holds 16.
-    let loaded = if route.family == PROBE_FROM_V4 {
-        ctx.eth_protocol() == u32::from(ETH_P_IP.to_be())
-            && unsafe { bpf_skb_load_bytes_relative(skb, 12, to, 4, BPF_HDR_START_NET) } == 0
-    } else if route.family == PROBE_FROM_V6 {
-        ctx.eth_protocol() == u32::from(ETH_P_IPV6.to_be())
-            && unsafe { bpf_skb_load_bytes_relative(skb, 8, to, 16, BPF_HDR_START_NET) } == 0
+    let loaded = if protocol == u32::from(ETH_P_IP.to_be()) {
+        unsafe { bpf_skb_load_bytes_relative(skb, 12, to, 4, BPF_HDR_START_NET) == 0 }.then_some(4)
+    } else if protocol == u32::from(ETH_P_IPV6.to_be()) {
+        unsafe { bpf_skb_load_bytes_relative(skb, 8, to, 16, BPF_HDR_START_NET) == 0 }.then_some(6)
     } else {
-        false
+        None
     };
-    loaded && source == route.source
+    loaded.map(|family| (family, source))
+}
+
+/// Whether the packet comes from `route`'s source address.
+#[inline(always)]
+fn from_probe_source(ctx: &SkReuseportContext, route: &ProbeRoute) -> bool {
+    source_address(ctx)
+        .is_some_and(|(family, source)| u32::from(family) == route.family && source == route.source)
 }
 
 /// Reads entry `index & TABLE_MASK` as the one 32-bit word userspace stores it as, so owner

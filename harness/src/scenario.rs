@@ -479,7 +479,12 @@ pub fn steer_with_flows(
 ) -> Result<Group> {
     let mut group = Group::create(pins, service, flow_capacity)?;
     if flow_capacity > 0 {
-        group.dataplane().set_flags(portshard_common::TABLE_FLOWS);
+        group
+            .dataplane()
+            .set_switches(portshard::supervisor::Switches {
+                flags: portshard_common::TABLE_FLOWS,
+                flow_idle_s: 120,
+            });
     }
     for (slot, listener) in listeners.iter().enumerate() {
         if let Some(listener) = listener {

@@ -141,8 +141,16 @@ pub fn status(root: &Path, json: bool) -> Result<()> {
         if let Some(flows) = &service.flow_table {
             writeln!(
                 out,
-                "  flow table: {} of {} flows; {} datagrams of known flows, {} new flows, {} whose slot was gone, {} evicted",
-                flows.flows, flows.capacity, flows.hits, flows.new, flows.owner_gone, flows.evictions
+                "  flow table: {} of {} flows; {} datagrams of known flows, {} flows admitted, {} swept idle, {} not kept (full), {} whose slot was gone; admission: {} first datagrams, {} displaced",
+                flows.flows,
+                flows.capacity,
+                flows.hits,
+                flows.new,
+                flows.swept,
+                flows.events.unkept,
+                flows.owner_gone,
+                flows.events.pending,
+                flows.events.displaced
             )
             .context(STDOUT)?;
         }

@@ -5,10 +5,10 @@ use std::{net::SocketAddr, ops::Range, time::Duration};
 use toml::Spanned;
 
 use super::{
-    DEFAULT_DRAIN_IDLE, DEFAULT_DRAIN_TIMEOUT, DEFAULT_FLOW_TABLE, DEFAULT_PROBE_FAILURES,
-    DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT, DEFAULT_READY_DELAY, DEFAULT_STOP_TIMEOUT,
-    MAX_FLOW_TABLE, MAX_WORKERS, Mode, Probe, ProbeKind, Problem, RestartPolicy, RunAs, Service,
-    raw::RawService,
+    DEFAULT_DRAIN_IDLE, DEFAULT_DRAIN_TIMEOUT, DEFAULT_FLOW_IDLE, DEFAULT_FLOW_TABLE,
+    DEFAULT_PROBE_FAILURES, DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT, DEFAULT_READY_DELAY,
+    DEFAULT_STOP_TIMEOUT, MAX_FLOW_TABLE, MAX_WORKERS, Mode, Probe, ProbeKind, Problem,
+    RestartPolicy, RunAs, Service, raw::RawService,
 };
 use crate::{
     service::{Proto, is_valid_name},
@@ -258,6 +258,7 @@ pub(super) fn check_service(
             DEFAULT_DRAIN_TIMEOUT,
         ),
         flow_table,
+        flow_idle: checker.duration(raw.flow_idle, &what("flow_idle"), DEFAULT_FLOW_IDLE),
         restart,
         stop_timeout: checker.duration(
             raw.stop_timeout,

@@ -32,6 +32,7 @@ pub(super) struct RawService {
     pub(super) drain_idle: Option<Spanned<String>>,
     pub(super) drain_timeout: Option<Spanned<String>>,
     pub(super) flow_table: Option<Spanned<i64>>,
+    pub(super) flow_idle: Option<Spanned<String>>,
     pub(super) restart_delay: Option<Spanned<String>>,
     pub(super) restart_delay_max: Option<Spanned<String>>,
     pub(super) restart_limit: Option<Spanned<i64>>,
@@ -49,7 +50,7 @@ pub(super) struct RawService {
 }
 
 /// Every key a service may have.
-const FIELDS: [&str; 23] = [
+const FIELDS: [&str; 24] = [
     "name",
     "proto",
     "listen",
@@ -61,6 +62,7 @@ const FIELDS: [&str; 23] = [
     "drain_idle",
     "drain_timeout",
     "flow_table",
+    "flow_idle",
     "restart_delay",
     "restart_delay_max",
     "restart_limit",
@@ -141,6 +143,7 @@ impl RawService {
             "drain_idle" => self.drain_idle = typed.string(),
             "drain_timeout" => self.drain_timeout = typed.string(),
             "flow_table" => self.flow_table = typed.integer(),
+            "flow_idle" => self.flow_idle = typed.string(),
             "restart_delay" => self.restart_delay = typed.string(),
             "restart_delay_max" => self.restart_delay_max = typed.string(),
             "restart_limit" => self.restart_limit = typed.integer(),

@@ -97,6 +97,16 @@ pub enum Timer {
     },
 }
 
+/// The words the program reads beside the table: what it does for a service, changed by
+/// one store each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Switches {
+    /// [`portshard_common::TABLE_FLOWS`] and [`portshard_common::TABLE_PROBES`].
+    pub flags: u32,
+    /// Seconds after which an idle UDP flow is forgotten (`flow_idle`).
+    pub flow_idle_s: u32,
+}
+
 /// A change of a service's group (sockets, table, records) for the daemon to make.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TableOp {
@@ -129,8 +139,8 @@ pub enum TableOp {
         /// The new generation's weight.
         weight: u32,
     },
-    /// The table's flags (flow table, probe ports) for the service's settings.
-    SetFlags(u32),
+    /// The switches the program reads beside the table, for the service's settings.
+    SetSwitches(Switches),
     /// A slot's probe state, for `status`.
     SetHealth {
         /// The slot.

@@ -456,7 +456,7 @@ impl<L: Clone> Supervisor<L> {
                 );
             }
         }
-        self.table(service, TableOp::SetFlags(Self::table_flags(&spec)));
+        self.table(service, TableOp::SetSwitches(Self::table_switches(&spec)));
         let running = &mut self.services[service];
         running.spec = spec;
         running.launch = launch;

@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::maps::MapData;
-use portshard_common::{FLAGS_WORD, Table, TableEntry};
+use portshard_common::{FLAGS_WORD, FLOW_IDLE_WORD, Table, TableEntry};
 
 use super::{DataplaneError, Result};
 
@@ -52,9 +52,9 @@ impl MappedTable {
         })
     }
 
-    /// Entry `index`, or the flags word at [`FLAGS_WORD`].
+    /// Entry `index`, or the flags word at [`FLAGS_WORD`], or the idle word after it.
     fn word(&self, index: usize) -> &AtomicU32 {
-        assert!(index <= FLAGS_WORD, "table word {index} out of range");
+        assert!(index <= FLOW_IDLE_WORD, "table word {index} out of range");
         // SAFETY: in bounds of the mapping, 4-byte aligned (page-aligned base).
         unsafe { self.words.add(index).as_ref() }
     }
@@ -67,6 +67,16 @@ impl MappedTable {
     /// The flags word.
     pub(super) fn flags(&self) -> u32 {
         self.word(FLAGS_WORD).load(Ordering::Relaxed)
+    }
+
+    /// Sets the flow idle time, in seconds, the program reads with the flags.
+    pub(super) fn set_flow_idle(&self, seconds: u32) {
+        self.word(FLOW_IDLE_WORD).store(seconds, Ordering::Relaxed);
+    }
+
+    /// The flow idle time, in seconds.
+    pub(super) fn flow_idle(&self) -> u32 {
+        self.word(FLOW_IDLE_WORD).load(Ordering::Relaxed)
     }
 
     pub(super) fn store(&self, index: usize, entry: TableEntry) {

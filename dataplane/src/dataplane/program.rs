@@ -10,6 +10,7 @@ use std::{
 
 use aya::{Ebpf, EbpfLoader, programs::SkReuseport};
 use portshard_common::{PIN_LAYOUT, names};
+use portshard_core::layout::Step;
 
 use super::{
     Dataplane, DataplaneError, Result, check_service_name, layout,
@@ -143,7 +144,11 @@ impl Dataplane {
         let steps = layout::check(&dir)?;
         let migrated_from = (!steps.is_empty()).then(|| PIN_LAYOUT - steps.len() as u32);
         layout::migrate(&dir, &steps)?;
-        let dataplane = Self::open_dir(dir)?;
+        let mut dataplane = Self::open_dir(dir)?;
+        if steps.contains(&Step::KeyFlowsBySource) {
+            // The new flow table starts empty; `flows_new` counted the old one's flows.
+            dataplane.set_flows_held(0)?;
+        }
         let pinned_tag = dataplane.program_tag()?;
         let loaded = LoadedProgram::load(&dataplane.dir, dataplane.flow_capacity)?;
         let replacement = (loaded.tag() != pinned_tag).then_some(loaded);
@@ -186,7 +191,9 @@ impl Dataplane {
             program.pin()?;
         }
         self.program = open_program(&path)?;
-        Ok(())
+        // Pins migrated from layout 2 leave the old flow table, which only the old program
+        // used.
+        remove_if_present(&self.dir.join(names::LEGACY_FLOWS))
     }
 
     /// The pinned program's tag: the kernel's hash of its instructions, which differs

@@ -41,7 +41,7 @@ pub(super) fn open(
     group.clear_probes()?;
     group
         .dataplane()
-        .set_flags(Supervisor::<()>::table_flags(spec));
+        .set_switches(Supervisor::<()>::table_switches(spec));
     Ok((group, adoption, alive))
 }
 

@@ -1,6 +1,12 @@
 //! Adoption after a daemon restart, and SIGHUP diffs.
 use super::*;
 
+/// The switches of a UDP service in balance mode with the default `flow_idle`.
+const UDP_BALANCE: Switches = Switches {
+    flags: 0,
+    flow_idle_s: 120,
+};
+
 #[test]
 fn adoption_keeps_live_workers_restarts_dead_ones_and_rolls_back_a_half_done_reload() {
     let record = |slot, state, generation, alive| AdoptedSlot {
@@ -97,7 +103,7 @@ fn hangup_adds_services_resizes_and_reloads_on_a_new_command() {
         vec![
             TableOp::SetWeight { slot: 0, weight: 2 },
             TableOp::SetWeight { slot: 1, weight: 2 },
-            TableOp::SetFlags(0),
+            TableOp::SetSwitches(UDP_BALANCE),
         ]
     );
     assert_eq!(spawns(&actions), vec![(2, false, 1)]);
@@ -106,7 +112,7 @@ fn hangup_adds_services_resizes_and_reloads_on_a_new_command() {
     let actions = h.feed(hangup(vec![service("workers = 2\nweight = 2")]));
     assert_eq!(
         table_ops(&actions),
-        vec![TableOp::SetFlags(0), TableOp::Drain(2)]
+        vec![TableOp::SetSwitches(UDP_BALANCE), TableOp::Drain(2)]
     );
     assert_eq!(h.sup.retiring(), vec![(0, 2, h.pid(2))]);
     // The same config again changes nothing.

@@ -168,8 +168,8 @@ impl Shell {
             TableOp::Switch { old, new, weight } => {
                 group.switch(old, new, *weight).map(|d| d.moved)
             }
-            TableOp::SetFlags(flags) => {
-                group.dataplane().set_flags(*flags);
+            TableOp::SetSwitches(switches) => {
+                group.dataplane().set_switches(*switches);
                 Ok(0)
             }
             TableOp::SetHealth { slot, health } => group.set_health(*slot, *health).map(|()| 0),
