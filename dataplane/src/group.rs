@@ -9,7 +9,9 @@ use std::{
     path::Path,
 };
 
-use portshard_common::{MAX_SLOTS, ProbeHealth, ServiceMeta, SlotMeta, SlotState};
+use portshard_common::{
+    MAX_SLOTS, NO_SLOT, ProbeHealth, ServiceMeta, SlotMeta, SlotState, TableEntry,
+};
 
 use crate::{
     dataplane::{Dataplane, DataplaneError, LoadedProgram},
@@ -213,13 +215,6 @@ impl Group {
     /// already sends their flows if the slot's socket is closed, so nothing moves twice.
     /// A slot that is no longer in the table (drained) is only emptied and recorded dead.
     pub fn remove(&mut self, slot: Slot) -> Result<Delta, GroupError> {
-        let mut next = self.table.clone();
-        let delta = if self.table.members().contains_key(&slot) {
-            next.remove(slot)
-                .map_err(|source| self.table_error(source))?
-        } else {
-            Delta::default()
-        };
         let former = self.own_entries(slot);
         // Empty the slot before the table forgets it: the program then already sends the
         // slot's flows to their heirs, exactly where the new table puts them, so a failure
@@ -228,7 +223,16 @@ impl Group {
         self.dataplane.clear(slot)?;
         meta.state = SlotState::Dead as u32;
         self.dataplane.set_meta(slot, meta)?;
-        let delta = self.commit(next, delta)?;
+        let delta = if self.table.members().contains_key(&slot) {
+            self.hand_to_heirs(slot)?;
+            let mut next = self.table.clone();
+            let delta = next
+                .remove(slot)
+                .map_err(|source| self.table_error(source))?;
+            self.commit(next, delta)?
+        } else {
+            Delta::default()
+        };
         if !former.is_empty() {
             self.vacated.insert(slot, former);
         }
@@ -438,6 +442,25 @@ impl Group {
     }
 
     /// Writes the entries `delta` changed and makes `next` the current table.
+    /// Writes each entry `slot` owns over to its heir at once, one store per entry: the
+    /// heal a death needs, before the whole table's new heirs are computed, which takes
+    /// milliseconds. It changes no flow's destination (with the slot's socket closed, the
+    /// program already sends them to the heirs); the commit that follows gives these
+    /// entries their own heirs.
+    fn hand_to_heirs(&self, slot: Slot) -> Result<(), GroupError> {
+        let owned = self.table.owned_by(slot);
+        let mut entries = self.table.entries().to_vec();
+        for &index in &owned {
+            let entry = &mut entries[index as usize];
+            *entry = TableEntry {
+                owner: entry.heir,
+                heir: NO_SLOT,
+            };
+        }
+        self.dataplane.write_entries(&entries, &owned)?;
+        Ok(())
+    }
+
     fn commit(&mut self, next: Table, delta: Delta) -> Result<Delta, GroupError> {
         self.dataplane
             .write_entries(next.entries(), &delta.changed)?;

@@ -759,6 +759,32 @@ pub fn signal(pid: u32, signal: i32) -> Result<()> {
     Ok(())
 }
 
+/// `SIGKILL`s process `pid` and waits, at most `timeout`, for its pidfd (opened before the
+/// kill) to fire; returns when it fired, the moment a supervisor watching the same pidfd
+/// learns of the exit.
+pub fn kill_and_wait(pid: u32, timeout: Duration) -> Result<Instant> {
+    let fd = pidfd(pid).map_err(|e| context(e, format!("opening a pidfd of pid {pid}")))?;
+    signal(pid, libc::SIGKILL)?;
+    let mut poll = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd.
+    match unsafe { libc::poll(&mut poll, 1, millis) } {
+        1 => Ok(Instant::now()),
+        0 => Err(MeasureError::Traffic(format!(
+            "pid {pid} did not exit within {timeout:?} of SIGKILL"
+        ))),
+        _ => Err(context(
+            io::Error::last_os_error(),
+            format!("waiting for pid {pid} to exit"),
+        )
+        .into()),
+    }
+}
+
 /// Waits until process `pid` has exited (its pidfd is readable), at most `timeout`; how
 /// long that took. A pid already gone has exited.
 pub fn wait_exit(pid: u32, timeout: Duration) -> Result<Duration> {

@@ -10,12 +10,14 @@
 //! its shell ([`shell`]): one task turns pidfds, timers, signals and requests into events
 //! and carries out the actions, in the order events arrive; the other tasks only watch
 //! and forward.
+mod accept;
 mod control_socket;
 mod metrics_http;
 mod notify;
 mod pins;
 mod probes;
 mod shell;
+mod sweeper;
 mod upgrade;
 
 pub use upgrade::go_back;
@@ -291,6 +293,10 @@ async fn serve_resolved(
         }
         return Err(error);
     }
+    sweeper::start(options.bpffs.clone()).map_err(io_error(
+        "starting the flow sweeper thread",
+        "portshard-sweep",
+    ))?;
     tokio::spawn(control_socket::control_server(control, events.clone()));
     if let Some(listener) = metrics {
         tokio::spawn(metrics_http::serve(listener, events.clone()));

@@ -15,8 +15,12 @@ use crate::control::{self, Reply, Request};
 /// Accepts control connections: root only, one request per line.
 pub(super) async fn control_server(listener: UnixListener, events: mpsc::UnboundedSender<Input>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                super::accept::back_off("control socket", &error).await;
+                continue;
+            }
         };
         let events = events.clone();
         tokio::spawn(async move {

@@ -31,8 +31,12 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 pub(super) async fn serve(listener: TcpListener, events: mpsc::UnboundedSender<Input>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                super::accept::back_off("metrics endpoint", &error).await;
+                continue;
+            }
         };
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             debug!(%peer, "metrics: {MAX_CONNECTIONS} connections already open; closing this one");
