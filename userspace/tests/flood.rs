@@ -381,3 +381,38 @@ fn a_slot_reused_by_a_staged_generation_gets_none_of_the_old_flows() {
     assert_eq!(to_staged, 0);
     assert_eq!(to_second, LIVE);
 }
+
+#[test]
+fn idle_flows_are_swept_and_come_back_as_new_flows() {
+    const FLOWS: usize = 256;
+    let sandbox = sandbox();
+    let config = config(2, "sticky = true\nflow_idle = \"2s\"");
+    let mut daemon = DaemonRun::start(Path::new(EXE), &config, sandbox.pins()).unwrap();
+    daemon.wait_ready(&[("dns", 2)], READY).unwrap();
+    let mut flows = UdpFlows::new(SocketAddr::V4(target()), FLOWS).unwrap();
+    let base = flows.settle(READY).unwrap();
+    assert_eq!(round(&mut flows, &base), (FLOWS, 0, 0));
+    assert_eq!(flow_table(&daemon).flows, FLOWS as u64);
+
+    // Quiet for longer than `flow_idle`: the sweeper removes every flow.
+    let quiet = Instant::now();
+    let swept = loop {
+        let table = flow_table(&daemon);
+        if table.flows == 0 {
+            break table;
+        }
+        assert!(quiet.elapsed() < Duration::from_secs(60), "never swept: {table:?}");
+        thread::sleep(Duration::from_millis(50));
+    };
+    let took = quiet.elapsed();
+    assert_eq!((swept.swept, swept.new), (FLOWS as u64, FLOWS as u64));
+    assert!(took >= Duration::from_secs(2), "swept after {took:?}, before flow_idle");
+
+    // Back: each flow is new again, admitted on its second datagram, to the same worker
+    // (nothing else changed in the table).
+    assert_eq!(round(&mut flows, &base), (FLOWS, 0, 0));
+    assert_eq!(round(&mut flows, &base), (FLOWS, 0, 0));
+    let back = flow_table(&daemon);
+    eprintln!("idle: {FLOWS} flows swept {took:?} after they went quiet (flow_idle 2s); then {back:?}");
+    assert_eq!((back.flows, back.new), (FLOWS as u64, 2 * FLOWS as u64));
+}

@@ -7,7 +7,7 @@ use std::{
 };
 
 use portshard_common::{MAX_SLOTS, PIN_LAYOUT, SlotMeta, SlotState, names};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::DaemonError;
 use crate::{
@@ -156,8 +156,9 @@ fn adopt(root: &Path, spec: &Service) -> Result<(Group, Adoption, Vec<Alive>), D
             alive.push((slot, meta.pid, pidfd));
         }
     }
-    if let Some(program) = adopted.replacement {
-        put_in_place(&mut group, program, adopted.pinned_tag, &metas, &alive)?;
+    match adopted.replacement {
+        Some(program) => put_in_place(&mut group, program, adopted.pinned_tag, &metas, &alive)?,
+        None => reattach(&group, &metas, &alive)?,
     }
     let adoption = Adoption {
         generation,
@@ -179,6 +180,40 @@ fn put_in_place(
     alive: &[Alive],
 ) -> Result<(), DaemonError> {
     let service = group.dataplane().name();
+    let socket = member_socket(&service, metas, alive)?;
+    let new_tag = program.tag();
+    group.replace_program(program, socket.as_ref().map(|(_, socket)| socket.as_fd()))?;
+    info!(
+        service = %service,
+        from = %format_tag(pinned_tag),
+        to = %format_tag(new_tag),
+        through = ?socket.as_ref().map(|(pid, _)| pid),
+        "the pinned program differs from this build's: attached this build's program to the group and pinned it; the maps, and so every flow, stay"
+    );
+    Ok(())
+}
+
+/// Attaches the pinned program to the group again, through a running worker's socket: the
+/// group then runs the program its pins name, whatever any other process attached to it
+/// meanwhile (attaching replaces a group's program atomically; the kernel cannot be asked
+/// which one a group runs).
+fn reattach(group: &Group, metas: &[SlotMeta], alive: &[Alive]) -> Result<(), DaemonError> {
+    let service = group.dataplane().name();
+    if let Some((pid, socket)) = member_socket(&service, metas, alive)? {
+        group.dataplane().attach(socket.as_fd())?;
+        debug!(service = %service, through = pid, "attached the pinned program to the group again");
+    }
+    Ok(())
+}
+
+/// The listening socket of one of the running workers `alive`, and its pid (the slot's
+/// recorded cookie tells it among the worker's sockets); `None` when none runs. An error
+/// when workers run but none of their sockets can be reached.
+fn member_socket(
+    service: &str,
+    metas: &[SlotMeta],
+    alive: &[Alive],
+) -> Result<Option<(u32, OwnedFd)>, DaemonError> {
     let socket = alive.iter().find_map(|(slot, pid, pidfd)| {
         let cookie = metas[usize::from(*slot)].cookie;
         match process::socket_of(pidfd.as_fd(), *pid, cookie) {
@@ -191,20 +226,11 @@ fn put_in_place(
     });
     if socket.is_none() && !alive.is_empty() {
         return Err(DaemonError::Unreachable {
-            service,
+            service: service.to_owned(),
             pids: alive.iter().map(|(_, pid, _)| *pid).collect(),
         });
     }
-    let new_tag = program.tag();
-    group.replace_program(program, socket.as_ref().map(|(_, socket)| socket.as_fd()))?;
-    info!(
-        service = %service,
-        from = %format_tag(pinned_tag),
-        to = %format_tag(new_tag),
-        through = ?socket.as_ref().map(|(pid, _)| pid),
-        "the pinned program differs from this build's: attached this build's program to the group and pinned it; the maps, and so every flow, stay"
-    );
-    Ok(())
+    Ok(socket)
 }
 
 /// A pidfd on the process `meta` records, if that very process (same start time) runs.
