@@ -401,18 +401,26 @@ fn idle_flows_are_swept_and_come_back_as_new_flows() {
         if table.flows == 0 {
             break table;
         }
-        assert!(quiet.elapsed() < Duration::from_secs(60), "never swept: {table:?}");
+        assert!(
+            quiet.elapsed() < Duration::from_secs(60),
+            "never swept: {table:?}"
+        );
         thread::sleep(Duration::from_millis(50));
     };
     let took = quiet.elapsed();
     assert_eq!((swept.swept, swept.new), (FLOWS as u64, FLOWS as u64));
-    assert!(took >= Duration::from_secs(2), "swept after {took:?}, before flow_idle");
+    assert!(
+        took >= Duration::from_secs(2),
+        "swept after {took:?}, before flow_idle"
+    );
 
     // Back: each flow is new again, admitted on its second datagram, to the same worker
     // (nothing else changed in the table).
     assert_eq!(round(&mut flows, &base), (FLOWS, 0, 0));
     assert_eq!(round(&mut flows, &base), (FLOWS, 0, 0));
     let back = flow_table(&daemon);
-    eprintln!("idle: {FLOWS} flows swept {took:?} after they went quiet (flow_idle 2s); then {back:?}");
+    eprintln!(
+        "idle: {FLOWS} flows swept {took:?} after they went quiet (flow_idle 2s); then {back:?}"
+    );
     assert_eq!((back.flows, back.new), (FLOWS as u64, 2 * FLOWS as u64));
 }

@@ -1,10 +1,14 @@
 //! What one run of the program costs, from the kernel's own BPF run-time statistics
 //! (`BPF_ENABLE_STATS`, held only while measuring): portshard's select path (owner live),
-//! its heir path (owner closed), and, in the same rounds, two reference programs built by
-//! the project's toolchain (`ebpf/src/reference.rs`): one that only returns `SK_PASS` and
-//! one that does one array lookup and one `select_reuseport`.
+//! its heir path (owner closed), its flow table's paths (a known flow's datagram; a new
+//! flow's first datagram under a flood, when it displaces an admission record; a second
+//! datagram admitting its flow; the same when the table is full and it is not kept), and,
+//! in the same rounds, two reference programs built by the project's toolchain
+//! (`ebpf/src/reference.rs`): one that only returns `SK_PASS` and one that does one array
+//! lookup and one `select_reuseport`.
 use std::{
-    net::{SocketAddr, UdpSocket},
+    cell::Cell,
+    net::{SocketAddr, SocketAddrV4, UdpSocket},
     os::fd::AsFd as _,
     path::{Path, PathBuf},
     time::Instant,
@@ -17,7 +21,7 @@ use aya::{
     sys::{Stats, enable_stats},
 };
 use portshard::{dataplane::Dataplane, group::Group, socket::Proto};
-use portshard_common::{names, reference};
+use portshard_common::{ADMIT_SIZE, names, reference};
 
 use super::{
     BenchError, Budget, ROUND_LIMIT, Result,
@@ -26,6 +30,7 @@ use super::{
 };
 use crate::{
     context,
+    flood::Flood,
     flows::{self, FIRST_SOURCE_PORT, Flows, Listener},
     scenario::MeasureError,
 };
@@ -44,6 +49,18 @@ const LOOKUP_PORT: u16 = 5311;
 const SELECT_PORT: u16 = 5312;
 const HEIR_PORT: u16 = 5313;
 const FLOW_PORT: u16 = 5314;
+const FLOW_NEW_PORT: u16 = 5315;
+const FLOW_ADMIT_PORT: u16 = 5316;
+const FLOW_FULL_PORT: u16 = 5317;
+
+/// Flows whose second datagrams are measured together, their first ones sent just before
+/// (unmeasured): few enough that no admission record is displaced meanwhile.
+const ADMIT_CHUNK: u32 = 1024;
+/// The flow table of the full-table subject: filled before measuring.
+const FULL_TABLE: u32 = 1024;
+/// Where each flood subject's flows start among the flood's sources: far enough apart
+/// that no two subjects share a flow.
+const FLOOD_RANGES: [u32; 3] = [0, 4 << 20, 8 << 20];
 
 /// Where a program's statistics are read from.
 enum Stat<'a> {
@@ -70,44 +87,84 @@ impl Stat<'_> {
     }
 }
 
-/// One measured program: its group's listeners, the flows that run it, its statistics.
+/// What runs a subject's program.
+enum Load {
+    /// Datagrams round-robin over these connected sockets.
+    Sockets(Vec<UdpSocket>),
+    /// One datagram from each new flow of the flood, the next flow numbered `next`.
+    NewFlows { flood: Flood, next: Cell<u32> },
+    /// Second datagrams of new flows, [`ADMIT_CHUNK`] flows at a time: their first
+    /// datagrams just before, unmeasured.
+    SecondDatagrams { flood: Flood, next: Cell<u32> },
+}
+
+/// One measured program: its group's listeners, the load that runs it, its statistics.
 struct Subject<'a> {
     name: &'static str,
     listeners: Vec<Option<Listener>>,
-    senders: Vec<UdpSocket>,
+    load: Load,
     stat: Stat<'a>,
 }
 
 impl Subject<'_> {
     /// Runs the program `runs` times (one datagram each) and returns its mean ns per run.
     fn measure(&self, runs: usize) -> Result<f64> {
-        let (time_before, count_before) = self.stat.read(self.name)?;
         let start = Instant::now();
-        let mut sent = 0;
-        while sent < runs && start.elapsed() < ROUND_LIMIT {
-            let flow = sent % self.senders.len();
-            self.senders[flow].send(b"run").map_err(|e| {
-                context(
-                    e,
-                    format!("sending datagram {sent} on flow {flow} of {}", self.name),
-                )
-            })?;
-            sent += 1;
-            if sent % 1024 == 0 {
-                drain(&self.listeners)?;
+        let (mut time, mut count) = (0, 0);
+        while (count as usize) < runs && start.elapsed() < ROUND_LIMIT {
+            let chunk = (runs - count as usize).min(ADMIT_CHUNK as usize) as u32;
+            let flows = self.prepare(chunk)?;
+            let (before, before_count) = self.stat.read(self.name)?;
+            self.send(flows)?;
+            let (after, after_count) = self.stat.read(self.name)?;
+            drain(&self.listeners)?;
+            if after_count == before_count {
+                return Err(MeasureError::Traffic(format!(
+                    "{}: {chunk} datagrams ran the program 0 times (statistics off?)",
+                    self.name
+                ))
+                .into());
+            }
+            time += after.saturating_sub(before);
+            count += after_count - before_count;
+        }
+        Ok(time as f64 / count as f64)
+    }
+
+    /// The flows of the next `chunk` measured datagrams; for second datagrams, their
+    /// first ones are sent here, before the measurement.
+    fn prepare(&self, chunk: u32) -> Result<std::ops::Range<u32>> {
+        let (flood, next) = match &self.load {
+            Load::Sockets(_) => return Ok(0..chunk),
+            Load::NewFlows { flood, next } | Load::SecondDatagrams { flood, next } => (flood, next),
+        };
+        let first = next.replace(next.get() + chunk);
+        if let Load::SecondDatagrams { .. } = self.load {
+            flood
+                .send(first..first + chunk, 1)
+                .map_err(|e| context(e, format!("first datagrams of {}", self.name)))?;
+        }
+        Ok(first..first + chunk)
+    }
+
+    /// Sends one datagram from each of `flows`.
+    fn send(&self, flows: std::ops::Range<u32>) -> Result<()> {
+        match &self.load {
+            Load::Sockets(senders) => {
+                for n in flows {
+                    let flow = n as usize % senders.len();
+                    senders[flow].send(b"run").map_err(|e| {
+                        context(e, format!("sending on flow {flow} of {}", self.name))
+                    })?;
+                }
+            }
+            Load::NewFlows { flood, .. } | Load::SecondDatagrams { flood, .. } => {
+                flood
+                    .send(flows, 1)
+                    .map_err(|e| context(e, format!("flooding {}", self.name)))?;
             }
         }
-        drain(&self.listeners)?;
-        let (time_after, count_after) = self.stat.read(self.name)?;
-        let runs = count_after.saturating_sub(count_before);
-        if runs == 0 {
-            return Err(MeasureError::Traffic(format!(
-                "{}: {sent} datagrams ran the program 0 times (statistics off?)",
-                self.name
-            ))
-            .into());
-        }
-        Ok(time_after.saturating_sub(time_before) as f64 / runs as f64)
+        Ok(())
     }
 }
 
@@ -214,7 +271,8 @@ fn orphan_sources(listeners: &mut [Option<Listener>], port: u16) -> Result<Vec<S
     Ok(sources)
 }
 
-/// `prog_ns_{ref_pass,ref_select,select,heir,flow_table}` (mean ns per run, median of rounds) and
+/// `prog_ns_{ref_pass,ref_select,select,heir,flow_table,flow_new,flow_admit,flow_full}` (mean
+/// ns per run, median of rounds) and
 /// `prog_ratio` (portshard's select path over the one-lookup reference, round by round).
 pub fn figures(pins: &Path, reference: &Path, budget: &Budget) -> Result<Vec<Figure>> {
     let mut ebpf = load_reference(reference)?;
@@ -238,41 +296,104 @@ pub fn figures(pins: &Path, reference: &Path, budget: &Budget) -> Result<Vec<Fig
         portshard_group(pins, "prog-select", SELECT_PORT, 0)?;
     let (mut heir_listeners, heir_group, heir_program) =
         portshard_group(pins, "prog-heir", HEIR_PORT, 0)?;
-    // Known flows: after each flow's first datagram, every run takes the flow-table path.
+    // Known flows: after each flow's second datagram (which admits it), every run takes
+    // the flow-table path.
     let (flow_listeners, flow_group, flow_program) =
         portshard_group(pins, "prog-flow", FLOW_PORT, overhead::FLOW_TABLE)?;
     let orphans = orphan_sources(&mut heir_listeners, HEIR_PORT)?;
+    // The flow table's other paths, driven by floods of new flows.
+    let (new_listeners, new_group, new_program) =
+        portshard_group(pins, "prog-flow-new", FLOW_NEW_PORT, overhead::FLOW_TABLE)?;
+    let (admit_listeners, admit_group, admit_program) =
+        portshard_group(pins, "prog-flow-admit", FLOW_ADMIT_PORT, 1 << 21)?;
+    let (full_listeners, full_group, full_program) =
+        portshard_group(pins, "prog-flow-full", FLOW_FULL_PORT, FULL_TABLE)?;
+    let flood = |port: u16| {
+        Flood::new(SocketAddrV4::new([127, 0, 0, 1].into(), port))
+            .map_err(|e| context(e, format!("opening a raw socket to flood port {port}")))
+    };
+    // Every admission record taken by a recent flow: each new flow then displaces one, as
+    // under a flood. And a full flow table: every admission is refused.
+    let new_flood = flood(FLOW_NEW_PORT)?;
+    new_flood
+        .send(FLOOD_RANGES[0]..FLOOD_RANGES[0] + ADMIT_SIZE * 2, 1)
+        .map_err(|e| context(e, "filling the admission array".into()))?;
+    let full_flood = flood(FLOW_FULL_PORT)?;
+    full_flood
+        .send(FLOOD_RANGES[2]..FLOOD_RANGES[2] + FULL_TABLE * 2, 2)
+        .map_err(|e| context(e, "filling the flow table".into()))?;
+    drain(&new_listeners)?;
+    drain(&full_listeners)?;
 
     let subjects = [
         Subject {
             name: reference::PASS,
-            senders: senders(flows::loopback(false, PASS_PORT), ephemeral(FLOWS))?,
+            load: Load::Sockets(senders(
+                flows::loopback(false, PASS_PORT),
+                ephemeral(FLOWS),
+            )?),
             listeners: pass_listeners,
             stat: Stat::Loaded(reference_program(&ebpf, reference::PASS)?),
         },
         Subject {
             name: reference::SELECT,
-            senders: senders(flows::loopback(false, LOOKUP_PORT), ephemeral(FLOWS))?,
+            load: Load::Sockets(senders(
+                flows::loopback(false, LOOKUP_PORT),
+                ephemeral(FLOWS),
+            )?),
             listeners: lookup_listeners,
             stat: Stat::Loaded(reference_program(&ebpf, reference::SELECT)?),
         },
         Subject {
             name: "select",
-            senders: senders(flows::loopback(false, SELECT_PORT), ephemeral(FLOWS))?,
+            load: Load::Sockets(senders(
+                flows::loopback(false, SELECT_PORT),
+                ephemeral(FLOWS),
+            )?),
             listeners: select_listeners,
             stat: Stat::Pinned(select_program),
         },
         Subject {
             name: "heir",
-            senders: senders(flows::loopback(false, HEIR_PORT), orphans)?,
+            load: Load::Sockets(senders(flows::loopback(false, HEIR_PORT), orphans)?),
             listeners: heir_listeners,
             stat: Stat::Pinned(heir_program),
         },
         Subject {
             name: "flow",
-            senders: senders(flows::loopback(false, FLOW_PORT), ephemeral(FLOWS))?,
+            load: Load::Sockets(senders(
+                flows::loopback(false, FLOW_PORT),
+                ephemeral(FLOWS),
+            )?),
             listeners: flow_listeners,
             stat: Stat::Pinned(flow_program),
+        },
+        Subject {
+            name: "flow_new",
+            load: Load::NewFlows {
+                flood: new_flood,
+                next: Cell::new(FLOOD_RANGES[0] + ADMIT_SIZE * 2),
+            },
+            listeners: new_listeners,
+            stat: Stat::Pinned(new_program),
+        },
+        Subject {
+            name: "flow_admit",
+            load: Load::SecondDatagrams {
+                flood: flood(FLOW_ADMIT_PORT)?,
+                next: Cell::new(FLOOD_RANGES[1]),
+            },
+            listeners: admit_listeners,
+            stat: Stat::Pinned(admit_program),
+        },
+        Subject {
+            name: "flow_full",
+            load: Load::SecondDatagrams {
+                flood: full_flood,
+                next: Cell::new(FLOOD_RANGES[2] + FULL_TABLE * 2),
+            },
+            listeners: full_listeners,
+            stat: Stat::Pinned(full_program),
         },
     ];
 
@@ -289,7 +410,15 @@ pub fn figures(pins: &Path, reference: &Path, budget: &Budget) -> Result<Vec<Fig
     drop(stats);
     drop(subjects);
     drop((select_group, heir_group, flow_group));
-    for service in ["prog-select", "prog-heir", "prog-flow"] {
+    drop((new_group, admit_group, full_group));
+    for service in [
+        "prog-select",
+        "prog-heir",
+        "prog-flow",
+        "prog-flow-new",
+        "prog-flow-admit",
+        "prog-flow-full",
+    ] {
         Dataplane::remove_pins(pins, service)?;
     }
 
@@ -306,6 +435,9 @@ pub fn figures(pins: &Path, reference: &Path, budget: &Budget) -> Result<Vec<Fig
         ("prog_ns_select", lookup),
         ("prog_ns_heir", lookup),
         ("prog_ns_flow_table", lookup),
+        ("prog_ns_flow_new", lookup),
+        ("prog_ns_flow_admit", lookup),
+        ("prog_ns_flow_full", lookup),
     ]
     .into_iter()
     .enumerate()
