@@ -10,8 +10,9 @@
 //!   survivor's own entries (always, with equal weights), each owns its floor or ceiling;
 //!   with equal weights this spreads a slot's heirs over the survivors within one entry of
 //!   even, with unequal weights in proportion to weight within two entries;
-//! - adding a slot moves only the entries it takes, from the most loaded slots; changing a
-//!   weight moves the fewest entries that restore every member's bounds.
+//! - adding a slot moves only the entries it takes, from the most loaded slots; changing
+//!   weights (any number of them, as one change) moves the fewest entries that restore every
+//!   member's bounds, so weights that keep their proportions move nothing.
 //!
 //! Every operation is deterministic: the same sequence gives the same table.
 use std::{cmp::Ordering, collections::BTreeMap};
@@ -159,9 +160,11 @@ impl Table {
     /// Takes over a table a previous process computed (`entries`, as read back from the
     /// kernel, with its `members`), so a restarted daemon goes on from it without moving a
     /// flow. Refused unless every entry names a member as owner and a valid heir
-    /// ([`Table::check_structure`]); shares a little off their bound are kept as they are,
-    /// since rebuilding would move the flows of healthy slots (the next weight change
-    /// restores exact shares).
+    /// ([`Table::check_structure`]); shares off their bound are kept as they are, since
+    /// rebuilding would move the flows of healthy slots. A member may own nothing (a
+    /// process killed between seating a slot and writing its entries): once the caller
+    /// knows which members stay, [`Table::set_weights`] with their weights gives each its
+    /// share, moving only other members' surplus.
     pub fn adopt(
         entries: Vec<TableEntry>,
         members: impl IntoIterator<Item = (Slot, u32)>,
@@ -329,15 +332,27 @@ impl Table {
         }))
     }
 
-    /// Changes `slot`'s weight, moving the fewest entries that bring every member back
-    /// within one entry of its share.
+    /// Changes `slot`'s weight: [`Table::set_weights`] for one member.
     pub fn set_weight(&mut self, slot: Slot, weight: u32) -> Result<Delta, TableError> {
-        check_weight(slot, weight)?;
-        if !self.weights.contains_key(&slot) {
-            return Err(TableError::NotMember { slot });
+        self.set_weights(&BTreeMap::from([(slot, weight)]))
+    }
+
+    /// Gives each member `weights` names its weight there (the others keep theirs) as one
+    /// change, moving the fewest entries that put every member within `[floor, ceil]` of its
+    /// new share: only members above their share give, only members below it receive. Done
+    /// member by member, a change of several weights would move entries back and forth
+    /// through the shares in between; done at once, weights that keep their proportions
+    /// (every weight doubled) move nothing. With the weights unchanged it settles shares
+    /// left off their bounds, such as a member that owns nothing. Nothing changes on error.
+    pub fn set_weights(&mut self, weights: &BTreeMap<Slot, u32>) -> Result<Delta, TableError> {
+        for (&slot, &weight) in weights {
+            check_weight(slot, weight)?;
+            if !self.weights.contains_key(&slot) {
+                return Err(TableError::NotMember { slot });
+            }
         }
         Ok(self.apply(|table| {
-            table.weights.insert(slot, weight);
+            table.weights.extend(weights);
             table.rebalance(None);
         }))
     }
