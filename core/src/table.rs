@@ -342,8 +342,9 @@ impl Table {
     /// new share: only members above their share give, only members below it receive. Done
     /// member by member, a change of several weights would move entries back and forth
     /// through the shares in between; done at once, weights that keep their proportions
-    /// (every weight doubled) move nothing. With the weights unchanged it settles shares
-    /// left off their bounds, such as a member that owns nothing. Nothing changes on error.
+    /// (every weight doubled) move nothing from exact shares. With the weights unchanged, it
+    /// settles shares left off their bounds, such as a member that owns nothing. Nothing
+    /// changes on error.
     pub fn set_weights(&mut self, weights: &BTreeMap<Slot, u32>) -> Result<Delta, TableError> {
         for (&slot, &weight) in weights {
             check_weight(slot, weight)?;

@@ -1,6 +1,6 @@
 //! What goes in and out of the [`Supervisor`](super::Supervisor): the events the daemon
 //! feeds it and the actions it asks of the daemon.
-use std::{fmt, time::Duration};
+use std::{collections::BTreeMap, fmt, time::Duration};
 
 use portshard_common::ProbeHealth;
 
@@ -113,13 +113,10 @@ pub enum TableOp {
         /// Its weight.
         weight: u32,
     },
-    /// A member's weight changes.
-    SetWeight {
-        /// The slot.
-        slot: Slot,
-        /// Its weight.
-        weight: u32,
-    },
+    /// The named members take these weights, as one rebalance (see
+    /// [`Table::set_weights`](crate::table::Table::set_weights)): one member's for a weight
+    /// request, every member's for a SIGHUP.
+    SetWeights(BTreeMap<Slot, u32>),
     /// A reload's switch: the `new` slots take over all of `old`'s entries.
     Switch {
         /// The members of the old generation.

@@ -1,16 +1,38 @@
 //! Adoption after a daemon restart, and SIGHUP diffs.
 use super::*;
+use crate::table::Table;
 
-#[test]
-fn adoption_keeps_live_workers_restarts_dead_ones_and_rolls_back_a_half_done_reload() {
-    let record = |slot, state, generation, alive| AdoptedSlot {
+/// A slot record as a previous daemon left it, with restarts 2 and pid 500 + slot.
+fn record(slot: Slot, state: SlotState, generation: u32, alive: bool) -> AdoptedSlot {
+    AdoptedSlot {
         slot,
         state,
         pid: 500 + u32::from(slot),
         generation,
         restarts: 2,
         alive,
-    };
+    }
+}
+
+/// Makes the table part of `ops` on `table`, as the daemon's group does; returns the
+/// entries moved.
+fn replay(table: &mut Table, ops: &[TableOp]) -> u32 {
+    ops.iter()
+        .map(|op| match op {
+            TableOp::Remove(slot) | TableOp::Drain(slot) => table.remove(*slot).unwrap().moved,
+            TableOp::Release(slot) if table.members().contains_key(slot) => {
+                table.remove(*slot).unwrap().moved
+            }
+            TableOp::Admit { slot, weight } => table.add(*slot, *weight).unwrap().moved,
+            TableOp::SetWeights(weights) => table.set_weights(weights).unwrap().moved,
+            TableOp::Switch { old, new, weight } => table.switch(old, new, *weight).unwrap().moved,
+            TableOp::Release(_) | TableOp::SetFlags(_) | TableOp::SetHealth { .. } => 0,
+        })
+        .sum()
+}
+
+#[test]
+fn adoption_keeps_live_workers_restarts_dead_ones_and_rolls_back_a_half_done_reload() {
     let adoption = Adoption {
         generation: 3,
         members: [(0, 1), (1, 1), (2, 1), (4, 1)].into(),
@@ -95,8 +117,7 @@ fn hangup_adds_services_resizes_and_reloads_on_a_new_command() {
     assert_eq!(
         table_ops(&actions),
         vec![
-            TableOp::SetWeight { slot: 0, weight: 2 },
-            TableOp::SetWeight { slot: 1, weight: 2 },
+            TableOp::SetWeights([(0, 2), (1, 2)].into()),
             TableOp::SetFlags(0),
         ]
     );
@@ -122,6 +143,40 @@ fn hangup_adds_services_resizes_and_reloads_on_a_new_command() {
     // A change of what the pins record is refused: nothing happens.
     let actions = h.feed(hangup(vec![service("workers = 2\nproto = \"tcp\"")]));
     assert!(actions.is_empty());
+}
+
+#[test]
+fn hangup_doubling_every_weight_is_one_rebalance_that_moves_nothing() {
+    let mut h = Harness::with(service("workers = 4"));
+    let mut table = Table::with_members(h.sup.services[0].members.clone()).unwrap();
+    let before = table.clone();
+    let actions = h.feed(hangup(vec![service("workers = 4\nweight = 2")]));
+    let ops = table_ops(&actions);
+    assert_eq!(
+        ops,
+        vec![
+            TableOp::SetWeights((0..4).map(|slot| (slot, 2)).collect()),
+            TableOp::SetFlags(0),
+        ]
+    );
+    assert_eq!(replay(&mut table, &ops), 0);
+    assert_eq!(table.entries(), before.entries());
+    // Its outcome is only logged, whichever it is.
+    let ticket = first_ticket(&actions);
+    assert!(
+        h.feed(Event::TableDone {
+            ticket,
+            result: Ok(0)
+        })
+        .is_empty()
+    );
+    let actions = h.feed(hangup(vec![service("workers = 4\nweight = 3")]));
+    let ticket = first_ticket(&actions);
+    let refused = Event::TableDone {
+        ticket,
+        result: Err("refused".to_owned()),
+    };
+    assert!(h.feed(refused).is_empty());
 }
 
 /// SIGHUP with `services` as the file now says, each with its launch.
