@@ -404,9 +404,8 @@ impl Group {
 
     /// Gives the members `weights` names their weights as one change (see
     /// [`Table::set_weights`]): a SIGHUP's new weight moves only what the new shares take,
-    /// nothing if they keep their proportions, and the same weights again settle shares left
-    /// off their bounds (adoption). Only the changed entries and the records of slots whose
-    /// weight changed are written; on any error the records are put back.
+    /// nothing if they keep their proportions. Only the changed entries and the records of
+    /// slots whose weight changed are written; on any error the records are put back.
     pub fn set_weights(&mut self, weights: &BTreeMap<Slot, u32>) -> Result<Delta, GroupError> {
         let mut next = self.table.clone();
         let delta = next
@@ -421,6 +420,16 @@ impl Group {
             self.put_back(saved);
         }
         written
+    }
+
+    /// Gives every member its share if a change cut short left one with too few entries (see
+    /// [`Table::settle`]): after an adoption, a live slot the previous process seated but
+    /// never gave entries takes its share from the others' surplus. Writes only the changed
+    /// entries, none if every share is within what the operations leave.
+    pub fn settle(&mut self) -> Result<Delta, GroupError> {
+        let mut next = self.table.clone();
+        let delta = next.settle();
+        self.commit(next, delta)
     }
 
     /// Records `weight` for `slot` if its record says otherwise, saving the record it had.

@@ -117,6 +117,10 @@ pub enum TableOp {
     /// [`Table::set_weights`](crate::table::Table::set_weights)): one member's for a weight
     /// request, every member's for a SIGHUP.
     SetWeights(BTreeMap<Slot, u32>),
+    /// After an adoption, every member gets its share if a change the previous daemon cut
+    /// short left one with too few entries, such as a live slot seated but never given any
+    /// (see [`Table::settle`](crate::table::Table::settle)); otherwise nothing moves.
+    Settle,
     /// A reload's switch: the `new` slots take over all of `old`'s entries.
     Switch {
         /// The members of the old generation.

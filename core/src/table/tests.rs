@@ -312,7 +312,7 @@ fn an_adopted_member_that_owns_nothing_gets_its_share_from_the_others_surplus() 
         "adoption alone keeps the table as it is"
     );
     let before = table.clone();
-    let delta = table.set_weights(&live.into_iter().collect()).unwrap();
+    let delta = table.settle();
     assert_eq!(owned(&table, 3), 16_384);
     assert_eq!(delta.moved, 16_384);
     for slot in 0..3 {
@@ -333,9 +333,46 @@ fn an_adopted_member_that_owns_nothing_gets_its_share_from_the_others_surplus() 
     let live = [(0, 1), (1, 3), (2, 1), (5, 2)];
     let mut table = Table::adopt(pinned.entries().to_vec(), live).unwrap();
     let before = table.clone();
-    let delta = table.set_weights(&live.into()).unwrap();
+    let delta = table.settle();
     assert_eq!(delta.moved, owned(&table, 5));
     assert_eq!(delta.moved, 18_724);
+    check_rebalanced(&before, &table, delta.moved).unwrap();
+    // Settled, or as any operation leaves it, a table settles to itself.
+    assert_eq!(table.settle(), Delta::default());
+}
+
+#[test]
+fn settling_keeps_shares_the_operations_can_leave_and_fixes_a_shorter_one() {
+    // Weights 1, 1, 2 over 16 entries: shares 4, 4 and 8.
+    let exact = Table::sized_with_members(16, [(0, 1), (1, 1), (2, 2)]).unwrap();
+    let members = || exact.members().iter().map(|(&s, &w)| (s, w));
+    // Hands one of slot 2's entries to slot `to` (one whose heir is the other one).
+    let shift = |entries: &mut [TableEntry], to: Slot| {
+        let entry = entries
+            .iter_mut()
+            .find(|e| e.owner == 2 && e.heir == 1 - to)
+            .unwrap();
+        entry.owner = to;
+    };
+    // One entry each way past the bounds, as a weighted removal or addition can leave it:
+    // kept.
+    let mut entries = exact.entries().to_vec();
+    shift(&mut entries, 0);
+    let mut table = Table::adopt(entries.clone(), members()).unwrap();
+    table.validate().unwrap();
+    let kept = table.clone();
+    assert_eq!(table.settle(), Delta::default());
+    assert_eq!(table, kept);
+    // Slot 2 two short: no operation leaves that, so it is settled, with the fewest moves.
+    shift(&mut entries, 1);
+    let mut table = Table::adopt(entries, members()).unwrap();
+    assert_eq!(
+        table.validate(),
+        Err("slot 2 owns 6 entries, fewer than the 7 its share needs".to_owned())
+    );
+    let before = table.clone();
+    let delta = table.settle();
+    assert_eq!(delta.moved, 2);
     check_rebalanced(&before, &table, delta.moved).unwrap();
 }
 
@@ -356,7 +393,7 @@ fn an_addition_written_halfway_is_settled_with_the_missing_entries_only() {
     let before = table.clone();
     let short = 13_107 - owned(&before, 4);
     assert!(short > 0);
-    let settled = table.set_weights(&live.into_iter().collect()).unwrap();
+    let settled = table.settle();
     assert_eq!(settled.moved, short);
     for (old, new) in before.entries().iter().zip(table.entries()) {
         if old.owner != new.owner {
@@ -404,7 +441,7 @@ enum Op {
     /// Every weight multiplied by the factor, then divided back: each moves nothing.
     Scale(u32),
     /// A slot is seated but its entries never written (a daemon killed in between); the
-    /// adopted table is then settled over every member.
+    /// adopted table is then settled.
     Seat(usize, u32),
     /// Every member is replaced by slots not in the table, one more, as many or fewer (by
     /// the first number), all with the given weight: a reload's switch.
@@ -588,7 +625,17 @@ fn apply_and_check(table: &mut Table, op: &Op, weighted: bool) -> Result<(), Tes
             live.insert(seated, weight);
             *table = Table::adopt(before.entries().to_vec(), live.clone()).unwrap();
             let adopted = table.clone();
-            let delta = table.set_weights(&live).unwrap();
+            let delta = table.settle();
+            if delta.moved == 0 {
+                // A share so small that owning nothing is within one entry of it.
+                prop_assert!(
+                    weighted,
+                    "an entryless member of equal weight was not settled"
+                );
+                prop_assert_eq!(&*table, &adopted);
+                prop_assert_eq!(table.validate(), Ok(()));
+                return Ok(());
+            }
             check_rebalanced(&adopted, table, delta.moved)?;
             // With equal weights only the seated slot receives (with unequal ones, members
             // between their bounds may take an entry the seated slot's ceiling cannot hold).
@@ -635,6 +682,12 @@ fn apply_and_check(table: &mut Table, op: &Op, weighted: bool) -> Result<(), Tes
         }
     }
     prop_assert_eq!(table.validate(), Ok(()), "after {:?}", op);
+    prop_assert_eq!(
+        table.clone().settle(),
+        Delta::default(),
+        "settling moved entries after {:?}",
+        op
+    );
     if !weighted
         || matches!(
             op,

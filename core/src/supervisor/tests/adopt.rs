@@ -1,4 +1,6 @@
 //! Adoption after a daemon restart, and SIGHUP diffs.
+use std::collections::BTreeMap;
+
 use super::*;
 use crate::table::Table;
 
@@ -25,6 +27,7 @@ fn replay(table: &mut Table, ops: &[TableOp]) -> u32 {
             }
             TableOp::Admit { slot, weight } => table.add(*slot, *weight).unwrap().moved,
             TableOp::SetWeights(weights) => table.set_weights(weights).unwrap().moved,
+            TableOp::Settle => table.settle().moved,
             TableOp::Switch { old, new, weight } => table.switch(old, new, *weight).unwrap().moved,
             TableOp::Release(_) | TableOp::SetFlags(_) | TableOp::SetHealth { .. } => 0,
         })
@@ -65,6 +68,7 @@ fn adoption_keeps_live_workers_restarts_dead_ones_and_rolls_back_a_half_done_rel
             TableOp::Release(5),
             TableOp::Release(6),
             TableOp::Release(7),
+            TableOp::Settle,
         ]
     );
     assert_eq!(signals(&actions), vec![(6, 506, Signal::Kill)]);
@@ -143,6 +147,101 @@ fn hangup_adds_services_resizes_and_reloads_on_a_new_command() {
     // A change of what the pins record is refused: nothing happens.
     let actions = h.feed(hangup(vec![service("workers = 2\nproto = \"tcp\"")]));
     assert!(actions.is_empty());
+}
+
+#[test]
+fn adoption_gives_a_live_member_that_owns_nothing_its_share_from_the_others_surplus() {
+    // The previous daemon seated slot 3 (recorded live, its worker runs) and slot 4 (its
+    // worker died since) and was killed before writing their entries: the pinned table is
+    // over slots 0 to 2, and the pins make all five members, as the daemon reads them.
+    let pinned = Table::with_members([(0, 1), (1, 1), (2, 1)]).unwrap();
+    let members: BTreeMap<Slot, u32> = (0..5).map(|slot| (slot, 1)).collect();
+    let mut table = Table::adopt(pinned.entries().to_vec(), members.clone()).unwrap();
+    let adopted = table.counts();
+    assert_eq!((adopted[&3], adopted[&4]), (0, 0));
+    let adoption = Adoption {
+        generation: 1,
+        members,
+        slots: (0..5)
+            .map(|slot| record(slot, SlotState::Live, 1, slot != 4))
+            .collect(),
+    };
+    let mut sup = Supervisor::<()>::new();
+    sup.handle(
+        Instant::now(),
+        Event::Added {
+            spec: Box::new(service("workers = 5")),
+            launch: (),
+            adoption,
+        },
+    );
+    let actions: Vec<_> = std::iter::from_fn(|| sup.poll_action()).collect();
+    let ops = table_ops(&actions);
+    // The dead slot leaves first, then one rebalance over the live members.
+    assert_eq!(ops, vec![TableOp::Remove(4), TableOp::Settle]);
+    let before = table.clone();
+    let moved = replay(&mut table, &ops);
+    // Slot 3 takes its quarter, 16384 of 65536 entries, and nothing else moves: slots 0 to
+    // 2 each give only what they held above a quarter.
+    assert_eq!(moved, 16_384);
+    assert_eq!(table.counts(), (0..4).map(|slot| (slot, 16_384)).collect());
+    for (was, is) in before.entries().iter().zip(table.entries()) {
+        if was.owner != is.owner {
+            assert_eq!(
+                is.owner, 3,
+                "an entry moved between members that had their share"
+            );
+        }
+    }
+    assert!(table.is_exactly_balanced());
+    table.validate().unwrap();
+    // Adopting the settled table again moves nothing.
+    let mut again = Supervisor::<()>::new();
+    again.handle(
+        Instant::now(),
+        Event::Added {
+            spec: Box::new(service("workers = 4")),
+            launch: (),
+            adoption: Adoption {
+                generation: 1,
+                members: table.members().clone(),
+                slots: (0..4)
+                    .map(|slot| record(slot, SlotState::Live, 1, true))
+                    .collect(),
+            },
+        },
+    );
+    let actions: Vec<_> = std::iter::from_fn(|| again.poll_action()).collect();
+    assert_eq!(replay(&mut table, &table_ops(&actions)), 0);
+}
+
+#[test]
+fn adoption_settles_shares_after_retiring_extra_workers_so_nothing_moves_twice() {
+    // As above, but the config now asks for 3 workers: the entryless slot 3 retires rather
+    // than take a share it would hand on at once.
+    let pinned = Table::with_members([(0, 1), (1, 1), (2, 1)]).unwrap();
+    let members: BTreeMap<Slot, u32> = (0..4).map(|slot| (slot, 1)).collect();
+    let mut table = Table::adopt(pinned.entries().to_vec(), members.clone()).unwrap();
+    let mut sup = Supervisor::<()>::new();
+    sup.handle(
+        Instant::now(),
+        Event::Added {
+            spec: Box::new(service("workers = 3")),
+            launch: (),
+            adoption: Adoption {
+                generation: 1,
+                members,
+                slots: (0..4)
+                    .map(|slot| record(slot, SlotState::Live, 1, true))
+                    .collect(),
+            },
+        },
+    );
+    let actions: Vec<_> = std::iter::from_fn(|| sup.poll_action()).collect();
+    let ops = table_ops(&actions);
+    assert_eq!(ops, vec![TableOp::Drain(3), TableOp::Settle]);
+    assert_eq!(replay(&mut table, &ops), 0);
+    assert_eq!(table.entries(), pinned.entries());
 }
 
 #[test]

@@ -163,6 +163,7 @@ impl Shell {
             TableOp::Drain(slot) => group.drain(*slot).map(|d| d.moved),
             TableOp::Admit { slot, weight } => group.admit(*slot, *weight).map(|d| d.moved),
             TableOp::SetWeights(weights) => group.set_weights(weights).map(|d| d.moved),
+            TableOp::Settle => group.settle().map(|d| d.moved),
             TableOp::Switch { old, new, weight } => {
                 group.switch(old, new, *weight).map(|d| d.moved)
             }
