@@ -181,6 +181,9 @@ enum Pending {
     },
     /// A reload's switch: finish it, or roll it back.
     Switch { service: ServiceId },
+    /// A change no one waits on whose outcome is still worth a line in the log, saying
+    /// `what` it did and how many entries moved, or why it was refused.
+    Log { service: ServiceId, what: String },
 }
 
 /// The supervisor of every service, with the launch data `L` the daemon needs to start a
@@ -453,6 +456,13 @@ impl<L: Clone> Supervisor<L> {
                 self.reply(to, reply);
             }
             Some(Pending::Switch { service }) => self.switched(now, service, result),
+            Some(Pending::Log { service, what }) => {
+                let service = &self.services[service].spec.name;
+                match result {
+                    Ok(moved) => tracing::info!(%service, moved, "{what}: {moved} entries moved"),
+                    Err(error) => tracing::error!(%service, %error, "{what}: refused"),
+                }
+            }
             None => {}
         }
     }

@@ -10,8 +10,12 @@
 //!   survivor's own entries (always, with equal weights), each owns its floor or ceiling;
 //!   with equal weights this spreads a slot's heirs over the survivors within one entry of
 //!   even, with unequal weights in proportion to weight within two entries;
-//! - adding a slot moves only the entries it takes, from the most loaded slots; changing a
-//!   weight moves the fewest entries that restore every member's bounds.
+//! - adding a slot moves only the entries it takes, from the most loaded slots; changing
+//!   weights (any number of them, as one change) moves the fewest entries that restore every
+//!   member's bounds, so weights that keep their proportions move nothing;
+//! - settling a table taken over from a process killed halfway through a change moves
+//!   nothing if the table is one the operations leave, and otherwise gives every member its
+//!   share with the fewest moves.
 //!
 //! Every operation is deterministic: the same sequence gives the same table.
 use std::{cmp::Ordering, collections::BTreeMap};
@@ -159,9 +163,11 @@ impl Table {
     /// Takes over a table a previous process computed (`entries`, as read back from the
     /// kernel, with its `members`), so a restarted daemon goes on from it without moving a
     /// flow. Refused unless every entry names a member as owner and a valid heir
-    /// ([`Table::check_structure`]); shares a little off their bound are kept as they are,
-    /// since rebuilding would move the flows of healthy slots (the next weight change
-    /// restores exact shares).
+    /// ([`Table::check_structure`]); shares off their bound are kept as they are, since
+    /// rebuilding would move the flows of healthy slots. A member may own nothing (a
+    /// process killed between seating a slot and writing its entries): once the caller
+    /// knows which members stay, [`Table::settle`] gives each its share, moving only other
+    /// members' surplus.
     pub fn adopt(
         entries: Vec<TableEntry>,
         members: impl IntoIterator<Item = (Slot, u32)>,
@@ -329,15 +335,26 @@ impl Table {
         }))
     }
 
-    /// Changes `slot`'s weight, moving the fewest entries that bring every member back
-    /// within one entry of its share.
+    /// Changes `slot`'s weight: [`Table::set_weights`] for one member.
     pub fn set_weight(&mut self, slot: Slot, weight: u32) -> Result<Delta, TableError> {
-        check_weight(slot, weight)?;
-        if !self.weights.contains_key(&slot) {
-            return Err(TableError::NotMember { slot });
+        self.set_weights(&BTreeMap::from([(slot, weight)]))
+    }
+
+    /// Gives each member `weights` names its weight there (the others keep theirs) as one
+    /// change, moving the fewest entries that put every member within `[floor, ceil]` of its
+    /// new share: only members above their share give, only members below it receive. Done
+    /// member by member, a change of several weights would move entries back and forth
+    /// through the shares in between; done at once, weights that keep their proportions
+    /// (every weight doubled) move nothing from exact shares. Nothing changes on error.
+    pub fn set_weights(&mut self, weights: &BTreeMap<Slot, u32>) -> Result<Delta, TableError> {
+        for (&slot, &weight) in weights {
+            check_weight(slot, weight)?;
+            if !self.weights.contains_key(&slot) {
+                return Err(TableError::NotMember { slot });
+            }
         }
         Ok(self.apply(|table| {
-            table.weights.insert(slot, weight);
+            table.weights.extend(weights);
             table.rebalance(None);
         }))
     }
@@ -488,23 +505,55 @@ impl Table {
     }
 
     /// Checks every invariant the kernel and the operations rely on; `Err` names the first
-    /// one broken. Shares are bounded by their ceiling, or with unequal weights by one more
-    /// (see [`Table::is_exactly_balanced`]). The property tests run it after every operation.
+    /// one broken. Shares are within their floor and ceiling, or with unequal weights within
+    /// one entry more either way (see [`Table::is_exactly_balanced`]); [`Table::settle`]
+    /// relies on the floor's side. The property tests run it after every operation.
     pub fn validate(&self) -> Result<(), String> {
         self.check_structure()?;
-        let counts = self.counts();
-        let members = Members::of(&self.weights, self.entries.len());
-        let equal = members.weights.windows(2).all(|w| w[0] == w[1]);
-        for (&slot, &weight) in members.slots.iter().zip(&members.weights) {
-            let ceiling = members.share(weight).1 + u32::from(!equal);
-            if counts[&slot] > ceiling {
+        for (slot, owned, (lowest, highest)) in self.share_bounds() {
+            if owned > highest {
                 return Err(format!(
-                    "slot {slot} owns {} entries, more than the {ceiling} its share allows",
-                    counts[&slot]
+                    "slot {slot} owns {owned} entries, more than the {highest} its share allows"
+                ));
+            }
+            if owned < lowest {
+                return Err(format!(
+                    "slot {slot} owns {owned} entries, fewer than the {lowest} its share needs"
                 ));
             }
         }
         Ok(())
+    }
+
+    /// Each member with the entries it owns and the fewest and most its share allows after
+    /// any operation: its floor and ceiling, with unequal weights one entry wider.
+    fn share_bounds(&self) -> Vec<(Slot, u32, (u32, u32))> {
+        let members = Members::of(&self.weights, self.entries.len());
+        let slack = u32::from(!members.weights.windows(2).all(|w| w[0] == w[1]));
+        let counts = members.counts(&self.entries);
+        (0..members.len())
+            .map(|i| {
+                let (floor, ceiling) = members.share(members.weights[i]);
+                let bounds = (floor.saturating_sub(slack), ceiling + slack);
+                (members.slots[i], counts[i], bounds)
+            })
+            .collect()
+    }
+
+    /// Gives every member its share, moving the fewest entries and only from members above
+    /// theirs, if some member owns fewer entries than any operation leaves it (see
+    /// [`Table::validate`]): what a process killed halfway through a change leaves, such as
+    /// a member seated but never given its entries. Any other table is kept as it is, so
+    /// settling an adopted table moves a flow only where a change was cut short.
+    pub fn settle(&mut self) -> Delta {
+        let short = self
+            .share_bounds()
+            .into_iter()
+            .any(|(_, owned, (lowest, _))| owned < lowest);
+        if !short {
+            return Delta::default();
+        }
+        self.apply(|table| table.rebalance(None))
     }
 
     /// Checks what the kernel relies on, whatever the shares: a whole table whose every

@@ -324,12 +324,17 @@ impl Group {
                 Ok(delta)
             }
             Err(error) => {
-                for (slot, meta) in saved {
-                    // Best effort: the error being returned says what went wrong first.
-                    let _ = self.dataplane.set_meta(slot, meta);
-                }
+                self.put_back(saved);
                 Err(error)
             }
+        }
+    }
+
+    /// Writes back the slot records `saved` before a change that failed.
+    fn put_back(&mut self, saved: Vec<(Slot, SlotMeta)>) {
+        for (slot, meta) in saved {
+            // Best effort: the error the change returns says what went wrong first.
+            let _ = self.dataplane.set_meta(slot, meta);
         }
     }
 
@@ -401,16 +406,49 @@ impl Group {
         Ok(self.dataplane.set_meta(slot, meta)?)
     }
 
-    /// Changes `slot`'s weight, moving the fewest entries that restore every share.
-    pub fn set_weight(&mut self, slot: Slot, weight: u32) -> Result<Delta, GroupError> {
+    /// Gives the members `weights` names their weights as one change (see
+    /// [`Table::set_weights`]): a SIGHUP's new weight moves only what the new shares take,
+    /// nothing if they keep their proportions. Only the changed entries and the records of
+    /// slots whose weight changed are written; on any error the records are put back.
+    pub fn set_weights(&mut self, weights: &BTreeMap<Slot, u32>) -> Result<Delta, GroupError> {
         let mut next = self.table.clone();
         let delta = next
-            .set_weight(slot, weight)
+            .set_weights(weights)
             .map_err(|source| self.table_error(source))?;
-        let mut meta = self.dataplane.meta(slot)?;
-        meta.weight = weight;
-        self.dataplane.set_meta(slot, meta)?;
+        let mut saved = Vec::new();
+        let written = weights
+            .iter()
+            .try_for_each(|(&slot, &weight)| self.record_weight(slot, weight, &mut saved))
+            .and_then(|()| self.commit(next, delta));
+        if written.is_err() {
+            self.put_back(saved);
+        }
+        written
+    }
+
+    /// Gives every member its share if a change cut short left one with too few entries (see
+    /// [`Table::settle`]): after an adoption, a live slot the previous process seated but
+    /// never gave entries takes its share from the others' surplus. Writes only the changed
+    /// entries, none if every share is within what the operations leave.
+    pub fn settle(&mut self) -> Result<Delta, GroupError> {
+        let mut next = self.table.clone();
+        let delta = next.settle();
         self.commit(next, delta)
+    }
+
+    /// Records `weight` for `slot` if its record says otherwise, saving the record it had.
+    fn record_weight(
+        &mut self,
+        slot: Slot,
+        weight: u32,
+        saved: &mut Vec<(Slot, SlotMeta)>,
+    ) -> Result<(), GroupError> {
+        let meta = self.dataplane.meta(slot)?;
+        if meta.weight != weight {
+            self.dataplane.set_meta(slot, SlotMeta { weight, ..meta })?;
+            saved.push((slot, meta));
+        }
+        Ok(())
     }
 
     /// The entries `slot` owns in its own right: those it holds, less those it inherited

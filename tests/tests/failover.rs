@@ -101,7 +101,7 @@ fn reweighting_moves_only_toward_the_heavier_slot(proto: Proto) {
     let (sandbox, flows, listeners) = setup(proto);
     let mut group = steer(sandbox.pins(), "weights", &listeners).unwrap();
     let before = flows.round(&listeners).unwrap();
-    let delta = group.set_weight(5, 3).unwrap();
+    let delta = group.set_weights(&[(5, 3)].into()).unwrap();
     let after = flows.round(&listeners).unwrap();
     assert_eq!(lost(&after), 0, "{proto}: flows lost on reweighting");
     let elsewhere = (0..FLOWS)

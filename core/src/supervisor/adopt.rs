@@ -1,13 +1,17 @@
 //! Adoption: a restarted daemon takes over what the pins of a previous one record. The
 //! workers still running (same pid and start time) are kept with every entry they own, an
 //! old generation's go on draining, slots whose workers died meanwhile are healed and
-//! restarted, and a reload left halfway is rolled back.
+//! restarted, and a reload left halfway is rolled back. Then the table is settled: a
+//! previous daemon killed between seating a slot and writing its entries left a live member
+//! that owns nothing, and it takes its share from the others' surplus.
 use std::{collections::BTreeMap, time::Instant};
 
 use portshard_common::SlotState;
 use tracing::{info, warn};
 
-use super::{Crashes, Drain, Role, Running, ServiceId, Signal, Supervisor, TableOp, Worker};
+use super::{
+    Crashes, Drain, Pending, Role, Running, ServiceId, Signal, Supervisor, TableOp, Worker,
+};
 use crate::{config::Service, table::Slot};
 
 /// What a service's pins record, as the daemon read it; empty for a new group.
@@ -40,8 +44,10 @@ pub struct AdoptedSlot {
 }
 
 impl<L: Clone> Supervisor<L> {
-    /// A service joins: its group was created, or adopted as `adoption` says. Its missing
-    /// workers are started.
+    /// A service joins: its group was created, or adopted as `adoption` says. Each adopted
+    /// slot is kept, healed or rolled back, missing workers are started and extra ones
+    /// retire; then a member left with fewer entries than any operation leaves it gets its
+    /// share with the fewest moves (see [`TableOp::Settle`]).
     pub(super) fn added(&mut self, now: Instant, spec: Service, launch: L, adoption: Adoption) {
         let service: ServiceId = self.services.len();
         let generation = adoption.generation.max(1);
@@ -67,6 +73,12 @@ impl<L: Clone> Supervisor<L> {
         }
         if let Err(error) = self.resize(now, service) {
             tracing::error!(service = %self.services[service].spec.name, %error, "cannot start every worker");
+        }
+        // After the removals, drains and retirements above, so no entry goes to a member
+        // that is about to give it up.
+        if !self.services[service].members.is_empty() {
+            let what = "adoption settled every member's share".to_owned();
+            self.table_awaited(service, TableOp::Settle, Pending::Log { service, what });
         }
     }
 

@@ -282,7 +282,7 @@ impl<L: Clone> Supervisor<L> {
         let op = if running.drained.remove(&slot) {
             TableOp::Admit { slot, weight }
         } else {
-            TableOp::SetWeight { slot, weight }
+            TableOp::SetWeights([(slot, weight)].into())
         };
         running.members.insert(slot, weight);
         let done =

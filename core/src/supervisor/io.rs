@@ -1,6 +1,6 @@
 //! What goes in and out of the [`Supervisor`](super::Supervisor): the events the daemon
 //! feeds it and the actions it asks of the daemon.
-use std::{fmt, time::Duration};
+use std::{collections::BTreeMap, fmt, time::Duration};
 
 use portshard_common::ProbeHealth;
 
@@ -123,13 +123,14 @@ pub enum TableOp {
         /// Its weight.
         weight: u32,
     },
-    /// A member's weight changes.
-    SetWeight {
-        /// The slot.
-        slot: Slot,
-        /// Its weight.
-        weight: u32,
-    },
+    /// The named members take these weights, as one rebalance (see
+    /// [`Table::set_weights`](crate::table::Table::set_weights)): one member's for a weight
+    /// request, every member's for a SIGHUP.
+    SetWeights(BTreeMap<Slot, u32>),
+    /// After an adoption, every member gets its share if a change the previous daemon cut
+    /// short left one with too few entries, such as a live slot seated but never given any
+    /// (see [`Table::settle`](crate::table::Table::settle)); otherwise nothing moves.
+    Settle,
     /// A reload's switch: the `new` slots take over all of `old`'s entries.
     Switch {
         /// The members of the old generation.

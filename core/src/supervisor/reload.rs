@@ -441,20 +441,21 @@ impl<L: Clone> Supervisor<L> {
         }
         same_pins(&running.spec, &spec)?;
         info!(service = %spec.name, "applying the changed settings to the running generation");
-        if spec.weight != running.spec.weight {
-            let members: Vec<Slot> = running.members.keys().copied().collect();
-            for &slot in &members {
-                running.members.insert(slot, spec.weight);
-            }
-            for slot in members {
-                self.table(
-                    service,
-                    TableOp::SetWeight {
-                        slot,
-                        weight: spec.weight,
-                    },
-                );
-            }
+        if spec.weight != running.spec.weight && !running.members.is_empty() {
+            // One rebalance for every member: member by member, the shares in between
+            // would move entries that the final shares put back (every weight doubled
+            // moves nothing).
+            running
+                .members
+                .values_mut()
+                .for_each(|weight| *weight = spec.weight);
+            let weights = running.members.clone();
+            let what = format!("weight {} on every slot", spec.weight);
+            self.table_awaited(
+                service,
+                TableOp::SetWeights(weights),
+                Pending::Log { service, what },
+            );
         }
         self.table(service, TableOp::SetSwitches(Self::table_switches(&spec)));
         let running = &mut self.services[service];

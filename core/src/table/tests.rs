@@ -63,6 +63,32 @@ fn minimal_moves(before: &Table, after: &Table) -> u32 {
     come_in.max(go_out)
 }
 
+/// How many entries each slot lost from `before` to `after`, summed: the entries that left
+/// their owner, if no entry passed through a member on its way.
+fn losses(before: &Table, after: &Table) -> u32 {
+    let now = after.counts();
+    before
+        .counts()
+        .iter()
+        .map(|(slot, &was)| was.saturating_sub(now.get(slot).copied().unwrap_or(0)))
+        .sum()
+}
+
+/// Checks a rebalance from `before` to `after` that moved `moved` entries: the fewest that
+/// can bring every member within its bounds, only members that end with fewer entries
+/// giving (so no entry passes through a member), and every share exact afterwards.
+fn check_rebalanced(before: &Table, after: &Table, moved: u32) -> Result<(), TestCaseError> {
+    prop_assert_eq!(moved, minimal_moves(before, after), "not the fewest moves");
+    prop_assert_eq!(
+        moved,
+        losses(before, after),
+        "an entry moved more than its surplus"
+    );
+    prop_assert!(after.is_exactly_balanced(), "shares not exact");
+    prop_assert_eq!(after.validate(), Ok(()));
+    Ok(())
+}
+
 fn unit(slots: impl IntoIterator<Item = Slot>) -> Vec<(Slot, u32)> {
     slots.into_iter().map(|s| (s, 1)).collect()
 }
@@ -167,6 +193,15 @@ fn refused_operations_change_nothing() {
         table.set_weight(5, 1),
         Err(TableError::NotMember { slot: 5 })
     );
+    // Several weights at once: one bad one refuses them all.
+    assert_eq!(
+        table.set_weights(&[(0, 2), (5, 1)].into()),
+        Err(TableError::NotMember { slot: 5 })
+    );
+    assert_eq!(
+        table.set_weights(&[(0, 2), (1, 0)].into()),
+        Err(TableError::BadWeight { slot: 1, weight: 0 })
+    );
     for (old, new, error) in [
         (&[0, 1][..], &[][..], TableError::NoNewSlot),
         (&[0, 0], &[2], TableError::NamedTwice { slot: 0 }),
@@ -215,6 +250,160 @@ fn delta_lists_exactly_the_changed_entries() {
 }
 
 #[test]
+fn an_equal_reweight_moves_nothing_where_one_member_at_a_time_did() {
+    let table = Table::with_members(unit(0..5)).unwrap();
+    let doubled: BTreeMap<Slot, u32> = (0..5).map(|s| (s, 2)).collect();
+    let mut at_once = table.clone();
+    let delta = at_once.set_weights(&doubled).unwrap();
+    assert_eq!(
+        delta,
+        Delta::default(),
+        "no entry, owner or heir, may change"
+    );
+    assert_eq!(at_once.entries(), table.entries());
+    assert_eq!(at_once.members(), &doubled);
+    // The same change member by member passes through unequal shares on the way.
+    let mut one_by_one = table.clone();
+    let moved: u32 = (0..5)
+        .map(|s| one_by_one.set_weight(s, 2).unwrap().moved)
+        .sum();
+    assert_eq!(moved, 35_757);
+    assert_ne!(owners(&one_by_one), owners(&table));
+    // Proportions kept with unequal weights too.
+    let weighted = Table::with_members([(0, 1), (1, 3), (2, 2)]).unwrap();
+    let mut scaled = weighted.clone();
+    let delta = scaled
+        .set_weights(&[(0, 5), (1, 15), (2, 10)].into())
+        .unwrap();
+    assert_eq!(delta, Delta::default());
+    assert_eq!(scaled.entries(), weighted.entries());
+}
+
+#[test]
+fn several_weights_change_as_one_rebalance_with_the_fewest_moves() {
+    let before = Table::with_members(unit(0..4)).unwrap();
+    let mut table = before.clone();
+    let delta = table.set_weights(&[(0, 3), (2, 2)].into()).unwrap();
+    // Shares 3/7, 1/7, 2/7, 1/7 of 65536 (28086.9, 9362.3, 18724.6, 9362.3) from 16384
+    // each: slots 0 and 2 need 11702 + 2340 to reach their floors, slots 1 and 3 must give
+    // 7021 each to reach their ceilings; 14042 moves do both.
+    assert_eq!(delta.moved, 14_042);
+    assert_eq!(delta.moved, minimal_moves(&before, &table));
+    assert_eq!(delta.moved, losses(&before, &table));
+    for (old, new) in before.entries().iter().zip(table.entries()) {
+        if old.owner != new.owner {
+            assert!([1, 3].contains(&old.owner) && [0, 2].contains(&new.owner));
+        }
+    }
+    assert!(table.is_exactly_balanced());
+    table.validate().unwrap();
+}
+
+#[test]
+fn an_adopted_member_that_owns_nothing_gets_its_share_from_the_others_surplus() {
+    // A daemon seated slot 3 and was killed before writing its entries: the pinned table
+    // is over slots 0 to 2, the records say 3 is live too.
+    let pinned = Table::with_members(unit(0..3)).unwrap();
+    let live = unit(0..4);
+    let mut table = Table::adopt(pinned.entries().to_vec(), live.clone()).unwrap();
+    assert_eq!(
+        owned(&table, 3),
+        0,
+        "adoption alone keeps the table as it is"
+    );
+    let before = table.clone();
+    let delta = table.settle();
+    assert_eq!(owned(&table, 3), 16_384);
+    assert_eq!(delta.moved, 16_384);
+    for slot in 0..3 {
+        assert_eq!(owned(&table, slot), 16_384);
+    }
+    for (old, new) in before.entries().iter().zip(table.entries()) {
+        if old.owner != new.owner {
+            assert_eq!(
+                new.owner, 3,
+                "an entry moved between the members that had some"
+            );
+        }
+    }
+    check_rebalanced(&before, &table, delta.moved).unwrap();
+
+    // With weights: slot 5 (weight 2) joins 0, 1, 2 (weights 1, 3, 1).
+    let pinned = Table::with_members([(0, 1), (1, 3), (2, 1)]).unwrap();
+    let live = [(0, 1), (1, 3), (2, 1), (5, 2)];
+    let mut table = Table::adopt(pinned.entries().to_vec(), live).unwrap();
+    let before = table.clone();
+    let delta = table.settle();
+    assert_eq!(delta.moved, owned(&table, 5));
+    assert_eq!(delta.moved, 18_724);
+    check_rebalanced(&before, &table, delta.moved).unwrap();
+    // Settled, or as any operation leaves it, a table settles to itself.
+    assert_eq!(table.settle(), Delta::default());
+}
+
+#[test]
+fn settling_keeps_shares_the_operations_can_leave_and_fixes_a_shorter_one() {
+    // Weights 1, 1, 2 over 16 entries: shares 4, 4 and 8.
+    let exact = Table::sized_with_members(16, [(0, 1), (1, 1), (2, 2)]).unwrap();
+    let members = || exact.members().iter().map(|(&s, &w)| (s, w));
+    // Hands one of slot 2's entries to slot `to` (one whose heir is the other one).
+    let shift = |entries: &mut [TableEntry], to: Slot| {
+        let entry = entries
+            .iter_mut()
+            .find(|e| e.owner == 2 && e.heir == 1 - to)
+            .unwrap();
+        entry.owner = to;
+    };
+    // One entry each way past the bounds, as a weighted removal or addition can leave it:
+    // kept.
+    let mut entries = exact.entries().to_vec();
+    shift(&mut entries, 0);
+    let mut table = Table::adopt(entries.clone(), members()).unwrap();
+    table.validate().unwrap();
+    let kept = table.clone();
+    assert_eq!(table.settle(), Delta::default());
+    assert_eq!(table, kept);
+    // Slot 2 two short: no operation leaves that, so it is settled, with the fewest moves.
+    shift(&mut entries, 1);
+    let mut table = Table::adopt(entries, members()).unwrap();
+    assert_eq!(
+        table.validate(),
+        Err("slot 2 owns 6 entries, fewer than the 7 its share needs".to_owned())
+    );
+    let before = table.clone();
+    let delta = table.settle();
+    assert_eq!(delta.moved, 2);
+    check_rebalanced(&before, &table, delta.moved).unwrap();
+}
+
+#[test]
+fn an_addition_written_halfway_is_settled_with_the_missing_entries_only() {
+    // A daemon killed while writing slot 4's addition: the kernel holds the first half of
+    // the changed entries as the addition left them, the rest as before.
+    let old = Table::with_members(unit(0..4)).unwrap();
+    let mut added = old.clone();
+    let delta = added.add(4, 1).unwrap();
+    let mut entries = old.entries().to_vec();
+    let half = delta.changed.len() / 2;
+    for &index in &delta.changed[..half] {
+        entries[index as usize] = added.entries()[index as usize];
+    }
+    let live = unit(0..5);
+    let mut table = Table::adopt(entries, live.clone()).unwrap();
+    let before = table.clone();
+    let short = 13_107 - owned(&before, 4);
+    assert!(short > 0);
+    let settled = table.settle();
+    assert_eq!(settled.moved, short);
+    for (old, new) in before.entries().iter().zip(table.entries()) {
+        if old.owner != new.owner {
+            assert_eq!(new.owner, 4);
+        }
+    }
+    check_rebalanced(&before, &table, settled.moved).unwrap();
+}
+
+#[test]
 fn interleave_spreads_each_slot_evenly() {
     let seq = interleave(&[(1, 3), (2, 1), (3, 2)]);
     assert_eq!(seq.len(), 6);
@@ -247,6 +436,13 @@ enum Op {
     Rejoin(usize),
     Add(usize, u32),
     Weight(usize, u32),
+    /// Several members' weights at once (a SIGHUP or an adoption).
+    Weights(Vec<(usize, u32)>),
+    /// Every weight multiplied by the factor, then divided back: each moves nothing.
+    Scale(u32),
+    /// A slot is seated but its entries never written (a daemon killed in between); the
+    /// adopted table is then settled.
+    Seat(usize, u32),
     /// Every member is replaced by slots not in the table, one more, as many or fewer (by
     /// the first number), all with the given weight: a reload's switch.
     Switch(usize, u32),
@@ -259,6 +455,9 @@ fn op(weighted: bool) -> impl Strategy<Value = Op> {
         any::<usize>().prop_map(Op::Rejoin),
         (any::<usize>(), weight.clone()).prop_map(|(i, w)| Op::Add(i, w)),
         (any::<usize>(), weight.clone()).prop_map(|(i, w)| Op::Weight(i, w)),
+        proptest::collection::vec((any::<usize>(), weight.clone()), 1..8).prop_map(Op::Weights),
+        (2..=10u32).prop_map(Op::Scale),
+        (any::<usize>(), weight.clone()).prop_map(|(i, w)| Op::Seat(i, w)),
         (any::<usize>(), weight).prop_map(|(i, w)| Op::Switch(i, w)),
     ]
 }
@@ -377,11 +576,77 @@ fn apply_and_check(table: &mut Table, op: &Op, weighted: bool) -> Result<(), Tes
             }
             let slot = members[pick % members.len()];
             let delta = table.set_weight(slot, weight).unwrap();
+            check_rebalanced(&before, table, delta.moved)?;
+        }
+        Op::Weights(ref picks) => {
+            if members.is_empty() {
+                return Ok(());
+            }
+            let weights: BTreeMap<Slot, u32> = picks
+                .iter()
+                .map(|&(pick, weight)| (members[pick % members.len()], weight))
+                .collect();
+            let delta = table.set_weights(&weights).unwrap();
+            for (slot, weight) in &weights {
+                prop_assert_eq!(table.members()[slot], *weight);
+            }
+            check_rebalanced(&before, table, delta.moved)?;
+        }
+        Op::Scale(factor) => {
+            if !before.is_exactly_balanced() {
+                // Exact first (what a scaling would otherwise do on the way).
+                let settled = table.set_weights(&BTreeMap::new()).unwrap();
+                check_rebalanced(&before, table, settled.moved)?;
+            }
+            let exact = table.clone();
+            let scaled: BTreeMap<Slot, u32> = exact
+                .members()
+                .iter()
+                .map(|(&s, &w)| (s, w * factor))
+                .collect();
+            prop_assert_eq!(table.set_weights(&scaled).unwrap(), Delta::default());
             prop_assert_eq!(
-                delta.moved,
-                minimal_moves(&before, table),
-                "not the fewest moves"
+                table.set_weights(exact.members()).unwrap(),
+                Delta::default()
             );
+            prop_assert_eq!(&*table, &exact);
+        }
+        Op::Seat(pick, weight) => {
+            // Under two members no entry has an heir, so the pins cannot hold a table over
+            // two or more: adoption refuses them and the daemon builds afresh.
+            if !(2..256).contains(&members.len()) {
+                return Ok(());
+            }
+            let free: Vec<Slot> = (0..MAX_SLOTS as Slot)
+                .filter(|s| !members.contains(s))
+                .collect();
+            let seated = free[pick % free.len()];
+            let mut live = before.members().clone();
+            live.insert(seated, weight);
+            *table = Table::adopt(before.entries().to_vec(), live.clone()).unwrap();
+            let adopted = table.clone();
+            let delta = table.settle();
+            if delta.moved == 0 {
+                // A share so small that owning nothing is within one entry of it.
+                prop_assert!(
+                    weighted,
+                    "an entryless member of equal weight was not settled"
+                );
+                prop_assert_eq!(&*table, &adopted);
+                prop_assert_eq!(table.validate(), Ok(()));
+                return Ok(());
+            }
+            check_rebalanced(&adopted, table, delta.moved)?;
+            // With equal weights only the seated slot receives (with unequal ones, members
+            // between their bounds may take an entry the seated slot's ceiling cannot hold).
+            if !weighted {
+                prop_assert_eq!(delta.moved, owned(table, seated));
+                for (old, new) in adopted.entries().iter().zip(table.entries()) {
+                    if old.owner != new.owner {
+                        prop_assert_eq!(new.owner, seated, "an entry moved between other members");
+                    }
+                }
+            }
         }
         Op::Switch(count, weight) => {
             if members.is_empty() {
@@ -417,7 +682,18 @@ fn apply_and_check(table: &mut Table, op: &Op, weighted: bool) -> Result<(), Tes
         }
     }
     prop_assert_eq!(table.validate(), Ok(()), "after {:?}", op);
-    if !weighted || matches!(op, Op::Weight(..)) {
+    prop_assert_eq!(
+        table.clone().settle(),
+        Delta::default(),
+        "settling moved entries after {:?}",
+        op
+    );
+    if !weighted
+        || matches!(
+            op,
+            Op::Weight(..) | Op::Weights(..) | Op::Scale(..) | Op::Seat(..)
+        )
+    {
         prop_assert!(
             table.is_exactly_balanced(),
             "not within [floor, ceil] after {:?}",

@@ -162,9 +162,8 @@ impl Shell {
             TableOp::Release(slot) => group.release(*slot).map(|()| 0),
             TableOp::Drain(slot) => group.drain(*slot).map(|d| d.moved),
             TableOp::Admit { slot, weight } => group.admit(*slot, *weight).map(|d| d.moved),
-            TableOp::SetWeight { slot, weight } => {
-                group.set_weight(*slot, *weight).map(|d| d.moved)
-            }
+            TableOp::SetWeights(weights) => group.set_weights(weights).map(|d| d.moved),
+            TableOp::Settle => group.settle().map(|d| d.moved),
             TableOp::Switch { old, new, weight } => {
                 group.switch(old, new, *weight).map(|d| d.moved)
             }
