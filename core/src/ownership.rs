@@ -136,6 +136,15 @@ pub struct AddressInUse {
     pub sockets: Vec<(BoundSocket, Vec<Holder>)>,
 }
 
+/// Holders a refusal names together: same command name, parent, and socket address (empty
+/// when it is the service's own).
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Alike<'a> {
+    name: &'a str,
+    parent: Option<&'a (u32, String)>,
+    at: String,
+}
+
 /// How many groups of holders a refusal names before it counts the rest.
 const NAMED: usize = 4;
 
@@ -149,8 +158,7 @@ impl fmt::Display for AddressInUse {
             }
         };
         // Holders alike (same command, parent and address) are named together.
-        let mut alike: BTreeMap<(String, Option<(u32, String)>, String), BTreeSet<u32>> =
-            BTreeMap::new();
+        let mut alike: BTreeMap<Alike<'_>, BTreeSet<u32>> = BTreeMap::new();
         let mut unheld = Vec::new();
         for (socket, holders) in &self.sockets {
             if holders.is_empty() {
@@ -163,7 +171,11 @@ impl fmt::Display for AddressInUse {
             }
             for holder in holders {
                 alike
-                    .entry((holder.name.clone(), holder.parent.clone(), at(socket)))
+                    .entry(Alike {
+                        name: &holder.name,
+                        parent: holder.parent.as_ref(),
+                        at: at(socket),
+                    })
                     .or_default()
                     .insert(holder.pid);
             }
@@ -172,7 +184,7 @@ impl fmt::Display for AddressInUse {
         let mut who: Vec<String> = alike
             .iter()
             .take(NAMED)
-            .map(|((name, parent, at), pids)| {
+            .map(|(Alike { name, parent, at }, pids)| {
                 let list = pids.iter().map(u32::to_string).collect::<Vec<_>>();
                 let (noun, children) = if pids.len() == 1 {
                     ("pid", "child")

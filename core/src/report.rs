@@ -12,7 +12,7 @@ use portshard_common::{
 };
 use serde::Serialize;
 
-use crate::table::Slot;
+use crate::{ownership::ForeignSocket, table::Slot};
 
 /// One slot's line.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -151,7 +151,7 @@ fn probe_name(state: u32) -> &'static str {
 
 /// One service as `portshard status` shows it: the design's stable fields (`name`,
 /// `proto`, `listen`, `mode`, and per slot `slot`, `pid`, `state`, `entries`,
-/// `generation`) and more.
+/// `generation`) and more, among them `foreign` (`cookie`, `address`, `pids`, `uid`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ServiceStatus {
     /// Service name.
@@ -177,6 +177,10 @@ pub struct ServiceStatus {
     pub program_tag: String,
     /// The layout the service's pins are in (see [`portshard_common::PIN_LAYOUT`]).
     pub pin_layout: u32,
+    /// Sockets of other processes sharing its address (in its reuseport group, or
+    /// overlapping it through a wildcard; see [`crate::ownership`]): each takes flows meant
+    /// for the service, so an operator must know.
+    pub foreign: Vec<ForeignSocket>,
 }
 
 /// One generation of a service's workers.
@@ -361,7 +365,13 @@ impl ServiceStatus {
             flow_table,
             program_tag: String::new(),
             pin_layout: 0,
+            foreign: Vec::new(),
         }
+    }
+
+    /// The same status, with the foreign sockets found on its address.
+    pub fn with_foreign(self, foreign: Vec<ForeignSocket>) -> Self {
+        Self { foreign, ..self }
     }
 
     /// The same status, with the pinned program's tag and the pins' layout.

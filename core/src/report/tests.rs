@@ -19,6 +19,8 @@ fn service_records_round_trip_their_address() {
         );
         assert_eq!((status.proto, status.mode), ("tcp", "handover"));
         assert_eq!(status.listen, addr.to_string());
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["foreign"], serde_json::json!([]), "{json}");
     }
 }
 
