@@ -19,7 +19,7 @@ mod raw;
 use check::{Checker, Lines, check_service};
 use raw::{RawConfig, RawService};
 
-use crate::service::Proto;
+use crate::{ownership, service::Proto};
 
 /// The most workers a service may have: half the slots, so that a reload can start a whole
 /// new generation beside the running one.
@@ -247,7 +247,7 @@ impl Config {
             );
         }
         let mut names: BTreeMap<String, usize> = BTreeMap::new();
-        let mut addresses: BTreeMap<(Proto, SocketAddr), String> = BTreeMap::new();
+        let mut addresses: Vec<(Proto, SocketAddr, String)> = Vec::new();
         let mut services = Vec::new();
         for (index, raw) in raw.service.into_iter().enumerate() {
             let raw = RawService::read(&mut checker, raw, index);
@@ -270,18 +270,27 @@ impl Config {
             } else {
                 names.insert(service.0.name.clone(), position);
             }
-            let key = (service.0.proto, service.0.listen);
-            if let Some(other) = addresses.get(&key) {
-                checker.report(
+            let (proto, listen) = (service.0.proto, service.0.listen);
+            // portshard's own sockets: IPv6 ones are IPv6-only.
+            let shared = addresses.iter().find(|(other_proto, other, _)| {
+                *other_proto == proto && ownership::overlaps(*other, listen, Some(true))
+            });
+            match shared {
+                Some((_, other, name)) if *other == listen => checker.report(
                     service.1.listen.clone(),
                     format!("service {:?} field `listen`", service.0.name),
                     format!(
-                        "duplicate address: service {other:?} already listens on {} {}; give each service its own address or port",
-                        key.0, key.1
+                        "duplicate address: service {name:?} already listens on {proto} {listen}; give each service its own address or port"
                     ),
-                );
-            } else {
-                addresses.insert(key, service.0.name.clone());
+                ),
+                Some((_, other, name)) => checker.report(
+                    service.1.listen.clone(),
+                    format!("service {:?} field `listen`", service.0.name),
+                    format!(
+                        "overlapping address: service {name:?} listens on {proto} {other}, and one of the two addresses is the wildcard that covers the other, so they would share traffic; give each service its own port"
+                    ),
+                ),
+                None => addresses.push((proto, listen, service.0.name.clone())),
             }
         }
         if !checker.problems.is_empty() {

@@ -1,6 +1,6 @@
 //! The Prometheus (OpenMetrics text) exposition of a status snapshot: per service and slot,
-//! the program's counters, table entries and worker restarts, and the daemon's probe
-//! outcomes. Pure: it formats what it is given, with the maintained `prometheus-client`
+//! the program's counters, table entries and worker restarts, the foreign sockets on its
+//! address, and the daemon's probe outcomes. Pure: it formats what it is given, with the maintained `prometheus-client`
 //! crate doing the encoding.
 use std::collections::BTreeMap;
 
@@ -141,6 +141,12 @@ pub fn encode_status(status: &StatusReport, probes: &ProbeOutcomes) -> String {
         "The newest generation of the service's workers that takes new work",
         generation.clone(),
     );
+    let foreign = Family::<ServiceLabels, Gauge>::default();
+    registry.register(
+        "foreign_sockets",
+        "Sockets of other processes on the service's address and port (in its reuseport group, or on a wildcard or specific address overlapping it): they take flows meant for the service; `portshard status` names their pids. Alert when above 0",
+        foreign.clone(),
+    );
     let workers = Family::<WorkerLabels, Gauge>::default();
     registry.register(
         "workers",
@@ -171,6 +177,9 @@ pub fn encode_status(status: &StatusReport, probes: &ProbeOutcomes) -> String {
         fell_through
             .get_or_create(&labels)
             .inc_by(service.fell_through);
+        foreign
+            .get_or_create(&labels)
+            .set(i64::try_from(service.foreign.len()).unwrap_or(i64::MAX));
         if let Some(table) = &service.flow_table {
             let events = &table.events;
             let counts = [
@@ -235,6 +244,7 @@ mod tests {
     use portshard_common::{Counters, MAX_SLOTS, SlotMeta, SlotState};
 
     use super::*;
+    use crate::ownership::ForeignSocket;
     use crate::report::{FlowTableReport, PROTO_UDP, ServiceStatus, TableReport, service_meta};
     use crate::table::Table;
 
@@ -257,6 +267,12 @@ mod tests {
         counters.fell_through = 2;
         counters.slots[0].flow_hits = 9;
         counters.flows_new = 4;
+        let foreign = ForeignSocket {
+            cookie: 7,
+            address: "0.0.0.0:53".to_owned(),
+            pids: vec![99],
+            uid: 0,
+        };
         let service = ServiceStatus::new(
             &service_meta("127.0.0.1:53".parse().unwrap(), PROTO_UDP, 0, 16),
             TableReport::new("dns", table.entries(), &metas, &counters),
@@ -270,7 +286,8 @@ mod tests {
                     ..Default::default()
                 },
             )),
-        );
+        )
+        .with_foreign(vec![foreign]);
         let mut outcomes = OutcomeCounts::default();
         outcomes.add(crate::probe::Outcome::Answered);
         outcomes.add(crate::probe::Outcome::Excused(
@@ -297,6 +314,7 @@ mod tests {
             "portshard_flow_table_unkept_total{service=\"dns\"} 0",
             "portshard_flow_table_flows{service=\"dns\"} 3",
             "portshard_generation{service=\"dns\"} 0",
+            "portshard_foreign_sockets{service=\"dns\"} 1",
             "portshard_probes_total{service=\"dns\",slot=\"1\",outcome=\"answered\"} 1",
             "portshard_probes_total{service=\"dns\",slot=\"1\",outcome=\"worker_starved\"} 1",
             "portshard_probes_total{service=\"dns\",slot=\"1\",outcome=\"unanswered\"} 0",

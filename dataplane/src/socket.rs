@@ -39,32 +39,54 @@ pub struct SocketError {
 /// joins the reuseport group of every other such socket on `addr`. IPv6 sockets are
 /// IPv6-only, so an IPv4 and an IPv6 service on one port are separate groups.
 pub fn bind_reuseport(proto: Proto, addr: SocketAddr) -> Result<Socket, SocketError> {
-    let fail = |action| {
-        move |source| SocketError {
-            action,
-            proto,
-            addr,
-            source,
-        }
-    };
+    let socket = reuseport_socket(proto, addr)?;
+    join(&socket, proto, addr)?;
+    Ok(socket)
+}
+
+/// A socket of `proto` for `addr` with `SO_REUSEPORT` (IPv6-only for IPv6), not bound yet:
+/// its cookie can be recorded before it joins a group with [`join`], so whoever lists the
+/// group's sockets finds it recorded.
+pub fn reuseport_socket(proto: Proto, addr: SocketAddr) -> Result<Socket, SocketError> {
     let (kind, protocol) = socket_type(proto);
-    let socket =
-        Socket::new(Domain::for_address(addr), kind, Some(protocol)).map_err(fail("creating"))?;
+    let socket = Socket::new(Domain::for_address(addr), kind, Some(protocol))
+        .map_err(failed("creating", proto, addr))?;
     socket
         .set_reuse_port(true)
-        .map_err(fail("setting SO_REUSEPORT on"))?;
+        .map_err(failed("setting SO_REUSEPORT on", proto, addr))?;
     if addr.is_ipv6() {
         socket
             .set_only_v6(true)
-            .map_err(fail("setting IPV6_V6ONLY on"))?;
+            .map_err(failed("setting IPV6_V6ONLY on", proto, addr))?;
     }
-    socket.bind(&addr.into()).map_err(fail("binding"))?;
+    Ok(socket)
+}
+
+/// Binds `socket` (from [`reuseport_socket`]) to `addr`, and listens for TCP: it joins the
+/// reuseport group there.
+pub fn join(socket: &Socket, proto: Proto, addr: SocketAddr) -> Result<(), SocketError> {
+    socket
+        .bind(&addr.into())
+        .map_err(failed("binding", proto, addr))?;
     if proto == Proto::Tcp {
         socket
             .listen(LISTEN_BACKLOG)
-            .map_err(fail("listening on"))?;
+            .map_err(failed("listening on", proto, addr))?;
     }
-    Ok(socket)
+    Ok(())
+}
+
+fn failed(
+    action: &'static str,
+    proto: Proto,
+    addr: SocketAddr,
+) -> impl FnOnce(io::Error) -> SocketError {
+    move |source| SocketError {
+        action,
+        proto,
+        addr,
+        source,
+    }
 }
 
 /// The kernel's unique, never reused identifier of a socket (`SO_COOKIE`), so a slot's

@@ -42,6 +42,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneError},
     group::GroupError,
     handover::Handover,
+    ownership::AddressInUse,
     process::{self, Credentials, ProcessError},
     socket::SocketError,
     table::Slot,
@@ -113,6 +114,9 @@ pub enum DaemonError {
         /// The service.
         service: String,
     },
+    /// Something else already listens on a service's address: its group would be shared.
+    #[error(transparent)]
+    InUse(#[from] AddressInUse),
     /// Another daemon holds the pin root.
     #[error(
         "another portshard daemon already serves pin root {root} (it holds the lock on it): stop it first, or give this one its own --bpffs and --control"
@@ -279,7 +283,7 @@ async fn serve_resolved(
     );
     shell.listen_for_signals();
     upgrade::release_signals();
-    if let Err(error) = shell.start(services) {
+    if let Err(error) = shell.start(services, options.handover.is_some()) {
         if options.handover.is_some() {
             // The previous image gets everything back (see `go_back`): nothing is removed.
             return Err(error);

@@ -3,7 +3,14 @@
 use std::{io::Write as _, path::Path};
 
 use anyhow::{Context as _, Result};
-use portshard::{dataplane::Dataplane, report::StatusReport};
+use portshard::{
+    dataplane::Dataplane,
+    owners,
+    ownership::ForeignSocket,
+    report::{PROTO_TCP, StatusReport, listen_address},
+    sockdiag::SockDiag,
+    socket::Proto,
+};
 
 use crate::Failure;
 
@@ -68,10 +75,15 @@ pub fn flows(root: &Path, service: &str, json: bool) -> Result<()> {
 }
 
 pub fn status(root: &Path, json: bool) -> Result<()> {
+    let mut diag = SockDiag::open();
     let services = Dataplane::pinned_services(root)?
         .iter()
-        .map(|name| Dataplane::open(root, name)?.status())
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|name| {
+            let dataplane = Dataplane::open(root, name)?;
+            let status = dataplane.status()?;
+            Ok(status.with_foreign(foreign(&mut diag, &dataplane)))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let report = StatusReport { services };
     let mut out = std::io::stdout().lock();
     if json {
@@ -138,6 +150,19 @@ pub fn status(root: &Path, json: bool) -> Result<()> {
             )
             .context(STDOUT)?;
         }
+        for socket in &service.foreign {
+            let held = match socket.pids.as_slice() {
+                [] => "no process in this pid namespace".to_owned(),
+                [pid] => format!("pid {pid}"),
+                pids => format!("pids {pids:?}"),
+            };
+            writeln!(
+                out,
+                "  FOREIGN socket on {} (cookie {}, uid {}), held by {held}: another process shares this service's address and takes flows meant for it; stop it or move it elsewhere",
+                socket.address, socket.cookie, socket.uid
+            )
+            .context(STDOUT)?;
+        }
         if let Some(flows) = &service.flow_table {
             writeln!(
                 out,
@@ -156,6 +181,35 @@ pub fn status(root: &Path, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The foreign sockets on the address of `dataplane`'s service, checked now (so `status`
+/// needs no daemon); a check that cannot be made is said on stderr and shows none.
+fn foreign(diag: &mut std::io::Result<SockDiag>, dataplane: &Dataplane) -> Vec<ForeignSocket> {
+    let mut checked = || -> Result<Vec<ForeignSocket>> {
+        let meta = dataplane.service()?;
+        let proto = if meta.proto == PROTO_TCP {
+            Proto::Tcp
+        } else {
+            Proto::Udp
+        };
+        let diag = diag
+            .as_mut()
+            .map_err(|error| anyhow::anyhow!("opening a sock_diag socket: {error}"))?;
+        Ok(owners::report(
+            diag,
+            proto,
+            listen_address(&meta),
+            dataplane,
+        )?)
+    };
+    checked().unwrap_or_else(|error| {
+        eprintln!(
+            "warning: service {}: cannot check its address for foreign sockets: {error:#}",
+            dataplane.name()
+        );
+        Vec::new()
+    })
 }
 
 pub fn table(root: &Path, service: &str, json: bool) -> Result<()> {

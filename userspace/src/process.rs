@@ -9,11 +9,11 @@
 //! (pidfds, waitid, poll, pipes, fds, access) and `nix` (the user database).
 mod accounts;
 mod pidfd;
+mod sockets;
 
 use nix::unistd::{Gid, Uid};
 
 use std::{
-    collections::BTreeSet,
     ffi::{CString, OsStr},
     io,
     os::{
@@ -97,6 +97,7 @@ pub use accounts::Credentials;
 pub use pidfd::{has_exited, pidfd_open, reap, signal};
 pub use portshard_core::supervisor::Exit;
 pub use portshard_dataplane::group::start_time;
+pub use sockets::{established_connections, held_sockets, holder, socket_holders, socket_of};
 
 /// Where `program` would be run from: itself if it names a path, else the first
 /// executable of that name on `PATH`.
@@ -342,87 +343,9 @@ unsafe fn write_decimal(at: *mut u8, value: libc::pid_t) {
     unsafe { *at.add(len) = 0 };
 }
 
-/// The sockets process `pid` holds (`/proc/<pid>/fd`), as (descriptor, inode).
-fn socket_fds(pid: u32) -> io::Result<Vec<(i32, u32)>> {
-    let mut held = Vec::new();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
-        let fd = fd?;
-        // A descriptor closed while listing is simply not counted.
-        let Ok(target) = std::fs::read_link(fd.path()) else {
-            continue;
-        };
-        let number = fd.file_name().to_str().and_then(|n| n.parse::<i32>().ok());
-        let inode = target
-            .to_str()
-            .and_then(|t| t.strip_prefix("socket:["))
-            .and_then(|t| t.strip_suffix(']'))
-            .and_then(|t| t.parse::<u32>().ok());
-        if let (Some(number), Some(inode)) = (number, inode) {
-            held.push((number, inode));
-        }
-    }
-    Ok(held)
-}
-
-/// The inodes of the sockets process `pid` holds (`/proc/<pid>/fd`).
-pub fn held_sockets(pid: u32) -> io::Result<BTreeSet<u32>> {
-    Ok(socket_fds(pid)?
-        .into_iter()
-        .map(|(_, inode)| inode)
-        .collect())
-}
-
-/// A copy of the socket whose cookie is `cookie` among those the process behind `pidfd`
-/// (pid `pid`) holds, taken with `pidfd_getfd`: how a restarted daemon reaches a worker's
-/// listening socket, the only handle on its reuseport group. `None` if it holds no such
-/// socket.
-pub fn socket_of(pidfd: BorrowedFd<'_>, pid: u32, cookie: u64) -> io::Result<Option<OwnedFd>> {
-    let mut sockets = socket_fds(pid)?;
-    // Where socket activation put it first: a worker holding many connections is not
-    // searched through.
-    sockets.sort_by_key(|&(number, _)| number != LISTEN_FD);
-    for (number, _) in sockets {
-        // A descriptor closed meanwhile is simply skipped.
-        let Ok(copy) =
-            rustix::process::pidfd_getfd(pidfd, number, rustix::process::PidfdGetfdFlags::empty())
-        else {
-            continue;
-        };
-        if crate::socket::cookie(copy.as_fd()).ok() == Some(cookie) {
-            return Ok(Some(copy));
-        }
-    }
-    Ok(None)
-}
-
-/// How many of `established` (connection inodes, see
-/// [`crate::sockdiag::SockDiag::established_inodes`]) the process `pid` holds.
-pub fn established_connections(pid: u32, established: &BTreeSet<u32>) -> io::Result<usize> {
-    Ok(held_sockets(pid)?.intersection(established).count())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn this_process_holds_its_connections() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let _server = listener.accept().unwrap();
-        assert_eq!(
-            established_connections(
-                std::process::id(),
-                &crate::sockdiag::SockDiag::open()
-                    .unwrap()
-                    .established_inodes(port)
-                    .unwrap()
-            )
-            .unwrap(),
-            1
-        );
-    }
 
     #[test]
     fn decimal_writing_needs_no_allocation() {

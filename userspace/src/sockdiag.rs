@@ -1,19 +1,27 @@
-//! The kernel's sock_diag netlink interface, for two questions: has a worker accepted the
-//! TCP health probe's connection, and how many established connections does a retiring
-//! worker still hold? A connection still in a listener's accept queue has no file yet, so
-//! sock_diag reports inode 0 for it; `accept()` gives it one. An exact lookup by 4-tuple is
-//! a hash lookup in the kernel, cheap enough to repeat while a probe waits.
-use std::{collections::BTreeSet, io, net::SocketAddr, time::Duration};
+//! The kernel's sock_diag netlink interface, for three questions: has a worker accepted the
+//! TCP health probe's connection, how many established connections does a retiring
+//! worker still hold, and which sockets are bound on a service's port? A connection still
+//! in a listener's accept queue has no file yet, so sock_diag reports inode 0 for it;
+//! `accept()` gives it one. An exact lookup by 4-tuple is a hash lookup in the kernel, cheap
+//! enough to repeat while a probe waits; a dump walks the kernel's socket tables once.
+use std::{
+    collections::BTreeSet,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
 
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_sock_diag::{
     SockDiagMessage,
-    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
+    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
+
+use crate::{ownership::BoundSocket, socket::Proto};
 
 /// `INET_DIAG_NOCOOKIE`: look the socket up by its addresses alone.
 const NO_COOKIE: [u8; 8] = [0xff; 8];
@@ -110,41 +118,51 @@ impl SockDiag {
     }
 
     /// The inodes of the established TCP connections, IPv4 and IPv6, whose local port is
-    /// `port` (one dump of each family; the kernel filters by state).
+    /// `port` (one dump of each family; the kernel filters by state and port).
     pub fn established_inodes(&mut self, port: u16) -> io::Result<BTreeSet<u32>> {
         let mut inodes = BTreeSet::new();
         for family in [AF_INET, AF_INET6] {
-            let unspecified = if family == AF_INET {
-                std::net::Ipv4Addr::UNSPECIFIED.into()
-            } else {
-                std::net::Ipv6Addr::UNSPECIFIED.into()
-            };
-            let request = NetlinkMessage::new(
-                self.header(NLM_F_REQUEST | NLM_F_DUMP),
-                SockDiagMessage::InetRequest(InetRequest {
-                    family,
-                    protocol: IPPROTO_TCP,
-                    extensions: ExtensionFlags::empty(),
-                    states: StateFlags::ESTABLISHED,
-                    socket_id: SocketId {
-                        source_port: 0,
-                        destination_port: 0,
-                        source_address: unspecified,
-                        destination_address: unspecified,
-                        interface_id: 0,
-                        cookie: NO_COOKIE,
-                    },
-                })
-                .into(),
-            );
-            self.send(request)?;
-            self.dump(|header| {
-                if header.socket_id.source_port == port && header.inode != 0 {
-                    inodes.insert(header.inode);
-                }
-            })?;
+            self.dump(
+                family,
+                IPPROTO_TCP,
+                StateFlags::ESTABLISHED,
+                port,
+                |response| {
+                    if response.header.inode != 0 {
+                        inodes.insert(response.header.inode);
+                    }
+                },
+            )?;
         }
         Ok(inodes)
+    }
+
+    /// The sockets of `proto` bound on `port`, IPv4 and IPv6 (one dump of each family): TCP
+    /// listeners, and UDP sockets in any state (a connected one still takes its peer's
+    /// datagrams). Whether each shares a service's address is
+    /// [`crate::ownership::overlaps`]'s to say.
+    pub fn bound(&mut self, proto: Proto, port: u16) -> io::Result<Vec<BoundSocket>> {
+        let (protocol, states) = match proto {
+            Proto::Tcp => (IPPROTO_TCP, StateFlags::LISTEN),
+            Proto::Udp => (IPPROTO_UDP, StateFlags::all()),
+        };
+        let mut found = Vec::new();
+        for family in [AF_INET, AF_INET6] {
+            self.dump(family, protocol, states.clone(), port, |response| {
+                let id = &response.header.socket_id;
+                found.push(BoundSocket {
+                    local: SocketAddr::new(id.source_address, id.source_port),
+                    v6only: response.nlas.iter().find_map(|nla| match nla {
+                        Nla::SkV6Only(v6only) => Some(*v6only),
+                        _ => None,
+                    }),
+                    cookie: cookie(id.cookie),
+                    inode: response.header.inode,
+                    uid: response.header.uid,
+                });
+            })?;
+        }
+        Ok(found)
     }
 
     /// A request header with the next sequence number.
@@ -164,12 +182,41 @@ impl SockDiag {
         Ok(())
     }
 
-    /// Reads the replies to the last dump request, each socket's header to `each`, until
-    /// the kernel says it is done.
+    /// Dumps the sockets of `family` and `protocol` in `states` whose local port is `port`,
+    /// handing each to `each`. The kernel filters by state and port (a socket of another
+    /// port would still be skipped here).
     fn dump(
         &mut self,
-        mut each: impl FnMut(&netlink_packet_sock_diag::inet::InetResponseHeader),
+        family: u8,
+        protocol: u8,
+        states: StateFlags,
+        port: u16,
+        mut each: impl FnMut(&InetResponse),
     ) -> io::Result<()> {
+        let unspecified = if family == AF_INET {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        };
+        let request = NetlinkMessage::new(
+            self.header(NLM_F_REQUEST | NLM_F_DUMP),
+            SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol,
+                extensions: ExtensionFlags::empty(),
+                states,
+                socket_id: SocketId {
+                    source_port: port,
+                    destination_port: 0,
+                    source_address: unspecified,
+                    destination_address: unspecified,
+                    interface_id: 0,
+                    cookie: NO_COOKIE,
+                },
+            })
+            .into(),
+        );
+        self.send(request)?;
         loop {
             self.buffer.clear();
             let received = self.socket.recv(&mut self.buffer, 0)?;
@@ -187,8 +234,10 @@ impl SockDiag {
                 if message.header.sequence_number == self.sequence {
                     match message.payload {
                         NetlinkPayload::Done(_) => return Ok(()),
-                        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                            each(&response.header)
+                        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response))
+                            if response.header.socket_id.source_port == port =>
+                        {
+                            each(&response)
                         }
                         NetlinkPayload::Error(error) => {
                             if let Some(code) = error.code {
@@ -205,6 +254,13 @@ impl SockDiag {
             }
         }
     }
+}
+
+/// A socket's cookie from sock_diag's `id.cookie`: the kernel writes the 64-bit cookie as
+/// two `u32`s in host byte order, low half first. It equals `SO_COOKIE`.
+fn cookie(bytes: [u8; 8]) -> u64 {
+    let [a, b, c, d, e, f, g, h] = bytes;
+    u64::from(u32::from_ne_bytes([a, b, c, d])) | u64::from(u32::from_ne_bytes([e, f, g, h])) << 32
 }
 
 /// Whether the server side of a connection, as sock_diag reports it, was accepted by a

@@ -137,6 +137,27 @@ fn duplicate_address_is_refused() {
 }
 
 #[test]
+fn overlapping_addresses_are_refused_other_transports_and_families_are_not() {
+    let wildcard = DNS
+        .replace("\"dns\"", "\"any\"")
+        .replace("127.0.0.1:5300", "0.0.0.0:5300");
+    assert_eq!(
+        problem(&format!("{DNS}{wildcard}")),
+        format!(
+            "{FILE}:13:10: service \"any\" field `listen`: overlapping address: service \"dns\" listens on udp 127.0.0.1:5300, and one of the two addresses is the wildcard that covers the other, so they would share traffic; give each service its own port"
+        )
+    );
+    let tcp = wildcard.replace("\"udp\"", "\"tcp\"");
+    let ipv6 = DNS
+        .replace("\"dns\"", "\"dns6\"")
+        .replace("127.0.0.1:5300", "[::]:5300");
+    assert_eq!(
+        parse(&format!("{DNS}{tcp}{ipv6}")).unwrap().services.len(),
+        3
+    );
+}
+
+#[test]
 fn bad_values_name_their_field_and_what_is_allowed() {
     let cases = [
         (

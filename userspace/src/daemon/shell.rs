@@ -2,8 +2,11 @@
 //! control connections, probe results) into [`supervisor::Event`]s, and the
 //! [`supervisor::Action`]s that come out into syscalls on groups, sockets and processes.
 //! It decides nothing itself.
+mod owners;
 mod requests;
 mod workers;
+
+pub(super) use owners::CHECK_EVERY;
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -48,6 +51,8 @@ pub(super) enum Input {
     Timer(Timer),
     /// Time to look at the retiring workers.
     Tick,
+    /// Time to check the services' addresses for foreign sockets.
+    CheckOwners,
     /// SIGHUP: read the config file again.
     Hangup,
     /// A control request; its replies go back on `reply`, the last one final.
@@ -116,6 +121,8 @@ pub(super) struct Shell {
     pub(super) upgrading: bool,
     /// What an upgrade hands to the next image.
     pub(super) handles: Handles,
+    /// The watch for foreign sockets on the services' addresses.
+    watch: owners::Watch,
 }
 
 impl Shell {
@@ -147,17 +154,28 @@ impl Shell {
             last_event: "starting".to_owned(),
             upgrading: false,
             handles,
+            watch: owners::Watch::default(),
         }
     }
 
     /// Creates or adopts every service, then lets the supervisor start what is missing:
-    /// a service whose dataplane cannot be loaded stops the start before any worker runs,
-    /// and a worker that cannot be started fails it.
-    pub(super) fn start(&mut self, services: Vec<(Service, Launch)>) -> Result<(), DaemonError> {
+    /// a service whose dataplane cannot be loaded, or (unless `takeover`) whose address
+    /// anything else shares, stops the start before any worker runs, and a worker that
+    /// cannot be started fails it. An upgrade's `takeover` serves on the groups its
+    /// predecessor served, foreign sockets and all (reported as before), rather than send
+    /// the upgrade back over them.
+    pub(super) fn start(
+        &mut self,
+        services: Vec<(Service, Launch)>,
+        takeover: bool,
+    ) -> Result<(), DaemonError> {
         // Every service's pins are checked before any is changed (migrated, or given this
         // build's program): one that cannot be adopted leaves all of them as they were.
         for (spec, _) in &services {
             pins::check(&self.root, spec)?;
+            if !takeover {
+                self.refuse_shared(spec)?;
+            }
         }
         let mut opened = Vec::new();
         for (spec, launch) in services {
@@ -231,6 +249,7 @@ impl Shell {
                     let activity = self.activity();
                     self.feed(supervisor::Event::Tick { activity });
                 }
+                Input::CheckOwners => self.check_owners(),
                 Input::Hangup => self.hangup(),
                 Input::Control { request, reply } => self.control(request, reply),
                 Input::Probed {
@@ -408,7 +427,10 @@ impl Shell {
                 None
             }
             Action::AddService { spec, launch } => {
-                match pins::open(&self.root, &spec) {
+                let opened = self
+                    .refuse_shared(&spec)
+                    .and_then(|()| pins::open(&self.root, &spec));
+                match opened {
                     Ok((group, adoption, alive)) => {
                         self.pinned.push(spec.name.clone());
                         self.add(*spec, launch, group, adoption, alive)
@@ -424,6 +446,7 @@ impl Shell {
                 self.groups[service] = None;
                 self.probers.retain(|(id, _), _| *id != service);
                 self.pinned.retain(|pinned| *pinned != name);
+                self.watch.forget(&name);
                 match Dataplane::remove_pins(&self.root, &name) {
                     Ok(()) => {
                         info!(service = %name, "removed: its workers have ended and its pins are gone")

@@ -222,12 +222,17 @@ impl Shell {
                 .iter()
                 .flatten()
                 .filter_map(|group| group.dataplane().status().ok())
+                .map(|status| {
+                    let foreign = self.watch.sightings.of(&status.name).to_vec();
+                    status.with_foreign(foreign)
+                })
                 .collect(),
         }
     }
 
     /// Turns SIGTERM and SIGINT into [`Input::Stop`], SIGHUP into [`Input::Hangup`], and
-    /// sends [`Input::Tick`] every [`supervisor::TICK`].
+    /// sends [`Input::Tick`] every [`supervisor::TICK`] and [`Input::CheckOwners`] every
+    /// [`super::CHECK_EVERY`].
     pub(in crate::daemon) fn listen_for_signals(&self) {
         let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
@@ -254,15 +259,20 @@ impl Shell {
                 }
             }
         });
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(supervisor::TICK);
-            loop {
-                ticks.tick().await;
-                if events.send(Input::Tick).is_err() {
-                    return;
+        for (every, input) in [
+            (supervisor::TICK, (|| Input::Tick) as fn() -> Input),
+            (super::CHECK_EVERY, || Input::CheckOwners),
+        ] {
+            let events = self.events.clone();
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(every);
+                loop {
+                    ticks.tick().await;
+                    if events.send(input()).is_err() {
+                        return;
+                    }
                 }
-            }
-        });
+            });
+        }
     }
 }

@@ -14,7 +14,7 @@ use crate::{
     group::Holder,
     process::{self, Activation, Exit},
     sockdiag::SockDiag,
-    socket::{self, Proto},
+    socket::{self, Proto, SocketError},
     supervisor::{self, Activity, ServiceId, Signal, Spawn, TableOp},
     table::Slot,
 };
@@ -38,12 +38,29 @@ impl Shell {
             restarts,
             staged,
         } = *spawn;
-        let socket = socket::bind_reuseport(spec.proto, spec.listen).map_err(|source| {
-            DaemonError::Socket {
+        let Some(group) = self.groups[service].as_mut() else {
+            return Err(DaemonError::Removed {
                 service: spec.name.clone(),
+            });
+        };
+        let socket_error = |source| DaemonError::Socket {
+            service: spec.name.clone(),
+            source,
+        };
+        let socket = socket::reuseport_socket(spec.proto, spec.listen).map_err(socket_error)?;
+        // The slot records the socket's cookie before it joins the group, so whoever lists
+        // the sockets on the address (the foreign-socket check, `status`) finds it recorded.
+        let mut meta = group.dataplane().meta(slot)?;
+        meta.cookie = socket::cookie(socket.as_fd()).map_err(|source| {
+            socket_error(SocketError {
+                action: "reading SO_COOKIE of",
+                proto: spec.proto,
+                addr: spec.listen,
                 source,
-            }
+            })
         })?;
+        group.set_meta(slot, meta)?;
+        socket::join(&socket, spec.proto, spec.listen).map_err(socket_error)?;
         let spawned = process::spawn(
             &launch.program,
             &spec.command,
@@ -64,11 +81,6 @@ impl Shell {
             generation,
             started: process::start_time(spawned.pid).unwrap_or(0),
             restarts,
-        };
-        let Some(group) = self.groups[service].as_mut() else {
-            return Err(DaemonError::Removed {
-                service: spec.name.clone(),
-            });
         };
         let placed = if staged {
             group.stage(slot, socket.as_fd(), spec.weight, holder)
