@@ -24,7 +24,7 @@ use portshard::{
     socket::{self, Proto, bind_reuseport},
 };
 use portshard_harness::{
-    daemon::{DaemonRun, UdpFlows, scrape},
+    daemon::{DaemonRun, UdpFlows, scrape, tcp_greeting},
     scenario::PinRoot,
 };
 use serde_json::{Value, json};
@@ -169,7 +169,8 @@ fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<
 }
 
 /// A plain Python process holding a socket with `SO_REUSEPORT` on an address: the outsider
-/// a group must not be shared with. It exits when dropped.
+/// a group must not be shared with. It counts the datagrams or connections it receives
+/// until its standard input closes, and exits when dropped.
 struct Outsider {
     child: Child,
 }
@@ -177,18 +178,26 @@ struct Outsider {
 impl Outsider {
     /// Binds (and for TCP listens on) `addr` with `proto`, and waits until it has.
     fn bind(proto: Proto, addr: SocketAddr) -> Self {
-        let (kind, listen) = match proto {
-            Proto::Udp => ("SOCK_DGRAM", ""),
-            Proto::Tcp => ("SOCK_STREAM", "s.listen()"),
+        let (kind, listen, take) = match proto {
+            Proto::Udp => ("SOCK_DGRAM", "", "s.recv(65536)"),
+            Proto::Tcp => ("SOCK_STREAM", "s.listen()", "s.accept()[0].close()"),
         };
         let script = format!(
-            "import socket, sys\n\
+            "import select, socket, sys\n\
              s = socket.socket(socket.AF_INET, socket.{kind})\n\
              s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n\
              s.bind(('{}', {}))\n\
              {listen}\n\
              print('bound', flush=True)\n\
-             sys.stdin.read()\n",
+             received = 0\n\
+             while True:\n\
+             \x20   ready, _, _ = select.select([s, sys.stdin], [], [])\n\
+             \x20   if s in ready:\n\
+             \x20       {take}\n\
+             \x20       received += 1\n\
+             \x20   if sys.stdin in ready and not sys.stdin.read(1):\n\
+             \x20       break\n\
+             print(received, flush=True)\n",
             addr.ip(),
             addr.port()
         );
@@ -208,6 +217,18 @@ impl Outsider {
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// How many datagrams or connections it received, once told to stop.
+    fn received(mut self) -> u64 {
+        drop(self.child.stdin.take());
+        let mut line = String::new();
+        BufReader::new(self.child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        line.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("outsider said {line:?}"))
     }
 }
 
@@ -393,4 +414,38 @@ fn a_service_added_by_sighup_where_another_process_listens_is_refused_and_the_re
         ["dns"],
         "web was not created"
     );
+}
+
+#[test]
+fn an_outsider_in_a_services_group_receives_no_datagram_and_no_connection() {
+    const FLOWS: usize = 4096;
+    const CONNECTIONS: usize = 512;
+    let sandbox = sandbox();
+    let mut daemon = DaemonRun::start(
+        Path::new(EXE),
+        &config(&[("dns", "udp", 2), ("web", "tcp", 2)]),
+        sandbox.pins(),
+    )
+    .unwrap();
+    daemon.wait_ready(&[("dns", 2), ("web", 2)], READY).unwrap();
+    let udp = Outsider::bind(Proto::Udp, target());
+    let tcp = Outsider::bind(Proto::Tcp, target());
+
+    let mut flows = UdpFlows::new(target(), FLOWS).unwrap();
+    let answered = flows.settle(READY).unwrap().len();
+    let again = flows.round(Duration::from_secs(2)).unwrap();
+    let mut served = 0;
+    for _ in 0..CONNECTIONS {
+        if tcp_greeting(target(), Duration::from_secs(5)).is_ok() {
+            served += 1;
+        }
+    }
+    let (to_udp, to_tcp) = (udp.received(), tcp.received());
+    eprintln!(
+        "outsiders: {answered} + {} datagrams answered by workers, {to_udp} reached the UDP outsider; {served} of {CONNECTIONS} connections served by workers, {to_tcp} reached the TCP outsider",
+        again.iter().flatten().count()
+    );
+    assert_eq!((to_udp, to_tcp), (0, 0));
+    assert_eq!(answered, FLOWS);
+    assert_eq!(served, CONNECTIONS);
 }

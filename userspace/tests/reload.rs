@@ -568,3 +568,41 @@ fn a_generation_that_never_answers_its_readiness_probe_is_rolled_back() {
     assert_eq!(generations(&daemon, "dns"), [(1, "ready")]);
     assert_eq!(round_against(&mut live, &base), (live.len(), 0, 0));
 }
+
+#[test]
+fn a_sighup_doubling_every_weight_moves_no_entry() {
+    let sandbox = sandbox();
+    let daemon = start(&sandbox, "dns", "udp", 4, "");
+    let dataplane = portshard::dataplane::Dataplane::open(sandbox.pins(), "dns").unwrap();
+    let before = dataplane.read_entries();
+    daemon
+        .set_config(&config("dns", "udp", 4, "weight = 2"))
+        .unwrap();
+    daemon.hangup().unwrap();
+    let logged = "weight 2 on every slot: ";
+    let deadline = Instant::now() + READY;
+    let log = loop {
+        let log = daemon.log_text();
+        if log.contains(logged) {
+            break log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the weight change never applied:\n{log}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    };
+    let line = log.lines().find(|l| l.contains(logged)).unwrap();
+    let after = dataplane.read_entries();
+    let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+    let weights: Vec<u32> = status_of(&daemon, "dns")
+        .slots
+        .iter()
+        .filter(|s| s.state == "live")
+        .map(|s| s.weight)
+        .collect();
+    eprintln!("doubled weights: {moved} entries changed; {line}");
+    assert_eq!(weights, [2, 2, 2, 2]);
+    assert!(line.contains(": 0 entries moved"), "{line}");
+    assert_eq!(moved, 0);
+}
