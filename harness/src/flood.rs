@@ -3,6 +3,7 @@
 //! a raw IPv4 socket with its own headers, so each flow has its own source address in
 //! 127.0.0.0/8 of the test's network namespace; answers to them go nowhere.
 use std::{
+    collections::BTreeMap,
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
 };
@@ -100,12 +101,21 @@ fn ip_checksum(header: &[u8]) -> u16 {
 /// process's `/proc/net` is the main thread's): the service's and the clients' alike, what
 /// a loss that is not steering's shows as.
 pub fn udp_drops() -> io::Result<u64> {
+    Ok(udp_drops_by_inode()?.values().sum())
+}
+
+/// [`udp_drops`] per socket, by the socket's inode (`/proc/<pid>/fd/<n>` links to
+/// `socket:[<inode>]`).
+pub fn udp_drops_by_inode() -> io::Result<BTreeMap<u64, u64>> {
     let text = std::fs::read_to_string("/proc/thread-self/net/udp")?;
     Ok(text
         .lines()
         .skip(1)
-        .filter_map(|line| line.split_whitespace().last()?.parse::<u64>().ok())
-        .sum())
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            Some((fields.get(9)?.parse().ok()?, fields.last()?.parse().ok()?))
+        })
+        .collect())
 }
 
 /// Packets the CPUs' input backlogs dropped (`/proc/net/softnet_stat`, second column), in

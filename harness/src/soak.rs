@@ -13,7 +13,11 @@
 //! worker was retired by a reload (which ends held connections at `drain_timeout`), and is
 //! never refused; a reload is switched to, or else the daemon was killed while it ran; no
 //! table entry stays without a live owner or heir.
-use std::{collections::BTreeMap, fmt, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    time::Duration,
+};
 
 use portshard::table::Slot;
 
@@ -134,6 +138,9 @@ pub struct Ledger {
     faults: Vec<Fault>,
     last: BTreeMap<(String, usize), (Answer, Duration)>,
     violations: Vec<Violation>,
+    /// Datagrams lost where the expected worker's socket dropped datagrams (a full receive
+    /// buffer) during the round: excused, counted.
+    buffer_losses: usize,
 }
 
 impl Ledger {
@@ -145,6 +152,7 @@ impl Ledger {
             faults: Vec::new(),
             last: BTreeMap::new(),
             violations: Vec::new(),
+            buffer_losses: 0,
         }
     }
 
@@ -261,6 +269,19 @@ impl Ledger {
     /// Checks one UDP round of `service` collected until `done`: `answers[flow]` is who
     /// answered the flow, if anyone did. A flow's span runs from its last answer to `done`.
     pub fn udp_round(&mut self, service: &str, done: Duration, answers: &[Option<Answer>]) {
+        self.udp_round_with_drops(service, done, answers, &BTreeSet::new());
+    }
+
+    /// [`Ledger::udp_round`], where the sockets of the slots `dropped` dropped datagrams
+    /// during the round (their receive buffers were full, as under a flood): a flow of
+    /// theirs left unanswered is a buffer's loss, not steering's, and is excused.
+    pub fn udp_round_with_drops(
+        &mut self,
+        service: &str,
+        done: Duration,
+        answers: &[Option<Answer>],
+        dropped: &BTreeSet<Slot>,
+    ) {
         for (flow, answer) in answers.iter().enumerate() {
             let key = (service.to_owned(), flow);
             let Some(&(before, since)) = self.last.get(&key) else {
@@ -293,6 +314,10 @@ impl Ledger {
                     }
                 }
                 Some(_) => {}
+                None if dropped.contains(&before.slot) => {
+                    self.buffer_losses += 1;
+                    continue;
+                }
                 None => {
                     if !self.disturbed(service, before.slot, since, done)
                         && !self.passed_through(service, since, done)
@@ -367,6 +392,11 @@ impl Ledger {
     /// The faults injected so far, by kind.
     pub fn faults_by_kind(&self) -> &BTreeMap<FaultKind, usize> {
         &self.injected
+    }
+
+    /// Datagrams lost where their worker's socket dropped datagrams meanwhile (excused).
+    pub fn buffer_losses(&self) -> usize {
+        self.buffer_losses
     }
 
     /// How many faults were injected.
@@ -444,6 +474,19 @@ mod tests {
         ledger.udp_round(S, at(1210), &[answer(3, 103), answer(1, 101)]);
         ledger.udp_round(S, at(1610), &[answer(0, 200), answer(1, 101)]);
         assert!(ledger.violations().is_empty(), "{:?}", ledger.violations());
+    }
+
+    #[test]
+    fn a_lost_datagram_is_excused_only_where_its_workers_socket_dropped_datagrams() {
+        let mut ledger = ledger_with(FaultKind::Stop, 0, 1000, 1500);
+        // Long after the fault: slot 1's socket dropped datagrams, slot 0's did not.
+        let dropped = BTreeSet::from([1]);
+        ledger.udp_round_with_drops(S, at(3300), &[answer(0, 100), None], &dropped);
+        assert!(ledger.violations().is_empty(), "{:?}", ledger.violations());
+        assert_eq!(ledger.buffer_losses(), 1);
+        ledger.udp_round_with_drops(S, at(3700), &[None, answer(1, 101)], &dropped);
+        assert_eq!(ledger.violations().len(), 1);
+        assert_eq!(ledger.buffer_losses(), 1);
     }
 
     #[test]

@@ -4,14 +4,23 @@
 //! sequence number, TCP connections opened, used and closed in a loop, others held open),
 //! while a chaos loop at random intervals SIGKILLs workers, SIGSTOPs and later SIGCONTs them,
 //! `kill -9`s the daemon and restarts it, drains and restores slots, changes weights and
-//! reloads services (a new generation of workers takes over; the old one retires).
+//! reloads services (a new generation of workers takes over; the old one retires). Hostile
+//! load runs throughout: a flood of one-datagram flows from many source addresses at both
+//! UDP services, a storm of TCP connections opened and closed at once driving the TCP
+//! workers past saturation, and a thread spinning on a CPU at the daemon's priority. A UDP
+//! datagram lost where its worker's socket dropped datagrams (a full receive buffer) is
+//! excused and counted; every other invariant holds as without the hostile load.
 //! Every observation is checked against the invariants of `portshard_harness::soak`; after the
 //! final SIGTERM no pin, process or fd may be left. Every violation is printed with its flow,
 //! slot, pid and time; the last line is `soak faults=<n> violations=<n>`.
 use std::{
-    collections::BTreeMap,
-    net::{SocketAddr, TcpStream},
+    collections::{BTreeMap, BTreeSet},
+    net::{SocketAddr, SocketAddrV4, TcpStream},
     path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -28,6 +37,7 @@ use portshard_harness::{
     daemon::{
         DaemonRun, UdpFlows, control_request, echo, portshard_exe, read_greeting, signal, workers,
     },
+    flood::{Flood, udp_drops_by_inode},
     scenario::Sandbox,
     soak::{Fault, FaultKind, Ledger, Rng, TcpOutcome},
 };
@@ -43,6 +53,9 @@ const TCP_TIMEOUT: Duration = Duration::from_secs(1);
 const MARGIN: Duration = Duration::from_secs(1);
 /// At most this many workers of a service are down (killed or stopped) at once.
 const MAX_DOWN: usize = 2;
+/// One-datagram flows the flood sends per burst, to one UDP service, and the pause after.
+const FLOOD_BURST: u32 = 500;
+const FLOOD_PAUSE: Duration = Duration::from_millis(10);
 
 /// A service of the soak: name, transport, port, steering mode, and whether it has a
 /// health probe.
@@ -141,6 +154,76 @@ struct Retiree {
     span: Option<usize>,
 }
 
+/// Datagrams dropped so far by each slot's socket (`sockets`: slot to inode).
+fn slot_drops(sockets: &BTreeMap<Slot, u64>) -> BTreeMap<Slot, u64> {
+    let drops = udp_drops_by_inode().unwrap_or_default();
+    sockets
+        .iter()
+        .filter_map(|(&slot, inode)| Some((slot, *drops.get(inode)?)))
+        .collect()
+}
+
+/// The hostile load, each part on a thread of its own until `stop`: returns the flood's
+/// datagrams and the storm's connections.
+fn hostile(stop: &Arc<AtomicBool>) -> Result<Vec<JoinHandle<u64>>> {
+    let udp_ports: Vec<u16> = SERVICES
+        .iter()
+        .filter(|s| s.proto == "udp")
+        .map(|s| s.port)
+        .collect();
+    let floods = udp_ports
+        .iter()
+        .map(|&port| Flood::new(SocketAddrV4::new([127, 0, 0, 1].into(), port)))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("opening the flood's raw sockets")?;
+    let flood = {
+        let stop = Arc::clone(stop);
+        std::thread::spawn(move || {
+            let (mut next, mut sent) = (0u32, 0);
+            while !stop.load(Ordering::Relaxed) {
+                for flood in &floods {
+                    // Every flow new: sources cycle through about 16 million.
+                    let first = next % (15 << 20);
+                    sent += flood.send(first..first + FLOOD_BURST, 1).unwrap_or(0);
+                    next = next.wrapping_add(FLOOD_BURST);
+                }
+                std::thread::sleep(FLOOD_PAUSE);
+            }
+            sent
+        })
+    };
+    let tcp: Vec<SocketAddr> = SERVICES
+        .iter()
+        .filter(|s| s.proto == "tcp")
+        .map(|s| address(s.port))
+        .collect();
+    let storm = {
+        let stop = Arc::clone(stop);
+        std::thread::spawn(move || {
+            let mut opened = 0;
+            while !stop.load(Ordering::Relaxed) {
+                for &target in &tcp {
+                    if TcpStream::connect_timeout(&target, TCP_TIMEOUT).is_ok() {
+                        opened += 1;
+                    }
+                }
+            }
+            opened
+        })
+    };
+    let hog = {
+        let stop = Arc::clone(stop);
+        std::thread::spawn(move || {
+            let mut spins = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                spins = std::hint::black_box(spins.wrapping_add(1));
+            }
+            0
+        })
+    };
+    Ok(vec![flood, storm, hog])
+}
+
 /// Whether process `pid` runs (exists and is not a zombie).
 fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
@@ -225,16 +308,45 @@ impl Soak {
     /// meanwhile: their flows may have moved in this very round).
     fn udp_rounds(&mut self) -> Result<()> {
         for index in 0..self.udp.len() {
+            let service = self.udp[index].0;
+            let sockets = self.sockets_of(service)?;
+            let before = slot_drops(&sockets);
             let answers = self.udp[index].1.round(ROUND_TIMEOUT)?;
             let done = self.start.elapsed();
-            let service = self.udp[index].0;
+            let after = slot_drops(&sockets);
+            let dropped: BTreeSet<Slot> = after
+                .iter()
+                .filter(|&(slot, drops)| before.get(slot).is_some_and(|b| drops > b))
+                .map(|(&slot, _)| slot)
+                .collect();
             if self.reloading.iter().any(|r| r.service == service) {
                 let status = self.daemon.status()?;
                 self.note_retired(&status);
             }
-            self.ledger.udp_round(service, done, &answers);
+            self.ledger
+                .udp_round_with_drops(service, done, &answers, &dropped);
         }
         Ok(())
+    }
+
+    /// The inode of each slot's listening socket (its worker's fd 3) of `service`.
+    fn sockets_of(&self, service: &str) -> Result<BTreeMap<Slot, u64>> {
+        Ok(self
+            .pids()?
+            .remove(service)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(slot, pid)| {
+                let link = std::fs::read_link(format!("/proc/{pid}/fd/3")).ok()?;
+                let inode = link
+                    .to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse()
+                    .ok()?;
+                Some((slot, inode))
+            })
+            .collect())
     }
 
     /// Starts the ledger's span of each retiring worker that has exited (by `status`, just
@@ -629,6 +741,8 @@ fn main() -> Result<()> {
         flows.settle(READY)?;
         soak.udp.push((spec.name, flows));
     }
+    let stop = Arc::new(AtomicBool::new(false));
+    let hostile = hostile(&stop)?;
     soak.start = Instant::now();
     let mut next_fault = soak.rng.millis(200..800);
     let mut next_table = Duration::from_secs(1);
@@ -645,6 +759,8 @@ fn main() -> Result<()> {
             next_table = soak.now() + Duration::from_secs(1);
         }
     }
+    stop.store(true, Ordering::Relaxed);
+    let hostile: Vec<u64> = hostile.into_iter().map(|t| t.join().unwrap_or(0)).collect();
     // Undo every disturbance, then stop everything and count what is left.
     for pending in &soak.pending {
         let _ = signal(pending.pid, libc::SIGCONT);
@@ -708,6 +824,12 @@ fn main() -> Result<()> {
     println!(
         "faults by kind: {}; {connections} TCP connections opened and closed",
         by_kind.join(" ")
+    );
+    println!(
+        "hostile load: {} one-datagram flows flooded, {} storm connections; {} datagrams lost where their worker's socket dropped datagrams (excused)",
+        hostile[0],
+        hostile[1],
+        ledger.buffer_losses()
     );
     println!(
         "soak faults={} violations={}",
