@@ -311,8 +311,9 @@ impl SlotState {
     }
 }
 
-/// Userspace's record of one slot. The program never reads it; it lets the CLI and a
-/// restarted daemon know who holds each slot without asking anyone.
+/// Userspace's record of one slot: it lets the CLI and a restarted daemon know who holds
+/// each slot without asking anyone. The program reads its `generation` (a flow reaches
+/// only a slot of its own generation) and `state` (its last resort is a live slot).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SlotMeta {

@@ -117,7 +117,7 @@ pub fn encode_status(status: &StatusReport, probes: &ProbeOutcomes) -> String {
         ),
         (
             "flow_table_unkept",
-            "Flows not entered because the flow table was full: they follow the table, unkept",
+            "Second datagrams whose flow could not be entered because the flow table was full (a flow not kept is counted again on each later datagram): it follows the table, unkept",
         ),
         (
             "flow_table_expired",

@@ -29,6 +29,7 @@ mod layout;
 mod mapped;
 mod pinned;
 mod program;
+mod records;
 
 pub use error::DataplaneError;
 use error::Result;
@@ -36,6 +37,7 @@ pub use flows::Sweep;
 use mapped::MappedTable;
 use pinned::{check_pin, open_map, open_program, program_error, remove_if_present, typed};
 pub use program::{Adopted, LoadedProgram, format_tag};
+pub use records::{PinnedRecords, SlotRecords};
 
 use crate::{
     bpffs,

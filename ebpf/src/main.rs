@@ -44,7 +44,7 @@ static SOCKETS: ReusePortSockArray = ReusePortSockArray::pinned(MAX_SLOTS, 0);
 #[map(name = "table")]
 static TABLE: Array<Table> = Array::pinned(1, BPF_F_MMAPABLE);
 
-/// Userspace's per-slot records; defined here so one object describes every pinned map.
+/// Userspace's per-slot records: the program reads each slot's generation and state.
 #[map(name = "slots")]
 static SLOTS: Array<SlotMeta> = Array::pinned(MAX_SLOTS, 0);
 

@@ -71,10 +71,38 @@ pub fn serve() -> Result<(), EchoError> {
     }
     let listener = TcpListener::from(socket);
     loop {
-        let (stream, _) = listener.accept().map_err(io("accepting"))?;
+        // Out of descriptors or memory under a storm of connections: the error lasts until
+        // something closes, so wait a little rather than spin or exit.
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(error) if is_transient(&error) => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
+            Err(error) => return Err(io("accepting")(error)),
+        };
         let greeting = format!("{identity}\n");
-        std::thread::spawn(move || echo_connection(stream, &greeting));
+        // A thread that cannot be started (too many at once) costs this connection only.
+        let _ = std::thread::Builder::new().spawn(move || echo_connection(stream, &greeting));
     }
+}
+
+/// Whether a failed `accept` is worth retrying: the listener is fine, the process or the
+/// system is short of something for now, or the connection was gone before it was taken.
+fn is_transient(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::ECONNABORTED
+                | libc::EINTR
+                | libc::EPROTO
+                | libc::EPERM
+        )
+    )
 }
 
 fn echo_connection(mut stream: TcpStream, greeting: &str) -> io::Result<()> {

@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, io, net::SocketAddr};
 use portshard_common::MAX_SLOTS;
 
 use crate::{
-    dataplane::{Dataplane, DataplaneError},
+    dataplane::{DataplaneError, SlotRecords},
     ownership::{self, AddressInUse, BoundSocket, ForeignSocket},
     process,
     sockdiag::SockDiag,
@@ -55,7 +55,7 @@ pub fn foreign(
     diag: &mut SockDiag,
     proto: Proto,
     listen: SocketAddr,
-    records: Option<&Dataplane>,
+    records: Option<&dyn SlotRecords>,
     known: &mut BTreeSet<u64>,
 ) -> Result<Vec<BoundSocket>, OwnersError> {
     let found = diag
@@ -75,11 +75,11 @@ pub fn foreign(
     }
 }
 
-/// The cookies recorded for `dataplane`'s slots, whatever their state (a cookie is never
+/// The cookies recorded for the service's slots, whatever their state (a cookie is never
 /// reused, so an old record names nobody else's socket).
-fn recorded_cookies(dataplane: &Dataplane) -> Result<BTreeSet<u64>, DataplaneError> {
+fn recorded_cookies(records: &dyn SlotRecords) -> Result<BTreeSet<u64>, DataplaneError> {
     (0..MAX_SLOTS as Slot)
-        .map(|slot| dataplane.meta(slot).map(|meta| meta.cookie))
+        .map(|slot| records.slot_record(slot).map(|meta| meta.cookie))
         .filter(|cookie| !matches!(cookie, Ok(0)))
         .collect()
 }
@@ -92,7 +92,7 @@ pub fn in_use(
     name: &str,
     proto: Proto,
     listen: SocketAddr,
-    records: Option<&Dataplane>,
+    records: Option<&dyn SlotRecords>,
 ) -> Result<Option<AddressInUse>, OwnersError> {
     let sockets = foreign(diag, proto, listen, records, &mut BTreeSet::new())?;
     if sockets.is_empty() {
@@ -121,7 +121,7 @@ pub fn report(
     diag: &mut SockDiag,
     proto: Proto,
     listen: SocketAddr,
-    records: &Dataplane,
+    records: &dyn SlotRecords,
 ) -> Result<Vec<ForeignSocket>, OwnersError> {
     let sockets = foreign(diag, proto, listen, Some(records), &mut BTreeSet::new())?;
     if sockets.is_empty() {

@@ -243,9 +243,12 @@ impl<L: Clone> Supervisor<L> {
         running.launch = reload.launch.clone();
         let (drain_idle, drain_timeout) = (running.spec.drain_idle, running.spec.drain_timeout);
         let name = running.spec.name.clone();
+        let switches = Self::table_switches(&running.spec);
         for slot in gone {
             self.release(service, slot);
         }
+        // The new generation's settings the program reads (flow_idle, probes) apply with it.
+        self.table(service, TableOp::SetSwitches(switches));
         let message = format!(
             "service {name} generation {} takes new work in slots {:?}: {moved} table entries moved; generation {old_generation} (slots {retiring:?}) keeps its connections and flows and stops once idle for {} (at most {})",
             reload.generation,

@@ -97,8 +97,9 @@ impl LoadedProgram {
 pub struct Adopted {
     /// The layout the pins were migrated from, if they were in an older one.
     pub migrated_from: Option<u32>,
-    /// This build's program, when its tag differs from the pinned one's: to be attached
-    /// to the live group and pinned ([`Dataplane::replace_program`]).
+    /// This build's program, when its tag differs from the pinned one's or the pins were
+    /// migrated: to be attached to the live group and pinned
+    /// ([`Dataplane::replace_program`]).
     pub replacement: Option<LoadedProgram>,
     /// The pinned program's tag.
     pub pinned_tag: u64,
@@ -151,7 +152,9 @@ impl Dataplane {
         }
         let pinned_tag = dataplane.program_tag()?;
         let loaded = LoadedProgram::load(&dataplane.dir, dataplane.flow_capacity)?;
-        let replacement = (loaded.tag() != pinned_tag).then_some(loaded);
+        // Migrated pins hold maps the pinned program never used: it is replaced even when
+        // its instructions (and so its tag) are this build's.
+        let replacement = (loaded.tag() != pinned_tag || migrated_from.is_some()).then_some(loaded);
         Ok((
             dataplane,
             Adopted {

@@ -48,7 +48,10 @@ const HELD: usize = 8;
 const CONNECTIONS_PER_LOOP: usize = 4;
 const READY: Duration = Duration::from_secs(30);
 const ROUND_TIMEOUT: Duration = Duration::from_millis(400);
-const TCP_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the soak's own TCP connections wait to connect and for each answer: generous,
+/// as the hostile load drives the TCP workers past saturation (a full accept queue drops
+/// SYNs, which are sent again after 1 s and 3 s).
+const TCP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Slack around each fault for delivery and scheduling.
 const MARGIN: Duration = Duration::from_secs(1);
 /// At most this many workers of a service are down (killed or stopped) at once.
@@ -163,8 +166,8 @@ fn slot_drops(sockets: &BTreeMap<Slot, u64>) -> BTreeMap<Slot, u64> {
         .collect()
 }
 
-/// The hostile load, each part on a thread of its own until `stop`: returns the flood's
-/// datagrams and the storm's connections.
+/// Starts the hostile load, each part on a thread of its own until `stop`. The threads
+/// return what they did: the flood its datagrams, the storm its connections, the CPU hog 0.
 fn hostile(stop: &Arc<AtomicBool>) -> Result<Vec<JoinHandle<u64>>> {
     let udp_ports: Vec<u16> = SERVICES
         .iter()

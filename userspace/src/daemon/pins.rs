@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 use super::DaemonError;
 use crate::{
     config::{Mode, Service},
-    dataplane::{Dataplane, LoadedProgram, format_tag},
+    dataplane::{Dataplane, LoadedProgram, PinnedRecords, format_tag},
     group::Group,
     process,
     report::{self, PROTO_TCP, PROTO_UDP, listen_address},
@@ -72,21 +72,22 @@ pub(super) fn check(root: &Path, spec: &Service) -> Result<Option<u32>, DaemonEr
         return Ok(None);
     }
     let layout = Dataplane::check_adoptable(root, &spec.name)?;
-    let dataplane = Dataplane::open(root, &spec.name)?;
-    same_service(&dataplane, spec)?;
+    // Pins still in an older layout cannot be opened whole: the records alone are read.
+    let records = PinnedRecords::open(root, &spec.name)?;
+    same_service(&records, spec)?;
     Ok(Some(layout))
 }
 
 /// Refuses pins that record another service than `spec` describes.
-fn same_service(dataplane: &Dataplane, spec: &Service) -> Result<(), DaemonError> {
-    let pinned = dataplane.service()?;
+fn same_service(records: &PinnedRecords, spec: &Service) -> Result<(), DaemonError> {
+    let pinned = records.service()?;
     let configured = service_record(spec);
     if pinned == configured {
         return Ok(());
     }
     Err(DaemonError::Changed {
         service: spec.name.clone(),
-        dir: dataplane.dir().to_path_buf(),
+        dir: records.dir().to_path_buf(),
         pinned: describe(&pinned),
         configured: describe(&configured),
     })
@@ -97,11 +98,11 @@ fn same_service(dataplane: &Dataplane, spec: &Service) -> Result<(), DaemonError
 /// inconsistent), each slot's record read, and a pidfd opened on every worker still
 /// running (same pid and start time).
 fn adopt(root: &Path, spec: &Service) -> Result<(Group, Adoption, Vec<Alive>), DaemonError> {
+    same_service(&PinnedRecords::open(root, &spec.name)?, spec)?;
     let (dataplane, adopted) = Dataplane::adopt(root, &spec.name)?;
     if let Some(from) = adopted.migrated_from {
-        info!(service = %spec.name, from, to = PIN_LAYOUT, "migrated the pins to this build's layout in place; no map, flow or slot changed");
+        info!(service = %spec.name, from, to = PIN_LAYOUT, "migrated the pins to this build's layout in place; no slot or table entry changed, but the flow table of layouts before 3 (keyed by the flow hash alone) cannot be carried over: its UDP flows are steered by the table again, once each");
     }
-    same_service(&dataplane, spec)?;
     let entries = dataplane.read_entries();
     let mut owns = vec![false; MAX_SLOTS as usize];
     entries
@@ -188,7 +189,7 @@ fn put_in_place(
         from = %format_tag(pinned_tag),
         to = %format_tag(new_tag),
         through = ?socket.as_ref().map(|(pid, _)| pid),
-        "the pinned program differs from this build's: attached this build's program to the group and pinned it; the maps, and so every flow, stay"
+        "put this build's program in place of the pinned one (its tag differs, or the pins were migrated): attached to the group, then pinned; the maps, and so every flow, stay"
     );
     Ok(())
 }

@@ -25,16 +25,23 @@ fn a_reload_stages_waits_switches_and_retires_the_old_generation() {
     assert_eq!(after, Duration::from_secs(1));
     assert!(matches!(replies(&actions)[..], [Reply::Progress { .. }]));
     assert_eq!(h.sup.staged(0), vec![(2, h.pid(2)), (3, h.pid(3))]);
-    // Ready: one table change switches every old member to a new slot.
+    // Ready: one table change switches every old member to a new slot, and the new
+    // generation's settings reach the program.
     h.advance(after);
     let actions = h.feed_table_ok(Event::Timer(ready), 65536);
     assert_eq!(
         table_ops(&actions),
-        vec![TableOp::Switch {
-            old: vec![0, 1],
-            new: vec![2, 3],
-            weight: 3
-        }]
+        vec![
+            TableOp::Switch {
+                old: vec![0, 1],
+                new: vec![2, 3],
+                weight: 3
+            },
+            TableOp::SetSwitches(Switches {
+                flags: 0,
+                flow_idle_s: 120
+            })
+        ]
     );
     let replies = replies(&actions);
     assert!(matches!(
@@ -166,7 +173,10 @@ fn a_staged_worker_must_answer_a_readiness_probe_before_the_switch() {
     });
     h.advance(after);
     let actions = h.feed_table_ok(Event::Timer(ready), 65536);
-    assert!(matches!(table_ops(&actions)[..], [TableOp::Switch { .. }]));
+    assert!(matches!(
+        table_ops(&actions)[..],
+        [TableOp::Switch { .. }, TableOp::SetSwitches(_)]
+    ));
 }
 
 #[test]

@@ -13,7 +13,7 @@ use super::Shell;
 use crate::{
     config::{DEFAULT_PROBE_INTERVAL, Service},
     daemon::{DaemonError, pins},
-    dataplane::Dataplane,
+    dataplane::{PinnedRecords, SlotRecords},
     owners,
     ownership::Sightings,
     process,
@@ -62,8 +62,9 @@ impl Shell {
     /// processes that hold them. A check that cannot be made is logged and refuses nothing:
     /// the kernel's own bind rules still apply.
     pub(super) fn refuse_shared(&mut self, spec: &Service) -> Result<(), DaemonError> {
+        // The pins may be in an older layout still: only the slot records are read.
         let records = if pins::is_pinned(&self.root, spec) {
-            Some(Dataplane::open(&self.root, &spec.name)?)
+            Some(PinnedRecords::open(&self.root, &spec.name)?)
         } else {
             None
         };
@@ -76,7 +77,13 @@ impl Shell {
                 source,
             })
             .and_then(|diag| {
-                owners::in_use(diag, &spec.name, spec.proto, spec.listen, records.as_ref())
+                owners::in_use(
+                    diag,
+                    &spec.name,
+                    spec.proto,
+                    spec.listen,
+                    records.as_ref().map(|r| r as &dyn SlotRecords),
+                )
             });
         match checked {
             Ok(None) => Ok(()),
@@ -103,7 +110,7 @@ impl Shell {
                     diag,
                     spec.proto,
                     spec.listen,
-                    Some(group.dataplane()),
+                    Some(group.dataplane() as &dyn SlotRecords),
                     &mut known,
                 ),
                 Err(source) => Err(owners::OwnersError::Listing {
