@@ -382,7 +382,7 @@ fn an_upgrade_to_a_build_with_another_program_keeps_the_pid_the_workers_and_ever
         serving
             .daemon
             .log_text()
-            .contains("attached this build's program")
+            .contains("put this build's program in place of the pinned one")
     );
 
     // 2. `kill -9` of the daemon, then a start of the second build.
