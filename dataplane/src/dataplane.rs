@@ -35,13 +35,13 @@ pub use error::DataplaneError;
 use error::Result;
 pub use flows::Sweep;
 use mapped::MappedTable;
-use pinned::{check_pin, open_map, open_program, program_error, remove_if_present, typed};
+use pinned::{check_pin, open_named, open_program, program_error, remove_if_present, typed};
 pub use program::{Adopted, LoadedProgram, format_tag};
 pub use records::{PinnedRecords, SlotRecords};
 
 use crate::{
     bpffs,
-    object::{self, OBJECT, ObjectError},
+    object::{self, OBJECT},
     report::{FlowReport, FlowTableReport, ServiceStatus, TableReport},
     table::Slot,
 };
@@ -135,13 +135,7 @@ impl Dataplane {
         // The flow table's size is the service's own; everything else is this build's.
         let flow_capacity = layout::pinned_flow_capacity(&dir)?;
         let specs = object::map_specs(OBJECT, flow_capacity)?;
-        let open = |name: &'static str| {
-            let spec = specs
-                .iter()
-                .find(|spec| spec.name == name)
-                .ok_or(ObjectError::MissingMap(name))?;
-            open_map(&dir, spec)
-        };
+        let open = |name: &'static str| open_named(&dir, &specs, name);
         let sockets = typed(&dir, names::SOCKETS, open(names::SOCKETS)?)?;
         let slots = typed(&dir, names::SLOTS, open(names::SLOTS)?)?;
         let counters = typed(&dir, names::COUNTERS, open(names::COUNTERS)?)?;

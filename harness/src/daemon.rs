@@ -765,6 +765,12 @@ pub fn signal(pid: u32, signal: i32) -> Result<()> {
 pub fn kill_and_wait(pid: u32, timeout: Duration) -> Result<Instant> {
     let fd = pidfd(pid).map_err(|e| context(e, format!("opening a pidfd of pid {pid}")))?;
     signal(pid, libc::SIGKILL)?;
+    wait_pidfd(&fd, pid, timeout)?;
+    Ok(Instant::now())
+}
+
+/// Waits, at most `timeout`, until `fd` (a pidfd of `pid`) is readable: the process exited.
+fn wait_pidfd(fd: &std::os::fd::OwnedFd, pid: u32, timeout: Duration) -> Result<()> {
     let mut poll = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,
@@ -773,9 +779,9 @@ pub fn kill_and_wait(pid: u32, timeout: Duration) -> Result<Instant> {
     let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
     // SAFETY: one valid pollfd.
     match unsafe { libc::poll(&mut poll, 1, millis) } {
-        1 => Ok(Instant::now()),
+        1 => Ok(()),
         0 => Err(MeasureError::Traffic(format!(
-            "pid {pid} did not exit within {timeout:?} of SIGKILL"
+            "pid {pid} did not exit within {timeout:?}"
         ))),
         _ => Err(context(
             io::Error::last_os_error(),
@@ -794,24 +800,8 @@ pub fn wait_exit(pid: u32, timeout: Duration) -> Result<Duration> {
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(started.elapsed()),
         Err(e) => return Err(context(e, format!("opening a pidfd of pid {pid}")).into()),
     };
-    let mut poll = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: one valid pollfd.
-    match unsafe { libc::poll(&mut poll, 1, millis) } {
-        1 => Ok(started.elapsed()),
-        0 => Err(MeasureError::Traffic(format!(
-            "pid {pid} did not exit within {timeout:?}"
-        ))),
-        _ => Err(context(
-            io::Error::last_os_error(),
-            format!("waiting for pid {pid} to exit"),
-        )
-        .into()),
-    }
+    wait_pidfd(&fd, pid, timeout)?;
+    Ok(started.elapsed())
 }
 
 /// The metrics text the daemon serves at `GET /metrics` on `address`.

@@ -53,6 +53,15 @@ pub(super) fn open_program(path: &Path) -> Result<SkReuseport> {
     }
 }
 
+/// Opens the map `name` pinned in `dir`, checked against its spec among `specs`.
+pub(super) fn open_named(dir: &Path, specs: &[MapSpec], name: &'static str) -> Result<MapData> {
+    let spec = specs
+        .iter()
+        .find(|spec| spec.name == name)
+        .ok_or(crate::object::ObjectError::MissingMap(name))?;
+    open_map(dir, spec)
+}
+
 /// Opens the map pinned at `dir/spec.name` after checking it against `spec`.
 pub(super) fn open_map(dir: &Path, spec: &MapSpec) -> Result<MapData> {
     let path = dir.join(spec.name);

@@ -8,10 +8,10 @@ use portshard_common::{ServiceMeta, SlotMeta, names};
 
 use super::{
     DataplaneError, Result, check_service_name,
-    pinned::{open_map, typed},
+    pinned::{open_named, typed},
 };
 use crate::{
-    object::{self, OBJECT, ObjectError},
+    object::{self, OBJECT},
     table::Slot,
 };
 
@@ -45,13 +45,7 @@ impl PinnedRecords {
         }
         // The flow table's size plays no part in these two maps.
         let specs = object::map_specs(OBJECT, 1)?;
-        let open = |name: &'static str| {
-            let spec = specs
-                .iter()
-                .find(|spec| spec.name == name)
-                .ok_or(ObjectError::MissingMap(name))?;
-            open_map(&dir, spec)
-        };
+        let open = |name: &'static str| open_named(&dir, &specs, name);
         let service = typed(&dir, names::SERVICE, open(names::SERVICE)?)?;
         let slots = typed(&dir, names::SLOTS, open(names::SLOTS)?)?;
         Ok(Self {
