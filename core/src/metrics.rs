@@ -10,7 +10,11 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{probe::OutcomeCounts, report::StatusReport, table::Slot};
+use crate::{
+    probe::OutcomeCounts,
+    report::{FlowTableReport, StatusReport},
+    table::Slot,
+};
 
 /// The health probes' outcomes so far, by service and slot.
 pub type ProbeOutcomes = BTreeMap<(String, Slot), OutcomeCounts>;
@@ -94,41 +98,53 @@ pub fn encode_status(status: &StatusReport, probes: &ProbeOutcomes) -> String {
         registry.register(name, help, family.clone());
         family
     };
-    let flow_events = [
+    // Each flow table counter: its name, its help, and where the report holds it.
+    type FlowCount = fn(&FlowTableReport) -> u64;
+    let flow_events: Vec<(Family<ServiceLabels, Counter>, FlowCount)> = [
         (
             "flow_table_new",
             "UDP flows entered in the flow table (on their second datagram)",
+            (|t| t.new) as FlowCount,
         ),
         (
             "flow_table_owner_gone",
             "Datagrams of known flows whose slot was gone, steered by the table again",
+            (|t| t.owner_gone) as FlowCount,
         ),
         (
             "flow_table_swept",
             "Flows removed from the flow table after flow_idle without a datagram",
+            (|t| t.swept) as FlowCount,
         ),
         (
             "flow_table_pending",
             "First datagrams of flows not in the flow table, recorded for admission",
+            (|t| t.events.pending) as FlowCount,
         ),
         (
             "flow_table_displaced",
             "Admission records overwritten by another new flow before their flow's second datagram (a flood of new flows shows here)",
+            (|t| t.events.displaced) as FlowCount,
         ),
         (
             "flow_table_unkept",
             "Second datagrams whose flow could not be entered because the flow table was full (a flow not kept is counted again on each later datagram): it follows the table, unkept",
+            (|t| t.events.unkept) as FlowCount,
         ),
         (
             "flow_table_expired",
             "Datagrams of flows idle past flow_idle, steered as new flows",
+            (|t| t.events.expired) as FlowCount,
         ),
         (
             "flow_table_reused_slot",
             "Datagrams of known flows whose slot now holds another generation, steered by the table instead",
+            (|t| t.events.reused_slot) as FlowCount,
         ),
     ]
-    .map(|(name, help)| service_counter(&mut registry, name, help));
+    .into_iter()
+    .map(|(name, help, count)| (service_counter(&mut registry, name, help), count))
+    .collect();
     let flows = Family::<ServiceLabels, Gauge>::default();
     registry.register(
         "flow_table_flows",
@@ -181,19 +197,8 @@ pub fn encode_status(status: &StatusReport, probes: &ProbeOutcomes) -> String {
             .get_or_create(&labels)
             .set(i64::try_from(service.foreign.len()).unwrap_or(i64::MAX));
         if let Some(table) = &service.flow_table {
-            let events = &table.events;
-            let counts = [
-                table.new,
-                table.owner_gone,
-                table.swept,
-                events.pending,
-                events.displaced,
-                events.unkept,
-                events.expired,
-                events.reused_slot,
-            ];
-            for (family, count) in flow_events.iter().zip(counts) {
-                family.get_or_create(&labels).inc_by(count);
+            for (family, count) in &flow_events {
+                family.get_or_create(&labels).inc_by(count(table));
             }
             flows
                 .get_or_create(&labels)
@@ -245,7 +250,7 @@ mod tests {
 
     use super::*;
     use crate::ownership::ForeignSocket;
-    use crate::report::{FlowTableReport, PROTO_UDP, ServiceStatus, TableReport, service_meta};
+    use crate::report::{PROTO_UDP, ServiceStatus, TableReport, service_meta};
     use crate::table::Table;
 
     #[test]

@@ -68,9 +68,8 @@ pub struct Dataplane {
     dir: PathBuf,
     program: SkReuseport,
     sockets: ReusePortSockArray<MapData>,
-    slots: Array<MapData, SlotMeta>,
+    records: PinnedRecords,
     counters: PerCpuArray<MapData, Counters>,
-    service: Array<MapData, ServiceMeta>,
     flows: HashMap<MapData, FlowKey, Flow>,
     flow_counters: PerCpuArray<MapData, FlowCounters>,
     flow_swept: Array<MapData, u64>,
@@ -137,9 +136,8 @@ impl Dataplane {
         let specs = object::map_specs(OBJECT, flow_capacity)?;
         let open = |name: &'static str| open_named(&dir, &specs, name);
         let sockets = typed(&dir, names::SOCKETS, open(names::SOCKETS)?)?;
-        let slots = typed(&dir, names::SLOTS, open(names::SLOTS)?)?;
+        let records = PinnedRecords::open_in(&dir, &specs)?;
         let counters = typed(&dir, names::COUNTERS, open(names::COUNTERS)?)?;
-        let service = typed(&dir, names::SERVICE, open(names::SERVICE)?)?;
         let flows = typed(&dir, names::FLOWS, open(names::FLOWS)?)?;
         let flow_counters = typed(&dir, names::FLOW_COUNTERS, open(names::FLOW_COUNTERS)?)?;
         let flow_swept = typed(&dir, names::FLOW_SWEPT, open(names::FLOW_SWEPT)?)?;
@@ -151,9 +149,8 @@ impl Dataplane {
             dir,
             program,
             sockets,
-            slots,
+            records,
             counters,
-            service,
             flows,
             flow_counters,
             flow_swept,
@@ -249,24 +246,12 @@ impl Dataplane {
 
     /// Records what the service listens on (see [`ServiceMeta`]).
     pub fn set_service(&mut self, meta: ServiceMeta) -> Result<()> {
-        self.service
-            .set(0, meta, 0)
-            .map_err(|source| DataplaneError::Map {
-                action: "recording the service".to_owned(),
-                path: self.dir.join(names::SERVICE),
-                source: Box::new(source),
-            })
+        self.records.set_service(meta)
     }
 
     /// What the service listens on, as recorded by [`Dataplane::set_service`].
     pub fn service(&self) -> Result<ServiceMeta> {
-        self.service
-            .get(&0, 0)
-            .map_err(|source| DataplaneError::Map {
-                action: "reading the service record".to_owned(),
-                path: self.dir.join(names::SERVICE),
-                source: Box::new(source),
-            })
+        self.records.service()
     }
 
     /// The service's name: its pin directory's.
@@ -332,13 +317,7 @@ impl Dataplane {
 
     /// Records `meta` as `slot`'s metadata.
     pub fn set_meta(&mut self, slot: Slot, meta: SlotMeta) -> Result<()> {
-        self.slots
-            .set(u32::from(slot), meta, 0)
-            .map_err(|source| DataplaneError::Map {
-                action: format!("recording slot {slot}"),
-                path: self.dir.join(names::SLOTS),
-                source: Box::new(source),
-            })
+        self.records.set_slot_record(slot, meta)
     }
 
     /// Sends packets from `source` (a health probe's address and port) to `slot`'s socket.
@@ -419,13 +398,7 @@ impl Dataplane {
 
     /// `slot`'s recorded metadata.
     pub fn meta(&self, slot: Slot) -> Result<SlotMeta> {
-        self.slots
-            .get(&u32::from(slot), 0)
-            .map_err(|source| DataplaneError::Map {
-                action: format!("reading slot {slot}"),
-                path: self.dir.join(names::SLOTS),
-                source: Box::new(source),
-            })
+        self.records.slot_record(slot)
     }
 
     /// Writes `entries[i]` into the kernel's table for each `i` in `indices`. Each entry is

@@ -19,19 +19,28 @@ use portshard::{dataplane::Dataplane, report::FlowTableReport, table::Slot};
 use portshard_harness::{
     daemon::{Answer, DaemonRun, UdpFlows, kill_and_wait, scrape, workers},
     flood::{Flood, backlog_drops, udp_drops},
-    scenario::Sandbox,
 };
 
-const EXE: &str = env!("CARGO_BIN_EXE_portshard");
-const PORT: u16 = 5300;
+mod support;
+
+use support::{EXE, PORT, cli_at, sandbox};
+
+/// How long a daemon, worker or flow may take to be ready on a loaded host (longer than
+/// the other files': these tests start under their own floods).
 const READY: Duration = Duration::from_secs(30);
 
 fn target() -> SocketAddrV4 {
     SocketAddrV4::new([127, 0, 0, 1].into(), PORT)
 }
 
-fn sandbox() -> Sandbox {
-    Sandbox::enter().unwrap_or_else(|e| panic!("kernel test sandbox (needs root and BPF): {e}"))
+/// `portshard reload dns` through the control socket `control`, asserted to succeed.
+fn reload(control: &Path) {
+    let out = cli_at(control, &["reload", "dns"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A UDP service `dns` of `workers` portshard echo workers with `extra` config lines.
@@ -124,17 +133,8 @@ fn a_flood_of_one_datagram_flows_during_a_reload_moves_no_live_flow() {
         let sent = Flood::new(target()).unwrap().send(0..FLOOD, 1).unwrap();
         (sent, started.elapsed())
     });
-    let reload = Command::new(EXE)
-        .args(["reload", "dns", "--control"])
-        .arg(daemon.control())
-        .output()
-        .unwrap();
+    reload(daemon.control());
     let (sent, flood_took) = flood.join().unwrap();
-    assert!(
-        reload.status.success(),
-        "{}",
-        String::from_utf8_lossy(&reload.stderr)
-    );
     let new: BTreeSet<u32> = pids(&daemon).into_values().collect();
     assert!(new.is_disjoint(&old));
     // A few more rounds after the flood, with generation 2 serving new work.
@@ -308,19 +308,7 @@ fn a_slot_reused_by_a_staged_generation_gets_none_of_the_old_flows() {
     assert_eq!(round(&mut flows, &base), (LIVE, 0, 0));
 
     // Generation 2 takes new work; generation 1, quiet, drains and exits, freeing its slots.
-    let reload = |daemon: &DaemonRun| {
-        let out = Command::new(EXE)
-            .args(["reload", "dns", "--control"])
-            .arg(daemon.control())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    reload(&daemon);
+    reload(daemon.control());
     for &pid in first.values() {
         portshard_harness::daemon::wait_exit(pid, Duration::from_secs(30)).unwrap();
     }
@@ -330,13 +318,7 @@ fn a_slot_reused_by_a_staged_generation_gets_none_of_the_old_flows() {
     // the flow table, must reach none of its workers.
     let staging = {
         let control = daemon.control().to_path_buf();
-        thread::spawn(move || {
-            Command::new(EXE)
-                .args(["reload", "dns", "--control"])
-                .arg(control)
-                .output()
-                .unwrap()
-        })
+        thread::spawn(move || reload(&control))
     };
     let deadline = Instant::now() + READY;
     let staged: BTreeMap<Slot, u32> = loop {
@@ -360,12 +342,7 @@ fn a_slot_reused_by_a_staged_generation_gets_none_of_the_old_flows() {
         "no slot reused: {first:?} then {staged:?}"
     );
     let answers = flows.round(Duration::from_secs(2)).unwrap();
-    let out = staging.join().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    staging.join().unwrap();
     let to_staged = answers
         .iter()
         .filter(|a| a.is_some_and(|a| staged.values().any(|&p| p == a.pid)))

@@ -3,7 +3,7 @@
 //! yet migrated to this build's layout can be read before anything is changed.
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, MapData};
+use aya::maps::{Array, MapData, MapError};
 use portshard_common::{ServiceMeta, SlotMeta, names};
 
 use super::{
@@ -11,7 +11,7 @@ use super::{
     pinned::{open_named, typed},
 };
 use crate::{
-    object::{self, OBJECT},
+    object::{self, MapSpec, OBJECT},
     table::Slot,
 };
 
@@ -44,14 +44,15 @@ impl PinnedRecords {
             return Err(DataplaneError::NotPinned { dir });
         }
         // The flow table's size plays no part in these two maps.
-        let specs = object::map_specs(OBJECT, 1)?;
-        let open = |name: &'static str| open_named(&dir, &specs, name);
-        let service = typed(&dir, names::SERVICE, open(names::SERVICE)?)?;
-        let slots = typed(&dir, names::SLOTS, open(names::SLOTS)?)?;
+        Self::open_in(&dir, &object::map_specs(OBJECT, 1)?)
+    }
+
+    /// Opens the records pinned in `dir`, checked against their specs among `specs`.
+    pub(super) fn open_in(dir: &Path, specs: &[MapSpec]) -> Result<Self> {
         Ok(Self {
-            dir,
-            service,
-            slots,
+            dir: dir.to_path_buf(),
+            service: typed(dir, names::SERVICE, open_named(dir, specs, names::SERVICE)?)?,
+            slots: typed(dir, names::SLOTS, open_named(dir, specs, names::SLOTS)?)?,
         })
     }
 
@@ -59,16 +60,34 @@ impl PinnedRecords {
     pub fn service(&self) -> Result<ServiceMeta> {
         self.service
             .get(&0, 0)
-            .map_err(|source| DataplaneError::Map {
-                action: "reading the service record".to_owned(),
-                path: self.dir.join(names::SERVICE),
-                source: Box::new(source),
-            })
+            .map_err(self.error(names::SERVICE, "reading the service record".to_owned()))
+    }
+
+    /// Records what the service listens on.
+    pub(super) fn set_service(&mut self, meta: ServiceMeta) -> Result<()> {
+        let error = self.error(names::SERVICE, "recording the service".to_owned());
+        self.service.set(0, meta, 0).map_err(error)
+    }
+
+    /// Records `meta` as `slot`'s metadata.
+    pub(super) fn set_slot_record(&mut self, slot: Slot, meta: SlotMeta) -> Result<()> {
+        let error = self.error(names::SLOTS, format!("recording slot {slot}"));
+        self.slots.set(u32::from(slot), meta, 0).map_err(error)
     }
 
     /// The service's pin directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Turns a map error into one naming what was done and the map's pin.
+    fn error(&self, map: &str, action: String) -> impl FnOnce(MapError) -> DataplaneError + use<> {
+        let path = self.dir.join(map);
+        move |source| DataplaneError::Map {
+            action,
+            path,
+            source: Box::new(source),
+        }
     }
 }
 
@@ -76,10 +95,6 @@ impl SlotRecords for PinnedRecords {
     fn slot_record(&self, slot: Slot) -> Result<SlotMeta> {
         self.slots
             .get(&u32::from(slot), 0)
-            .map_err(|source| DataplaneError::Map {
-                action: format!("reading slot {slot}"),
-                path: self.dir.join(names::SLOTS),
-                source: Box::new(source),
-            })
+            .map_err(self.error(names::SLOTS, format!("reading slot {slot}")))
     }
 }

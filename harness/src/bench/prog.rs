@@ -53,9 +53,10 @@ const FLOW_NEW_PORT: u16 = 5315;
 const FLOW_ADMIT_PORT: u16 = 5316;
 const FLOW_FULL_PORT: u16 = 5317;
 
-/// Flows whose second datagrams are measured together, their first ones sent just before
-/// (unmeasured): few enough that no admission record is displaced meanwhile.
-const ADMIT_CHUNK: u32 = 1024;
+/// Datagrams measured between two readings of the statistics. For second datagrams, their
+/// flows' first ones are sent just before, unmeasured: few enough flows that no admission
+/// record is displaced meanwhile.
+const CHUNK: u32 = 1024;
 /// The flow table of the full-table subject: filled before measuring.
 const FULL_TABLE: u32 = 1024;
 /// Where each flood subject's flows start among the flood's sources: far enough apart
@@ -93,7 +94,7 @@ enum Load {
     Sockets(Vec<UdpSocket>),
     /// One datagram from each new flow of the flood, the next flow numbered `next`.
     NewFlows { flood: Flood, next: Cell<u32> },
-    /// Second datagrams of new flows, [`ADMIT_CHUNK`] flows at a time: their first
+    /// Second datagrams of new flows, [`CHUNK`] flows at a time: their first
     /// datagrams just before, unmeasured.
     SecondDatagrams { flood: Flood, next: Cell<u32> },
 }
@@ -112,7 +113,7 @@ impl Subject<'_> {
         let start = Instant::now();
         let (mut time, mut count) = (0, 0);
         while (count as usize) < runs && start.elapsed() < ROUND_LIMIT {
-            let chunk = (runs - count as usize).min(ADMIT_CHUNK as usize) as u32;
+            let chunk = (runs - count as usize).min(CHUNK as usize) as u32;
             let flows = self.prepare(chunk)?;
             let (before, before_count) = self.stat.read(self.name)?;
             self.send(flows)?;

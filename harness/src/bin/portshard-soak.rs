@@ -166,9 +166,30 @@ fn slot_drops(sockets: &BTreeMap<Slot, u64>) -> BTreeMap<Slot, u64> {
         .collect()
 }
 
-/// Starts the hostile load, each part on a thread of its own until `stop`. The threads
-/// return what they did: the flood its datagrams, the storm its connections, the CPU hog 0.
-fn hostile(stop: &Arc<AtomicBool>) -> Result<Vec<JoinHandle<u64>>> {
+/// The hostile load's threads, each running until told to stop.
+struct Hostile {
+    /// Returns the one-datagram flows it sent.
+    flood: JoinHandle<u64>,
+    /// Returns the connections it opened.
+    storm: JoinHandle<u64>,
+    /// Spins on a CPU.
+    hog: JoinHandle<()>,
+}
+
+impl Hostile {
+    /// Waits for every thread (after `stop` was set); returns the flood's flows and the
+    /// storm's connections.
+    fn join(self) -> (u64, u64) {
+        let _ = self.hog.join();
+        (
+            self.flood.join().unwrap_or(0),
+            self.storm.join().unwrap_or(0),
+        )
+    }
+}
+
+/// Starts the hostile load, each part on a thread of its own until `stop`.
+fn hostile(stop: &Arc<AtomicBool>) -> Result<Hostile> {
     let udp_ports: Vec<u16> = SERVICES
         .iter()
         .filter(|s| s.proto == "udp")
@@ -221,10 +242,9 @@ fn hostile(stop: &Arc<AtomicBool>) -> Result<Vec<JoinHandle<u64>>> {
             while !stop.load(Ordering::Relaxed) {
                 spins = std::hint::black_box(spins.wrapping_add(1));
             }
-            0
         })
     };
-    Ok(vec![flood, storm, hog])
+    Ok(Hostile { flood, storm, hog })
 }
 
 /// Whether process `pid` runs (exists and is not a zombie).
@@ -763,7 +783,7 @@ fn main() -> Result<()> {
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let hostile: Vec<u64> = hostile.into_iter().map(|t| t.join().unwrap_or(0)).collect();
+    let (flooded, stormed) = hostile.join();
     // Undo every disturbance, then stop everything and count what is left.
     for pending in &soak.pending {
         let _ = signal(pending.pid, libc::SIGCONT);
@@ -830,8 +850,8 @@ fn main() -> Result<()> {
     );
     println!(
         "hostile load: {} one-datagram flows flooded, {} storm connections; {} datagrams lost where their worker's socket dropped datagrams (excused)",
-        hostile[0],
-        hostile[1],
+        flooded,
+        stormed,
         ledger.buffer_losses()
     );
     println!(
