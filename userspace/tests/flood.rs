@@ -74,7 +74,11 @@ fn round_within(
     expected: &[Answer],
     timeout: Duration,
 ) -> (usize, usize, usize) {
-    let answers = flows.round(timeout).unwrap();
+    tally(&flows.round(timeout).unwrap(), expected)
+}
+
+/// (answered by the expected worker, by another, unanswered) of `answers`.
+fn tally(answers: &[Option<Answer>], expected: &[Answer]) -> (usize, usize, usize) {
     let same = answers
         .iter()
         .zip(expected)
@@ -84,9 +88,15 @@ fn round_within(
     (same, answers.len() - same - lost, lost)
 }
 
-/// [`round_within`] two seconds.
+/// One round on every flow, those unanswered asked again twice, as a worker's receive
+/// buffer on a loaded host can overflow and drop a datagram, which is no steering fault.
 fn round(flows: &mut UdpFlows, expected: &[Answer]) -> (usize, usize, usize) {
-    round_within(flows, expected, Duration::from_secs(2))
+    tally(
+        &flows
+            .round_again_if_lost(Duration::from_secs(2), 2)
+            .unwrap(),
+        expected,
+    )
 }
 
 #[test]
@@ -298,7 +308,7 @@ fn a_slot_reused_by_a_staged_generation_gets_none_of_the_old_flows() {
     let sandbox = sandbox();
     let config = config(
         2,
-        "mode = \"handover\"\ndrain_idle = \"1s\"\nready_delay = \"3s\"",
+        "mode = \"handover\"\ndrain_idle = \"1s\"\nready_delay = \"10s\"",
     );
     let mut daemon = DaemonRun::start(Path::new(EXE), &config, sandbox.pins()).unwrap();
     daemon.wait_ready(&[("dns", 2)], READY).unwrap();
@@ -341,7 +351,9 @@ fn a_slot_reused_by_a_staged_generation_gets_none_of_the_old_flows() {
         !reused.is_empty(),
         "no slot reused: {first:?} then {staged:?}"
     );
-    let answers = flows.round(Duration::from_secs(2)).unwrap();
+    let answers = flows
+        .round_again_if_lost(Duration::from_secs(2), 2)
+        .unwrap();
     staging.join().unwrap();
     let to_staged = answers
         .iter()
