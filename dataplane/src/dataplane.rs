@@ -46,8 +46,9 @@ use crate::{
     table::Slot,
 };
 
-/// The clock the program stamps flows with (`bpf_ktime_get_coarse_ns`), in nanoseconds.
-fn coarse_now_ns() -> u64 {
+/// The clock the program stamps flows with (`bpf_ktime_get_coarse_ns`), in nanoseconds:
+/// what a flow written from userspace must be stamped with to count as just seen.
+pub fn coarse_now_ns() -> u64 {
     let now = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }

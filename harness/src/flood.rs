@@ -38,10 +38,20 @@ impl Flood {
         SocketAddrV4::new(Ipv4Addr::from(FIRST_ADDRESS + n), port)
     }
 
+    /// The flow number of a datagram from `source`, if a flood sent it.
+    pub fn flow_of(source: SocketAddrV4) -> Option<u32> {
+        let n = u32::from(*source.ip()).checked_sub(FIRST_ADDRESS)?;
+        (Self::source(n) == source).then_some(n)
+    }
+
     /// Sends `datagrams_each` datagrams from each flow of `flows`, back to back per flow;
     /// returns how many the kernel took. A full queue (`ENOBUFS`) is retried: the flood's
     /// point is that every flow arrives.
-    pub fn send(&self, flows: std::ops::Range<u32>, datagrams_each: u32) -> io::Result<u64> {
+    pub fn send(
+        &self,
+        flows: impl IntoIterator<Item = u32>,
+        datagrams_each: u32,
+    ) -> io::Result<u64> {
         let to = SockAddr::from(SocketAddr::V4(self.target));
         let mut sent = 0;
         for n in flows {
@@ -138,6 +148,11 @@ mod tests {
             (0..200_000).map(Flood::source).collect();
         assert_eq!(sources.len(), 200_000);
         assert_eq!(Flood::source(0), "127.1.0.0:1024".parse().unwrap());
+        for n in [0, 1, 59_999, 60_000, 199_999] {
+            assert_eq!(Flood::flow_of(Flood::source(n)), Some(n));
+        }
+        assert_eq!(Flood::flow_of("127.0.0.1:1024".parse().unwrap()), None);
+        assert_eq!(Flood::flow_of("127.1.0.0:1025".parse().unwrap()), None);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod moves;
 pub mod overhead;
 pub mod prog;
 pub mod report;
+pub mod scale;
 pub mod service;
 pub mod table;
 

@@ -90,15 +90,16 @@ fn interleaved(
     Ok(rates)
 }
 
-/// The figure of paired rounds: the median of with/without and its spread.
+/// The figure of paired rounds: the median of with/without, its spread and interval.
 fn figure(name: &str, rates: &Rounds) -> Result<Figure> {
     let summary = |values: &[f64]| {
         Summary::of(values).ok_or_else(|| {
             BenchError::from(MeasureError::Traffic(format!("{name}: no round measured")))
         })
     };
-    let ratio = summary(&paired_ratios(&rates.with, &rates.without))?;
-    Ok(Figure::summarized(name, "ratio", 1.0, ratio)
+    let ratio = Figure::ratio(name, 1.0, &paired_ratios(&rates.with, &rates.without))
+        .ok_or_else(|| MeasureError::Traffic(format!("{name}: no round measured")))?;
+    Ok(ratio
         .target(Target::AtLeast(MIN_RATIO))
         .extra("rate_with", summary(&rates.with)?.median)
         .extra("rate_without", summary(&rates.without)?.median))

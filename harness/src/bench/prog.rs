@@ -1,30 +1,35 @@
 //! What one run of the program costs, from the kernel's own BPF run-time statistics
-//! (`BPF_ENABLE_STATS`, held only while measuring): portshard's select path (owner live),
-//! its heir path (owner closed), its flow table's paths (a known flow's datagram; a new
-//! flow's first datagram under a flood, when it displaces an admission record; a second
-//! datagram admitting its flow; the same when the table is full and it is not kept), and,
-//! in the same rounds, two reference programs built by the project's toolchain
-//! (`ebpf/src/reference.rs`): one that only returns `SK_PASS` and one that does one array
-//! lookup and one `select_reuseport`.
+//! (`BPF_ENABLE_STATS`, held only while measuring), each path hot and cold: portshard's
+//! select path (owner live), the same with health probes on, its heir path (owner closed),
+//! its flow table's paths (a known flow's datagram; a new flow's first datagram under a
+//! flood, when it displaces an admission record; a second datagram admitting its flow; the
+//! same when the table is full and it is not kept), and, in the same rounds, two reference
+//! programs built by the project's toolchain (`ebpf/src/reference.rs`): one that only
+//! returns `SK_PASS` and one that does one array lookup and one `select_reuseport`.
+//!
+//! Hot, a path runs over 64 flows, so its table entries and flow records stay in the
+//! CPU's cache; cold, over at least [`COLD_FLOWS`] distinct 4-tuples per round (a flood
+//! from as many source addresses), so the 256 KiB table and the flow records come from
+//! memory as they do on a busy server, while the reference's 256-byte array stays cached.
+//! A new flow's paths are cold by nature: every run is another flow.
 use std::{
     cell::Cell,
-    net::{SocketAddr, SocketAddrV4, UdpSocket},
+    io,
+    mem::MaybeUninit,
+    net::{SocketAddr, SocketAddrV4},
     os::fd::AsFd as _,
     path::{Path, PathBuf},
-    time::Instant,
 };
 
-use aya::{
-    Ebpf,
-    maps::{Array, ReusePortSockArray},
-    programs::{ProgramInfo, SkReuseport},
-    sys::{Stats, enable_stats},
+use aya::sys::{Stats, enable_stats};
+use portshard::{
+    dataplane::Dataplane, group::Group, socket::Proto, supervisor::Switches, table::Slot,
 };
-use portshard::{dataplane::Dataplane, group::Group, socket::Proto};
-use portshard_common::{ADMIT_SIZE, names, reference};
+use portshard_common::{ADMIT_SIZE, TABLE_PROBES, TABLE_SIZE, names, reference as refs};
+use socket2::SockRef;
 
 use super::{
-    BenchError, Budget, ROUND_LIMIT, Result,
+    BenchError, Budget, Result,
     overhead::{self, drain, ephemeral, senders},
     report::{Figure, Summary, Target, paired_ratios},
 };
@@ -35,15 +40,27 @@ use crate::{
     scenario::MeasureError,
 };
 
+mod reference;
+mod subject;
+
+use subject::{Load, Stat, Subject};
+
 /// Listeners of each measured group.
 const LISTENERS: usize = 8;
-/// Flows (connected sockets) each group's datagrams are spread over.
+/// Flows (connected sockets) each hot subject's datagrams are spread over.
 const FLOWS: usize = 64;
+/// Distinct flows each cold subject's rounds cycle over: one per table entry.
+pub const COLD_FLOWS: usize = TABLE_SIZE;
 /// Flows tried to find those whose owner is the heir group's closed listener.
 const HEIR_CANDIDATES: usize = 1024;
-/// The most portshard's select path may cost over the one-lookup reference.
-pub const MAX_RATIO: f64 = 1.25;
+/// Listeners of the cold heir group: with two, half the flood's flows are the closed one's.
+const HEIR_COLD_LISTENERS: usize = 2;
+/// The most portshard's select path may cost over the one-lookup reference, cold.
+pub const MAX_RATIO: f64 = 1.10;
+/// The same, hot (the table entry in cache): the target before cold figures existed.
+pub const MAX_RATIO_HOT: f64 = 1.25;
 
+const PROBES_PORT: u16 = 5309;
 const PASS_PORT: u16 = 5310;
 const LOOKUP_PORT: u16 = 5311;
 const SELECT_PORT: u16 = 5312;
@@ -52,204 +69,39 @@ const FLOW_PORT: u16 = 5314;
 const FLOW_NEW_PORT: u16 = 5315;
 const FLOW_ADMIT_PORT: u16 = 5316;
 const FLOW_FULL_PORT: u16 = 5317;
+const HEIR_COLD_PORT: u16 = 5318;
 
-/// Datagrams measured between two readings of the statistics. For second datagrams, their
-/// flows' first ones are sent just before, unmeasured: few enough flows that no admission
-/// record is displaced meanwhile.
-const CHUNK: u32 = 1024;
 /// The flow table of the full-table subject: filled before measuring.
 const FULL_TABLE: u32 = 1024;
+/// The flow table of the cold flow-table subject: room for every cold flow.
+const COLD_TABLE: u32 = 2 * COLD_FLOWS as u32;
 /// Where each flood subject's flows start among the flood's sources: far enough apart
-/// that no two subjects share a flow.
-const FLOOD_RANGES: [u32; 3] = [0, 4 << 20, 8 << 20];
+/// that no two subjects share a flow (the cold cycles, each to its own port, share theirs).
+const FLOOD_RANGES: [u32; 4] = [0, 4 << 20, 8 << 20, 12 << 20];
+/// Flood datagrams sent between two drains while setting up: few enough that a listener's
+/// receive buffer holds them.
+const SETUP_BURST: u32 = 256;
 
-/// Where a program's statistics are read from.
-enum Stat<'a> {
-    /// A program this process loaded.
-    Loaded(&'a SkReuseport),
-    /// A pinned program.
-    Pinned(PathBuf),
-}
-
-impl Stat<'_> {
-    /// Total run time (ns) and run count so far of the program measured as `name`.
-    fn read(&self, name: &str) -> Result<(u64, u64)> {
-        let (info, what) = match self {
-            Self::Loaded(program) => (program.info(), format!("reference program {name}")),
-            Self::Pinned(path) => (
-                ProgramInfo::from_pin(path),
-                format!("program {}", path.display()),
-            ),
-        };
-        let info = info.map_err(BenchError::bpf(format!(
-            "reading the run-time statistics of {what}"
-        )))?;
-        Ok((info.run_time().as_nanos() as u64, info.run_count()))
-    }
-}
-
-/// What runs a subject's program.
-enum Load {
-    /// Datagrams round-robin over these connected sockets.
-    Sockets(Vec<UdpSocket>),
-    /// One datagram from each new flow of the flood, the next flow numbered `next`.
-    NewFlows { flood: Flood, next: Cell<u32> },
-    /// Second datagrams of new flows, [`CHUNK`] flows at a time: their first
-    /// datagrams just before, unmeasured.
-    SecondDatagrams { flood: Flood, next: Cell<u32> },
-}
-
-/// One measured program: its group's listeners, the load that runs it, its statistics.
-struct Subject<'a> {
-    name: &'static str,
-    listeners: Vec<Option<Listener>>,
-    load: Load,
-    stat: Stat<'a>,
-}
-
-impl Subject<'_> {
-    /// Runs the program `runs` times (one datagram each) and returns its mean ns per run.
-    fn measure(&self, runs: usize) -> Result<f64> {
-        let start = Instant::now();
-        let (mut time, mut count) = (0, 0);
-        while (count as usize) < runs && start.elapsed() < ROUND_LIMIT {
-            let chunk = (runs - count as usize).min(CHUNK as usize) as u32;
-            let flows = self.prepare(chunk)?;
-            let (before, before_count) = self.stat.read(self.name)?;
-            self.send(flows)?;
-            let (after, after_count) = self.stat.read(self.name)?;
-            drain(&self.listeners)?;
-            if after_count == before_count {
-                return Err(MeasureError::Traffic(format!(
-                    "{}: {chunk} datagrams ran the program 0 times (statistics off?)",
-                    self.name
-                ))
-                .into());
-            }
-            time += after.saturating_sub(before);
-            count += after_count - before_count;
-        }
-        Ok(time as f64 / count as f64)
-    }
-
-    /// The flows of the next `chunk` measured datagrams; for second datagrams, their
-    /// first ones are sent here, before the measurement.
-    fn prepare(&self, chunk: u32) -> Result<std::ops::Range<u32>> {
-        let (flood, next) = match &self.load {
-            Load::Sockets(_) => return Ok(0..chunk),
-            Load::NewFlows { flood, next } | Load::SecondDatagrams { flood, next } => (flood, next),
-        };
-        let first = next.replace(next.get() + chunk);
-        if let Load::SecondDatagrams { .. } = self.load {
-            flood
-                .send(first..first + chunk, 1)
-                .map_err(|e| context(e, format!("first datagrams of {}", self.name)))?;
-        }
-        Ok(first..first + chunk)
-    }
-
-    /// Sends one datagram from each of `flows`.
-    fn send(&self, flows: std::ops::Range<u32>) -> Result<()> {
-        match &self.load {
-            Load::Sockets(senders) => {
-                for n in flows {
-                    let flow = n as usize % senders.len();
-                    senders[flow].send(b"run").map_err(|e| {
-                        context(e, format!("sending on flow {flow} of {}", self.name))
-                    })?;
-                }
-            }
-            Load::NewFlows { flood, .. } | Load::SecondDatagrams { flood, .. } => {
-                flood
-                    .send(flows, 1)
-                    .map_err(|e| context(e, format!("flooding {}", self.name)))?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The reference object, loaded, with its two programs verified.
-fn load_reference(object: &Path) -> Result<Ebpf> {
-    let mut ebpf = Ebpf::load_file(object).map_err(|source| BenchError::Bpf {
-        what: format!("loading the reference object {}", object.display()),
-        source: Box::new(source),
-    })?;
-    for name in [reference::PASS, reference::SELECT] {
-        let program: &mut SkReuseport = ebpf
-            .program_mut(name)
-            .ok_or_else(|| no_program(name))?
-            .try_into()
-            .map_err(BenchError::bpf(format!("reference program {name}")))?;
-        program.load().map_err(BenchError::bpf(format!(
-            "verifying reference program {name}"
-        )))?;
-    }
-    Ok(ebpf)
-}
-
-/// The loaded reference program `name`.
-fn reference_program<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a SkReuseport> {
-    ebpf.program(name)
-        .ok_or_else(|| no_program(name))?
-        .try_into()
-        .map_err(BenchError::bpf(format!("reference program {name}")))
-}
-
-fn no_program(name: &str) -> BenchError {
-    MeasureError::Traffic(format!("the reference object has no program {name}")).into()
-}
-
-/// Puts `listeners` in the reference object's socket array, slot `i` for listener `i`, and
-/// spreads the lookup array over them.
-fn fill_reference_maps(ebpf: &mut Ebpf, listeners: &[Option<Listener>]) -> Result<()> {
-    let map_error = |what: String| {
-        move |source: aya::maps::MapError| BenchError::Bpf {
-            what,
-            source: Box::new(source),
-        }
-    };
-    let map = |ebpf: &mut Ebpf, name: &str| {
-        ebpf.take_map(name)
-            .ok_or_else(|| MeasureError::Traffic(format!("the reference object has no map {name}")))
-    };
-    let mut sockets = ReusePortSockArray::try_from(map(ebpf, reference::SOCKETS)?)
-        .map_err(map_error(format!("opening map {}", reference::SOCKETS)))?;
-    for (slot, listener) in listeners.iter().enumerate() {
-        let listener = listener.as_ref().expect("all open");
-        sockets
-            .set(slot as u32, &listener.as_fd(), 0)
-            .map_err(map_error(format!(
-                "placing listener {slot} in {}",
-                reference::SOCKETS
-            )))?;
-    }
-    let mut slots: Array<_, u32> = Array::try_from(map(ebpf, reference::SLOT_OF)?)
-        .map_err(map_error(format!("opening map {}", reference::SLOT_OF)))?;
-    for index in 0..reference::SLOTS {
-        slots
-            .set(index, index % listeners.len() as u32, 0)
-            .map_err(map_error(format!(
-                "writing entry {index} of {}",
-                reference::SLOT_OF
-            )))?;
-    }
-    Ok(())
-}
-
-/// A portshard group on `port` (with the flow table if `flow_capacity` is not 0) and the
-/// path of its pinned program.
+/// A portshard group on `port` over `listeners` listeners (with the flow table if
+/// `flow_capacity` is not 0) and the path of its pinned program.
 fn portshard_group(
     pins: &Path,
     service: &str,
     port: u16,
+    listeners: usize,
     flow_capacity: u32,
 ) -> Result<(Vec<Option<Listener>>, Group, PathBuf)> {
     let target = flows::loopback(false, port);
     let (listeners, group) =
-        overhead::group(pins, service, Proto::Udp, target, LISTENERS, flow_capacity)?;
+        overhead::group(pins, service, Proto::Udp, target, listeners, flow_capacity)?;
     let program = group.dataplane().dir().join(names::PROGRAM);
     Ok((listeners, group, program))
+}
+
+/// A flood towards `port` on 127.0.0.1.
+fn flood(port: u16) -> Result<Flood> {
+    Ok(Flood::new(SocketAddrV4::new([127, 0, 0, 1].into(), port))
+        .map_err(|e| context(e, format!("opening a raw socket to flood port {port}")))?)
 }
 
 /// The flows of the heir group whose owner is listener 0, which is then closed: every
@@ -272,130 +124,327 @@ fn orphan_sources(listeners: &mut [Option<Listener>], port: u16) -> Result<Vec<S
     Ok(sources)
 }
 
-/// `prog_ns_{ref_pass,ref_select,select,heir,flow_table,flow_new,flow_admit,flow_full}` (mean
-/// ns per run, median of rounds) and
-/// `prog_ratio` (portshard's select path over the one-lookup reference, round by round).
-pub fn figures(pins: &Path, reference: &Path, budget: &Budget) -> Result<Vec<Figure>> {
-    let mut ebpf = load_reference(reference)?;
+/// [`COLD_FLOWS`] flood flows from [`FLOOD_RANGES`]`[3]` on whose owner is listener 0,
+/// found by where their first datagrams land; listener 0 is then closed, so each of them
+/// takes the heir path.
+fn orphan_flows(flood: &Flood, listeners: &mut [Option<Listener>]) -> Result<Vec<u32>> {
+    let mut found = Vec::with_capacity(COLD_FLOWS);
+    let first = FLOOD_RANGES[3];
+    let last = first + (COLD_FLOWS * listeners.len() * 2) as u32;
+    let mut next = first;
+    while found.len() < COLD_FLOWS && next < last {
+        flood
+            .send(next..next + SETUP_BURST, 1)
+            .map_err(|e| context(e, "flooding the cold heir group".into()))?;
+        next += SETUP_BURST;
+        let owner = listeners[0].as_ref().expect("open until the search ends");
+        found.extend(flood_flows(owner).map_err(|e| context(e, "on listener 0".into()))?);
+        drain(listeners)?;
+    }
+    listeners[0] = None;
+    if found.len() < COLD_FLOWS {
+        return Err(MeasureError::Traffic(format!(
+            "only {} of {} flood flows are owned by listener 0, {COLD_FLOWS} are needed",
+            found.len(),
+            next - first
+        ))
+        .into());
+    }
+    found.truncate(COLD_FLOWS);
+    Ok(found)
+}
+
+/// The flood flows of the datagrams waiting on `listener`, which it receives.
+fn flood_flows(listener: &Listener) -> io::Result<Vec<u32>> {
+    let socket = SockRef::from(listener);
+    let mut buffer = [MaybeUninit::<u8>::uninit(); 16];
+    let mut flows = Vec::new();
+    loop {
+        match socket.recv_from(&mut buffer) {
+            Ok((_, from)) => {
+                if let Some(SocketAddr::V4(from)) = from.as_socket() {
+                    flows.extend(Flood::flow_of(from));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(flows),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sends `datagrams_each` datagrams from each of `flows`, [`SETUP_BURST`] flows at a
+/// time, draining `listeners` in between: setting up state (admitted flows) unmeasured.
+fn prime(
+    flood: &Flood,
+    flows: std::ops::Range<u32>,
+    datagrams_each: u32,
+    listeners: &[Option<Listener>],
+) -> Result<()> {
+    let mut next = flows.start;
+    while next < flows.end {
+        let end = (next + SETUP_BURST).min(flows.end);
+        flood
+            .send(next..end, datagrams_each)
+            .map_err(|e| context(e, format!("priming flows {next}..{end}")))?;
+        drain(listeners)?;
+        next = end;
+    }
+    Ok(())
+}
+
+/// The cold flows every cold cycle but the heir's goes over.
+fn cold_flows() -> std::ops::Range<u32> {
+    FLOOD_RANGES[3]..FLOOD_RANGES[3] + COLD_FLOWS as u32
+}
+
+/// Hot connected flows to `port`.
+fn hot(port: u16) -> Result<Load> {
+    Ok(Load::Sockets(senders(
+        flows::loopback(false, port),
+        ephemeral(FLOWS),
+    )?))
+}
+
+/// A cold cycle of [`cold_flows`] towards `port`.
+fn cold(port: u16) -> Result<Load> {
+    Ok(Load::cycle(flood(port)?, cold_flows().collect()))
+}
+
+/// `prog_ns_*` (mean ns per run, median of rounds, for each path hot and cold) and the
+/// ratios of portshard's paths over the one-lookup reference, round by round:
+/// `prog_ratio` (select path, cold; the target), `prog_ratio_hot`, and, cold,
+/// `prog_ratio_{probes,heir,flow_table}`.
+pub fn figures(pins: &Path, object: &Path, budget: &Budget) -> Result<Vec<Figure>> {
+    let mut ebpf = reference::load(object)?;
     let pass_listeners =
         flows::bind_listeners(Proto::Udp, flows::loopback(false, PASS_PORT), LISTENERS)?;
     let lookup_listeners =
         flows::bind_listeners(Proto::Udp, flows::loopback(false, LOOKUP_PORT), LISTENERS)?;
-    fill_reference_maps(&mut ebpf, &lookup_listeners)?;
+    reference::fill_maps(&mut ebpf, &lookup_listeners)?;
     for (name, listeners) in [
-        (reference::PASS, &pass_listeners),
-        (reference::SELECT, &lookup_listeners),
+        (refs::PASS, &pass_listeners),
+        (refs::SELECT, &lookup_listeners),
     ] {
         let member = listeners[0].as_ref().expect("all open").as_fd();
-        reference_program(&ebpf, name)?
+        reference::program(&ebpf, name)?
             .attach(member)
             .map_err(BenchError::bpf(format!(
                 "attaching {name} to the group of fd {member:?}"
             )))?;
     }
+    let services = [
+        "prog-select",
+        "prog-probes",
+        "prog-heir",
+        "prog-heir-cold",
+        "prog-flow",
+        "prog-flow-new",
+        "prog-flow-admit",
+        "prog-flow-full",
+    ];
     let (select_listeners, select_group, select_program) =
-        portshard_group(pins, "prog-select", SELECT_PORT, 0)?;
+        portshard_group(pins, services[0], SELECT_PORT, LISTENERS, 0)?;
+    // Probes on, one per slot, from sources the measured datagrams never use: each
+    // datagram pays the look-up of its source port among the probes'.
+    let (probes_listeners, mut probes_group, probes_program) =
+        portshard_group(pins, services[1], PROBES_PORT, LISTENERS, 0)?;
+    probes_group.dataplane().set_switches(Switches {
+        flags: TABLE_PROBES,
+        flow_idle_s: 0,
+    });
+    for slot in 0..LISTENERS as Slot {
+        probes_group.set_probe(flows::loopback(false, 40_000 + slot), slot)?;
+    }
     let (mut heir_listeners, heir_group, heir_program) =
-        portshard_group(pins, "prog-heir", HEIR_PORT, 0)?;
-    // Known flows: after each flow's second datagram (which admits it), every run takes
-    // the flow-table path.
-    let (flow_listeners, flow_group, flow_program) =
-        portshard_group(pins, "prog-flow", FLOW_PORT, overhead::FLOW_TABLE)?;
+        portshard_group(pins, services[2], HEIR_PORT, LISTENERS, 0)?;
     let orphans = orphan_sources(&mut heir_listeners, HEIR_PORT)?;
+    let (mut heir_cold_listeners, heir_cold_group, heir_cold_program) =
+        portshard_group(pins, services[3], HEIR_COLD_PORT, HEIR_COLD_LISTENERS, 0)?;
+    let heir_flood = flood(HEIR_COLD_PORT)?;
+    let cold_orphans = orphan_flows(&heir_flood, &mut heir_cold_listeners)?;
+    // Known flows: after each flow's second datagram (which admits it), every run takes
+    // the flow-table path; the cold flows are admitted the same way before measuring.
+    let (flow_listeners, flow_group, flow_program) =
+        portshard_group(pins, services[4], FLOW_PORT, LISTENERS, COLD_TABLE)?;
+    prime(&flood(FLOW_PORT)?, cold_flows(), 2, &flow_listeners)?;
     // The flow table's other paths, driven by floods of new flows.
-    let (new_listeners, new_group, new_program) =
-        portshard_group(pins, "prog-flow-new", FLOW_NEW_PORT, overhead::FLOW_TABLE)?;
+    let (new_listeners, new_group, new_program) = portshard_group(
+        pins,
+        services[5],
+        FLOW_NEW_PORT,
+        LISTENERS,
+        overhead::FLOW_TABLE,
+    )?;
     let (admit_listeners, admit_group, admit_program) =
-        portshard_group(pins, "prog-flow-admit", FLOW_ADMIT_PORT, 1 << 21)?;
+        portshard_group(pins, services[6], FLOW_ADMIT_PORT, LISTENERS, 1 << 21)?;
     let (full_listeners, full_group, full_program) =
-        portshard_group(pins, "prog-flow-full", FLOW_FULL_PORT, FULL_TABLE)?;
-    let flood = |port: u16| {
-        Flood::new(SocketAddrV4::new([127, 0, 0, 1].into(), port))
-            .map_err(|e| context(e, format!("opening a raw socket to flood port {port}")))
-    };
+        portshard_group(pins, services[7], FLOW_FULL_PORT, LISTENERS, FULL_TABLE)?;
     // Every admission record taken by a recent flow: each new flow then displaces one, as
     // under a flood. And a full flow table: every admission is refused.
     let new_flood = flood(FLOW_NEW_PORT)?;
-    new_flood
-        .send(FLOOD_RANGES[0]..FLOOD_RANGES[0] + ADMIT_SIZE * 2, 1)
-        .map_err(|e| context(e, "filling the admission array".into()))?;
+    prime(
+        &new_flood,
+        FLOOD_RANGES[0]..FLOOD_RANGES[0] + ADMIT_SIZE * 2,
+        1,
+        &new_listeners,
+    )?;
     let full_flood = flood(FLOW_FULL_PORT)?;
-    full_flood
-        .send(FLOOD_RANGES[2]..FLOOD_RANGES[2] + FULL_TABLE * 2, 2)
-        .map_err(|e| context(e, "filling the flow table".into()))?;
-    drain(&new_listeners)?;
-    drain(&full_listeners)?;
+    prime(
+        &full_flood,
+        FLOOD_RANGES[2]..FLOOD_RANGES[2] + FULL_TABLE * 2,
+        2,
+        &full_listeners,
+    )?;
 
+    let pass_stat = || reference::program(&ebpf, refs::PASS).map(Stat::Loaded);
+    let lookup_stat = || reference::program(&ebpf, refs::SELECT).map(Stat::Loaded);
+    let subject = |name, listeners, load, stat| Subject {
+        name,
+        listeners,
+        load,
+        stat,
+    };
+    let cold_runs = budget.prog_runs.max(COLD_FLOWS);
     let subjects = [
-        Subject {
-            name: reference::PASS,
-            load: Load::Sockets(senders(
-                flows::loopback(false, PASS_PORT),
-                ephemeral(FLOWS),
-            )?),
-            listeners: pass_listeners,
-            stat: Stat::Loaded(reference_program(&ebpf, reference::PASS)?),
-        },
-        Subject {
-            name: reference::SELECT,
-            load: Load::Sockets(senders(
-                flows::loopback(false, LOOKUP_PORT),
-                ephemeral(FLOWS),
-            )?),
-            listeners: lookup_listeners,
-            stat: Stat::Loaded(reference_program(&ebpf, reference::SELECT)?),
-        },
-        Subject {
-            name: "select",
-            load: Load::Sockets(senders(
-                flows::loopback(false, SELECT_PORT),
-                ephemeral(FLOWS),
-            )?),
-            listeners: select_listeners,
-            stat: Stat::Pinned(select_program),
-        },
-        Subject {
-            name: "heir",
-            load: Load::Sockets(senders(flows::loopback(false, HEIR_PORT), orphans)?),
-            listeners: heir_listeners,
-            stat: Stat::Pinned(heir_program),
-        },
-        Subject {
-            name: "flow",
-            load: Load::Sockets(senders(
-                flows::loopback(false, FLOW_PORT),
-                ephemeral(FLOWS),
-            )?),
-            listeners: flow_listeners,
-            stat: Stat::Pinned(flow_program),
-        },
-        Subject {
-            name: "flow_new",
-            load: Load::NewFlows {
-                flood: new_flood,
-                next: Cell::new(FLOOD_RANGES[0] + ADMIT_SIZE * 2),
-            },
-            listeners: new_listeners,
-            stat: Stat::Pinned(new_program),
-        },
-        Subject {
-            name: "flow_admit",
-            load: Load::SecondDatagrams {
-                flood: flood(FLOW_ADMIT_PORT)?,
-                next: Cell::new(FLOOD_RANGES[1]),
-            },
-            listeners: admit_listeners,
-            stat: Stat::Pinned(admit_program),
-        },
-        Subject {
-            name: "flow_full",
-            load: Load::SecondDatagrams {
-                flood: full_flood,
-                next: Cell::new(FLOOD_RANGES[2] + FULL_TABLE * 2),
-            },
-            listeners: full_listeners,
-            stat: Stat::Pinned(full_program),
-        },
+        (
+            subject("ref_pass", &pass_listeners, hot(PASS_PORT)?, pass_stat()?),
+            budget.prog_runs,
+        ),
+        (
+            subject(
+                "ref_select",
+                &lookup_listeners,
+                hot(LOOKUP_PORT)?,
+                lookup_stat()?,
+            ),
+            budget.prog_runs,
+        ),
+        (
+            subject(
+                "select",
+                &select_listeners,
+                hot(SELECT_PORT)?,
+                Stat::Pinned(select_program.clone()),
+            ),
+            budget.prog_runs,
+        ),
+        (
+            subject(
+                "select_probes",
+                &probes_listeners,
+                hot(PROBES_PORT)?,
+                Stat::Pinned(probes_program.clone()),
+            ),
+            budget.prog_runs,
+        ),
+        (
+            subject(
+                "heir",
+                &heir_listeners,
+                Load::Sockets(senders(flows::loopback(false, HEIR_PORT), orphans)?),
+                Stat::Pinned(heir_program),
+            ),
+            budget.prog_runs,
+        ),
+        (
+            subject(
+                "flow_table",
+                &flow_listeners,
+                hot(FLOW_PORT)?,
+                Stat::Pinned(flow_program.clone()),
+            ),
+            budget.prog_runs,
+        ),
+        (
+            subject(
+                "ref_pass_cold",
+                &pass_listeners,
+                cold(PASS_PORT)?,
+                pass_stat()?,
+            ),
+            cold_runs,
+        ),
+        (
+            subject(
+                "ref_select_cold",
+                &lookup_listeners,
+                cold(LOOKUP_PORT)?,
+                lookup_stat()?,
+            ),
+            cold_runs,
+        ),
+        (
+            subject(
+                "select_cold",
+                &select_listeners,
+                cold(SELECT_PORT)?,
+                Stat::Pinned(select_program),
+            ),
+            cold_runs,
+        ),
+        (
+            subject(
+                "select_probes_cold",
+                &probes_listeners,
+                cold(PROBES_PORT)?,
+                Stat::Pinned(probes_program),
+            ),
+            cold_runs,
+        ),
+        (
+            subject(
+                "heir_cold",
+                &heir_cold_listeners,
+                Load::cycle(heir_flood, cold_orphans),
+                Stat::Pinned(heir_cold_program),
+            ),
+            cold_runs,
+        ),
+        (
+            subject(
+                "flow_table_cold",
+                &flow_listeners,
+                cold(FLOW_PORT)?,
+                Stat::Pinned(flow_program),
+            ),
+            cold_runs,
+        ),
+        (
+            subject(
+                "flow_new",
+                &new_listeners,
+                Load::NewFlows {
+                    flood: new_flood,
+                    next: Cell::new(FLOOD_RANGES[0] + ADMIT_SIZE * 2),
+                },
+                Stat::Pinned(new_program),
+            ),
+            budget.prog_runs,
+        ),
+        (
+            subject(
+                "flow_admit",
+                &admit_listeners,
+                Load::SecondDatagrams {
+                    flood: flood(FLOW_ADMIT_PORT)?,
+                    next: Cell::new(FLOOD_RANGES[1]),
+                },
+                Stat::Pinned(admit_program),
+            ),
+            budget.prog_runs,
+        ),
+        (
+            subject(
+                "flow_full",
+                &full_listeners,
+                Load::SecondDatagrams {
+                    flood: full_flood,
+                    next: Cell::new(FLOOD_RANGES[2] + FULL_TABLE * 2),
+                },
+                Stat::Pinned(full_program),
+            ),
+            budget.prog_runs,
+        ),
     ];
 
     let stats = enable_stats(Stats::RunTime).map_err(|source| BenchError::Bpf {
@@ -404,64 +453,100 @@ pub fn figures(pins: &Path, reference: &Path, budget: &Budget) -> Result<Vec<Fig
     })?;
     let mut ns: Vec<Vec<f64>> = vec![Vec::new(); subjects.len()];
     for _ in 0..budget.prog_rounds {
-        for (subject, values) in subjects.iter().zip(&mut ns) {
-            values.push(subject.measure(budget.prog_runs)?);
+        for ((subject, runs), values) in subjects.iter().zip(&mut ns) {
+            values.push(subject.measure(*runs)?);
         }
     }
     drop(stats);
+    let measured: Vec<Measured> = subjects
+        .iter()
+        .zip(ns)
+        .map(|((subject, runs), ns)| Measured {
+            name: subject.name,
+            runs: *runs,
+            flows: subject.load.flows(*runs),
+            cold: subject.load.is_cold(),
+            ns,
+        })
+        .collect();
     drop(subjects);
-    drop((select_group, heir_group, flow_group));
+    drop((
+        select_group,
+        probes_group,
+        heir_group,
+        heir_cold_group,
+        flow_group,
+    ));
     drop((new_group, admit_group, full_group));
-    for service in [
-        "prog-select",
-        "prog-heir",
-        "prog-flow",
-        "prog-flow-new",
-        "prog-flow-admit",
-        "prog-flow-full",
-    ] {
+    for service in services {
         Dataplane::remove_pins(pins, service)?;
     }
+    summarize(&measured)
+}
 
-    let summary = |index: usize| {
-        Summary::of(&ns[index]).ok_or_else(|| {
-            BenchError::from(MeasureError::Traffic("no program round measured".into()))
-        })
+/// One subject's rounds.
+struct Measured {
+    name: &'static str,
+    /// Runs per round.
+    runs: usize,
+    /// Distinct flows per round.
+    flows: usize,
+    /// Whether its flows' state came from memory rather than cache.
+    cold: bool,
+    /// Mean ns per run, round by round.
+    ns: Vec<f64>,
+}
+
+/// The figures of the measured rounds; each path's ideal is the one-lookup reference of
+/// the same temperature (the no-op reference's, its own).
+fn summarize(measured: &[Measured]) -> Result<Vec<Figure>> {
+    let none = || BenchError::from(MeasureError::Traffic("no program round measured".into()));
+    let values = |name: &str| {
+        measured
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| m.ns.as_slice())
+            .ok_or_else(none)
     };
-    let lookup = summary(1)?.median;
+    let median = |name: &str| {
+        Summary::of(values(name)?)
+            .map(|s| s.median)
+            .ok_or_else(none)
+    };
     let mut figures = Vec::new();
-    for (index, (name, ideal)) in [
-        ("prog_ns_ref_pass", summary(0)?.median),
-        ("prog_ns_ref_select", lookup),
-        ("prog_ns_select", lookup),
-        ("prog_ns_heir", lookup),
-        ("prog_ns_flow_table", lookup),
-        ("prog_ns_flow_new", lookup),
-        ("prog_ns_flow_admit", lookup),
-        ("prog_ns_flow_full", lookup),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for m in measured {
+        let summary = Summary::of(&m.ns).ok_or_else(none)?;
+        let ideal = match (m.name.starts_with("ref_pass"), m.cold) {
+            (true, _) => summary.median,
+            (false, true) => median("ref_select_cold")?,
+            (false, false) => median("ref_select")?,
+        };
         figures.push(
-            Figure::summarized(name, "ns", ideal, summary(index)?)
-                .extra("runs_per_round", budget.prog_runs as f64),
+            Figure::summarized(format!("prog_ns_{}", m.name), "ns", ideal, summary)
+                .n(m.flows)
+                .extra("runs_per_round", m.runs as f64)
+                .extra("cold", f64::from(u8::from(m.cold))),
         );
     }
-    let ratio = Summary::of(&paired_ratios(&ns[2], &ns[1])).ok_or_else(|| {
-        BenchError::from(MeasureError::Traffic("no program round measured".into()))
-    })?;
+    let ratio = |name: &str, path: &str, reference: &str| -> Result<Figure> {
+        Figure::ratio(name, 1.0, &paired_ratios(values(path)?, values(reference)?)).ok_or_else(none)
+    };
     figures.push(
-        Figure::summarized("prog_ratio", "ratio", 1.0, ratio)
-            .target(Target::AtMost(MAX_RATIO))
-            .extra(
-                "heir_ratio",
-                Summary::of(&paired_ratios(&ns[3], &ns[1])).map_or(f64::NAN, |s| s.median),
-            )
-            .extra(
-                "flow_table_ratio",
-                Summary::of(&paired_ratios(&ns[4], &ns[1])).map_or(f64::NAN, |s| s.median),
-            ),
+        ratio("prog_ratio", "select_cold", "ref_select_cold")?.target(Target::AtMost(MAX_RATIO)),
     );
+    figures.push(
+        ratio("prog_ratio_hot", "select", "ref_select")?.target(Target::AtMost(MAX_RATIO_HOT)),
+    );
+    figures.push(ratio(
+        "prog_ratio_probes",
+        "select_probes_cold",
+        "ref_select_cold",
+    )?);
+    figures.push(ratio("prog_ratio_heir", "heir_cold", "ref_select_cold")?);
+    figures.push(ratio(
+        "prog_ratio_flow_table",
+        "flow_table_cold",
+        "ref_select_cold",
+    )?);
     Ok(figures)
 }

@@ -90,6 +90,34 @@ impl Summary {
     }
 }
 
+/// Resamples [`median_interval`] draws: enough that the interval's ends move by less than
+/// the rounds' own spread from one run to the next.
+pub const RESAMPLES: usize = 4000;
+
+/// The 95% interval of the median of `values` by the percentile bootstrap: the median of
+/// [`RESAMPLES`] resamples (with replacement, from a fixed seed, so one report gives one
+/// interval), cut at its 2.5th and 97.5th percentiles. How far the median of so few rounds
+/// can be trusted: a target met by the median but not by the whole interval is met by luck
+/// as much as by speed. `None` for fewer than two values (or a NaN).
+pub fn median_interval(values: &[f64]) -> Option<[f64; 2]> {
+    if values.len() < 2 || values.iter().any(|v| v.is_nan()) {
+        return None;
+    }
+    let mut rng = fastrand::Rng::with_seed(0x5eed_0f_b007);
+    let mut resample = vec![0.0; values.len()];
+    let mut medians: Vec<f64> = (0..RESAMPLES)
+        .map(|_| {
+            for slot in &mut resample {
+                *slot = values[rng.usize(..values.len())];
+            }
+            Summary::of(&resample).map_or(f64::NAN, |s| s.median)
+        })
+        .collect();
+    medians.sort_by(f64::total_cmp);
+    let at = |q: f64| medians[((medians.len() - 1) as f64 * q).round() as usize];
+    Some([at(0.025), at(0.975)])
+}
+
 /// `numerators[i] / denominators[i]` for each pair of rounds (as many as the shorter has).
 pub fn paired_ratios(numerators: &[f64], denominators: &[f64]) -> Vec<f64> {
     numerators
@@ -115,6 +143,10 @@ pub struct Figure {
     /// The range of the rounds portshard's value is the median of.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spread: Option<[f64; 2]>,
+    /// The 95% interval of the median (a ratio's, of its paired rounds); see
+    /// [`median_interval`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval95: Option<[f64; 2]>,
     /// How many flows, connections, rounds or samples the value is made of.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub n: Option<u64>,
@@ -139,6 +171,7 @@ impl Figure {
             ideal,
             unit,
             spread: None,
+            interval95: None,
             n: None,
             target: None,
             meets_target: None,
@@ -157,6 +190,14 @@ impl Figure {
         figure.spread = Some([summary.min, summary.max]);
         figure.n = Some(summary.count as u64);
         figure
+    }
+
+    /// A ratio figure: the median of the paired rounds' ratios `values`, with its spread,
+    /// count and 95% interval; `None` when no round was measured.
+    pub fn ratio(name: impl Into<String>, ideal: f64, values: &[f64]) -> Option<Self> {
+        let mut figure = Self::summarized(name, "ratio", ideal, Summary::of(values)?);
+        figure.interval95 = median_interval(values);
+        Some(figure)
     }
 
     /// Sets the kernel's value.
@@ -197,7 +238,8 @@ pub fn number(value: f64) -> String {
     }
 }
 
-/// The figures as a table for people: name, portshard (with its spread), kernel, ideal,
+/// The figures as a table for people: name, portshard (with the 95% interval of its median
+/// in brackets where it has one, and its rounds' range in parentheses), kernel, ideal,
 /// unit, target and whether it is met.
 pub fn render(figures: &[Figure]) -> String {
     let header = [
@@ -212,15 +254,13 @@ pub fn render(figures: &[Figure]) -> String {
     let rows: Vec<[String; 7]> = figures
         .iter()
         .map(|f| {
-            let portshard = match f.spread {
-                Some([low, high]) => format!(
-                    "{} ({}..{})",
-                    number(f.portshard),
-                    number(low),
-                    number(high)
-                ),
-                None => number(f.portshard),
-            };
+            let mut portshard = number(f.portshard);
+            if let Some([low, high]) = f.interval95 {
+                portshard += &format!(" [{}, {}]", number(low), number(high));
+            }
+            if let Some([low, high]) = f.spread {
+                portshard += &format!(" ({}..{})", number(low), number(high));
+            }
             [
                 f.name.clone(),
                 portshard,
@@ -281,6 +321,40 @@ mod tests {
         assert_eq!((even.median, even.min, even.max), (2.5, 1.0, 4.0));
         assert_eq!(Summary::of(&[]), None);
         assert_eq!(Summary::of(&[1.0, f64::NAN]), None);
+    }
+
+    #[test]
+    fn the_interval_holds_the_median_and_narrows_with_rounds() {
+        let few = [0.94, 0.97, 0.99, 0.95, 1.01];
+        let [low, high] = median_interval(&few).unwrap();
+        let median = Summary::of(&few).unwrap().median;
+        assert!(low <= median && median <= high, "{low} {median} {high}");
+        assert!(low >= 0.94 && high <= 1.01);
+        assert_eq!(
+            median_interval(&few),
+            Some([low, high]),
+            "seeded: reproducible"
+        );
+        let many: Vec<f64> = (0..101).map(|i| 0.9 + f64::from(i) * 0.002).collect();
+        let [l, h] = median_interval(&many).unwrap();
+        assert!(
+            h - l < high - low,
+            "101 rounds: {l}..{h}, 5 rounds: {low}..{high}"
+        );
+        assert_eq!(median_interval(&[1.0]), None);
+        assert_eq!(median_interval(&[1.0, f64::NAN]), None);
+        let constant = median_interval(&[2.0; 7]).unwrap();
+        assert_eq!(constant, [2.0, 2.0]);
+    }
+
+    #[test]
+    fn ratio_figures_carry_their_interval() {
+        let figure = Figure::ratio("udp_overhead", 1.0, &[0.96, 0.98, 0.97]).unwrap();
+        assert_eq!(figure.portshard, 0.97);
+        let json = serde_json::to_value(&figure).unwrap();
+        assert!(json["interval95"].as_array().is_some_and(|a| a.len() == 2));
+        assert!(render(&[figure]).contains("0.970 ["));
+        assert!(Figure::ratio("x", 1.0, &[]).is_none());
     }
 
     #[test]

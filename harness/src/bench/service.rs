@@ -61,7 +61,9 @@ fn live(daemon: &DaemonRun, service: &str) -> Result<Vec<(Slot, u32)>> {
 /// `failover_us`: the time from a worker's `SIGKILL` to the first answer from its heir on
 /// one of its flows, which is probed every [`PROBE_EVERY`]; median over `failovers` kills
 /// of different workers (each replaced by the daemon, and the replacement answering, before
-/// the next). `exit_us` is when the killed worker had ended (its pidfd readable).
+/// the next). `exit_us` is when the killed worker had ended (its pidfd readable). The
+/// probing client runs at normal priority, sharing the CPUs with the daemon, which must
+/// not delay it with its own work on the death.
 pub fn failover(exe: &Path, pins: &Path, budget: &Budget) -> Result<Figure> {
     let name = "failover";
     let config = service(exe, name, "udp", FAILOVER_PORT, FAILOVER_WORKERS);
@@ -76,13 +78,10 @@ pub fn failover(exe: &Path, pins: &Path, budget: &Budget) -> Result<Figure> {
         let flow = flow_of(target, &identity)?;
         let pidfd = process::pidfd_open(pid)
             .map_err(|e| context(e, format!("opening a pidfd on worker {pid} (slot {slot})")))?;
-        let client = RealTime::enter()
-            .map_err(|e| context(e, "raising the probing client to SCHED_FIFO".into()))?;
         let started = Instant::now();
         process::signal(pidfd.as_fd(), portshard::supervisor::Signal::Kill)
             .map_err(|e| context(e, format!("killing worker {pid} (slot {slot})")))?;
         let (answered, exited) = first_other_answer(&flow, &identity, pidfd.as_fd(), started)?;
-        drop(client);
         failovers.push(answered.as_secs_f64() * 1e6);
         exits.push(exited.as_secs_f64() * 1e6);
         // The next kill's heir may be this slot: wait until its new worker answers.
@@ -98,37 +97,6 @@ pub fn failover(exe: &Path, pins: &Path, budget: &Budget) -> Result<Figure> {
             .target(Target::Below(FAILOVER_LIMIT_US))
             .extra("exit_us", summary(&exits)?.median),
     )
-}
-
-/// The calling thread at real-time priority (`SCHED_FIFO` 1) until dropped: the probing
-/// client, unlike a client on another machine, shares the server's CPUs, and must not wait
-/// behind the daemon for one.
-struct RealTime;
-
-impl RealTime {
-    fn enter() -> io::Result<Self> {
-        set_policy(libc::SCHED_FIFO, 1)?;
-        Ok(Self)
-    }
-}
-
-impl Drop for RealTime {
-    fn drop(&mut self) {
-        let _ = set_policy(libc::SCHED_OTHER, 0);
-    }
-}
-
-/// `sched_setscheduler` on the calling thread.
-fn set_policy(policy: i32, priority: i32) -> io::Result<()> {
-    let param = libc::sched_param {
-        sched_priority: priority,
-    };
-    // SAFETY: `param` is a valid sched_param; pid 0 is the calling thread.
-    if unsafe { libc::sched_setscheduler(0, policy, &param) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// A connected UDP socket whose flow `identity` (`"<slot> <pid> "`) answers.

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 use portshard_harness::{
-    bench::{self, Budget, moves, overhead, prog, report, report::Figure, service, table},
+    bench::{self, Budget, moves, overhead, prog, report, report::Figure, scale, service, table},
     scenario::{PinRoot, Sandbox},
 };
 
@@ -80,6 +80,10 @@ fn main() -> Result<()> {
                     &budget,
                 ))
             }),
+        ),
+        (
+            "scale",
+            Box::new(|| scale::million_flows(&args.portshard, daemon_pins()?.path(), &budget)),
         ),
         (
             "daemon_rss_mib",
