@@ -103,7 +103,7 @@ pub fn median_interval(values: &[f64]) -> Option<[f64; 2]> {
     if values.len() < 2 || values.iter().any(|v| v.is_nan()) {
         return None;
     }
-    let mut rng = fastrand::Rng::with_seed(0x5eed_0f_b007);
+    let mut rng = fastrand::Rng::with_seed(0x5eed_b007);
     let mut resample = vec![0.0; values.len()];
     let mut medians: Vec<f64> = (0..RESAMPLES)
         .map(|_| {
