@@ -1,7 +1,12 @@
 //! `cargo xtask`: the developer commands. Each installs what it needs first, so a fresh
 //! clone on a fresh machine needs nothing but cargo.
+mod bench;
+mod compare;
 mod docs;
+mod fuzz;
 mod package;
+mod plot;
+mod report;
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -47,11 +52,23 @@ enum Task {
         args: Vec<String>,
     },
     /// Measure every figure, portshard next to plain SO_REUSEPORT, print the table and write
-    /// target/bench/report.json (needs root; at most 5 minutes, `--quick` under 1).
+    /// target/bench/report.json, with its table (report.md) and picture (moves.svg) beside it
+    /// (needs root; at most 5 minutes, `--quick` under 1).
     Bench {
         /// Fewer flows, rounds and repetitions.
         #[arg(long)]
         quick: bool,
+        /// Then print each figure against this earlier report (as `cargo xtask compare`).
+        #[arg(long, value_name = "OLD.json")]
+        compare: Option<PathBuf>,
+    },
+    /// Print each figure of two bench reports: old and new value, the change, and the
+    /// figures whose target status flipped or that only one report has.
+    Compare {
+        /// The earlier report.
+        old: PathBuf,
+        /// The later report.
+        new: PathBuf,
     },
     /// Chaos under load: the daemon with 2 UDP and 2 TCP services of 8 workers while workers
     /// and the daemon are killed, stopped, drained and reweighted; ends with
@@ -61,9 +78,13 @@ enum Task {
         #[arg(long, default_value_t = 1.0)]
         minutes: f64,
     },
-    /// Generate the docs' measured figures (docs/measurements.md's table and the README's
-    /// picture, docs/surviving-flows.svg) from target/bench/report.json.
-    Docs,
+    /// Copy target/bench/report.json to docs/bench/report.json and generate the docs' measured
+    /// figures from it: docs/measurements.md's table and the README's picture, docs/moves.svg.
+    Docs {
+        /// Change nothing: fail if the docs differ from what docs/bench/report.json gives.
+        #[arg(long)]
+        check: bool,
+    },
     /// Run every fuzz target (config parser, control decoder, table operations) in turn,
     /// installing cargo-fuzz first if needed; fails on the first crash or hang.
     Fuzz {
@@ -82,12 +103,6 @@ enum Task {
     },
 }
 
-/// The fuzz targets in `fuzz/fuzz_targets`, with their corpora in `fuzz/corpus/<target>`.
-const FUZZ_TARGETS: [&str; 3] = ["config", "control", "table"];
-
-/// An input running longer than this counts as a hang.
-const FUZZ_TIMEOUT_SECONDS: u64 = 10;
-
 fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup(),
@@ -96,9 +111,15 @@ fn main() -> Result<()> {
         Task::Spin { cpu } => spin(cpu),
         Task::Demo => demo(),
         Task::Run { args } => run(&args),
-        Task::Bench { quick } => bench(quick),
-        Task::Fuzz { seconds } => fuzz(seconds),
-        Task::Docs => docs::generate(&root()),
+        Task::Bench { quick, compare } => bench::bench(quick, compare.as_deref()),
+        Task::Compare { old, new } => {
+            let (old, new) = (report::load(&old)?, report::load(&new)?);
+            print!("{}", compare::render(&compare::compare(&old, &new)));
+            Ok(())
+        }
+        Task::Fuzz { seconds } => fuzz::fuzz(seconds),
+        Task::Docs { check: false } => docs::generate(&root()),
+        Task::Docs { check: true } => docs::check(&root()),
         Task::Package => package::package().map(drop),
         Task::Soak { minutes } => harness_binary(
             "portshard-soak",
@@ -387,134 +408,6 @@ fn build_portshard() -> Result<()> {
     if !built.success() {
         bail!("building portshard failed ({built})");
     }
-    Ok(())
-}
-
-fn bench(quick: bool) -> Result<()> {
-    build_ebpf()?;
-    let reference = ebpf_object(toolchain::REFERENCE_OBJECT_NAME)?;
-    build_portshard()?;
-    let root = root();
-    let mut bench = cargo_command(&[
-        "run",
-        "--release",
-        "--quiet",
-        "--package",
-        "portshard-harness",
-        "--bin",
-        "portshard-bench",
-        "--",
-    ]);
-    bench
-        .arg("--reference")
-        .arg(reference)
-        .arg("--portshard")
-        .arg(root.join("target/release/portshard"))
-        .arg("--out")
-        .arg(root.join("target/bench/report.json"));
-    if quick {
-        bench.arg("--quick");
-    }
-    let status = bench.status().context("could not start cargo run")?;
-    if !status.success() {
-        bail!("the bench failed ({status})");
-    }
-    Ok(())
-}
-
-/// The rate libFuzzer's closing line (`Done 92906 runs in 31 second(s)`) gives, as
-/// `N exec/s`.
-fn executions_per_second(done: &str) -> String {
-    let numbers: Vec<u64> = done
-        .split_whitespace()
-        .filter_map(|word| word.parse().ok())
-        .collect();
-    match numbers[..] {
-        [runs, seconds] if seconds > 0 => format!("{} exec/s", runs / seconds),
-        _ => "exec/s unknown".to_owned(),
-    }
-}
-
-/// Runs each fuzz target for `seconds` on the stable toolchain (`RUSTC_BOOTSTRAP` unlocks
-/// the flags cargo-fuzz passes; no sanitizer, so no nightly runtime is needed) and prints
-/// how many inputs each ran.
-fn fuzz(seconds: u64) -> Result<()> {
-    setup()?;
-    let has_cargo_fuzz = cargo_command(&["fuzz", "--version"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_cargo_fuzz {
-        println!("fuzz: installing cargo-fuzz");
-        let status = cargo_command(&["install", "cargo-fuzz", "--locked"])
-            .status()
-            .context("could not start cargo install")?;
-        if !status.success() {
-            bail!(
-                "installing cargo-fuzz failed ({status}); install it with `cargo install cargo-fuzz`"
-            );
-        }
-    }
-    let mut summary = Vec::new();
-    for target in FUZZ_TARGETS {
-        // New inputs go to a corpus under target/ that grows locally; the committed one
-        // (fuzz/corpus) is only read, so a run leaves the checkout as it was.
-        let grown = format!("target/fuzz-corpus/{target}");
-        std::fs::create_dir_all(root().join(&grown))
-            .with_context(|| format!("creating {grown}"))?;
-        let committed = format!("fuzz/corpus/{target}");
-        let mut child = cargo_command(&[
-            "fuzz",
-            "run",
-            "--fuzz-dir",
-            "fuzz",
-            "--sanitizer",
-            "none",
-            target,
-            &grown,
-            &committed,
-            "--",
-        ])
-        .args([
-            format!("-max_total_time={seconds}"),
-            format!("-timeout={FUZZ_TIMEOUT_SECONDS}"),
-        ])
-        .env("RUSTC_BOOTSTRAP", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("could not start cargo fuzz")?;
-        // libFuzzer reports on stderr; its progress lines (`#123 NEW ...`, indented
-        // details) are left out.
-        let mut done = None;
-        for line in BufReader::new(child.stderr.take().expect("piped")).lines() {
-            let line = line.context("reading cargo fuzz's output")?;
-            if line.starts_with("Done ") {
-                done = Some(line.clone());
-            }
-            if !line.starts_with(['#', '\t', ' ']) {
-                eprintln!("{line}");
-            }
-        }
-        let status = child.wait().context("waiting for cargo fuzz")?;
-        if !status.success() {
-            bail!(
-                "fuzz target {target} failed ({status}): the input is in fuzz/artifacts/{target}; fix the bug and keep the input as a regression test"
-            );
-        }
-        let done = done.with_context(|| format!("fuzz target {target} reported no run count"))?;
-        summary.push(format!(
-            "fuzz {target}: {done} ({})",
-            executions_per_second(&done)
-        ));
-    }
-    for line in &summary {
-        println!("{line}");
-    }
-    println!(
-        "fuzz: {} targets, {seconds} s each, no crash or hang",
-        FUZZ_TARGETS.len()
-    );
     Ok(())
 }
 
