@@ -111,6 +111,13 @@ pub mod reference {
     pub const SLOT_OF: &str = "ref_slots";
     /// Entries of both maps; a power of two, so the hash is masked into the array.
     pub const SLOTS: u32 = 64;
+    /// Program that does one lookup in an array as large as portshard's table and one
+    /// `select_reuseport`: what any table-steered program pays for a table of that size.
+    pub const SELECT_TABLE: &str = "ref_select_table";
+    /// Array of `u32` of [`crate::TABLE_SIZE`] entries: the slot each masked hash goes to.
+    pub const TABLE_SLOT_OF: &str = "ref_table";
+    /// `REUSEPORT_SOCKARRAY` of [`SELECT_TABLE`]'s group (a socket array serves one group).
+    pub const TABLE_SOCKETS: &str = "ref_table_sockets";
 }
 
 /// One lookup-table entry: the slot that owns the flows hashing here, and the slot that

@@ -28,6 +28,18 @@ pub const MAX_WORKERS: u32 = MAX_SLOTS / 2;
 /// The most services one daemon runs.
 pub const MAX_SERVICES: usize = 64;
 
+/// Open files the daemon holds for each service whatever its workers: its pinned maps and
+/// program (a staged generation's program too) and a few for the service's sockets.
+pub const FILES_PER_SERVICE: u64 = 24;
+
+/// Open files the daemon holds for each worker: the listening socket it hands the worker
+/// and the worker's pidfd, twice over while a reload runs both generations.
+pub const FILES_PER_WORKER: u64 = 2 * 2;
+
+/// Open files the daemon holds whatever its services: control and metrics sockets, signal
+/// and event descriptors, logs, and a process being started.
+pub const FILES_BASE: u64 = 256;
+
 /// How a service steers new work (see the design's "Modes").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -164,6 +176,20 @@ impl Service {
 pub struct Config {
     /// The services, in file order.
     pub services: Vec<Service>,
+}
+
+impl Config {
+    /// How many open files the daemon needs to run these services, reloads included, so it
+    /// can raise its limit, or refuse to start with the numbers, before it spawns a worker
+    /// it could not hold (a worker started past the limit fails halfway: `EMFILE`).
+    pub fn open_files_needed(&self) -> u64 {
+        FILES_BASE
+            + self
+                .services
+                .iter()
+                .map(|s| FILES_PER_SERVICE + FILES_PER_WORKER * u64::from(s.workers))
+                .sum::<u64>()
+    }
 }
 
 /// One thing wrong in a config file.

@@ -155,6 +155,21 @@ pub enum DaemonError {
         /// Its running workers.
         pids: Vec<u32>,
     },
+    /// The config needs more open files than the daemon may hold; nothing was started.
+    #[error(
+        "the configured services need {needed} open files (listening sockets and pidfds of every worker, twice over during a reload, and each service's maps), but the limit is {soft} (hard {hard}) and raising it failed: {source}; raise it (systemd: LimitNOFILE={needed} in the unit; a shell: ulimit -Hn {needed}) or run fewer workers; nothing was started"
+    )]
+    OpenFiles {
+        /// Open files the config needs.
+        needed: u64,
+        /// The soft limit found.
+        soft: u64,
+        /// The hard limit found.
+        hard: u64,
+        /// Why raising failed.
+        #[source]
+        source: io::Error,
+    },
     /// An I/O operation on a path or socket failed.
     #[error("{action} {path}: {source}")]
     Io {
@@ -184,12 +199,36 @@ fn io_error(
 /// Returns once everything is stopped; an error before any worker started leaves nothing
 /// behind.
 pub async fn serve(config: Config, options: Options) -> Result<(), DaemonError> {
-    // Programs and accounts first: a typo there is found before anything is made.
+    // Limits, programs and accounts first: a typo there is found before anything is made.
+    raise_open_files(config.open_files_needed())?;
     let services = resolve(config)?;
     let made = Made::before(&options);
     let result = serve_resolved(services, &options).await;
     made.remove_if_empty();
     result
+}
+
+/// Raises the open-file limit to `needed` (the config's [`Config::open_files_needed`]), the
+/// hard limit too if it is lower and the daemon may (root with `CAP_SYS_RESOURCE`); refuses
+/// to start, naming the numbers, if it may not: a worker spawned past the limit would fail
+/// halfway, with some services up and others not.
+fn raise_open_files(needed: u64) -> Result<(), DaemonError> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current.is_none_or(|soft| soft >= needed) {
+        return Ok(());
+    }
+    let mut raised = limit;
+    raised.current = Some(needed);
+    if raised.maximum.is_some_and(|hard| hard < needed) {
+        raised.maximum = Some(needed);
+    }
+    setrlimit(Resource::Nofile, raised).map_err(|errno| DaemonError::OpenFiles {
+        needed,
+        soft: limit.current.unwrap_or(u64::MAX),
+        hard: limit.maximum.unwrap_or(u64::MAX),
+        source: errno.into(),
+    })
 }
 
 /// Resolves every service's program on `PATH` and its `user` and `group`, reporting every

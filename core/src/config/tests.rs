@@ -485,3 +485,19 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn open_files_grow_with_services_and_workers() {
+    let one = |workers: u32| {
+        format!(
+            "[[service]]\nname = \"a\"\nproto = \"udp\"\nlisten = \"127.0.0.1:5300\"\nworkers = {workers}\ncommand = [\"/bin/true\"]\n"
+        )
+    };
+    let small = parse(&one(1)).unwrap().open_files_needed();
+    let large = parse(&one(256)).unwrap().open_files_needed();
+    assert_eq!(small, FILES_BASE + FILES_PER_SERVICE + FILES_PER_WORKER);
+    assert_eq!(large - small, 255 * FILES_PER_WORKER);
+    // The largest config: 64 services of 256 workers need more than a default 20 000.
+    let most = MAX_SERVICES as u64 * (FILES_PER_SERVICE + FILES_PER_WORKER * 256) + FILES_BASE;
+    assert!(most > 20_000, "{most}");
+}

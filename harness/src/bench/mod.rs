@@ -86,6 +86,9 @@ pub struct Budget {
     pub failovers: usize,
     /// Repetitions of each table operation.
     pub rebuild_repetitions: usize,
+    /// Workers of each of the most services a config may name, for the daemon's memory at
+    /// scale.
+    pub rss_max_workers: usize,
 }
 
 impl Budget {
@@ -100,6 +103,7 @@ impl Budget {
         prog_runs: 100_000,
         failovers: 15,
         rebuild_repetitions: 25,
+        rss_max_workers: portshard::config::MAX_WORKERS as usize,
     };
 
     /// The quick run.
@@ -113,6 +117,7 @@ impl Budget {
         prog_runs: 10_000,
         failovers: 3,
         rebuild_repetitions: 9,
+        rss_max_workers: 8,
     };
 }
 

@@ -5,7 +5,9 @@
 //! flood, when it displaces an admission record; a second datagram admitting its flow; the
 //! same when the table is full and it is not kept), and, in the same rounds, two reference
 //! programs built by the project's toolchain (`ebpf/src/reference.rs`): one that only
-//! returns `SK_PASS` and one that does one array lookup and one `select_reuseport`.
+//! returns `SK_PASS` and one that does one array lookup and one `select_reuseport`, that
+//! one also over an array of the table's size (`prog_ratio_table_size`: what the table's
+//! size alone costs, cold).
 //!
 //! Hot, a path runs over 64 flows, so its table entries and flow records stay in the
 //! CPU's cache; cold, over at least [`COLD_FLOWS`] distinct 4-tuples per round (a flood
@@ -14,9 +16,7 @@
 //! A new flow's paths are cold by nature: every run is another flow.
 use std::{
     cell::Cell,
-    io,
-    mem::MaybeUninit,
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddrV4,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
@@ -26,24 +26,26 @@ use portshard::{
     dataplane::Dataplane, group::Group, socket::Proto, supervisor::Switches, table::Slot,
 };
 use portshard_common::{ADMIT_SIZE, TABLE_PROBES, TABLE_SIZE, names, reference as refs};
-use socket2::SockRef;
 
 use super::{
     BenchError, Budget, Result,
-    overhead::{self, drain, ephemeral, senders},
-    report::{Figure, Summary, Target, paired_ratios},
+    overhead::{self, ephemeral, senders},
+    report::Figure,
 };
 use crate::{
     context,
     flood::Flood,
-    flows::{self, FIRST_SOURCE_PORT, Flows, Listener},
-    scenario::MeasureError,
+    flows::{self, Listener},
 };
 
 mod reference;
+mod setup;
 mod subject;
+mod summary;
 
+use setup::{orphan_flows, orphan_sources, prime};
 use subject::{Load, Stat, Subject};
+use summary::{Measured, summarize};
 
 /// Listeners of each measured group.
 const LISTENERS: usize = 8;
@@ -51,8 +53,6 @@ const LISTENERS: usize = 8;
 const FLOWS: usize = 64;
 /// Distinct flows each cold subject's rounds cycle over: one per table entry.
 pub const COLD_FLOWS: usize = TABLE_SIZE;
-/// Flows tried to find those whose owner is the heir group's closed listener.
-const HEIR_CANDIDATES: usize = 1024;
 /// Listeners of the cold heir group: with two, half the flood's flows are the closed one's.
 const HEIR_COLD_LISTENERS: usize = 2;
 /// The most portshard's select path may cost over the one-lookup reference, cold.
@@ -70,6 +70,7 @@ const FLOW_NEW_PORT: u16 = 5315;
 const FLOW_ADMIT_PORT: u16 = 5316;
 const FLOW_FULL_PORT: u16 = 5317;
 const HEIR_COLD_PORT: u16 = 5318;
+const TABLE_PORT: u16 = 5319;
 
 /// The flow table of the full-table subject: filled before measuring.
 const FULL_TABLE: u32 = 1024;
@@ -77,10 +78,9 @@ const FULL_TABLE: u32 = 1024;
 const COLD_TABLE: u32 = 2 * COLD_FLOWS as u32;
 /// Where each flood subject's flows start among the flood's sources: far enough apart
 /// that no two subjects share a flow (the cold cycles, each to its own port, share theirs).
-const FLOOD_RANGES: [u32; 4] = [0, 4 << 20, 8 << 20, 12 << 20];
-/// Flood datagrams sent between two drains while setting up: few enough that a listener's
-/// receive buffer holds them.
-const SETUP_BURST: u32 = 256;
+const FLOOD_RANGES: [u32; 3] = [0, 4 << 20, 8 << 20];
+/// The first flood flow of the cold cycles (and of the search for the heir's).
+const FIRST_COLD_FLOW: u32 = 12 << 20;
 
 /// A portshard group on `port` over `listeners` listeners (with the flow table if
 /// `flow_capacity` is not 0) and the path of its pinned program.
@@ -104,97 +104,9 @@ fn flood(port: u16) -> Result<Flood> {
         .map_err(|e| context(e, format!("opening a raw socket to flood port {port}")))?)
 }
 
-/// The flows of the heir group whose owner is listener 0, which is then closed: every
-/// datagram of theirs takes the heir path. Returns their source addresses.
-fn orphan_sources(listeners: &mut [Option<Listener>], port: u16) -> Result<Vec<SocketAddr>> {
-    let target = flows::loopback(false, port);
-    let landing = Flows::new(Proto::Udp, target, HEIR_CANDIDATES).round(listeners)?;
-    listeners[0] = None;
-    let sources: Vec<SocketAddr> = (0..HEIR_CANDIDATES)
-        .filter(|&flow| landing[flow] == Some(0))
-        .take(FLOWS)
-        .map(|flow| SocketAddr::new(target.ip(), FIRST_SOURCE_PORT + flow as u16))
-        .collect();
-    if sources.is_empty() {
-        return Err(MeasureError::Traffic(format!(
-            "none of {HEIR_CANDIDATES} flows to {target} is owned by listener 0"
-        ))
-        .into());
-    }
-    Ok(sources)
-}
-
-/// [`COLD_FLOWS`] flood flows from [`FLOOD_RANGES`]`[3]` on whose owner is listener 0,
-/// found by where their first datagrams land; listener 0 is then closed, so each of them
-/// takes the heir path.
-fn orphan_flows(flood: &Flood, listeners: &mut [Option<Listener>]) -> Result<Vec<u32>> {
-    let mut found = Vec::with_capacity(COLD_FLOWS);
-    let first = FLOOD_RANGES[3];
-    let last = first + (COLD_FLOWS * listeners.len() * 2) as u32;
-    let mut next = first;
-    while found.len() < COLD_FLOWS && next < last {
-        flood
-            .send(next..next + SETUP_BURST, 1)
-            .map_err(|e| context(e, "flooding the cold heir group".into()))?;
-        next += SETUP_BURST;
-        let owner = listeners[0].as_ref().expect("open until the search ends");
-        found.extend(flood_flows(owner).map_err(|e| context(e, "on listener 0".into()))?);
-        drain(listeners)?;
-    }
-    listeners[0] = None;
-    if found.len() < COLD_FLOWS {
-        return Err(MeasureError::Traffic(format!(
-            "only {} of {} flood flows are owned by listener 0, {COLD_FLOWS} are needed",
-            found.len(),
-            next - first
-        ))
-        .into());
-    }
-    found.truncate(COLD_FLOWS);
-    Ok(found)
-}
-
-/// The flood flows of the datagrams waiting on `listener`, which it receives.
-fn flood_flows(listener: &Listener) -> io::Result<Vec<u32>> {
-    let socket = SockRef::from(listener);
-    let mut buffer = [MaybeUninit::<u8>::uninit(); 16];
-    let mut flows = Vec::new();
-    loop {
-        match socket.recv_from(&mut buffer) {
-            Ok((_, from)) => {
-                if let Some(SocketAddr::V4(from)) = from.as_socket() {
-                    flows.extend(Flood::flow_of(from));
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(flows),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Sends `datagrams_each` datagrams from each of `flows`, [`SETUP_BURST`] flows at a
-/// time, draining `listeners` in between: setting up state (admitted flows) unmeasured.
-fn prime(
-    flood: &Flood,
-    flows: std::ops::Range<u32>,
-    datagrams_each: u32,
-    listeners: &[Option<Listener>],
-) -> Result<()> {
-    let mut next = flows.start;
-    while next < flows.end {
-        let end = (next + SETUP_BURST).min(flows.end);
-        flood
-            .send(next..end, datagrams_each)
-            .map_err(|e| context(e, format!("priming flows {next}..{end}")))?;
-        drain(listeners)?;
-        next = end;
-    }
-    Ok(())
-}
-
 /// The cold flows every cold cycle but the heir's goes over.
 fn cold_flows() -> std::ops::Range<u32> {
-    FLOOD_RANGES[3]..FLOOD_RANGES[3] + COLD_FLOWS as u32
+    FIRST_COLD_FLOW..FIRST_COLD_FLOW + COLD_FLOWS as u32
 }
 
 /// Hot connected flows to `port`.
@@ -220,10 +132,22 @@ pub fn figures(pins: &Path, object: &Path, budget: &Budget) -> Result<Vec<Figure
         flows::bind_listeners(Proto::Udp, flows::loopback(false, PASS_PORT), LISTENERS)?;
     let lookup_listeners =
         flows::bind_listeners(Proto::Udp, flows::loopback(false, LOOKUP_PORT), LISTENERS)?;
-    reference::fill_maps(&mut ebpf, &lookup_listeners)?;
+    let table_listeners =
+        flows::bind_listeners(Proto::Udp, flows::loopback(false, TABLE_PORT), LISTENERS)?;
+    reference::fill_maps(
+        &mut ebpf,
+        (refs::SOCKETS, refs::SLOT_OF, refs::SLOTS),
+        &lookup_listeners,
+    )?;
+    reference::fill_maps(
+        &mut ebpf,
+        (refs::TABLE_SOCKETS, refs::TABLE_SLOT_OF, TABLE_SIZE as u32),
+        &table_listeners,
+    )?;
     for (name, listeners) in [
         (refs::PASS, &pass_listeners),
         (refs::SELECT, &lookup_listeners),
+        (refs::SELECT_TABLE, &table_listeners),
     ] {
         let member = listeners[0].as_ref().expect("all open").as_fd();
         reference::program(&ebpf, name)?
@@ -298,6 +222,7 @@ pub fn figures(pins: &Path, object: &Path, budget: &Budget) -> Result<Vec<Figure
 
     let pass_stat = || reference::program(&ebpf, refs::PASS).map(Stat::Loaded);
     let lookup_stat = || reference::program(&ebpf, refs::SELECT).map(Stat::Loaded);
+    let table_stat = || reference::program(&ebpf, refs::SELECT_TABLE).map(Stat::Loaded);
     let subject = |name, listeners, load, stat| Subject {
         name,
         listeners,
@@ -370,6 +295,15 @@ pub fn figures(pins: &Path, object: &Path, budget: &Budget) -> Result<Vec<Figure
                 &lookup_listeners,
                 cold(LOOKUP_PORT)?,
                 lookup_stat()?,
+            ),
+            cold_runs,
+        ),
+        (
+            subject(
+                "ref_select_table_cold",
+                &table_listeners,
+                cold(TABLE_PORT)?,
+                table_stat()?,
             ),
             cold_runs,
         ),
@@ -482,71 +416,4 @@ pub fn figures(pins: &Path, object: &Path, budget: &Budget) -> Result<Vec<Figure
         Dataplane::remove_pins(pins, service)?;
     }
     summarize(&measured)
-}
-
-/// One subject's rounds.
-struct Measured {
-    name: &'static str,
-    /// Runs per round.
-    runs: usize,
-    /// Distinct flows per round.
-    flows: usize,
-    /// Whether its flows' state came from memory rather than cache.
-    cold: bool,
-    /// Mean ns per run, round by round.
-    ns: Vec<f64>,
-}
-
-/// The figures of the measured rounds; each path's ideal is the one-lookup reference of
-/// the same temperature (the no-op reference's, its own).
-fn summarize(measured: &[Measured]) -> Result<Vec<Figure>> {
-    let none = || BenchError::from(MeasureError::Traffic("no program round measured".into()));
-    let values = |name: &str| {
-        measured
-            .iter()
-            .find(|m| m.name == name)
-            .map(|m| m.ns.as_slice())
-            .ok_or_else(none)
-    };
-    let median = |name: &str| {
-        Summary::of(values(name)?)
-            .map(|s| s.median)
-            .ok_or_else(none)
-    };
-    let mut figures = Vec::new();
-    for m in measured {
-        let summary = Summary::of(&m.ns).ok_or_else(none)?;
-        let ideal = match (m.name.starts_with("ref_pass"), m.cold) {
-            (true, _) => summary.median,
-            (false, true) => median("ref_select_cold")?,
-            (false, false) => median("ref_select")?,
-        };
-        figures.push(
-            Figure::summarized(format!("prog_ns_{}", m.name), "ns", ideal, summary)
-                .n(m.flows)
-                .extra("runs_per_round", m.runs as f64)
-                .extra("cold", f64::from(u8::from(m.cold))),
-        );
-    }
-    let ratio = |name: &str, path: &str, reference: &str| -> Result<Figure> {
-        Figure::ratio(name, 1.0, &paired_ratios(values(path)?, values(reference)?)).ok_or_else(none)
-    };
-    figures.push(
-        ratio("prog_ratio", "select_cold", "ref_select_cold")?.target(Target::AtMost(MAX_RATIO)),
-    );
-    figures.push(
-        ratio("prog_ratio_hot", "select", "ref_select")?.target(Target::AtMost(MAX_RATIO_HOT)),
-    );
-    figures.push(ratio(
-        "prog_ratio_probes",
-        "select_probes_cold",
-        "ref_select_cold",
-    )?);
-    figures.push(ratio("prog_ratio_heir", "heir_cold", "ref_select_cold")?);
-    figures.push(ratio(
-        "prog_ratio_flow_table",
-        "flow_table_cold",
-        "ref_select_cold",
-    )?);
-    Ok(figures)
 }

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portshard::{process, table::Slot};
+use portshard::{config::MAX_SERVICES, process, table::Slot};
 
 use super::{
     BenchError, Budget, ROUND_LIMIT, Result,
@@ -223,18 +223,58 @@ pub fn resets_on_close(pins: &Path) -> Result<Figure> {
 /// `daemon_rss_mib`: the daemon's resident memory (`VmRSS`) once [`RSS_SERVICES`] services
 /// of [`RSS_WORKERS`] `portshard echo` workers each are up, UDP and TCP alternately.
 pub fn daemon_rss(exe: &Path, pins: &Path) -> Result<Figure> {
-    let names: Vec<String> = (0..RSS_SERVICES).map(|i| format!("rss-{i}")).collect();
+    let command = format!("\"{}\", \"echo\"", exe.display());
+    let kib = rss_kib(exe, pins, RSS_SERVICES, RSS_WORKERS, &command)?;
+    Ok(
+        Figure::new("daemon_rss_mib", "MiB", 0.0, kib as f64 / 1024.0)
+            .n(RSS_SERVICES * RSS_WORKERS)
+            .target(Target::Below(RSS_LIMIT_MIB)),
+    )
+}
+
+/// `daemon_rss_mib_max`: the same with the most services a config may name
+/// ([`MAX_SERVICES`]), each with `budget.rss_max_workers` workers ([`portshard::config::MAX_WORKERS`] in the
+/// full run); the workers are `sleep infinity`, since what is measured is the daemon.
+pub fn daemon_rss_max(exe: &Path, pins: &Path, budget: &Budget) -> Result<Figure> {
+    let workers = budget.rss_max_workers;
+    let kib = rss_kib(exe, pins, MAX_SERVICES, workers, "\"sleep\", \"infinity\"")?;
+    Ok(
+        Figure::new("daemon_rss_mib_max", "MiB", 0.0, kib as f64 / 1024.0)
+            .n(MAX_SERVICES * workers)
+            .extra("services", MAX_SERVICES as f64)
+            .extra("workers_per_service", workers as f64)
+            .extra(
+                "kib_per_worker",
+                kib as f64 / (MAX_SERVICES * workers) as f64,
+            ),
+    )
+}
+
+/// The daemon's `VmRSS` (KiB) once `services` services of `workers` workers running
+/// `command` (a TOML array's inside) each (`per_service`) are up, UDP and TCP alternately.
+fn rss_kib(
+    exe: &Path,
+    pins: &Path,
+    services: usize,
+    per_service: usize,
+    command: &str,
+) -> Result<u32> {
+    let names: Vec<String> = (0..services).map(|i| format!("rss-{i}")).collect();
     let config: String = names
         .iter()
         .enumerate()
         .map(|(i, name)| {
             let proto = if i % 2 == 0 { "udp" } else { "tcp" };
-            service(exe, name, proto, RSS_FIRST_PORT + i as u16, RSS_WORKERS)
+            format!(
+                "[[service]]\nname = \"{name}\"\nproto = \"{proto}\"\nlisten = \"127.0.0.1:{}\"\nworkers = {per_service}\ncommand = [{command}]\nstop_timeout = \"2s\"\n\n",
+                RSS_FIRST_PORT + i as u16
+            )
         })
         .collect();
     let mut daemon = DaemonRun::start(exe, &config, pins)?;
-    let ready: Vec<(&str, usize)> = names.iter().map(|n| (n.as_str(), RSS_WORKERS)).collect();
-    let status = daemon.wait_ready(&ready, ROUND_LIMIT * 3)?;
+    let ready: Vec<(&str, usize)> = names.iter().map(|n| (n.as_str(), per_service)).collect();
+    let timeout = ROUND_LIMIT * (3 + (services * per_service / 1024) as u32);
+    let status = daemon.wait_ready(&ready, timeout)?;
     let worker = workers(&status)
         .values()
         .flat_map(|slots| slots.values().copied())
@@ -245,11 +285,7 @@ pub fn daemon_rss(exe: &Path, pins: &Path) -> Result<Figure> {
     let kib = status_field(&proc_status(daemon_pid)?, "VmRSS")
         .ok_or_else(|| MeasureError::Traffic(format!("/proc/{daemon_pid}/status has no VmRSS")))?;
     drop(daemon);
-    Ok(
-        Figure::new("daemon_rss_mib", "MiB", 0.0, kib as f64 / 1024.0)
-            .n(RSS_SERVICES * RSS_WORKERS)
-            .target(Target::Below(RSS_LIMIT_MIB)),
-    )
+    Ok(kib)
 }
 
 fn proc_status(pid: u32) -> Result<String> {

@@ -89,6 +89,16 @@ fn main() -> Result<()> {
             "daemon_rss_mib",
             Box::new(|| one(service::daemon_rss(&args.portshard, daemon_pins()?.path()))),
         ),
+        (
+            "daemon_rss_mib_max",
+            Box::new(|| {
+                one(service::daemon_rss_max(
+                    &args.portshard,
+                    daemon_pins()?.path(),
+                    &budget,
+                ))
+            }),
+        ),
     ];
 
     let started = Instant::now();

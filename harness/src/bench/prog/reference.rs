@@ -12,13 +12,13 @@ use portshard_common::reference;
 use super::super::{BenchError, Result};
 use crate::{flows::Listener, scenario::MeasureError};
 
-/// The reference object, loaded, with its two programs verified.
+/// The reference object, loaded, with its programs verified.
 pub fn load(object: &Path) -> Result<Ebpf> {
     let mut ebpf = Ebpf::load_file(object).map_err(|source| BenchError::Bpf {
         what: format!("loading the reference object {}", object.display()),
         source: Box::new(source),
     })?;
-    for name in [reference::PASS, reference::SELECT] {
+    for name in [reference::PASS, reference::SELECT, reference::SELECT_TABLE] {
         let program: &mut SkReuseport = ebpf
             .program_mut(name)
             .ok_or_else(|| no_program(name))?
@@ -43,9 +43,13 @@ fn no_program(name: &str) -> BenchError {
     MeasureError::Traffic(format!("the reference object has no program {name}")).into()
 }
 
-/// Puts `listeners` in the reference object's socket array, slot `i` for listener `i`, and
-/// spreads the lookup array over them.
-pub fn fill_maps(ebpf: &mut Ebpf, listeners: &[Option<Listener>]) -> Result<()> {
+/// Puts `listeners` in the reference object's socket array `sockets_map`, slot `i` for
+/// listener `i`, and spreads the `entries` of its lookup array `slots_map` over them.
+pub fn fill_maps(
+    ebpf: &mut Ebpf,
+    (sockets_map, slots_map, entries): (&str, &str, u32),
+    listeners: &[Option<Listener>],
+) -> Result<()> {
     let map_error = |what: String| {
         move |source: aya::maps::MapError| BenchError::Bpf {
             what,
@@ -56,26 +60,22 @@ pub fn fill_maps(ebpf: &mut Ebpf, listeners: &[Option<Listener>]) -> Result<()> 
         ebpf.take_map(name)
             .ok_or_else(|| MeasureError::Traffic(format!("the reference object has no map {name}")))
     };
-    let mut sockets = ReusePortSockArray::try_from(map(ebpf, reference::SOCKETS)?)
-        .map_err(map_error(format!("opening map {}", reference::SOCKETS)))?;
+    let mut sockets = ReusePortSockArray::try_from(map(ebpf, sockets_map)?)
+        .map_err(map_error(format!("opening map {sockets_map}")))?;
     for (slot, listener) in listeners.iter().enumerate() {
         let listener = listener.as_ref().expect("all open");
         sockets
             .set(slot as u32, &listener.as_fd(), 0)
             .map_err(map_error(format!(
-                "placing listener {slot} in {}",
-                reference::SOCKETS
+                "placing listener {slot} in {sockets_map}"
             )))?;
     }
-    let mut slots: Array<_, u32> = Array::try_from(map(ebpf, reference::SLOT_OF)?)
-        .map_err(map_error(format!("opening map {}", reference::SLOT_OF)))?;
-    for index in 0..reference::SLOTS {
+    let mut slots: Array<_, u32> = Array::try_from(map(ebpf, slots_map)?)
+        .map_err(map_error(format!("opening map {slots_map}")))?;
+    for index in 0..entries {
         slots
             .set(index, index % listeners.len() as u32, 0)
-            .map_err(map_error(format!(
-                "writing entry {index} of {}",
-                reference::SLOT_OF
-            )))?;
+            .map_err(map_error(format!("writing entry {index} of {slots_map}")))?;
     }
     Ok(())
 }
