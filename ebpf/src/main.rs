@@ -154,11 +154,6 @@ fn steer_flow(
     counters: &mut Counters,
     key: FlowKey,
 ) {
-    let Some(events) = FLOW_COUNTERS.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: this CPU's value of a per-CPU array, as for `counters`.
-    let events = unsafe { &mut *events };
     // SAFETY: a helper with no arguments and no side effects.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: `table` points to the map's value; the word is inside it.
@@ -169,12 +164,14 @@ fn steer_flow(
         // SAFETY: a value pointer of the flow table, valid while the program runs.
         let flow = unsafe { &mut *flow };
         if now.wrapping_sub(flow.last_seen) > idle_ns {
-            events.expired += 1;
+            if let Some(events) = flow_events() {
+                events.expired += 1;
+            }
         } else if generation_of(flow.slot) != Some(flow.generation) {
             // The slot was freed, or holds another generation's socket now.
             if is_vacant(flow.slot) {
                 counters.flows_owner_gone += 1;
-            } else {
+            } else if let Some(events) = flow_events() {
                 events.reused_slot += 1;
             }
         } else if select(ctx, flow.slot) {
@@ -197,6 +194,10 @@ fn steer_flow(
         return;
     }
 
+    // A datagram of a flow not (or no longer) kept: the rarer paths, which count events.
+    let Some(events) = flow_events() else {
+        return;
+    };
     let Some(admission) = admission_record(&key, now, idle_ns) else {
         return;
     };
@@ -248,6 +249,16 @@ fn steer_flow(
         };
         events.pending += 1;
     }
+}
+
+/// This CPU's flow table event counters; looked up only on the paths that count one, so a
+/// known flow's datagram does not pay for it.
+#[inline(always)]
+fn flow_events() -> Option<&'static mut FlowCounters> {
+    let events = FLOW_COUNTERS.get_ptr_mut(0)?;
+    // SAFETY: this CPU's value of a per-CPU array; the program cannot be preempted by
+    // itself on this CPU while it holds it.
+    Some(unsafe { &mut *events })
 }
 
 /// Where a flow's admission record is, or goes.

@@ -18,8 +18,12 @@ use crate::{
     scenario::{self, CloseOne, KernelRun, MeasureError, PortshardRun, Ratio, survivor_moved},
 };
 
-/// Listener counts every figure here is measured at.
-pub const LISTENERS: [usize; 3] = [4, 16, 64];
+/// Listener counts the moved-flow figures are measured at: enough points, powers of two and
+/// not, to plot the kernel's and portshard's shares against N.
+pub const LISTENERS: [usize; 7] = [3, 4, 8, 16, 32, 64, 128];
+
+/// Listener counts the observed balance is measured at.
+pub const BALANCE_LISTENERS: [usize; 3] = [4, 16, 64];
 
 /// `add_moved` target: the largest distance (absolute) between the joining share and `1/(N+1)`.
 pub const ADD_TOLERANCE: f64 = 0.01;
@@ -107,7 +111,7 @@ const BALANCE_PORT: u16 = 5301;
 /// bound to the wildcard address), first through the kernel's hash, then through portshard.
 pub fn observed_balance(pins: &Path, budget: &Budget) -> Result<Vec<Figure>> {
     let mut figures = Vec::new();
-    for n in LISTENERS {
+    for n in BALANCE_LISTENERS {
         let wildcard = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), BALANCE_PORT);
         let listeners = flows::bind_listeners(Proto::Udp, wildcard, n)?;
         let parts: Vec<Flows> = (0..budget.balance_flows.div_ceil(MAX_FLOWS))
