@@ -10,7 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portshard::{config::MAX_SERVICES, process, table::Slot};
+use portshard::{
+    config::{FILES_BASE, FILES_PER_SERVICE, FILES_PER_WORKER, MAX_SERVICES},
+    process,
+    table::Slot,
+};
 
 use super::{
     BenchError, Budget, ROUND_LIMIT, Result,
@@ -233,16 +237,31 @@ pub fn daemon_rss(exe: &Path, pins: &Path) -> Result<Figure> {
 }
 
 /// `daemon_rss_mib_max`: the same with the most services a config may name
-/// ([`MAX_SERVICES`]), each with `budget.rss_max_workers` workers ([`portshard::config::MAX_WORKERS`] in the
-/// full run); the workers are `sleep infinity`, since what is measured is the daemon.
+/// ([`MAX_SERVICES`]), each with `budget.rss_max_workers` workers
+/// ([`portshard::config::MAX_WORKERS`] in the full run) or as many as the open-file hard
+/// limit lets the daemon hold ([`portshard::config::Config::open_files_needed`]), whichever is fewer; the
+/// workers are `sleep infinity`, since what is measured is the daemon.
 pub fn daemon_rss_max(exe: &Path, pins: &Path, budget: &Budget) -> Result<Figure> {
-    let workers = budget.rss_max_workers;
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .unwrap_or(u64::MAX);
+    let services = MAX_SERVICES as u64;
+    let room = hard.saturating_sub(FILES_BASE + services * FILES_PER_SERVICE)
+        / (services * FILES_PER_WORKER);
+    let workers = budget.rss_max_workers.min(room as usize);
+    if workers == 0 {
+        return Err(MeasureError::Traffic(format!(
+            "an open-file hard limit of {hard} leaves no room for a worker in each of {MAX_SERVICES} services"
+        ))
+        .into());
+    }
     let kib = rss_kib(exe, pins, MAX_SERVICES, workers, "\"sleep\", \"infinity\"")?;
     Ok(
         Figure::new("daemon_rss_mib_max", "MiB", 0.0, kib as f64 / 1024.0)
             .n(MAX_SERVICES * workers)
             .extra("services", MAX_SERVICES as f64)
             .extra("workers_per_service", workers as f64)
+            .extra("open_files_hard_limit", hard as f64)
             .extra(
                 "kib_per_worker",
                 kib as f64 / (MAX_SERVICES * workers) as f64,
