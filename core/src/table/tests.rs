@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 
-use super::*;
+use super::{members::interleave, *};
 
 fn owners(table: &Table) -> Vec<Slot> {
     table.entries().iter().map(|e| e.owner).collect()

@@ -1,0 +1,121 @@
+//! Heirs: which member inherits each entry when its owner dies, chosen so that any later
+//! removal keeps every survivor within its new share and spreads the estate evenly.
+use portshard_common::{NO_SLOT, TableEntry};
+
+use super::{
+    Slot,
+    members::{Members, ShareCache, interleave, pack, unpack},
+};
+
+/// Gives every entry an heir among the other members, keeping each existing heir that
+/// is still valid and within its quota, so unchanged heirs are not rewritten.
+pub(super) fn assign_all(members: &Members, entries: &mut [TableEntry]) {
+    let n = members.len();
+    let counts = members.counts(entries);
+    // left[d * n + i]: how many more of member d's entries may name member i as heir.
+    let mut left = vec![0u32; n * n];
+    let mut quotas = HeirQuotas::new(n);
+    for d in 0..n {
+        left[d * n..(d + 1) * n].copy_from_slice(quotas.compute(members, &counts, d));
+    }
+    // Keep each valid heir while its quota lasts; the rest are orphans, in index order.
+    let mut orphans: Vec<(usize, u32)> = Vec::new();
+    for (index, entry) in entries.iter_mut().enumerate() {
+        let Some(d) = members.position(entry.owner) else {
+            *entry = TableEntry::EMPTY;
+            continue;
+        };
+        match members.position(entry.heir).map(|h| &mut left[d * n + h]) {
+            Some(quota) if *quota > 0 => *quota -= 1,
+            _ => orphans.push((d, index as u32)),
+        }
+    }
+    orphans.sort_by_key(|&(d, _)| d);
+    for group in orphans.chunk_by(|a, b| a.0 == b.0) {
+        let d = group[0].0;
+        let remaining: Vec<(Slot, u32)> = (0..n)
+            .filter(|&i| left[d * n + i] > 0)
+            .map(|i| (members.slots[i], left[d * n + i]))
+            .collect();
+        let mut heirs = interleave(&remaining).into_iter();
+        for &(_, index) in group {
+            entries[index as usize].heir = heirs.next().unwrap_or(NO_SLOT);
+        }
+    }
+}
+
+/// How many of a dying member's entries each other member inherits: enough to lift every
+/// survivor to the floor of its new share, the rest one each to the survivors furthest
+/// behind their fair part of the inheritance, never above the ceiling of the new share.
+/// Holds its buffers so that computing it for every member allocates nothing.
+pub(super) struct HeirQuotas {
+    quota: Vec<u32>,
+    /// Candidates for one more entry, as `(ahead << 10) | position` (see [`keep_smallest`]).
+    ranked: Vec<i64>,
+}
+
+impl HeirQuotas {
+    pub(super) fn new(members: usize) -> Self {
+        Self {
+            quota: vec![0; members],
+            ranked: Vec::with_capacity(members),
+        }
+    }
+
+    /// Quotas indexed like `members`; the dying member's own is 0.
+    pub(super) fn compute(&mut self, members: &Members, counts: &[u32], dying: usize) -> &[u32] {
+        let Self { quota, ranked } = self;
+        quota.fill(0);
+        let survivors_weight = members.total - u64::from(members.weights[dying]);
+        if survivors_weight == 0 {
+            return quota;
+        }
+        let estate = counts[dying];
+        // quota_i * W' - estate * w_i: how far ahead of its fair inheritance survivor i is.
+        let ahead = |quota: u32, i: usize| {
+            i64::from(quota) * survivors_weight as i64
+                - i64::from(estate) * i64::from(members.weights[i])
+        };
+        let mut shares = ShareCache::new(members.size, survivors_weight);
+        ranked.clear();
+        let mut needed = 0;
+        for i in (0..members.len()).filter(|&i| i != dying) {
+            let (floor, ceiling) = shares.share(members.weights[i]);
+            quota[i] = floor.saturating_sub(counts[i]);
+            needed += quota[i];
+            if counts[i] + quota[i] < ceiling {
+                ranked.push(pack(ahead(quota[i], i), i));
+            }
+        }
+        if needed <= estate && (estate - needed) as usize <= ranked.len() {
+            let extra = (estate - needed) as usize;
+            if extra > 0 && extra < ranked.len() {
+                ranked.select_nth_unstable(extra - 1);
+            }
+            ranked[..extra]
+                .iter()
+                .for_each(|&key| quota[unpack(key)] += 1);
+            return quota;
+        }
+        // Rare cases, one entry at a time: the estate cannot lift every survivor to its
+        // floor (hold back from whoever is most ahead), or, impossible while the shares sum
+        // to the table's size, the ceilings cannot absorb it (give to whoever is most behind).
+        let survivors = || (0..members.len()).filter(|&i| i != dying);
+        while needed > estate {
+            let i = survivors()
+                .filter(|&i| quota[i] > 0)
+                .max_by_key(|&i| pack(ahead(quota[i], i), members.len() - i))
+                .expect("a survivor has a quota while more is needed than inherited");
+            quota[i] -= 1;
+            needed -= 1;
+        }
+        while needed < estate {
+            let i = survivors()
+                .min_by_key(|&i| pack(ahead(quota[i], i), i))
+                .expect("there are survivors");
+            quota[i] += 1;
+            needed += 1;
+        }
+        quota
+    }
+}
