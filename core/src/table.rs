@@ -18,15 +18,18 @@
 //!   share with the fewest moves.
 //!
 //! Every operation is deterministic: the same sequence gives the same table.
+mod edit;
 mod heirs;
 mod members;
 mod rebalance;
+mod tally;
+mod targets;
 
 use std::collections::BTreeMap;
 
 use portshard_common::{MAX_SLOTS, NO_SLOT, TABLE_SIZE, TableEntry};
 
-use self::members::Members;
+use self::{edit::Edit, members::Members, rebalance::Moved, tally::Tally};
 
 /// A slot number: index of a socket in the service's socket array.
 pub type Slot = u16;
@@ -105,6 +108,8 @@ pub struct Delta {
 pub struct Table {
     entries: Vec<TableEntry>,
     weights: BTreeMap<Slot, u32>,
+    /// What the entries count up to, so operations need not count them again.
+    tally: Tally,
 }
 
 impl Default for Table {
@@ -132,6 +137,7 @@ impl Table {
         Self {
             entries: vec![TableEntry::EMPTY; size],
             weights: BTreeMap::new(),
+            tally: Tally::default(),
         }
     }
 
@@ -181,6 +187,7 @@ impl Table {
         let mut table = Self {
             entries,
             weights: BTreeMap::new(),
+            tally: Tally::default(),
         };
         for (slot, weight) in members {
             check_slot(slot)?;
@@ -190,6 +197,7 @@ impl Table {
         table
             .check_structure()
             .map_err(|reason| TableError::Inconsistent { reason })?;
+        table.tally = Tally::of(&table.current(), &table.entries);
         Ok(table)
     }
 
@@ -210,15 +218,10 @@ impl Table {
             .collect()
     }
 
-    /// How many entries each member owns (the `entries` of `status`), in one pass.
+    /// How many entries each member owns (the `entries` of `status`).
     pub fn counts(&self) -> BTreeMap<Slot, u32> {
-        let members = Members::of(&self.weights, self.entries.len());
-        members
-            .slots
-            .iter()
-            .copied()
-            .zip(members.counts(&self.entries))
-            .collect()
+        let owned = self.tally.owned().iter().copied();
+        self.weights.keys().copied().zip(owned).collect()
     }
 
     /// Adds `slot` with `weight`: it takes its share from the most loaded members, and
@@ -229,10 +232,18 @@ impl Table {
         if self.weights.contains_key(&slot) {
             return Err(TableError::AlreadyMember { slot });
         }
-        Ok(self.apply(|table| {
-            table.weights.insert(slot, weight);
-            table.rebalance(Some(slot));
-        }))
+        if self.weights.len() < 2 {
+            // From no heirs to some: every entry gets one.
+            return Ok(self.apply(|table| {
+                table.weights.insert(slot, weight);
+                table.rebalance(Some(slot));
+            }));
+        }
+        let (members, p) = self.join(slot, weight);
+        let mut edit = Edit::default();
+        let mut orphans = Vec::new();
+        self.rebalance_in_place(&members, Some(p), &mut edit, &mut orphans);
+        Ok(self.finish(&members, edit, orphans))
     }
 
     /// Adds `slot` back after a removal: it first takes back the entries in `former` (the
@@ -246,15 +257,22 @@ impl Table {
         if self.weights.contains_key(&slot) {
             return Err(TableError::AlreadyMember { slot });
         }
-        Ok(self.apply(|table| {
-            table.weights.insert(slot, weight);
-            let members = Members::of(&table.weights, table.entries.len());
-            if let Some(p) = members.position(slot) {
+        if self.weights.len() < 2 {
+            return Ok(self.apply(|table| {
+                let (members, p) = table.join(slot, weight);
                 let counts = members.counts(&table.entries);
                 rebalance::take_back(&members, &counts, &mut table.entries, p, former);
-            }
-            table.rebalance(Some(slot));
-        }))
+                table.rebalance(Some(slot));
+            }));
+        }
+        let (members, p) = self.join(slot, weight);
+        let mut edit = Edit::default();
+        let mut orphans = Vec::new();
+        let owned = self.tally.owned();
+        let moves = rebalance::take_back(&members, owned, &mut self.entries, p, former);
+        self.moved(&members, &moves, &mut edit, &mut orphans);
+        self.rebalance_in_place(&members, Some(p), &mut edit, &mut orphans);
+        Ok(self.finish(&members, edit, orphans))
     }
 
     /// Removes `slot`: each entry it owned goes to that entry's heir, which is where the
@@ -263,14 +281,24 @@ impl Table {
         if !self.weights.contains_key(&slot) {
             return Err(TableError::NotMember { slot });
         }
-        Ok(self.apply(|table| {
-            table.weights.remove(&slot);
-            for entry in &mut table.entries {
-                if entry.owner == slot {
-                    entry.owner = entry.heir;
+        if self.weights.len() <= 2 {
+            // To one member or none: no heirs left.
+            return Ok(self.apply(|table| {
+                table.weights.remove(&slot);
+                for entry in &mut table.entries {
+                    if entry.owner == slot {
+                        entry.owner = entry.heir;
+                    }
                 }
-            }
-        }))
+            }));
+        }
+        let p = self.current().position(slot).expect("a member");
+        let mut edit = Edit::default();
+        let orphans = inherit(&mut self.entries, slot, &mut edit);
+        self.weights.remove(&slot);
+        self.tally.remove_member(p);
+        let members = self.current();
+        Ok(self.finish(&members, edit, orphans))
     }
 
     /// Hands the table from the members `old` (a reload passes all of them) to the slots
@@ -336,10 +364,71 @@ impl Table {
                 return Err(TableError::NotMember { slot });
             }
         }
-        Ok(self.apply(|table| {
-            table.weights.extend(weights);
-            table.rebalance(None);
-        }))
+        if self.weights.len() < 2 {
+            return Ok(self.apply(|table| {
+                table.weights.extend(weights);
+                table.rebalance(None);
+            }));
+        }
+        self.weights.extend(weights);
+        let members = self.current();
+        let mut edit = Edit::default();
+        let mut orphans = Vec::new();
+        self.rebalance_in_place(&members, None, &mut edit, &mut orphans);
+        Ok(self.finish(&members, edit, orphans))
+    }
+
+    /// The members as they are now.
+    fn current(&self) -> Members {
+        Members::of(&self.weights, self.entries.len())
+    }
+
+    /// Makes `slot` a member with `weight`, owning nothing yet; returns the members and its
+    /// position among them.
+    fn join(&mut self, slot: Slot, weight: u32) -> (Members, usize) {
+        self.weights.insert(slot, weight);
+        let members = self.current();
+        let p = members.position(slot).expect("just joined");
+        self.tally.insert_member(p);
+        (members, p)
+    }
+
+    /// [`rebalance::rebalance`] on a table whose tally is up to date, recording the moves.
+    fn rebalance_in_place(
+        &mut self,
+        members: &Members,
+        only: Option<usize>,
+        edit: &mut Edit,
+        orphans: &mut Vec<u32>,
+    ) {
+        let owned = self.tally.owned();
+        let moves = rebalance::rebalance(members, owned, &mut self.entries, only);
+        self.moved(members, &moves, edit, orphans);
+    }
+
+    /// Records `moves` in the tally and in `edit`, and their orphans.
+    fn moved(
+        &mut self,
+        members: &Members,
+        moves: &[Moved],
+        edit: &mut Edit,
+        orphans: &mut Vec<u32>,
+    ) {
+        self.tally
+            .moved(members, &self.entries, moves, edit, orphans);
+    }
+
+    /// Ends an owner change made in place: gives the `orphans` heirs, moves the heirs the
+    /// new counts require (see [`heirs::reassign`]), and reports what changed.
+    fn finish(&mut self, members: &Members, mut edit: Edit, orphans: Vec<u32>) -> Delta {
+        heirs::reassign(
+            members,
+            &mut self.entries,
+            &mut self.tally,
+            orphans,
+            &mut edit,
+        );
+        edit.delta(&self.entries)
     }
 
     /// Moves the fewest entries that bring every member within its share (see
@@ -351,13 +440,15 @@ impl Table {
         rebalance::rebalance(&members, &counts, &mut self.entries, only);
     }
 
-    /// Gives every entry an heir (see [`heirs::assign_all`]).
+    /// Gives every entry an heir (see [`heirs::assign_all`]) and counts the table afresh.
     fn assign_heirs(&mut self) {
-        let members = Members::of(&self.weights, self.entries.len());
+        let members = self.current();
         heirs::assign_all(&members, &mut self.entries);
+        self.tally = Tally::of(&members, &self.entries);
     }
 
-    /// Runs an owner change, recomputes the heirs, and reports what changed.
+    /// Runs an owner change, recomputes every heir, and reports what changed: for the rare
+    /// operations, and those that give every entry an heir or none.
     fn apply(&mut self, change: impl FnOnce(&mut Self)) -> Delta {
         let before = self.entries.clone();
         change(self);
@@ -466,6 +557,32 @@ impl Table {
                 (floor..=ceiling).contains(&counts[slot])
             })
     }
+}
+
+/// Hands each entry `slot` owns to its heir, in place, recording it in `edit`; returns those
+/// entries and the ones naming `slot` as heir: all the entries left without an heir.
+fn inherit(entries: &mut [TableEntry], slot: Slot, edit: &mut Edit) -> Vec<u32> {
+    let mut orphans = Vec::new();
+    // Chunks first, with a test that vectorizes: few hold any such entry.
+    for (chunk, part) in entries.chunks_mut(64).enumerate() {
+        let hit = part
+            .iter()
+            .fold(false, |hit, e| hit | (e.owner == slot) | (e.heir == slot));
+        if !hit {
+            continue;
+        }
+        for (k, entry) in part.iter_mut().enumerate() {
+            if entry.owner == slot || entry.heir == slot {
+                let index = (chunk * 64 + k) as u32;
+                edit.note(index, *entry);
+                if entry.owner == slot {
+                    entry.owner = entry.heir;
+                }
+                orphans.push(index);
+            }
+        }
+    }
+    orphans
 }
 
 /// The entries that differ between `before` and `after`.

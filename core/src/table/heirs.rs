@@ -1,10 +1,15 @@
 //! Heirs: which member inherits each entry when its owner dies, chosen so that any later
 //! removal keeps every survivor within its new share and spreads the estate evenly.
-use portshard_common::{NO_SLOT, TableEntry};
+use std::cmp::Ordering;
+
+use portshard_common::{MAX_SLOTS, NO_SLOT, TableEntry};
 
 use super::{
     Slot,
+    edit::Edit,
     members::{Members, ShareCache, interleave, pack, unpack},
+    tally::Tally,
+    targets::Targets,
 };
 
 /// Gives every entry an heir among the other members, keeping each existing heir that
@@ -117,5 +122,111 @@ impl HeirQuotas {
             needed += 1;
         }
         quota
+    }
+}
+
+/// Gives an heir to each of `orphans` (entries whose heir is no longer a member other than
+/// their owner) and moves the fewest other heirs that bring every owner's heirs within their
+/// bounds again (see [`Targets`]), recording each change in `edit`. The bounds depend on
+/// the counts only, so an owner whose heirs already fit keeps them all. `tally` must count
+/// `entries` over `members`, which must be two or more.
+pub(super) fn reassign(
+    members: &Members,
+    entries: &mut [TableEntry],
+    tally: &mut Tally,
+    mut orphans: Vec<u32>,
+    edit: &mut Edit,
+) {
+    let n = members.len();
+    let mut targets = Targets::new(members);
+    // (d * n + h, how many): heirs of member d's entries to take from member h, or give it.
+    let mut surplus: Vec<(u32, u32)> = Vec::new();
+    let mut deficit: Vec<(u32, u32)> = Vec::new();
+    for d in 0..n {
+        let row = tally.row(d);
+        let target = targets.of(tally.owned(), row, d);
+        for (chunk, (have, want)) in row.chunks(16).zip(target.chunks(16)).enumerate() {
+            if have == want {
+                continue;
+            }
+            for (k, (&have, &want)) in have.iter().zip(want).enumerate() {
+                let key = (d * n + chunk * 16 + k) as u32;
+                match have.cmp(&want) {
+                    Ordering::Greater => surplus.push((key, have - want)),
+                    Ordering::Less => deficit.push((key, want - have)),
+                    Ordering::Equal => {}
+                }
+            }
+        }
+    }
+    if !surplus.is_empty() {
+        release(members, entries, tally, surplus, &mut orphans);
+    }
+    let mut orphans: Vec<(usize, u32)> = orphans
+        .into_iter()
+        .map(|index| {
+            let owner = members.position(entries[index as usize].owner);
+            (owner.expect("orphans are owned by members"), index)
+        })
+        .collect();
+    orphans.sort_unstable();
+    let mut deficit = deficit.into_iter().peekable();
+    for group in orphans.chunk_by(|a, b| a.0 == b.0) {
+        let d = group[0].0;
+        let mut quotas: Vec<(Slot, u32)> = Vec::new();
+        while let Some((key, count)) = deficit.next_if(|&(key, _)| key as usize / n <= d) {
+            if key as usize / n == d {
+                quotas.push((members.slots[key as usize % n], count));
+            }
+        }
+        let heirs = interleave(&quotas);
+        debug_assert_eq!(heirs.len(), group.len(), "heirs for every orphan of {d}");
+        for (&(_, index), heir) in group.iter().zip(heirs) {
+            let owner = entries[index as usize].owner;
+            edit.set(entries, index, TableEntry { owner, heir });
+            let h = members.position(heir).expect("heirs are members");
+            *tally.pair_mut(d, h) += 1;
+        }
+    }
+}
+
+/// Makes orphans of the entries `surplus` names (`(d * n + h, count)`, ascending): `count`
+/// of member d's entries whose heir is member h, the first in index order, in one pass that
+/// looks closer only at entries whose heir has a surplus somewhere.
+fn release(
+    members: &Members,
+    entries: &[TableEntry],
+    tally: &mut Tally,
+    mut surplus: Vec<(u32, u32)>,
+    orphans: &mut Vec<u32>,
+) {
+    let n = members.len();
+    let mut hot = [false; MAX_SLOTS as usize];
+    for &(key, _) in &surplus {
+        hot[usize::from(members.slots[key as usize % n])] = true;
+    }
+    let mut left: u32 = surplus.iter().map(|&(_, count)| count).sum();
+    for (index, entry) in entries.iter().enumerate() {
+        // NO_SLOT aliases the last slot here; its position, none, tells them apart.
+        if !hot[usize::from(entry.heir) & (MAX_SLOTS as usize - 1)] {
+            continue;
+        }
+        let (Some(d), Some(h)) = (members.position(entry.owner), members.position(entry.heir))
+        else {
+            continue;
+        };
+        let key = (d * n + h) as u32;
+        let Ok(k) = surplus.binary_search_by_key(&key, |&(key, _)| key) else {
+            continue;
+        };
+        if surplus[k].1 > 0 {
+            surplus[k].1 -= 1;
+            *tally.pair_mut(d, h) -= 1;
+            orphans.push(index as u32);
+            left -= 1;
+            if left == 0 {
+                break;
+            }
+        }
     }
 }

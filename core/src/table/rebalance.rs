@@ -2,7 +2,7 @@
 //! returning member's former entries.
 use std::cmp::Ordering;
 
-use portshard_common::TableEntry;
+use portshard_common::{MAX_SLOTS, TableEntry};
 
 use super::{
     Slot,
@@ -90,24 +90,11 @@ pub(super) fn rebalance(
 
     // Release unowned entries and, from each giver, entries evenly spaced among its own
     // (its k-th released entry is its `(2k+1) * owned / (2 * give)`-th), in one pass.
-    let mut seen = vec![0u32; members.len()];
-    let mut given = vec![0u32; members.len()];
-    let mut released = Vec::with_capacity(released_count as usize);
-    for (index, entry) in entries.iter().enumerate() {
-        let Some(i) = members.position(entry.owner) else {
-            released.push((index as u32, None));
-            continue;
-        };
-        if given[i] < give[i] {
-            let next =
-                (2 * u64::from(given[i]) + 1) * u64::from(counts[i]) / (2 * u64::from(give[i]));
-            if u64::from(seen[i]) == next {
-                released.push((index as u32, Some(i)));
-                given[i] += 1;
-            }
-        }
-        seen[i] += 1;
-    }
+    let released = if unowned == 0 {
+        release_owned(members, counts, &give, entries, released_count)
+    } else {
+        release(members, counts, &give, entries, released_count)
+    };
     let quotas: Vec<(Slot, u32)> = members.slots.iter().copied().zip(receive).collect();
     for (&(index, _), owner) in released.iter().zip(interleave(&quotas)) {
         entries[index as usize].owner = owner;
@@ -145,4 +132,73 @@ pub(super) fn take_back(
         }
     }
     moved
+}
+
+/// The `(2k+1) * owned / (2 * give)`-th entry of a member owning `owned` and giving `give`:
+/// the one it releases `k`-th.
+fn nth_released(k: u32, owned: u32, give: u32) -> u32 {
+    ((2 * u64::from(k) + 1) * u64::from(owned) / (2 * u64::from(give))) as u32
+}
+
+/// The entries [`rebalance`] releases, owner and all, when some are unowned.
+fn release(
+    members: &Members,
+    counts: &[u32],
+    give: &[u32],
+    entries: &[TableEntry],
+    released_count: u32,
+) -> Vec<Moved> {
+    let mut seen = vec![0u32; members.len()];
+    let mut given = vec![0u32; members.len()];
+    let mut released = Vec::with_capacity(released_count as usize);
+    for (index, entry) in entries.iter().enumerate() {
+        let Some(i) = members.position(entry.owner) else {
+            released.push((index as u32, None));
+            continue;
+        };
+        if given[i] < give[i] && seen[i] == nth_released(given[i], counts[i], give[i]) {
+            released.push((index as u32, Some(i)));
+            given[i] += 1;
+        }
+        seen[i] += 1;
+    }
+    released
+}
+
+/// [`release`] when every entry is owned by a member: counters indexed by slot, so the
+/// pass is one comparison per entry.
+fn release_owned(
+    members: &Members,
+    counts: &[u32],
+    give: &[u32],
+    entries: &[TableEntry],
+    released_count: u32,
+) -> Vec<Moved> {
+    const NONE: u32 = u32::MAX;
+    let slots = MAX_SLOTS as usize;
+    // next[slot]: how many of its entries come before the next one it releases.
+    let mut next = vec![NONE; slots];
+    let mut seen = vec![0u32; slots];
+    let mut given = vec![0u32; members.len()];
+    for (i, &slot) in members.slots.iter().enumerate() {
+        if give[i] > 0 {
+            next[usize::from(slot)] = nth_released(0, counts[i], give[i]);
+        }
+    }
+    let mut released = Vec::with_capacity(released_count as usize);
+    for (index, entry) in entries.iter().enumerate() {
+        let slot = usize::from(entry.owner) & (slots - 1);
+        if seen[slot] == next[slot] {
+            let i = members.position(entry.owner).expect("owned by a member");
+            released.push((index as u32, Some(i)));
+            given[i] += 1;
+            next[slot] = if given[i] < give[i] {
+                nth_released(given[i], counts[i], give[i])
+            } else {
+                NONE
+            };
+        }
+        seen[slot] += 1;
+    }
+    released
 }
