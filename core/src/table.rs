@@ -564,16 +564,16 @@ impl Table {
 fn inherit(entries: &mut [TableEntry], slot: Slot, edit: &mut Edit) -> Vec<u32> {
     let mut orphans = Vec::new();
     // Chunks first, with a test that vectorizes: few hold any such entry.
-    for (chunk, part) in entries.chunks_mut(64).enumerate() {
-        let hit = part
-            .iter()
-            .fold(false, |hit, e| hit | (e.owner == slot) | (e.heir == slot));
-        if !hit {
+    for (chunk, part) in entries.chunks_mut(16).enumerate() {
+        let hits = part.iter().fold(0u16, |hits, e| {
+            hits | u16::from(e.owner == slot) | u16::from(e.heir == slot)
+        });
+        if hits == 0 {
             continue;
         }
         for (k, entry) in part.iter_mut().enumerate() {
             if entry.owner == slot || entry.heir == slot {
-                let index = (chunk * 64 + k) as u32;
+                let index = (chunk * 16 + k) as u32;
                 edit.note(index, *entry);
                 if entry.owner == slot {
                     entry.owner = entry.heir;
