@@ -18,7 +18,16 @@
 //!   share with the fewest moves.
 //!
 //! Every operation is deterministic: the same sequence gives the same table.
+//!
+//! Removing, adding, rejoining and reweighting compute only what changes: the table keeps
+//! a tally of its entries per owner and per (owner, heir), an operation records the
+//! entries it changes as it goes, and an owner keeps every heir that is still within
+//! bounds, so only the entries whose owner changed, whose heir is gone, or whose owner's
+//! heirs no longer fit are rewritten. Rarer operations (building, switching, settling)
+//! recompute every heir by the same rule, so a table they leave is one the others keep.
+mod check;
 mod edit;
+mod error;
 mod heirs;
 mod members;
 mod rebalance;
@@ -27,9 +36,16 @@ mod targets;
 
 use std::collections::BTreeMap;
 
-use portshard_common::{MAX_SLOTS, NO_SLOT, TABLE_SIZE, TableEntry};
+use portshard_common::{TABLE_SIZE, TableEntry};
 
-use self::{edit::Edit, members::Members, rebalance::Moved, tally::Tally};
+pub use self::error::TableError;
+use self::{
+    edit::Edit,
+    error::{check_size, check_slot, check_weight},
+    members::Members,
+    rebalance::Moved,
+    tally::Tally,
+};
 
 /// A slot number: index of a socket in the service's socket array.
 pub type Slot = u16;
@@ -39,60 +55,6 @@ pub const MAX_WEIGHT: u32 = 10_000;
 
 /// The fewest entries a table may have: enough for a few members to own several each.
 pub const MIN_TABLE_SIZE: usize = 16;
-
-/// Why a table operation was refused. A refused operation leaves the table unchanged.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TableError {
-    /// The slot number cannot name a socket.
-    #[error("slot {slot} is out of range: slots are numbered 0 to {}", MAX_SLOTS - 1)]
-    SlotOutOfRange {
-        /// The offending slot.
-        slot: Slot,
-    },
-    /// The slot is already a member of the table.
-    #[error("slot {slot} is already in the table")]
-    AlreadyMember {
-        /// The offending slot.
-        slot: Slot,
-    },
-    /// The slot is not a member of the table.
-    #[error("slot {slot} is not in the table")]
-    NotMember {
-        /// The offending slot.
-        slot: Slot,
-    },
-    /// Entries read back from the kernel do not form a table the operations could leave.
-    #[error("the pinned table is inconsistent with its slot records: {reason}")]
-    Inconsistent {
-        /// The first invariant broken.
-        reason: String,
-    },
-    /// A switch named a slot twice among the old or among the new slots.
-    #[error("slot {slot} is named twice in a switch")]
-    NamedTwice {
-        /// The offending slot.
-        slot: Slot,
-    },
-    /// A switch named no new slot: it would empty the table.
-    #[error("a switch needs at least one new slot")]
-    NoNewSlot,
-    /// The table's size is not one the program can index.
-    #[error(
-        "a table of {size} entries is not possible: use a power of two from {MIN_TABLE_SIZE} to {TABLE_SIZE}"
-    )]
-    BadSize {
-        /// The offending size.
-        size: usize,
-    },
-    /// The weight is zero or too large.
-    #[error("weight {weight} for slot {slot} is out of range: use 1 to {MAX_WEIGHT}")]
-    BadWeight {
-        /// The slot the weight was for.
-        slot: Slot,
-        /// The offending weight.
-        weight: u32,
-    },
-}
 
 /// The entries an operation changed, for writing to the kernel's copy.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -443,8 +405,7 @@ impl Table {
     /// Gives every entry an heir (see [`heirs::assign_all`]) and counts the table afresh.
     fn assign_heirs(&mut self) {
         let members = self.current();
-        heirs::assign_all(&members, &mut self.entries);
-        self.tally = Tally::of(&members, &self.entries);
+        self.tally = heirs::assign_all(&members, &mut self.entries);
     }
 
     /// Runs an owner change, recomputes every heir, and reports what changed: for the rare
@@ -454,42 +415,6 @@ impl Table {
         change(self);
         self.assign_heirs();
         delta(&before, &self.entries)
-    }
-
-    /// Checks every invariant the kernel and the operations rely on; `Err` names the first
-    /// one broken. Shares are within their floor and ceiling, or with unequal weights within
-    /// one entry more either way (see [`Table::is_exactly_balanced`]); [`Table::settle`]
-    /// relies on the floor's side. The property tests run it after every operation.
-    pub fn validate(&self) -> Result<(), String> {
-        self.check_structure()?;
-        for (slot, owned, (lowest, highest)) in self.share_bounds() {
-            if owned > highest {
-                return Err(format!(
-                    "slot {slot} owns {owned} entries, more than the {highest} its share allows"
-                ));
-            }
-            if owned < lowest {
-                return Err(format!(
-                    "slot {slot} owns {owned} entries, fewer than the {lowest} its share needs"
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Each member with the entries it owns and the fewest and most its share allows after
-    /// any operation: its floor and ceiling, with unequal weights one entry wider.
-    fn share_bounds(&self) -> Vec<(Slot, u32, (u32, u32))> {
-        let members = Members::of(&self.weights, self.entries.len());
-        let slack = u32::from(!members.weights.windows(2).all(|w| w[0] == w[1]));
-        let counts = members.counts(&self.entries);
-        (0..members.len())
-            .map(|i| {
-                let (floor, ceiling) = members.share(members.weights[i]);
-                let bounds = (floor.saturating_sub(slack), ceiling + slack);
-                (members.slots[i], counts[i], bounds)
-            })
-            .collect()
     }
 
     /// Gives every member its share, moving the fewest entries and only from members above
@@ -506,56 +431,6 @@ impl Table {
             return Delta::default();
         }
         self.apply(|table| table.rebalance(None))
-    }
-
-    /// Checks what the kernel relies on, whatever the shares: a whole table whose every
-    /// entry is owned by a member (or is empty, when there are none) and has a member other
-    /// than its owner as heir (or none, with fewer than two members).
-    pub fn check_structure(&self) -> Result<(), String> {
-        check_size(self.entries.len()).map_err(|error| error.to_string())?;
-        for (index, entry) in self.entries.iter().enumerate() {
-            let owner_ok = if self.weights.is_empty() {
-                entry.owner == NO_SLOT
-            } else {
-                self.weights.contains_key(&entry.owner)
-            };
-            if !owner_ok {
-                return Err(format!(
-                    "entry {index} is owned by non-member slot {}",
-                    entry.owner
-                ));
-            }
-            let heir_ok = if self.weights.len() <= 1 {
-                entry.heir == NO_SLOT
-            } else {
-                entry.heir != entry.owner && self.weights.contains_key(&entry.heir)
-            };
-            if !heir_ok {
-                return Err(format!(
-                    "entry {index} (owner {}) has invalid heir {}",
-                    entry.owner, entry.heir
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether every member owns the floor or the ceiling of its exact share. With equal
-    /// weights every operation keeps it, and with any weights building and reweighting
-    /// restore it. With unequal weights a removal can leave a survivor below its floor and an
-    /// addition can leave a member one entry above its ceiling, because fixing either would
-    /// move flows of a member that is not involved, which those operations never do.
-    pub fn is_exactly_balanced(&self) -> bool {
-        let counts = self.counts();
-        let members = Members::of(&self.weights, self.entries.len());
-        members
-            .slots
-            .iter()
-            .zip(&members.weights)
-            .all(|(slot, &weight)| {
-                let (floor, ceiling) = members.share(weight);
-                (floor..=ceiling).contains(&counts[slot])
-            })
     }
 }
 
@@ -595,30 +470,6 @@ fn delta(before: &[TableEntry], after: &[TableEntry]) -> Delta {
         }
     }
     delta
-}
-
-fn check_slot(slot: Slot) -> Result<(), TableError> {
-    if u32::from(slot) < MAX_SLOTS {
-        Ok(())
-    } else {
-        Err(TableError::SlotOutOfRange { slot })
-    }
-}
-
-fn check_size(size: usize) -> Result<(), TableError> {
-    if size.is_power_of_two() && (MIN_TABLE_SIZE..=TABLE_SIZE).contains(&size) {
-        Ok(())
-    } else {
-        Err(TableError::BadSize { size })
-    }
-}
-
-fn check_weight(slot: Slot, weight: u32) -> Result<(), TableError> {
-    if (1..=MAX_WEIGHT).contains(&weight) {
-        Ok(())
-    } else {
-        Err(TableError::BadWeight { slot, weight })
-    }
 }
 
 #[cfg(test)]

@@ -12,41 +12,29 @@ use super::{
     targets::Targets,
 };
 
-/// Gives every entry an heir among the other members, keeping each existing heir that
-/// is still valid and within its quota, so unchanged heirs are not rewritten.
-pub(super) fn assign_all(members: &Members, entries: &mut [TableEntry]) {
+/// Gives every entry an heir among the other members by the same rule as every operation
+/// ([`reassign`], every entry without a valid heir an orphan), so that a table built or
+/// settled from scratch is one the operations keep as it is; returns its tally. Entries
+/// without a member owner are emptied (there are none unless there are no members).
+pub(super) fn assign_all(members: &Members, entries: &mut [TableEntry]) -> Tally {
     let n = members.len();
-    let counts = members.counts(entries);
-    // left[d * n + i]: how many more of member d's entries may name member i as heir.
-    let mut left = vec![0u32; n * n];
-    let mut quotas = HeirQuotas::new(n);
-    for d in 0..n {
-        left[d * n..(d + 1) * n].copy_from_slice(quotas.compute(members, &counts, d));
-    }
-    // Keep each valid heir while its quota lasts; the rest are orphans, in index order.
-    let mut orphans: Vec<(usize, u32)> = Vec::new();
+    let mut orphans = Vec::new();
     for (index, entry) in entries.iter_mut().enumerate() {
         let Some(d) = members.position(entry.owner) else {
             *entry = TableEntry::EMPTY;
             continue;
         };
-        match members.position(entry.heir).map(|h| &mut left[d * n + h]) {
-            Some(quota) if *quota > 0 => *quota -= 1,
-            _ => orphans.push((d, index as u32)),
+        if n < 2 {
+            entry.heir = NO_SLOT;
+        } else if members.position(entry.heir).is_none_or(|h| h == d) {
+            orphans.push(index as u32);
         }
     }
-    orphans.sort_by_key(|&(d, _)| d);
-    for group in orphans.chunk_by(|a, b| a.0 == b.0) {
-        let d = group[0].0;
-        let remaining: Vec<(Slot, u32)> = (0..n)
-            .filter(|&i| left[d * n + i] > 0)
-            .map(|i| (members.slots[i], left[d * n + i]))
-            .collect();
-        let mut heirs = interleave(&remaining).into_iter();
-        for &(_, index) in group {
-            entries[index as usize].heir = heirs.next().unwrap_or(NO_SLOT);
-        }
+    let mut tally = Tally::of(members, entries);
+    if n >= 2 {
+        reassign(members, entries, &mut tally, orphans, &mut Edit::default());
     }
+    tally
 }
 
 /// How many of a dying member's entries each other member inherits: enough to lift every
@@ -55,7 +43,7 @@ pub(super) fn assign_all(members: &Members, entries: &mut [TableEntry]) {
 /// Holds its buffers so that computing it for every member allocates nothing.
 pub(super) struct HeirQuotas {
     quota: Vec<u32>,
-    /// Candidates for one more entry, as `(ahead << 10) | position` (see [`keep_smallest`]).
+    /// Candidates for one more entry, as `(ahead << 10) | position` (see [`keep_smallest`](super::members::keep_smallest)).
     ranked: Vec<i64>,
 }
 

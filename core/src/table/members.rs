@@ -49,6 +49,7 @@ pub(super) fn pack(rank: i64, position: usize) -> i64 {
     (rank << 10) | position as i64
 }
 
+/// The position [`pack`] packed into `key`.
 pub(super) fn unpack(key: i64) -> usize {
     (key & ((1 << 10) - 1)) as usize
 }
