@@ -18,9 +18,34 @@
 //!   share with the fewest moves.
 //!
 //! Every operation is deterministic: the same sequence gives the same table.
-use std::{cmp::Ordering, collections::BTreeMap};
+//!
+//! Removing, adding, rejoining and reweighting compute only what changes: the table keeps
+//! a tally of its entries per owner and per (owner, heir), an operation records the
+//! entries it changes as it goes, and an owner keeps every heir that is still within
+//! bounds, so only the entries whose owner changed, whose heir is gone, or whose owner's
+//! heirs no longer fit are rewritten. Rarer operations (building, switching, settling)
+//! recompute every heir by the same rule, so a table they leave is one the others keep.
+mod check;
+mod edit;
+mod error;
+mod heirs;
+mod members;
+mod rebalance;
+mod tally;
+mod targets;
 
-use portshard_common::{MAX_SLOTS, NO_SLOT, TABLE_SIZE, TableEntry};
+use std::collections::BTreeMap;
+
+use portshard_common::{TABLE_SIZE, TableEntry};
+
+pub use self::error::TableError;
+use self::{
+    edit::Edit,
+    error::{check_size, check_slot, check_weight},
+    members::Members,
+    rebalance::Moved,
+    tally::Tally,
+};
 
 /// A slot number: index of a socket in the service's socket array.
 pub type Slot = u16;
@@ -30,60 +55,6 @@ pub const MAX_WEIGHT: u32 = 10_000;
 
 /// The fewest entries a table may have: enough for a few members to own several each.
 pub const MIN_TABLE_SIZE: usize = 16;
-
-/// Why a table operation was refused. A refused operation leaves the table unchanged.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TableError {
-    /// The slot number cannot name a socket.
-    #[error("slot {slot} is out of range: slots are numbered 0 to {}", MAX_SLOTS - 1)]
-    SlotOutOfRange {
-        /// The offending slot.
-        slot: Slot,
-    },
-    /// The slot is already a member of the table.
-    #[error("slot {slot} is already in the table")]
-    AlreadyMember {
-        /// The offending slot.
-        slot: Slot,
-    },
-    /// The slot is not a member of the table.
-    #[error("slot {slot} is not in the table")]
-    NotMember {
-        /// The offending slot.
-        slot: Slot,
-    },
-    /// Entries read back from the kernel do not form a table the operations could leave.
-    #[error("the pinned table is inconsistent with its slot records: {reason}")]
-    Inconsistent {
-        /// The first invariant broken.
-        reason: String,
-    },
-    /// A switch named a slot twice among the old or among the new slots.
-    #[error("slot {slot} is named twice in a switch")]
-    NamedTwice {
-        /// The offending slot.
-        slot: Slot,
-    },
-    /// A switch named no new slot: it would empty the table.
-    #[error("a switch needs at least one new slot")]
-    NoNewSlot,
-    /// The table's size is not one the program can index.
-    #[error(
-        "a table of {size} entries is not possible: use a power of two from {MIN_TABLE_SIZE} to {TABLE_SIZE}"
-    )]
-    BadSize {
-        /// The offending size.
-        size: usize,
-    },
-    /// The weight is zero or too large.
-    #[error("weight {weight} for slot {slot} is out of range: use 1 to {MAX_WEIGHT}")]
-    BadWeight {
-        /// The slot the weight was for.
-        slot: Slot,
-        /// The offending weight.
-        weight: u32,
-    },
-}
 
 /// The entries an operation changed, for writing to the kernel's copy.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -99,6 +70,8 @@ pub struct Delta {
 pub struct Table {
     entries: Vec<TableEntry>,
     weights: BTreeMap<Slot, u32>,
+    /// What the entries count up to, so operations need not count them again.
+    tally: Tally,
 }
 
 impl Default for Table {
@@ -126,6 +99,7 @@ impl Table {
         Self {
             entries: vec![TableEntry::EMPTY; size],
             weights: BTreeMap::new(),
+            tally: Tally::default(),
         }
     }
 
@@ -175,6 +149,7 @@ impl Table {
         let mut table = Self {
             entries,
             weights: BTreeMap::new(),
+            tally: Tally::default(),
         };
         for (slot, weight) in members {
             check_slot(slot)?;
@@ -184,6 +159,7 @@ impl Table {
         table
             .check_structure()
             .map_err(|reason| TableError::Inconsistent { reason })?;
+        table.tally = Tally::of(&table.current(), &table.entries);
         Ok(table)
     }
 
@@ -204,15 +180,10 @@ impl Table {
             .collect()
     }
 
-    /// How many entries each member owns (the `entries` of `status`), in one pass.
+    /// How many entries each member owns (the `entries` of `status`).
     pub fn counts(&self) -> BTreeMap<Slot, u32> {
-        let members = Members::of(&self.weights, self.entries.len());
-        members
-            .slots
-            .iter()
-            .copied()
-            .zip(members.counts(&self.entries))
-            .collect()
+        let owned = self.tally.owned().iter().copied();
+        self.weights.keys().copied().zip(owned).collect()
     }
 
     /// Adds `slot` with `weight`: it takes its share from the most loaded members, and
@@ -223,10 +194,18 @@ impl Table {
         if self.weights.contains_key(&slot) {
             return Err(TableError::AlreadyMember { slot });
         }
-        Ok(self.apply(|table| {
-            table.weights.insert(slot, weight);
-            table.rebalance(Some(slot));
-        }))
+        if self.weights.len() < 2 {
+            // From no heirs to some: every entry gets one.
+            return Ok(self.apply(|table| {
+                table.weights.insert(slot, weight);
+                table.rebalance(Some(slot));
+            }));
+        }
+        let (members, p) = self.join(slot, weight);
+        let mut edit = Edit::default();
+        let mut orphans = Vec::new();
+        self.rebalance_in_place(&members, Some(p), &mut edit, &mut orphans);
+        Ok(self.finish(&members, edit, orphans))
     }
 
     /// Adds `slot` back after a removal: it first takes back the entries in `former` (the
@@ -240,38 +219,22 @@ impl Table {
         if self.weights.contains_key(&slot) {
             return Err(TableError::AlreadyMember { slot });
         }
-        Ok(self.apply(|table| {
-            table.weights.insert(slot, weight);
-            table.take_back(slot, former);
-            table.rebalance(Some(slot));
-        }))
-    }
-
-    /// Gives `slot` each entry of `former` whose owner stays at or above its floor, until
-    /// `slot` reaches its ceiling.
-    fn take_back(&mut self, slot: Slot, former: &[u32]) {
-        let members = Members::of(&self.weights, self.entries.len());
-        let mut counts = members.counts(&self.entries);
-        let Some(p) = members.position(slot) else {
-            return;
-        };
-        let ceiling = members.share(members.weights[p]).1;
-        for &index in former {
-            if counts[p] >= ceiling {
-                break;
-            }
-            let Some(entry) = self.entries.get_mut(index as usize) else {
-                continue;
-            };
-            let Some(o) = members.position(entry.owner).filter(|&o| o != p) else {
-                continue;
-            };
-            if counts[o] > members.share(members.weights[o]).0 {
-                entry.owner = slot;
-                counts[o] -= 1;
-                counts[p] += 1;
-            }
+        if self.weights.len() < 2 {
+            return Ok(self.apply(|table| {
+                let (members, p) = table.join(slot, weight);
+                let counts = members.counts(&table.entries);
+                rebalance::take_back(&members, &counts, &mut table.entries, p, former);
+                table.rebalance(Some(slot));
+            }));
         }
+        let (members, p) = self.join(slot, weight);
+        let mut edit = Edit::default();
+        let mut orphans = Vec::new();
+        let owned = self.tally.owned();
+        let moves = rebalance::take_back(&members, owned, &mut self.entries, p, former);
+        self.moved(&members, &moves, &mut edit, &mut orphans);
+        self.rebalance_in_place(&members, Some(p), &mut edit, &mut orphans);
+        Ok(self.finish(&members, edit, orphans))
     }
 
     /// Removes `slot`: each entry it owned goes to that entry's heir, which is where the
@@ -280,14 +243,24 @@ impl Table {
         if !self.weights.contains_key(&slot) {
             return Err(TableError::NotMember { slot });
         }
-        Ok(self.apply(|table| {
-            table.weights.remove(&slot);
-            for entry in &mut table.entries {
-                if entry.owner == slot {
-                    entry.owner = entry.heir;
+        if self.weights.len() <= 2 {
+            // To one member or none: no heirs left.
+            return Ok(self.apply(|table| {
+                table.weights.remove(&slot);
+                for entry in &mut table.entries {
+                    if entry.owner == slot {
+                        entry.owner = entry.heir;
+                    }
                 }
-            }
-        }))
+            }));
+        }
+        let p = self.current().position(slot).expect("a member");
+        let mut edit = Edit::default();
+        let orphans = inherit(&mut self.entries, slot, &mut edit);
+        self.weights.remove(&slot);
+        self.tally.remove_member(p);
+        let members = self.current();
+        Ok(self.finish(&members, edit, orphans))
     }
 
     /// Hands the table from the members `old` (a reload passes all of them) to the slots
@@ -353,191 +326,95 @@ impl Table {
                 return Err(TableError::NotMember { slot });
             }
         }
-        Ok(self.apply(|table| {
-            table.weights.extend(weights);
-            table.rebalance(None);
-        }))
+        if self.weights.len() < 2 {
+            return Ok(self.apply(|table| {
+                table.weights.extend(weights);
+                table.rebalance(None);
+            }));
+        }
+        self.weights.extend(weights);
+        let members = self.current();
+        let mut edit = Edit::default();
+        let mut orphans = Vec::new();
+        self.rebalance_in_place(&members, None, &mut edit, &mut orphans);
+        Ok(self.finish(&members, edit, orphans))
     }
 
-    /// Runs an owner change, recomputes the heirs, and reports what changed.
+    /// The members as they are now.
+    fn current(&self) -> Members {
+        Members::of(&self.weights, self.entries.len())
+    }
+
+    /// Makes `slot` a member with `weight`, owning nothing yet; returns the members and its
+    /// position among them.
+    fn join(&mut self, slot: Slot, weight: u32) -> (Members, usize) {
+        self.weights.insert(slot, weight);
+        let members = self.current();
+        let p = members.position(slot).expect("just joined");
+        self.tally.insert_member(p);
+        (members, p)
+    }
+
+    /// [`rebalance::rebalance`] on a table whose tally is up to date, recording the moves.
+    fn rebalance_in_place(
+        &mut self,
+        members: &Members,
+        only: Option<usize>,
+        edit: &mut Edit,
+        orphans: &mut Vec<u32>,
+    ) {
+        let owned = self.tally.owned();
+        let moves = rebalance::rebalance(members, owned, &mut self.entries, only);
+        self.moved(members, &moves, edit, orphans);
+    }
+
+    /// Records `moves` in the tally and in `edit`, and their orphans.
+    fn moved(
+        &mut self,
+        members: &Members,
+        moves: &[Moved],
+        edit: &mut Edit,
+        orphans: &mut Vec<u32>,
+    ) {
+        self.tally
+            .moved(members, &self.entries, moves, edit, orphans);
+    }
+
+    /// Ends an owner change made in place: gives the `orphans` heirs, moves the heirs the
+    /// new counts require (see [`heirs::reassign`]), and reports what changed.
+    fn finish(&mut self, members: &Members, mut edit: Edit, orphans: Vec<u32>) -> Delta {
+        heirs::reassign(
+            members,
+            &mut self.entries,
+            &mut self.tally,
+            orphans,
+            &mut edit,
+        );
+        edit.delta(&self.entries)
+    }
+
+    /// Moves the fewest entries that bring every member within its share (see
+    /// [`rebalance::rebalance`]), with `only` the one member that may receive.
+    fn rebalance(&mut self, only: Option<Slot>) {
+        let members = Members::of(&self.weights, self.entries.len());
+        let counts = members.counts(&self.entries);
+        let only = only.and_then(|slot| members.position(slot));
+        rebalance::rebalance(&members, &counts, &mut self.entries, only);
+    }
+
+    /// Gives every entry an heir (see [`heirs::assign_all`]) and counts the table afresh.
+    fn assign_heirs(&mut self) {
+        let members = self.current();
+        self.tally = heirs::assign_all(&members, &mut self.entries);
+    }
+
+    /// Runs an owner change, recomputes every heir, and reports what changed: for the rare
+    /// operations, and those that give every entry an heir or none.
     fn apply(&mut self, change: impl FnOnce(&mut Self)) -> Delta {
         let before = self.entries.clone();
         change(self);
         self.assign_heirs();
         delta(&before, &self.entries)
-    }
-
-    /// Moves the fewest entries that put every member within `[floor, ceil]` of its exact
-    /// share, and gives every entry without a member owner to a member. With `only`, no
-    /// member but that one receives anything (an addition moves only what the newcomer
-    /// takes): members below their floor stay there, and if the newcomer's ceiling cannot
-    /// hold all that members above their ceiling must shed, the least loaded of those keep
-    /// one entry too many.
-    fn rebalance(&mut self, only: Option<Slot>) {
-        let members = Members::of(&self.weights, self.entries.len());
-        let counts = members.counts(&self.entries);
-        let shares: Vec<(u32, u32)> = members.weights.iter().map(|&w| members.share(w)).collect();
-        let unowned = self.entries.len() as u32 - counts.iter().sum::<u32>();
-        let only = only.and_then(|slot| members.position(slot));
-        let may_receive = |i: usize| only.is_none_or(|p| p == i);
-        let excess = |i: usize| {
-            i64::from(counts[i]) * members.total as i64
-                - members.size as i64 * i64::from(members.weights[i])
-        };
-
-        // The least each member must receive or give to reach its bounds.
-        let mut receive: Vec<u32> = (0..members.len())
-            .map(|i| {
-                if may_receive(i) {
-                    shares[i].0.saturating_sub(counts[i])
-                } else {
-                    0
-                }
-            })
-            .collect();
-        let mut give: Vec<u32> = (0..members.len())
-            .map(|i| counts[i].saturating_sub(shares[i].1))
-            .collect();
-        let mut released_count = unowned + give.iter().sum::<u32>();
-        if let Some(p) = only {
-            // Whatever the one receiver cannot hold stays with the least loaded givers.
-            let capacity = shares[p].1.saturating_sub(counts[p]);
-            while released_count > capacity {
-                let Some(i) = (0..members.len())
-                    .filter(|&i| give[i] > 0)
-                    .min_by_key(|&i| (excess(i), i))
-                else {
-                    break;
-                };
-                give[i] -= 1;
-                released_count -= 1;
-            }
-        }
-        let received_count: u32 = receive.iter().sum();
-
-        // Members between their bounds take up the difference, one entry each: those already
-        // receiving (or giving) first, so adding a slot moves entries to that slot only, then
-        // whoever is furthest below (or above) its exact share; ties to the lower slot.
-        match released_count.cmp(&received_count) {
-            Ordering::Greater => {
-                let mut room: Vec<usize> = (0..members.len())
-                    .filter(|&i| may_receive(i) && counts[i] + receive[i] < shares[i].1)
-                    .collect();
-                keep_smallest(&mut room, (released_count - received_count) as usize, |i| {
-                    (i64::from(receive[i] == 0) << 45) + excess(i)
-                });
-                room.into_iter().for_each(|i| receive[i] += 1);
-            }
-            Ordering::Less => {
-                let mut room: Vec<usize> = (0..members.len())
-                    .filter(|&i| counts[i] - give[i] > shares[i].0)
-                    .collect();
-                keep_smallest(&mut room, (received_count - released_count) as usize, |i| {
-                    (i64::from(give[i] == 0) << 45) - excess(i)
-                });
-                room.into_iter().for_each(|i| give[i] += 1);
-            }
-            Ordering::Equal => {}
-        }
-
-        // Release unowned entries and, from each giver, entries evenly spaced among its own
-        // (its k-th released entry is its `(2k+1) * owned / (2 * give)`-th), in one pass.
-        let mut seen = vec![0u32; members.len()];
-        let mut given = vec![0u32; members.len()];
-        let mut released = Vec::with_capacity(released_count as usize);
-        for (index, entry) in self.entries.iter().enumerate() {
-            let Some(i) = members.position(entry.owner) else {
-                released.push(index as u32);
-                continue;
-            };
-            if given[i] < give[i] {
-                let next =
-                    (2 * u64::from(given[i]) + 1) * u64::from(counts[i]) / (2 * u64::from(give[i]));
-                if u64::from(seen[i]) == next {
-                    released.push(index as u32);
-                    given[i] += 1;
-                }
-            }
-            seen[i] += 1;
-        }
-        let quotas: Vec<(Slot, u32)> = members.slots.iter().copied().zip(receive).collect();
-        for (index, owner) in released.into_iter().zip(interleave(&quotas)) {
-            self.entries[index as usize].owner = owner;
-        }
-    }
-
-    /// Gives every entry an heir among the other members, keeping each existing heir that
-    /// is still valid and within its quota, so unchanged heirs are not rewritten.
-    fn assign_heirs(&mut self) {
-        let members = Members::of(&self.weights, self.entries.len());
-        let n = members.len();
-        let counts = members.counts(&self.entries);
-        // left[d * n + i]: how many more of member d's entries may name member i as heir.
-        let mut left = vec![0u32; n * n];
-        let mut quotas = HeirQuotas::new(n);
-        for d in 0..n {
-            left[d * n..(d + 1) * n].copy_from_slice(quotas.compute(&members, &counts, d));
-        }
-        // Keep each valid heir while its quota lasts; the rest are orphans, in index order.
-        let mut orphans: Vec<(usize, u32)> = Vec::new();
-        for (index, entry) in self.entries.iter_mut().enumerate() {
-            let Some(d) = members.position(entry.owner) else {
-                *entry = TableEntry::EMPTY;
-                continue;
-            };
-            match members.position(entry.heir).map(|h| &mut left[d * n + h]) {
-                Some(quota) if *quota > 0 => *quota -= 1,
-                _ => orphans.push((d, index as u32)),
-            }
-        }
-        orphans.sort_by_key(|&(d, _)| d);
-        for group in orphans.chunk_by(|a, b| a.0 == b.0) {
-            let d = group[0].0;
-            let remaining: Vec<(Slot, u32)> = (0..n)
-                .filter(|&i| left[d * n + i] > 0)
-                .map(|i| (members.slots[i], left[d * n + i]))
-                .collect();
-            let mut heirs = interleave(&remaining).into_iter();
-            for &(_, index) in group {
-                self.entries[index as usize].heir = heirs.next().unwrap_or(NO_SLOT);
-            }
-        }
-    }
-
-    /// Checks every invariant the kernel and the operations rely on; `Err` names the first
-    /// one broken. Shares are within their floor and ceiling, or with unequal weights within
-    /// one entry more either way (see [`Table::is_exactly_balanced`]); [`Table::settle`]
-    /// relies on the floor's side. The property tests run it after every operation.
-    pub fn validate(&self) -> Result<(), String> {
-        self.check_structure()?;
-        for (slot, owned, (lowest, highest)) in self.share_bounds() {
-            if owned > highest {
-                return Err(format!(
-                    "slot {slot} owns {owned} entries, more than the {highest} its share allows"
-                ));
-            }
-            if owned < lowest {
-                return Err(format!(
-                    "slot {slot} owns {owned} entries, fewer than the {lowest} its share needs"
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Each member with the entries it owns and the fewest and most its share allows after
-    /// any operation: its floor and ceiling, with unequal weights one entry wider.
-    fn share_bounds(&self) -> Vec<(Slot, u32, (u32, u32))> {
-        let members = Members::of(&self.weights, self.entries.len());
-        let slack = u32::from(!members.weights.windows(2).all(|w| w[0] == w[1]));
-        let counts = members.counts(&self.entries);
-        (0..members.len())
-            .map(|i| {
-                let (floor, ceiling) = members.share(members.weights[i]);
-                let bounds = (floor.saturating_sub(slack), ceiling + slack);
-                (members.slots[i], counts[i], bounds)
-            })
-            .collect()
     }
 
     /// Gives every member its share, moving the fewest entries and only from members above
@@ -555,56 +432,32 @@ impl Table {
         }
         self.apply(|table| table.rebalance(None))
     }
+}
 
-    /// Checks what the kernel relies on, whatever the shares: a whole table whose every
-    /// entry is owned by a member (or is empty, when there are none) and has a member other
-    /// than its owner as heir (or none, with fewer than two members).
-    pub fn check_structure(&self) -> Result<(), String> {
-        check_size(self.entries.len()).map_err(|error| error.to_string())?;
-        for (index, entry) in self.entries.iter().enumerate() {
-            let owner_ok = if self.weights.is_empty() {
-                entry.owner == NO_SLOT
-            } else {
-                self.weights.contains_key(&entry.owner)
-            };
-            if !owner_ok {
-                return Err(format!(
-                    "entry {index} is owned by non-member slot {}",
-                    entry.owner
-                ));
-            }
-            let heir_ok = if self.weights.len() <= 1 {
-                entry.heir == NO_SLOT
-            } else {
-                entry.heir != entry.owner && self.weights.contains_key(&entry.heir)
-            };
-            if !heir_ok {
-                return Err(format!(
-                    "entry {index} (owner {}) has invalid heir {}",
-                    entry.owner, entry.heir
-                ));
+/// Hands each entry `slot` owns to its heir, in place, recording it in `edit`; returns those
+/// entries and the ones naming `slot` as heir: all the entries left without an heir.
+fn inherit(entries: &mut [TableEntry], slot: Slot, edit: &mut Edit) -> Vec<u32> {
+    let mut orphans = Vec::new();
+    // Chunks first, with a test that vectorizes: few hold any such entry.
+    for (chunk, part) in entries.chunks_mut(16).enumerate() {
+        let hits = part.iter().fold(0u16, |hits, e| {
+            hits | u16::from(e.owner == slot) | u16::from(e.heir == slot)
+        });
+        if hits == 0 {
+            continue;
+        }
+        for (k, entry) in part.iter_mut().enumerate() {
+            if entry.owner == slot || entry.heir == slot {
+                let index = (chunk * 16 + k) as u32;
+                edit.note(index, *entry);
+                if entry.owner == slot {
+                    entry.owner = entry.heir;
+                }
+                orphans.push(index);
             }
         }
-        Ok(())
     }
-
-    /// Whether every member owns the floor or the ceiling of its exact share. With equal
-    /// weights every operation keeps it, and with any weights building and reweighting
-    /// restore it. With unequal weights a removal can leave a survivor below its floor and an
-    /// addition can leave a member one entry above its ceiling, because fixing either would
-    /// move flows of a member that is not involved, which those operations never do.
-    pub fn is_exactly_balanced(&self) -> bool {
-        let counts = self.counts();
-        let members = Members::of(&self.weights, self.entries.len());
-        members
-            .slots
-            .iter()
-            .zip(&members.weights)
-            .all(|(slot, &weight)| {
-                let (floor, ceiling) = members.share(weight);
-                (floor..=ceiling).contains(&counts[slot])
-            })
-    }
+    orphans
 }
 
 /// The entries that differ between `before` and `after`.
@@ -617,237 +470,6 @@ fn delta(before: &[TableEntry], after: &[TableEntry]) -> Delta {
         }
     }
     delta
-}
-
-fn check_slot(slot: Slot) -> Result<(), TableError> {
-    if u32::from(slot) < MAX_SLOTS {
-        Ok(())
-    } else {
-        Err(TableError::SlotOutOfRange { slot })
-    }
-}
-
-fn check_size(size: usize) -> Result<(), TableError> {
-    if size.is_power_of_two() && (MIN_TABLE_SIZE..=TABLE_SIZE).contains(&size) {
-        Ok(())
-    } else {
-        Err(TableError::BadSize { size })
-    }
-}
-
-fn check_weight(slot: Slot, weight: u32) -> Result<(), TableError> {
-    if (1..=MAX_WEIGHT).contains(&weight) {
-        Ok(())
-    } else {
-        Err(TableError::BadWeight { slot, weight })
-    }
-}
-
-/// How many of a dying member's entries each other member inherits: enough to lift every
-/// survivor to the floor of its new share, the rest one each to the survivors furthest
-/// behind their fair part of the inheritance, never above the ceiling of the new share.
-/// Holds its buffers so that computing it for every member allocates nothing.
-struct HeirQuotas {
-    quota: Vec<u32>,
-    /// Candidates for one more entry, as `(ahead << 10) | position` (see [`keep_smallest`]).
-    ranked: Vec<i64>,
-}
-
-impl HeirQuotas {
-    fn new(members: usize) -> Self {
-        Self {
-            quota: vec![0; members],
-            ranked: Vec::with_capacity(members),
-        }
-    }
-
-    /// Quotas indexed like `members`; the dying member's own is 0.
-    fn compute(&mut self, members: &Members, counts: &[u32], dying: usize) -> &[u32] {
-        let Self { quota, ranked } = self;
-        quota.fill(0);
-        let survivors_weight = members.total - u64::from(members.weights[dying]);
-        if survivors_weight == 0 {
-            return quota;
-        }
-        let estate = counts[dying];
-        // quota_i * W' - estate * w_i: how far ahead of its fair inheritance survivor i is.
-        let ahead = |quota: u32, i: usize| {
-            i64::from(quota) * survivors_weight as i64
-                - i64::from(estate) * i64::from(members.weights[i])
-        };
-        let mut shares = ShareCache::new(members.size, survivors_weight);
-        ranked.clear();
-        let mut needed = 0;
-        for i in (0..members.len()).filter(|&i| i != dying) {
-            let (floor, ceiling) = shares.share(members.weights[i]);
-            quota[i] = floor.saturating_sub(counts[i]);
-            needed += quota[i];
-            if counts[i] + quota[i] < ceiling {
-                ranked.push(pack(ahead(quota[i], i), i));
-            }
-        }
-        if needed <= estate && (estate - needed) as usize <= ranked.len() {
-            let extra = (estate - needed) as usize;
-            if extra > 0 && extra < ranked.len() {
-                ranked.select_nth_unstable(extra - 1);
-            }
-            ranked[..extra]
-                .iter()
-                .for_each(|&key| quota[unpack(key)] += 1);
-            return quota;
-        }
-        // Rare cases, one entry at a time: the estate cannot lift every survivor to its
-        // floor (hold back from whoever is most ahead), or, impossible while the shares sum
-        // to the table's size, the ceilings cannot absorb it (give to whoever is most behind).
-        let survivors = || (0..members.len()).filter(|&i| i != dying);
-        while needed > estate {
-            let i = survivors()
-                .filter(|&i| quota[i] > 0)
-                .max_by_key(|&i| pack(ahead(quota[i], i), members.len() - i))
-                .expect("a survivor has a quota while more is needed than inherited");
-            quota[i] -= 1;
-            needed -= 1;
-        }
-        while needed < estate {
-            let i = survivors()
-                .min_by_key(|&i| pack(ahead(quota[i], i), i))
-                .expect("there are survivors");
-            quota[i] += 1;
-            needed += 1;
-        }
-        quota
-    }
-}
-
-/// Shares out of one total weight, remembering the last one computed, so that equal
-/// weights (the usual case) cost one division per dying member rather than one per survivor.
-struct ShareCache {
-    size: u64,
-    total: u64,
-    last: Option<(u32, (u32, u32))>,
-}
-
-impl ShareCache {
-    fn new(size: u64, total: u64) -> Self {
-        Self {
-            size,
-            total,
-            last: None,
-        }
-    }
-
-    fn share(&mut self, weight: u32) -> (u32, u32) {
-        match self.last {
-            Some((w, share)) if w == weight => share,
-            _ => {
-                let share = share(self.size, weight, self.total);
-                self.last = Some((weight, share));
-                share
-            }
-        }
-    }
-}
-
-/// Floor and ceiling of the exact share `size * weight / total`.
-fn share(size: u64, weight: u32, total: u64) -> (u32, u32) {
-    let scaled = size * u64::from(weight);
-    let floor = (scaled / total) as u32;
-    (floor, floor + u32::from(!scaled.is_multiple_of(total)))
-}
-
-/// Packs a rank and a position (below 1024) into one integer that orders by rank, then by
-/// position, so selections compare plain integers.
-fn pack(rank: i64, position: usize) -> i64 {
-    debug_assert!(position < 1 << 10 && rank.unsigned_abs() < 1 << 52);
-    (rank << 10) | position as i64
-}
-
-fn unpack(key: i64) -> usize {
-    (key & ((1 << 10) - 1)) as usize
-}
-
-/// Keeps in `items` (positions) only the `n` with the smallest `rank`, ties to the smaller
-/// position, in no particular order.
-fn keep_smallest(items: &mut Vec<usize>, n: usize, rank: impl Fn(usize) -> i64) {
-    if n >= items.len() {
-        return;
-    }
-    let mut keys: Vec<i64> = items.iter().map(|&i| pack(rank(i), i)).collect();
-    if n > 0 {
-        keys.select_nth_unstable(n - 1);
-    }
-    items.clear();
-    items.extend(keys[..n].iter().map(|&k| unpack(k)));
-}
-
-/// The members of a table as dense, slot-ordered arrays, with their total weight and each
-/// slot's position among them.
-struct Members {
-    /// Entries in the table.
-    size: u64,
-    slots: Vec<Slot>,
-    weights: Vec<u32>,
-    total: u64,
-    /// Each valid slot's position (`u16::MAX` for none); small, so building it is cheap
-    /// even for a small table.
-    positions: Vec<u16>,
-}
-
-impl Members {
-    fn of(weights: &BTreeMap<Slot, u32>, size: usize) -> Self {
-        let (slots, weights): (Vec<Slot>, Vec<u32>) = weights.iter().map(|(&s, &w)| (s, w)).unzip();
-        let total = weights.iter().map(|&w| u64::from(w)).sum();
-        let mut positions = vec![u16::MAX; MAX_SLOTS as usize];
-        for (i, &slot) in slots.iter().enumerate() {
-            positions[usize::from(slot)] = i as u16;
-        }
-        Self {
-            size: size as u64,
-            slots,
-            weights,
-            total,
-            positions,
-        }
-    }
-
-    /// Position of `slot` among the members, `None` if it is not one (or is [`NO_SLOT`]).
-    fn position(&self, slot: Slot) -> Option<usize> {
-        let p = self.positions.get(usize::from(slot)).copied()?;
-        (p != u16::MAX).then_some(usize::from(p))
-    }
-
-    /// How many entries each member owns, indexed by position.
-    fn counts(&self, entries: &[TableEntry]) -> Vec<u32> {
-        let mut counts = vec![0u32; self.len()];
-        for entry in entries {
-            if let Some(i) = self.position(entry.owner) {
-                counts[i] += 1;
-            }
-        }
-        counts
-    }
-
-    fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    /// Floor and ceiling of the exact share of a member with `weight`.
-    fn share(&self, weight: u32) -> (u32, u32) {
-        share(self.size, weight, self.total)
-    }
-}
-
-/// Each slot of `quotas` as many times as its quota, each slot's turns evenly spread over
-/// the sequence: slot `j`'s `k`-th turn sits at `(k + 1/2) / quota_j` of the way.
-fn interleave(quotas: &[(Slot, u32)]) -> Vec<Slot> {
-    let mut turns: Vec<(u64, u64, Slot)> = quotas
-        .iter()
-        .flat_map(|&(slot, quota)| {
-            (0..u64::from(quota)).map(move |k| (2 * k + 1, 2 * u64::from(quota), slot))
-        })
-        .collect();
-    turns.sort_unstable_by(|a, b| (a.0 * b.1).cmp(&(b.0 * a.1)).then(a.2.cmp(&b.2)));
-    turns.into_iter().map(|(_, _, slot)| slot).collect()
 }
 
 #[cfg(test)]
