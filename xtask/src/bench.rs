@@ -9,7 +9,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use portshard_toolchain as toolchain;
 
-use crate::{build_ebpf, build_portshard, cargo_command, compare, docs, ebpf_object, report, root};
+use crate::{
+    build_ebpf, build_portshard, compare, docs, ebpf_object, harness_command, report, root,
+};
 
 /// Measures every figure; see the module's doc.
 pub fn bench(quick: bool, compare_with: Option<&Path>) -> Result<()> {
@@ -21,16 +23,7 @@ pub fn bench(quick: bool, compare_with: Option<&Path>) -> Result<()> {
     let reference = ebpf_object(toolchain::REFERENCE_OBJECT_NAME)?;
     build_portshard()?;
     let out = root().join(docs::BENCH_REPORT);
-    let mut bench = cargo_command(&[
-        "run",
-        "--release",
-        "--quiet",
-        "--package",
-        "portshard-harness",
-        "--bin",
-        "portshard-bench",
-        "--",
-    ]);
+    let mut bench = harness_command("portshard-bench");
     bench
         .arg("--reference")
         .arg(reference)

@@ -368,7 +368,19 @@ fn demo() -> Result<()> {
 fn harness_binary(name: &str, args: &[&str], what: &str) -> Result<()> {
     build_ebpf()?;
     build_portshard()?;
-    let status = cargo_command(&[
+    let status = harness_command(name)
+        .args(args)
+        .status()
+        .context("could not start cargo run")?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// `cargo run` of harness binary `name` in release, its arguments to follow.
+fn harness_command(name: &str) -> Command {
+    cargo_command(&[
         "run",
         "--release",
         "--quiet",
@@ -378,13 +390,6 @@ fn harness_binary(name: &str, args: &[&str], what: &str) -> Result<()> {
         name,
         "--",
     ])
-    .args(args)
-    .status()
-    .context("could not start cargo run")?;
-    if !status.success() {
-        bail!("{what} failed ({status})");
-    }
-    Ok(())
 }
 
 fn run(args: &[String]) -> Result<()> {

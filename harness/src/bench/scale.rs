@@ -17,6 +17,7 @@ use portshard_common::{Flow, FlowKey, names};
 use super::{
     BenchError, Budget, ROUND_LIMIT, Result,
     report::{Figure, Summary},
+    service::proc_field,
 };
 use crate::{
     context,
@@ -90,7 +91,7 @@ pub fn million_flows(exe: &Path, pins: &Path, budget: &Budget) -> Result<Vec<Fig
     }
     let info =
         std::fs::read_to_string(&fdinfo).map_err(|e| context(e, format!("reading {fdinfo}")))?;
-    let memlock = fdinfo_field(&info, "memlock")
+    let memlock = proc_field(&info, "memlock")
         .ok_or_else(|| MeasureError::Traffic(format!("{fdinfo} has no memlock line")))?;
 
     let repetitions = budget.prog_rounds.max(3);
@@ -157,25 +158,4 @@ pub fn million_flows(exe: &Path, pins: &Path, budget: &Budget) -> Result<Vec<Fig
         ));
     }
     Ok(figures)
-}
-
-/// The number of field `name` of a `/proc/<pid>/fdinfo/<fd>` text.
-pub fn fdinfo_field(fdinfo: &str, name: &str) -> Option<u64> {
-    fdinfo.lines().find_map(|line| {
-        let value = line.strip_prefix(name)?.strip_prefix(':')?;
-        value.trim().parse().ok()
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::fdinfo_field;
-
-    #[test]
-    fn reads_fdinfo_fields() {
-        let info = "pos:\t0\nflags:\t02000002\nmap_type:\t1\nmemlock:\t118222848\nmap_id:\t42\n";
-        assert_eq!(fdinfo_field(info, "memlock"), Some(118_222_848));
-        assert_eq!(fdinfo_field(info, "map_id"), Some(42));
-        assert_eq!(fdinfo_field(info, "owner_prog_type"), None);
-    }
 }

@@ -277,7 +277,7 @@ fn rss_kib(
     services: usize,
     per_service: usize,
     command: &str,
-) -> Result<u32> {
+) -> Result<u64> {
     let names: Vec<String> = (0..services).map(|i| format!("rss-{i}")).collect();
     let config: String = names
         .iter()
@@ -299,23 +299,23 @@ fn rss_kib(
         .flat_map(|slots| slots.values().copied())
         .find(|&pid| pid != 0)
         .ok_or_else(|| MeasureError::Traffic("the daemon reports no worker".into()))?;
-    let daemon_pid = status_field(&proc_status(worker)?, "PPid")
+    let daemon_pid = proc_field(&proc_status(worker)?, "PPid")
         .ok_or_else(|| MeasureError::Traffic(format!("/proc/{worker}/status has no PPid")))?;
-    let kib = status_field(&proc_status(daemon_pid)?, "VmRSS")
+    let kib = proc_field(&proc_status(daemon_pid)?, "VmRSS")
         .ok_or_else(|| MeasureError::Traffic(format!("/proc/{daemon_pid}/status has no VmRSS")))?;
     drop(daemon);
     Ok(kib)
 }
 
-fn proc_status(pid: u32) -> Result<String> {
+fn proc_status(pid: impl std::fmt::Display) -> Result<String> {
     let path = format!("/proc/{pid}/status");
     Ok(std::fs::read_to_string(&path).map_err(|e| context(e, format!("reading {path}")))?)
 }
 
 /// The number at the start of field `name` of a `/proc/<pid>/status` text (`VmRSS` is in
-/// kB).
-pub fn status_field(status: &str, name: &str) -> Option<u32> {
-    status.lines().find_map(|line| {
+/// kB) or of a `/proc/<pid>/fdinfo/<fd>` text (`memlock`, in bytes).
+pub fn proc_field(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
         let value = line.strip_prefix(name)?.strip_prefix(':')?;
         value.split_whitespace().next()?.parse().ok()
     })
@@ -323,13 +323,15 @@ pub fn status_field(status: &str, name: &str) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
-    use super::status_field;
+    use super::proc_field;
 
     #[test]
     fn reads_proc_status_fields() {
         let status = "Name:\tportshard\nPPid:\t4242\nVmRSS:\t   12345 kB\nVmRSSX:\t1 kB\n";
-        assert_eq!(status_field(status, "PPid"), Some(4242));
-        assert_eq!(status_field(status, "VmRSS"), Some(12_345));
-        assert_eq!(status_field(status, "VmSwap"), None);
+        assert_eq!(proc_field(status, "PPid"), Some(4242));
+        assert_eq!(proc_field(status, "VmRSS"), Some(12_345));
+        assert_eq!(proc_field(status, "VmSwap"), None);
+        let fdinfo = "pos:\t0\nmap_type:\t1\nmemlock:\t118222848\nmap_id:\t42\n";
+        assert_eq!(proc_field(fdinfo, "memlock"), Some(118_222_848));
     }
 }
