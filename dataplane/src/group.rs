@@ -9,9 +9,7 @@ use std::{
     path::Path,
 };
 
-use portshard_common::{
-    MAX_SLOTS, NO_SLOT, ProbeHealth, ServiceMeta, SlotMeta, SlotState, TableEntry,
-};
+use portshard_common::{MAX_SLOTS, ProbeHealth, ServiceMeta, SlotMeta, SlotState};
 
 use crate::{
     dataplane::{Dataplane, DataplaneError, LoadedProgram},
@@ -224,12 +222,16 @@ impl Group {
         meta.state = SlotState::Dead as u32;
         self.dataplane.set_meta(slot, meta)?;
         let delta = if self.table.members().contains_key(&slot) {
-            self.hand_to_heirs(slot)?;
-            let mut next = self.table.clone();
-            let delta = next
+            // In place, no copy of the table: a member's removal cannot be refused, and it
+            // computes only the entries it changes, so the death costs the daemon little
+            // CPU next to the heirs taking the flows over.
+            let delta = self
+                .table
                 .remove(slot)
                 .map_err(|source| self.table_error(source))?;
-            self.commit(next, delta)?
+            self.dataplane
+                .write_entries(self.table.entries(), &delta.changed)?;
+            delta
         } else {
             Delta::default()
         };
@@ -480,25 +482,6 @@ impl Group {
     }
 
     /// Writes the entries `delta` changed and makes `next` the current table.
-    /// Writes each entry `slot` owns over to its heir at once, one store per entry: the
-    /// heal a death needs, before the whole table's new heirs are computed, which takes
-    /// milliseconds. It changes no flow's destination (with the slot's socket closed, the
-    /// program already sends them to the heirs); the commit that follows gives these
-    /// entries their own heirs.
-    fn hand_to_heirs(&self, slot: Slot) -> Result<(), GroupError> {
-        let owned = self.table.owned_by(slot);
-        let mut entries = self.table.entries().to_vec();
-        for &index in &owned {
-            let entry = &mut entries[index as usize];
-            *entry = TableEntry {
-                owner: entry.heir,
-                heir: NO_SLOT,
-            };
-        }
-        self.dataplane.write_entries(&entries, &owned)?;
-        Ok(())
-    }
-
     fn commit(&mut self, next: Table, delta: Delta) -> Result<Delta, GroupError> {
         self.dataplane
             .write_entries(next.entries(), &delta.changed)?;

@@ -1,10 +1,13 @@
 //! Figures of the table itself: its exact balance (`balance_table_n{N}`), and how long a
 //! change takes at N = 256, computing it and writing the changed entries to the kernel's
-//! mapped table (`rebuild_us_{remove,add,weight}[_compute|_write]`).
-use std::{path::Path, time::Instant};
+//! mapped table (`rebuild_us_{remove,add,weight}[_compute|_write]`), and what a worker's
+//! death and replacement cost through the group (`group_us_{remove,rejoin}`).
+use std::{os::fd::AsFd as _, path::Path, time::Instant};
 
 use portshard::{
     dataplane::Dataplane,
+    group::Holder,
+    socket::Proto,
     table::{Delta, Slot, Table, TableError},
 };
 use portshard_common::TABLE_SIZE;
@@ -13,6 +16,7 @@ use super::{
     Budget, Result,
     report::{Figure, Summary, Target},
 };
+use crate::{flows, scenario, scenario::MeasureError};
 
 /// Members of the table the rebuild figures change.
 pub const REBUILD_MEMBERS: usize = 256;
@@ -134,4 +138,42 @@ pub fn rebuild(pins: &Path, budget: &Budget) -> Result<Vec<Figure>> {
     drop(dataplane);
     Dataplane::remove_pins(pins, service)?;
     Ok(figures)
+}
+
+/// Port of the group the death figures change (inside the private namespace).
+const GROUP_PORT: u16 = 5350;
+
+/// `group_us_{remove,rejoin}`: what a worker's death and its replacement cost the daemon at
+/// N = 256, timed through the group as the supervisor calls it (slot emptied and recorded,
+/// table changed in place, entries written; then the socket seated again and its entries
+/// given back), on 256 real UDP listeners. The death's figure has the table operations'
+/// target: the daemon's work on a death must not hold up the heirs.
+pub fn group(pins: &Path, budget: &Budget) -> Result<Vec<Figure>> {
+    let service = "rebuild-group";
+    let target = flows::loopback(false, GROUP_PORT);
+    let listeners = flows::bind_listeners(Proto::Udp, target, REBUILD_MEMBERS)?;
+    let mut group = scenario::steer_with_flows(pins, service, &listeners, 0)?;
+    let (mut removes, mut rejoins) = (Vec::new(), Vec::new());
+    for repetition in 0..budget.rebuild_repetitions {
+        let slot = (repetition * 37 % REBUILD_MEMBERS) as Slot;
+        let listener = listeners[usize::from(slot)].as_ref().expect("all open");
+        let started = Instant::now();
+        group.remove(slot)?;
+        let removed = Instant::now();
+        group.add(slot, listener.as_fd(), 1, Holder::this_process())?;
+        let rejoined = Instant::now();
+        removes.push((removed - started).as_secs_f64() * 1e6);
+        rejoins.push((rejoined - removed).as_secs_f64() * 1e6);
+    }
+    drop(group);
+    drop(listeners);
+    Dataplane::remove_pins(pins, service)?;
+    let summary = |values: &[f64]| {
+        Summary::of(values).ok_or_else(|| MeasureError::Traffic("no table change timed".into()))
+    };
+    Ok(vec![
+        Figure::summarized("group_us_remove", "us", 0.0, summary(&removes)?)
+            .target(Target::AtMost(REBUILD_LIMIT_US)),
+        Figure::summarized("group_us_rejoin", "us", 0.0, summary(&rejoins)?),
+    ])
 }

@@ -49,6 +49,7 @@ fn main() -> Result<()> {
     let sections: Vec<Section> = vec![
         ("balance_table", Box::new(table::balance)),
         ("rebuild", Box::new(|| table::rebuild(pins, &budget))),
+        ("group", Box::new(|| table::group(pins, &budget))),
         (
             "survivor_moved",
             Box::new(|| moves::survivors(pins, &budget)),
