@@ -126,7 +126,7 @@ pub(super) fn reassign(
     edit: &mut Edit,
 ) {
     let n = members.len();
-    let mut targets = Targets::new(members);
+    let mut targets = Targets::new(members, tally.owned());
     // (d * n + h, how many): heirs of member d's entries to take from member h, or give it.
     let mut surplus: Vec<(u32, u32)> = Vec::new();
     let mut deficit: Vec<(u32, u32)> = Vec::new();
