@@ -194,6 +194,14 @@ fn release(
         hot[usize::from(members.slots[key as usize % n])] = true;
     }
     let mut left: u32 = surplus.iter().map(|&(_, count)| count).sum();
+    // first[d]..first[d + 1]: member d's surpluses, usually one or two.
+    let mut first = vec![0u32; n + 1];
+    for &(key, _) in &surplus {
+        first[key as usize / n + 1] += 1;
+    }
+    for d in 0..n {
+        first[d + 1] += first[d];
+    }
     for (index, entry) in entries.iter().enumerate() {
         // NO_SLOT aliases the last slot here; its position, none, tells them apart.
         if !hot[usize::from(entry.heir) & (MAX_SLOTS as usize - 1)] {
@@ -204,7 +212,8 @@ fn release(
             continue;
         };
         let key = (d * n + h) as u32;
-        let Ok(k) = surplus.binary_search_by_key(&key, |&(key, _)| key) else {
+        let row = first[d] as usize..first[d + 1] as usize;
+        let Some(k) = row.into_iter().find(|&k| surplus[k].0 == key) else {
             continue;
         };
         if surplus[k].1 > 0 {
