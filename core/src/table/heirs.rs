@@ -5,9 +5,8 @@ use std::cmp::Ordering;
 use portshard_common::{MAX_SLOTS, NO_SLOT, TableEntry};
 
 use super::{
-    Slot,
     edit::Edit,
-    members::{Members, ShareCache, interleave, pack, unpack},
+    members::{Members, ShareCache, interleave_into, pack, unpack},
     tally::Tally,
     targets::Targets,
 };
@@ -159,17 +158,18 @@ pub(super) fn reassign(
         .collect();
     orphans.sort_unstable();
     let mut deficit = deficit.into_iter().peekable();
+    let (mut quotas, mut heirs) = (Vec::new(), Vec::new());
     for group in orphans.chunk_by(|a, b| a.0 == b.0) {
         let d = group[0].0;
-        let mut quotas: Vec<(Slot, u32)> = Vec::new();
+        quotas.clear();
         while let Some((key, count)) = deficit.next_if(|&(key, _)| key as usize / n <= d) {
             if key as usize / n == d {
                 quotas.push((members.slots[key as usize % n], count));
             }
         }
-        let heirs = interleave(&quotas);
+        interleave_into(&quotas, &mut heirs);
         debug_assert_eq!(heirs.len(), group.len(), "heirs for every orphan of {d}");
-        for (&(_, index), heir) in group.iter().zip(heirs) {
+        for (&(_, index), &(_, _, heir)) in group.iter().zip(&heirs) {
             let owner = entries[index as usize].owner;
             edit.set(entries, index, TableEntry { owner, heir });
             let h = members.position(heir).expect("heirs are members");
