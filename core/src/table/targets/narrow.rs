@@ -43,7 +43,7 @@ impl Narrow {
     /// `fair_hi` may exceed `i16` (it is the fair part plus up to 2) and is clamped, which
     /// its `min` with `ceiling - owned` makes no difference to. Every bound and target is
     /// within `m`, the largest of the ceiling, `estate` and any member's entries, so sums
-    /// over blocks of `i16::MAX / m` members are exact in `i16`.
+    /// over blocks of at most `i16::MAX / m` members are exact in `i16`.
     pub(super) fn bound(
         &mut self,
         row: &[u32],
@@ -54,7 +54,8 @@ impl Narrow {
         let n = row.len();
         let (floor, ceiling, fair_lo, fair_hi) = bounds;
         let m = ceiling.max(estate as i32).max(self.owned_max.into()).max(1);
-        let block = (i32::from(i16::MAX) / m) as usize;
+        // A power of two, so blocks are whole vectors and loop unrolls.
+        let block = 1 << (i32::from(i16::MAX) / m).ilog2();
         let (floor, ceiling) = (floor as i16, ceiling as i16);
         let (fair_lo, fair_hi) = (fair_lo as i16, fair_hi.min(i16::MAX.into()) as i16);
         for (narrow, &count) in self.row.iter_mut().zip(row) {
