@@ -438,10 +438,15 @@ impl Table {
 /// entries and the ones naming `slot` as heir: all the entries left without an heir.
 fn inherit(entries: &mut [TableEntry], slot: Slot, edit: &mut Edit) -> Vec<u32> {
     let mut orphans = Vec::new();
-    // Chunks first, with a test that vectorizes: few hold any such entry.
+    // Chunks first, with a test that vectorizes: few hold any such entry. An entry names
+    // `slot` if a half of its word xor `slot` in both halves is zero, which the borrow of
+    // subtracting 1 from each half finds (a borrow out of a zero half can only mark the
+    // half above it, so a chunk without a zero half has no mark).
+    let both = u32::from(slot) * 0x0001_0001;
     for (chunk, part) in entries.chunks_mut(16).enumerate() {
-        let hits = part.iter().fold(0u16, |hits, e| {
-            hits | u16::from(e.owner == slot) | u16::from(e.heir == slot)
+        let hits = part.iter().fold(0u32, |hits, e| {
+            let x = e.to_word() ^ both;
+            hits | (x.wrapping_sub(0x0001_0001) & !x & 0x8000_8000)
         });
         if hits == 0 {
             continue;

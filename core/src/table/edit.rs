@@ -26,12 +26,20 @@ impl Edit {
     /// The entries that now differ from what they were before the operation, ascending, and
     /// how many of them changed owner: an entry changed twice counts once, and one changed
     /// back not at all.
-    pub(super) fn delta(mut self, entries: &[TableEntry]) -> Delta {
-        // Stable, so the first record of each index, its value before the operation, stays.
-        self.before.sort_by_key(|&(index, _)| index);
-        self.before.dedup_by_key(|&mut (index, _)| index);
+    pub(super) fn delta(self, entries: &[TableEntry]) -> Delta {
+        // By index, then by when recorded, so the first record of each index, its value
+        // before the operation, comes first: one unstable sort of plain integers.
+        let mut order: Vec<u64> = (self.before.iter().enumerate())
+            .map(|(k, &(index, _))| (u64::from(index) << 32) | k as u64)
+            .collect();
+        order.sort_unstable();
         let mut delta = Delta::default();
-        for (index, old) in self.before {
+        let mut last = None;
+        for key in order {
+            let (index, old) = self.before[key as u32 as usize];
+            if last.replace(index) == Some(index) {
+                continue;
+            }
             let new = entries[index as usize];
             if new != old {
                 delta.changed.push(index);

@@ -5,9 +5,8 @@ use std::cmp::Ordering;
 use portshard_common::{MAX_SLOTS, NO_SLOT, TableEntry};
 
 use super::{
-    Slot,
     edit::Edit,
-    members::{Members, ShareCache, interleave, pack, unpack},
+    members::{Members, ShareCache, interleave_into, pack, unpack},
     tally::Tally,
     targets::Targets,
 };
@@ -126,7 +125,7 @@ pub(super) fn reassign(
     edit: &mut Edit,
 ) {
     let n = members.len();
-    let mut targets = Targets::new(members);
+    let mut targets = Targets::new(members, tally.owned());
     // (d * n + h, how many): heirs of member d's entries to take from member h, or give it.
     let mut surplus: Vec<(u32, u32)> = Vec::new();
     let mut deficit: Vec<(u32, u32)> = Vec::new();
@@ -159,17 +158,18 @@ pub(super) fn reassign(
         .collect();
     orphans.sort_unstable();
     let mut deficit = deficit.into_iter().peekable();
+    let (mut quotas, mut heirs) = (Vec::new(), Vec::new());
     for group in orphans.chunk_by(|a, b| a.0 == b.0) {
         let d = group[0].0;
-        let mut quotas: Vec<(Slot, u32)> = Vec::new();
+        quotas.clear();
         while let Some((key, count)) = deficit.next_if(|&(key, _)| key as usize / n <= d) {
             if key as usize / n == d {
                 quotas.push((members.slots[key as usize % n], count));
             }
         }
-        let heirs = interleave(&quotas);
+        interleave_into(&quotas, &mut heirs);
         debug_assert_eq!(heirs.len(), group.len(), "heirs for every orphan of {d}");
-        for (&(_, index), heir) in group.iter().zip(heirs) {
+        for (&(_, index), &(_, _, heir)) in group.iter().zip(&heirs) {
             let owner = entries[index as usize].owner;
             edit.set(entries, index, TableEntry { owner, heir });
             let h = members.position(heir).expect("heirs are members");
@@ -194,6 +194,14 @@ fn release(
         hot[usize::from(members.slots[key as usize % n])] = true;
     }
     let mut left: u32 = surplus.iter().map(|&(_, count)| count).sum();
+    // first[d]..first[d + 1]: member d's surpluses, usually one or two.
+    let mut first = vec![0u32; n + 1];
+    for &(key, _) in &surplus {
+        first[key as usize / n + 1] += 1;
+    }
+    for d in 0..n {
+        first[d + 1] += first[d];
+    }
     for (index, entry) in entries.iter().enumerate() {
         // NO_SLOT aliases the last slot here; its position, none, tells them apart.
         if !hot[usize::from(entry.heir) & (MAX_SLOTS as usize - 1)] {
@@ -204,7 +212,8 @@ fn release(
             continue;
         };
         let key = (d * n + h) as u32;
-        let Ok(k) = surplus.binary_search_by_key(&key, |&(key, _)| key) else {
+        let row = first[d] as usize..first[d + 1] as usize;
+        let Some(k) = row.into_iter().find(|&k| surplus[k].0 == key) else {
             continue;
         };
         if surplus[k].1 > 0 {

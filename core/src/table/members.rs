@@ -128,12 +128,20 @@ impl Members {
 /// Each slot of `quotas` as many times as its quota, each slot's turns evenly spread over
 /// the sequence: slot `j`'s `k`-th turn sits at `(k + 1/2) / quota_j` of the way.
 pub(super) fn interleave(quotas: &[(Slot, u32)]) -> Vec<Slot> {
-    let mut turns: Vec<(u64, u64, Slot)> = quotas
-        .iter()
-        .flat_map(|&(slot, quota)| {
-            (0..u64::from(quota)).map(move |k| (2 * k + 1, 2 * u64::from(quota), slot))
-        })
-        .collect();
-    turns.sort_unstable_by(|a, b| (a.0 * b.1).cmp(&(b.0 * a.1)).then(a.2.cmp(&b.2)));
+    let mut turns = Vec::new();
+    interleave_into(quotas, &mut turns);
     turns.into_iter().map(|(_, _, slot)| slot).collect()
+}
+
+/// A turn of [`interleave`]: `(2k + 1, 2 * quota, slot)`, at `(2k + 1) / (2 * quota)`.
+pub(super) type Turn = (u64, u64, Slot);
+
+/// [`interleave`] into `turns`, whose buffer is reused: the slots are the turns' last
+/// fields, in order.
+pub(super) fn interleave_into(quotas: &[(Slot, u32)], turns: &mut Vec<Turn>) {
+    turns.clear();
+    turns.extend(quotas.iter().flat_map(|&(slot, quota)| {
+        (0..u64::from(quota)).map(move |k| (2 * k + 1, 2 * u64::from(quota), slot))
+    }));
+    turns.sort_unstable_by(|a, b| (a.0 * b.1).cmp(&(b.0 * a.1)).then(a.2.cmp(&b.2)));
 }

@@ -186,7 +186,12 @@ fn release_owned(
         }
     }
     let mut released = Vec::with_capacity(released_count as usize);
+    // No need to count the entries after the last one released.
+    let total: u32 = give.iter().sum();
     for (index, entry) in entries.iter().enumerate() {
+        if released.len() == total as usize {
+            break;
+        }
         let slot = usize::from(entry.owner) & (slots - 1);
         if seen[slot] == next[slot] {
             let i = members.position(entry.owner).expect("owned by a member");

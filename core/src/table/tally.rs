@@ -75,13 +75,18 @@ impl Tally {
         for h in 0..n {
             self.owned[h] += self.pairs[p * n + h];
         }
-        // First row first: each moves to a place at or before its own.
-        let mut to = 0;
-        for d in (0..n).filter(|&d| d != p) {
-            let from = d * n;
-            self.pairs.copy_within(from..from + p, to);
-            self.pairs.copy_within(from + p + 1..from + n, to + p);
-            to += n - 1;
+        // Drops row p and column p, as gaps in ascending order: what lies between two gaps
+        // moves as one run, first run first, each to a place at or before its own.
+        let gaps = (0..p)
+            .map(|d| (d * n + p, d * n + p + 1))
+            .chain([(p * n, (p + 1) * n)])
+            .chain((p + 1..n).map(|d| (d * n + p, d * n + p + 1)))
+            .chain([(n * n, n * n)]);
+        let (mut to, mut from) = (0, 0);
+        for (start, end) in gaps {
+            self.pairs.copy_within(from..start, to);
+            to += start - from;
+            from = end;
         }
         self.pairs.truncate(to);
         self.owned.remove(p);

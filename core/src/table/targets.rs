@@ -1,5 +1,8 @@
 //! How many of one owner's entries should name each other member as heir, computed so that
 //! heirs already within bounds stay, in one loop over the members that vectorizes.
+mod narrow;
+
+use self::narrow::{MAX_COUNT, Narrow};
 use super::{
     heirs::HeirQuotas,
     members::{Members, pack, share, unpack},
@@ -40,6 +43,8 @@ pub(super) struct Targets<'a> {
     lo: Vec<i32>,
     hi: Vec<i32>,
     target: Vec<u32>,
+    /// Buffers for the major members' bounds in `i16` lanes, if every count fits.
+    narrow: Option<Narrow>,
     quotas: HeirQuotas,
     candidates: Vec<i64>,
 }
@@ -47,7 +52,7 @@ pub(super) struct Targets<'a> {
 /// Sums over one owner's row: of the lower bounds, the upper bounds, the clamped targets,
 /// and how many lower bounds exceed their upper bound.
 #[derive(Default)]
-struct Sums {
+pub(super) struct Sums {
     lo: i64,
     hi: i64,
     target: i64,
@@ -55,8 +60,8 @@ struct Sums {
 }
 
 impl<'a> Targets<'a> {
-    /// Buffers for `members`.
-    pub(super) fn new(members: &'a Members) -> Self {
+    /// Buffers for `members`, who own `owned` entries for as long as this is used.
+    pub(super) fn new(members: &'a Members, owned: &[u32]) -> Self {
         let n = members.len();
         let mut weights = members.weights.clone();
         weights.sort_unstable();
@@ -70,6 +75,7 @@ impl<'a> Targets<'a> {
             .map(|&w| u32::from(w == major))
             .collect();
         let minors: Vec<usize> = (0..n).filter(|&i| is_major[i] == 0).collect();
+        let narrow = Narrow::new(owned, &is_major);
         Self {
             members,
             major,
@@ -82,6 +88,7 @@ impl<'a> Targets<'a> {
             lo: vec![0; n],
             hi: vec![0; n],
             target: vec![0; n],
+            narrow,
             quotas: HeirQuotas::new(n),
             candidates: Vec::with_capacity(n),
         }
@@ -138,12 +145,32 @@ impl<'a> Targets<'a> {
     /// Clamps every target within its bounds, computing the bounds once for the members
     /// with the most common weight, in one loop that vectorizes, and then for each other.
     fn bound_major(&mut self, owned: &[u32], row: &[u32], rest: u64, estate: u32) -> Sums {
-        let (n, d) = (self.target.len(), self.owner);
+        let d = self.owner;
         let (floor, ceiling) = share(self.members.size, self.major, rest);
         let fair = u64::from(estate) * u64::from(self.major);
         let (fair_lo, fair_hi) = fair_window(fair, rest, self.width);
         let (floor, ceiling) = (floor as i32, ceiling as i32);
         self.major_bounds = (floor, ceiling, fair_lo, fair_hi);
+        let mut sums = match &mut self.narrow {
+            Some(narrow) if ceiling < MAX_COUNT as i32 && estate < MAX_COUNT => {
+                narrow.bound(row, (d, estate), self.major_bounds, &mut self.target)
+            }
+            _ => self.bound_wide(owned, row),
+        };
+        for k in 0..self.minors.len() {
+            let i = self.minors[k];
+            if i != d {
+                self.bound_one(i, owned, row, rest, estate, &mut sums);
+            }
+        }
+        sums
+    }
+
+    /// The major members' part of [`Targets::bound_major`] in `i32` lanes, whatever the
+    /// counts.
+    fn bound_wide(&mut self, owned: &[u32], row: &[u32]) -> Sums {
+        let (n, d) = (self.target.len(), self.owner);
+        let (floor, ceiling, fair_lo, fair_hi) = self.major_bounds;
         let (is_major, owned_n, row) = (&self.is_major[..n], &owned[..n], &row[..n]);
         let target = &mut self.target[..n];
         // i32 sums: n * TABLE_SIZE at most.
@@ -160,19 +187,12 @@ impl<'a> Targets<'a> {
             sum += t * on;
             crossed += i32::from(lo > hi) * on;
         }
-        let mut sums = Sums {
+        Sums {
             lo: i64::from(lo_sum),
             hi: i64::from(hi_sum),
             target: i64::from(sum),
             crossed: i64::from(crossed),
-        };
-        for k in 0..self.minors.len() {
-            let i = self.minors[k];
-            if i != d {
-                self.bound_one(i, owned, row, rest, estate, &mut sums);
-            }
         }
-        sums
     }
 
     /// [`Targets::bound_major`] member by member, for many distinct weights.
