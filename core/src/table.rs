@@ -30,6 +30,7 @@ mod edit;
 mod error;
 mod heirs;
 mod members;
+mod radix;
 mod rebalance;
 mod tally;
 mod targets;
@@ -46,6 +47,11 @@ use self::{
     rebalance::Moved,
     tally::Tally,
 };
+
+/// Members from which an operation changes only what it must, entry by entry. With fewer,
+/// each member owns so large a part of the table (and as many entries name it as heir) that
+/// a change touches thousands of entries, and one pass over the whole table is faster.
+const INCREMENTAL_MIN_MEMBERS: usize = 8;
 
 /// A slot number: index of a socket in the service's socket array.
 pub type Slot = u16;
@@ -175,9 +181,20 @@ impl Table {
 
     /// The indices of the entries `slot` owns, ascending.
     pub fn owned_by(&self, slot: Slot) -> Vec<u32> {
-        (0..self.entries.len() as u32)
-            .filter(|&i| self.entries[i as usize].owner == slot)
-            .collect()
+        let mut owned = Vec::new();
+        // Chunks first, with a test that vectorizes: with many members, few chunks hold
+        // one of `slot`'s entries.
+        for (chunk, part) in self.entries.chunks(16).enumerate() {
+            if !part.iter().fold(false, |hit, e| hit | (e.owner == slot)) {
+                continue;
+            }
+            owned.extend(
+                (0..part.len())
+                    .filter(|&k| part[k].owner == slot)
+                    .map(|k| (chunk * 16 + k) as u32),
+            );
+        }
+        owned
     }
 
     /// How many entries each member owns (the `entries` of `status`).
@@ -194,8 +211,8 @@ impl Table {
         if self.weights.contains_key(&slot) {
             return Err(TableError::AlreadyMember { slot });
         }
-        if self.weights.len() < 2 {
-            // From no heirs to some: every entry gets one.
+        if self.weights.len() < 2 || self.weights.len() < INCREMENTAL_MIN_MEMBERS {
+            // From no heirs to some: every entry gets one. Or few members: see the constant.
             return Ok(self.apply(|table| {
                 table.weights.insert(slot, weight);
                 table.rebalance(Some(slot));
@@ -219,7 +236,7 @@ impl Table {
         if self.weights.contains_key(&slot) {
             return Err(TableError::AlreadyMember { slot });
         }
-        if self.weights.len() < 2 {
+        if self.weights.len() < 2 || self.weights.len() < INCREMENTAL_MIN_MEMBERS {
             return Ok(self.apply(|table| {
                 let (members, p) = table.join(slot, weight);
                 let counts = members.counts(&table.entries);
@@ -243,8 +260,8 @@ impl Table {
         if !self.weights.contains_key(&slot) {
             return Err(TableError::NotMember { slot });
         }
-        if self.weights.len() <= 2 {
-            // To one member or none: no heirs left.
+        if self.weights.len() <= 2 || self.weights.len() < INCREMENTAL_MIN_MEMBERS {
+            // To one member or none: no heirs left. Or few members: see the constant.
             return Ok(self.apply(|table| {
                 table.weights.remove(&slot);
                 for entry in &mut table.entries {
@@ -326,7 +343,7 @@ impl Table {
                 return Err(TableError::NotMember { slot });
             }
         }
-        if self.weights.len() < 2 {
+        if self.weights.len() < 2 || self.weights.len() < INCREMENTAL_MIN_MEMBERS {
             return Ok(self.apply(|table| {
                 table.weights.extend(weights);
                 table.rebalance(None);

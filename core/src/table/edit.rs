@@ -2,7 +2,7 @@
 //! the delta comes from the changes themselves rather than from a diff of the whole table.
 use portshard_common::TableEntry;
 
-use super::Delta;
+use super::{Delta, radix};
 
 /// The entries an operation has changed so far, each with its value before the operation.
 #[derive(Default)]
@@ -26,17 +26,17 @@ impl Edit {
     /// The entries that now differ from what they were before the operation, ascending, and
     /// how many of them changed owner: an entry changed twice counts once, and one changed
     /// back not at all.
-    pub(super) fn delta(self, entries: &[TableEntry]) -> Delta {
-        // By index, then by when recorded, so the first record of each index, its value
-        // before the operation, comes first: one unstable sort of plain integers.
-        let mut order: Vec<u64> = (self.before.iter().enumerate())
-            .map(|(k, &(index, _))| (u64::from(index) << 32) | k as u64)
-            .collect();
-        order.sort_unstable();
+    pub(super) fn delta(mut self, entries: &[TableEntry]) -> Delta {
+        // By index, stably, so the first record of each index, its value before the
+        // operation, comes first.
+        radix::sort_by_key(
+            &mut self.before,
+            index_bits(entries.len()),
+            |&(index, _)| index,
+        );
         let mut delta = Delta::default();
         let mut last = None;
-        for key in order {
-            let (index, old) = self.before[key as u32 as usize];
+        for &(index, old) in &self.before {
             if last.replace(index) == Some(index) {
                 continue;
             }
@@ -48,4 +48,9 @@ impl Edit {
         }
         delta
     }
+}
+
+/// Bits enough for every index of a table of `size` entries.
+pub(super) fn index_bits(size: usize) -> u32 {
+    usize::BITS - size.saturating_sub(1).leading_zeros()
 }

@@ -5,8 +5,9 @@ use std::cmp::Ordering;
 use portshard_common::{MAX_SLOTS, NO_SLOT, TableEntry};
 
 use super::{
-    edit::Edit,
+    edit::{self, Edit},
     members::{Members, ShareCache, interleave_into, pack, unpack},
+    radix,
     tally::Tally,
     targets::Targets,
 };
@@ -156,7 +157,12 @@ pub(super) fn reassign(
             (owner.expect("orphans are owned by members"), index)
         })
         .collect();
-    orphans.sort_unstable();
+    // By owner, then index: one linear pass per byte of the key.
+    let bits = edit::index_bits(entries.len()) + edit::index_bits(n + 1);
+    let shift = edit::index_bits(entries.len());
+    radix::sort_by_key(&mut orphans, bits, |&(d, index)| {
+        ((d as u32) << shift) | index
+    });
     let mut deficit = deficit.into_iter().peekable();
     let (mut quotas, mut heirs) = (Vec::new(), Vec::new());
     for group in orphans.chunk_by(|a, b| a.0 == b.0) {
@@ -194,7 +200,8 @@ fn release(
         hot[usize::from(members.slots[key as usize % n])] = true;
     }
     let mut left: u32 = surplus.iter().map(|&(_, count)| count).sum();
-    // first[d]..first[d + 1]: member d's surpluses, usually one or two.
+    // first[d]..first[d + 1]: member d's surpluses, ascending: one or two after a removal,
+    // up to one per member after an addition to few members.
     let mut first = vec![0u32; n + 1];
     for &(key, _) in &surplus {
         first[key as usize / n + 1] += 1;
@@ -213,9 +220,10 @@ fn release(
         };
         let key = (d * n + h) as u32;
         let row = first[d] as usize..first[d + 1] as usize;
-        let Some(k) = row.into_iter().find(|&k| surplus[k].0 == key) else {
+        let Ok(k) = surplus[row.clone()].binary_search_by_key(&key, |&(key, _)| key) else {
             continue;
         };
+        let k = row.start + k;
         if surplus[k].1 > 0 {
             surplus[k].1 -= 1;
             *tally.pair_mut(d, h) -= 1;

@@ -430,3 +430,15 @@ fn a_giver_releases_evenly_spaced_entries() {
         );
     }
 }
+
+#[test]
+fn owned_by_lists_exactly_the_slots_entries_in_order() {
+    let table = Table::with_members((0..7).map(|slot| (slot, 1 + u32::from(slot)))).unwrap();
+    for slot in 0..8 {
+        let naive: Vec<u32> = (0..table.size() as u32)
+            .filter(|&i| table.entries()[i as usize].owner == slot)
+            .collect();
+        assert_eq!(table.owned_by(slot), naive, "slot {slot}");
+    }
+    assert!(table.owned_by(7).is_empty());
+}
