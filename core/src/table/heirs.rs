@@ -157,12 +157,17 @@ pub(super) fn reassign(
             (owner.expect("orphans are owned by members"), index)
         })
         .collect();
-    // By owner, then index: one linear pass per byte of the key.
-    let bits = edit::index_bits(entries.len()) + edit::index_bits(n + 1);
-    let shift = edit::index_bits(entries.len());
-    radix::sort_by_key(&mut orphans, bits, |&(d, index)| {
-        ((d as u32) << shift) | index
-    });
+    // By owner, then index: one linear pass per byte of the key, or, when the orphans come
+    // in index order already (a whole table's), per byte of the owner alone.
+    let owner_bits = edit::index_bits(n + 1);
+    if orphans.is_sorted_by_key(|&(_, index)| index) {
+        radix::sort_by_key(&mut orphans, owner_bits, |&(d, _)| d as u32);
+    } else {
+        let shift = edit::index_bits(entries.len());
+        radix::sort_by_key(&mut orphans, shift + owner_bits, |&(d, index)| {
+            ((d as u32) << shift) | index
+        });
+    }
     let mut deficit = deficit.into_iter().peekable();
     let (mut quotas, mut heirs) = (Vec::new(), Vec::new());
     for group in orphans.chunk_by(|a, b| a.0 == b.0) {
