@@ -214,6 +214,15 @@ fn release(
     for d in 0..n {
         first[d + 1] += first[d];
     }
+    // With many surpluses (an addition to a few dozen members gives most owners several),
+    // one counter per (owner, heir) pair is cheaper than a search per entry.
+    let mut dense = (surplus.len() > 2 * n).then(|| {
+        let mut dense = vec![0u32; n * n];
+        for &(key, count) in &surplus {
+            dense[key as usize] = count;
+        }
+        dense
+    });
     for (index, entry) in entries.iter().enumerate() {
         // NO_SLOT aliases the last slot here; its position, none, tells them apart.
         if !hot[usize::from(entry.heir) & (MAX_SLOTS as usize - 1)] {
@@ -223,14 +232,19 @@ fn release(
         else {
             continue;
         };
-        let key = (d * n + h) as u32;
-        let row = first[d] as usize..first[d + 1] as usize;
-        let Ok(k) = surplus[row.clone()].binary_search_by_key(&key, |&(key, _)| key) else {
-            continue;
+        let remaining = match &mut dense {
+            Some(dense) => &mut dense[d * n + h],
+            None => {
+                let key = (d * n + h) as u32;
+                let row = first[d] as usize..first[d + 1] as usize;
+                let Ok(k) = surplus[row.clone()].binary_search_by_key(&key, |&(key, _)| key) else {
+                    continue;
+                };
+                &mut surplus[row.start + k].1
+            }
         };
-        let k = row.start + k;
-        if surplus[k].1 > 0 {
-            surplus[k].1 -= 1;
+        if *remaining > 0 {
+            *remaining -= 1;
             *tally.pair_mut(d, h) -= 1;
             orphans.push(index as u32);
             left -= 1;

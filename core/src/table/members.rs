@@ -146,6 +146,16 @@ pub(super) type Turn = (u64, u64, Slot);
 /// few members gives thousands of turns to one or two heirs) that is all but linear.
 pub(super) fn interleave_into(quotas: &[(Slot, u32)], turns: &mut Vec<Turn>) {
     turns.clear();
+    let total: u64 = quotas.iter().map(|&(_, quota)| u64::from(quota)).sum();
+    if total <= 4 * quotas.len() as u64 {
+        // A turn or few per slot (an owner's heirs among many members): sorting them is
+        // cheaper than a heap as large as the slots.
+        turns.extend(quotas.iter().flat_map(|&(slot, quota)| {
+            (0..u64::from(quota)).map(move |k| (2 * k + 1, 2 * u64::from(quota), slot))
+        }));
+        turns.sort_unstable_by(|&a, &b| NextTurn(a).cmp(&NextTurn(b)));
+        return;
+    }
     let mut next: BinaryHeap<Reverse<NextTurn>> = quotas
         .iter()
         .filter(|&&(_, quota)| quota > 0)
