@@ -153,7 +153,7 @@ pub(super) fn interleave_into(quotas: &[(Slot, u32)], turns: &mut Vec<Turn>) {
         turns.extend(quotas.iter().flat_map(|&(slot, quota)| {
             (0..u64::from(quota)).map(move |k| (2 * k + 1, 2 * u64::from(quota), slot))
         }));
-        turns.sort_unstable_by(|&a, &b| NextTurn(a).cmp(&NextTurn(b)));
+        turns.sort_unstable_by_key(|&turn| NextTurn(turn));
         return;
     }
     let mut next: BinaryHeap<Reverse<NextTurn>> = quotas
