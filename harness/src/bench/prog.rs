@@ -125,7 +125,8 @@ fn cold(port: u16) -> Result<Load> {
 /// `prog_ns_*` (mean ns per run, median of rounds, for each path hot and cold) and the
 /// ratios of portshard's paths over the one-lookup reference, round by round:
 /// `prog_ratio` (select path, cold; the target), `prog_ratio_hot`, and, cold,
-/// `prog_ratio_{probes,heir,flow_table}`.
+/// `prog_ratio_{probes,heir,flow_table,table_size}` and `prog_ratio_vs_table_size` (the
+/// select path over the reference that reads an array of the table's size).
 pub fn figures(pins: &Path, object: &Path, budget: &Budget) -> Result<Vec<Figure>> {
     let mut ebpf = reference::load(object)?;
     let pass_listeners =

@@ -70,6 +70,16 @@ pub fn summarize(measured: &[Measured]) -> Result<Vec<Figure>> {
     )?);
     figures.push(ratio("prog_ratio_heir", "heir_cold", "ref_select_cold")?);
     figures.push(ratio(
+        "prog_ratio_table_size",
+        "ref_select_table_cold",
+        "ref_select_cold",
+    )?);
+    figures.push(ratio(
+        "prog_ratio_vs_table_size",
+        "select_cold",
+        "ref_select_table_cold",
+    )?);
+    figures.push(ratio(
         "prog_ratio_flow_table",
         "flow_table_cold",
         "ref_select_cold",
