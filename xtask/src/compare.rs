@@ -16,6 +16,8 @@ pub enum Status {
     Regressed,
     /// Missed its target before, meets it now.
     Fixed,
+    /// Its target is not the one it had (a flip means nothing then): see the row's targets.
+    TargetChanged,
     /// Only in the new report.
     OnlyNew,
     /// Only in the old report.
@@ -33,6 +35,8 @@ pub struct Row {
     pub new: Option<f64>,
     /// Its unit (the new report's, else the old's).
     pub unit: String,
+    /// Its target in the old report and in the new one, where it had one.
+    pub targets: [Option<String>; 2],
     /// How it fared.
     pub status: Status,
 }
@@ -61,6 +65,10 @@ fn met(figure: &Value) -> Option<bool> {
     figure.get("meets_target")?.as_bool()
 }
 
+fn target(figure: &Value) -> Option<String> {
+    Some(figure.get("target")?.as_str()?.to_owned())
+}
+
 /// Every figure of `new` in its order, then those only `old` has, in theirs.
 pub fn compare(old: &[Value], new: &[Value]) -> Vec<Row> {
     let find = |figures: &'_ [Value], name: &str| -> Option<Value> {
@@ -80,8 +88,12 @@ pub fn compare(old: &[Value], new: &[Value]) -> Vec<Row> {
         .filter_map(|figure| {
             let name = report::name(figure)?;
             let before = find(old, name);
+            let targets = [before.as_ref().and_then(target), target(figure)];
             let status = match &before {
                 None => Status::OnlyNew,
+                Some(_) if targets[0].is_some() && targets[0] != targets[1] => {
+                    Status::TargetChanged
+                }
                 Some(before) => match (met(before), met(figure)) {
                     (Some(true), Some(false)) => Status::Regressed,
                     (Some(false), Some(true)) => Status::Fixed,
@@ -93,6 +105,7 @@ pub fn compare(old: &[Value], new: &[Value]) -> Vec<Row> {
                 old: before.and_then(|b| report::value(&b, "portshard")),
                 new: report::value(figure, "portshard"),
                 unit: unit(figure),
+                targets,
                 status,
             })
         })
@@ -104,6 +117,7 @@ pub fn compare(old: &[Value], new: &[Value]) -> Vec<Row> {
             old: report::value(figure, "portshard"),
             new: None,
             unit: unit(figure),
+            targets: [target(figure), None],
             status: Status::OnlyOld,
         })
     }));
@@ -120,11 +134,16 @@ pub fn render(rows: &[Row]) -> String {
                 v => report::number(v),
             };
             let status = match row.status {
-                Status::Same => "",
-                Status::Regressed => "REGRESSED (target met -> missed)",
-                Status::Fixed => "fixed (target missed -> met)",
-                Status::OnlyNew => "only in the new report",
-                Status::OnlyOld => "only in the old report",
+                Status::Same => String::new(),
+                Status::Regressed => "REGRESSED (target met -> missed)".to_owned(),
+                Status::Fixed => "fixed (target missed -> met)".to_owned(),
+                Status::TargetChanged => format!(
+                    "target changed: {} -> {}",
+                    row.targets[0].as_deref().unwrap_or("none"),
+                    row.targets[1].as_deref().unwrap_or("none")
+                ),
+                Status::OnlyNew => "only in the new report".to_owned(),
+                Status::OnlyOld => "only in the old report".to_owned(),
             };
             [
                 row.name.clone(),
@@ -134,7 +153,7 @@ pub fn render(rows: &[Row]) -> String {
                 row.percent()
                     .map_or_else(|| "—".to_owned(), |p| format!("{p:+.1}%")),
                 row.unit.clone(),
-                status.to_owned(),
+                status,
             ]
         })
         .collect();
@@ -160,10 +179,11 @@ pub fn render(rows: &[Row]) -> String {
     let count = |status| rows.iter().filter(|r| r.status == status).count();
     let _ = writeln!(
         out,
-        "compare: {} figures; {} regressed, {} fixed, {} only in the new report, {} only in the old",
+        "compare: {} figures; {} regressed, {} fixed, {} with another target, {} only in the new report, {} only in the old",
         rows.len(),
         count(Status::Regressed),
         count(Status::Fixed),
+        count(Status::TargetChanged),
         count(Status::OnlyNew),
         count(Status::OnlyOld),
     );
@@ -214,6 +234,22 @@ mod tests {
     }
 
     #[test]
+    fn a_new_target_is_named_not_called_a_regression() {
+        let rows = compare(
+            &figures(
+                r#"[{"name":"rebuild_us_add","portshard":480.0,"unit":"us","target":"< 1000","meets_target":true}]"#,
+            ),
+            &figures(
+                r#"[{"name":"rebuild_us_add","portshard":150.0,"unit":"us","target":"<= 100","meets_target":false}]"#,
+            ),
+        );
+        assert_eq!(rows[0].status, Status::TargetChanged);
+        let text = render(&rows);
+        assert!(text.contains("target changed: < 1000 -> <= 100"), "{text}");
+        assert!(text.contains("0 regressed") && text.contains("1 with another target"));
+    }
+
+    #[test]
     fn changes_are_absolute_and_relative() {
         let rows = sample();
         assert!((rows[0].change().unwrap() - 0.03).abs() < 1e-12);
@@ -225,6 +261,7 @@ mod tests {
             old: Some(0.0),
             new: Some(1.0),
             unit: String::new(),
+            targets: [None, None],
             status: Status::Same,
         };
         assert_eq!((from_zero.change(), from_zero.percent()), (Some(1.0), None));
@@ -242,7 +279,7 @@ mod tests {
         assert!(lines[4].contains("only in the new report"));
         assert_eq!(
             lines[6],
-            "compare: 5 figures; 1 regressed, 1 fixed, 1 only in the new report, 1 only in the old"
+            "compare: 5 figures; 1 regressed, 1 fixed, 0 with another target, 1 only in the new report, 1 only in the old"
         );
     }
 }
