@@ -44,12 +44,16 @@ const PROBE_EVERY: Duration = Duration::from_micros(20);
 /// Tries to find a flow of a given worker.
 const FLOW_TRIES: usize = 512;
 
-/// One `[[service]]` of `portshard echo` workers.
-fn service(exe: &Path, name: &str, proto: &str, port: u16, workers: usize) -> String {
+/// One `[[service]]` of `workers` workers running `command` (a TOML array's inside).
+fn service(name: &str, proto: &str, port: u16, workers: usize, command: &str) -> String {
     format!(
-        "[[service]]\nname = \"{name}\"\nproto = \"{proto}\"\nlisten = \"127.0.0.1:{port}\"\nworkers = {workers}\ncommand = [\"{}\", \"echo\"]\nrestart_delay = \"100ms\"\nstop_timeout = \"2s\"\n\n",
-        exe.display()
+        "[[service]]\nname = \"{name}\"\nproto = \"{proto}\"\nlisten = \"127.0.0.1:{port}\"\nworkers = {workers}\ncommand = [{command}]\nrestart_delay = \"100ms\"\nstop_timeout = \"2s\"\n\n"
     )
+}
+
+/// The command of `portshard echo` workers, for [`service`].
+fn echo(exe: &Path) -> String {
+    format!("\"{}\", \"echo\"", exe.display())
 }
 
 /// The live pid of each slot of `service`.
@@ -70,7 +74,7 @@ fn live(daemon: &DaemonRun, service: &str) -> Result<Vec<(Slot, u32)>> {
 /// not delay it with its own work on the death.
 pub fn failover(exe: &Path, pins: &Path, budget: &Budget) -> Result<Figure> {
     let name = "failover";
-    let config = service(exe, name, "udp", FAILOVER_PORT, FAILOVER_WORKERS);
+    let config = service(name, "udp", FAILOVER_PORT, FAILOVER_WORKERS, &echo(exe));
     let mut daemon = DaemonRun::start(exe, &config, pins)?;
     daemon.wait_ready(&[(name, FAILOVER_WORKERS)], ROUND_LIMIT)?;
     let target = SocketAddr::from(([127, 0, 0, 1], FAILOVER_PORT));
@@ -227,8 +231,7 @@ pub fn resets_on_close(pins: &Path) -> Result<Figure> {
 /// `daemon_rss_mib`: the daemon's resident memory (`VmRSS`) once [`RSS_SERVICES`] services
 /// of [`RSS_WORKERS`] `portshard echo` workers each are up, UDP and TCP alternately.
 pub fn daemon_rss(exe: &Path, pins: &Path) -> Result<Figure> {
-    let command = format!("\"{}\", \"echo\"", exe.display());
-    let kib = rss_kib(exe, pins, RSS_SERVICES, RSS_WORKERS, &command)?;
+    let kib = rss_kib(exe, pins, RSS_SERVICES, RSS_WORKERS, &echo(exe))?;
     Ok(
         Figure::new("daemon_rss_mib", "MiB", 0.0, kib as f64 / 1024.0)
             .n(RSS_SERVICES * RSS_WORKERS)
@@ -284,10 +287,7 @@ fn rss_kib(
         .enumerate()
         .map(|(i, name)| {
             let proto = if i % 2 == 0 { "udp" } else { "tcp" };
-            format!(
-                "[[service]]\nname = \"{name}\"\nproto = \"{proto}\"\nlisten = \"127.0.0.1:{}\"\nworkers = {per_service}\ncommand = [{command}]\nstop_timeout = \"2s\"\n\n",
-                RSS_FIRST_PORT + i as u16
-            )
+            service(name, proto, RSS_FIRST_PORT + i as u16, per_service, command)
         })
         .collect();
     let mut daemon = DaemonRun::start(exe, &config, pins)?;
