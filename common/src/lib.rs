@@ -33,6 +33,9 @@ pub const PROBE_STRIDE: u32 = 40_503;
 /// entries with plain atomic stores instead of one syscall per entry.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
+/// QUIC-LB connection-ID steering: server IDs, the table's QUIC flags, the QUIC counters.
+pub mod quic;
+
 /// Names of the program and of the maps: ELF symbols on the eBPF side, pin file names
 /// (`<bpffs root>/<service>/<name>`) on the user side. At most 15 bytes each (kernel limit).
 pub mod names {
@@ -71,8 +74,11 @@ pub mod names {
     /// Array with one `u32`: the pin layout version ([`crate::PIN_LAYOUT`]) the pins were
     /// written in, so a build never reuses pins it does not understand.
     pub const LAYOUT: &str = "layout";
+    /// Per-CPU array with one [`crate::quic::QuicCounters`] value: how QUIC packets were
+    /// steered.
+    pub const QUIC_COUNTERS: &str = "quic_events";
     /// Every map the program's object defines, in a fixed order.
-    pub const MAPS: [&str; 12] = [
+    pub const MAPS: [&str; 13] = [
         SOCKETS,
         TABLE,
         SLOTS,
@@ -85,18 +91,21 @@ pub mod names {
         ADMISSION,
         FLOW_COUNTERS,
         FLOW_SWEPT,
+        QUIC_COUNTERS,
     ];
     /// The maps pin layout 3 added, created when older pins are migrated.
     pub const ADDED_IN_LAYOUT_3: [&str; 4] = [FLOWS, ADMISSION, FLOW_COUNTERS, FLOW_SWEPT];
+    /// The maps pin layout 4 added, created when older pins are migrated.
+    pub const ADDED_IN_LAYOUT_4: [&str; 1] = [QUIC_COUNTERS];
 }
 
 /// The version of the pin layout (which maps a service's pin directory holds, and the
 /// shape of each) this build writes. Pins without a `layout` map are layout 1 (every
 /// build before the version was recorded); layout 2 adds the `layout` map itself; layout 3
 /// keys the flow table by the flow's source as well as its hash and adds admission, its
-/// counters and the swept count. A build migrates the layouts it knows in place and
-/// refuses any other before touching it.
-pub const PIN_LAYOUT: u32 = 3;
+/// counters and the swept count; layout 4 adds the QUIC counters. A build migrates the
+/// layouts it knows in place and refuses any other before touching it.
+pub const PIN_LAYOUT: u32 = 4;
 
 /// The reference programs `cargo xtask bench` measures the program against, in their own
 /// object (`portshard-reference`), never loaded by the daemon.
@@ -580,6 +589,8 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::PendingFlow {}
     unsafe impl aya::Pod for super::FlowCounters {}
+    unsafe impl aya::Pod for super::quic::QuicSlotCounters {}
+    unsafe impl aya::Pod for super::quic::QuicCounters {}
 }
 
 #[cfg(test)]

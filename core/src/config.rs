@@ -123,6 +123,21 @@ pub struct Service {
     pub run_as: Option<RunAs>,
     /// The health probe of each worker; `None`: workers are only watched for exiting.
     pub probe: Option<Probe>,
+    /// QUIC-LB connection-ID steering (`quic = true`); `None`: QUIC packets, if any, are
+    /// steered by their 4-tuple like any datagram.
+    pub quic: Option<QuicLb>,
+}
+
+/// How a QUIC service's workers build their connection IDs (draft-ietf-quic-load-balancers,
+/// unencrypted mode), so the program can read the server ID back from any short-header
+/// packet: config rotation bits, then the worker's server ID, then a nonce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuicLb {
+    /// The config rotation codepoint (`quic_config_id`, 0..=6) in each connection ID's
+    /// first octet; a packet with another one is steered by the table.
+    pub config_id: u8,
+    /// Octets of nonce after the server ID (`quic_nonce_len`).
+    pub nonce_len: u8,
 }
 
 /// A per-worker health probe: a worker that fails `failures` in a row is taken to be hung,
@@ -349,6 +364,7 @@ impl Config {
             ready_delay: DEFAULT_READY_DELAY,
             run_as: None,
             probe: None,
+            quic: None,
         };
         Self {
             services: vec![echo("echo-udp", Proto::Udp), echo("echo-tcp", Proto::Tcp)],
@@ -364,6 +380,9 @@ const DEFAULT_FLOW_IDLE: Duration = Duration::from_secs(120);
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_READY_DELAY: Duration = Duration::from_secs(1);
+/// Nonce octets of a QUIC service's connection IDs when `quic_nonce_len` is not given:
+/// with the config octet and the 3-octet server ID, 12-octet connection IDs.
+const DEFAULT_QUIC_NONCE_LEN: u8 = 8;
 /// Default capacity of the UDP flow table.
 pub const DEFAULT_FLOW_TABLE: u32 = 65_536;
 /// Largest UDP flow table a service may ask for.

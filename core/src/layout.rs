@@ -30,6 +30,8 @@ pub enum Step {
     /// cannot be carried over: its flows are steered by the table again, once each, and
     /// its pin is removed once the new program replaces the old one.
     KeyFlowsBySource,
+    /// 3 to 4: pin the QUIC counters. No other map changes.
+    CountQuic,
 }
 
 impl Step {
@@ -38,6 +40,7 @@ impl Step {
         match self {
             Self::RecordLayout => 2,
             Self::KeyFlowsBySource => 3,
+            Self::CountQuic => 4,
         }
     }
 }
@@ -70,6 +73,7 @@ pub fn migration(from: u32) -> Result<Vec<Step>, UnknownLayout> {
             .map(|layout| match layout {
                 1 => Ok(Step::RecordLayout),
                 2 => Ok(Step::KeyFlowsBySource),
+                3 => Ok(Step::CountQuic),
                 found => Err(UnknownLayout { found }),
             })
             .collect(),
@@ -95,9 +99,17 @@ mod tests {
         }
         assert_eq!(
             migration(1),
-            Ok(vec![Step::RecordLayout, Step::KeyFlowsBySource])
+            Ok(vec![
+                Step::RecordLayout,
+                Step::KeyFlowsBySource,
+                Step::CountQuic
+            ])
         );
-        assert_eq!(migration(2), Ok(vec![Step::KeyFlowsBySource]));
+        assert_eq!(
+            migration(2),
+            Ok(vec![Step::KeyFlowsBySource, Step::CountQuic])
+        );
+        assert_eq!(migration(3), Ok(vec![Step::CountQuic]));
         for from in OLDEST_MIGRATABLE..PIN_LAYOUT {
             let steps = migration(from).unwrap();
             let reached: Vec<u32> = steps.iter().map(|step| step.reaches()).collect();

@@ -12,7 +12,7 @@ use prometheus_client::{
 
 use crate::{
     probe::OutcomeCounts,
-    report::{FlowTableReport, StatusReport},
+    report::{FlowTableReport, QuicReport, StatusReport},
     table::Slot,
 };
 
@@ -145,6 +145,48 @@ pub fn encode_status(status: &StatusReport, probes: &ProbeOutcomes) -> String {
     .into_iter()
     .map(|(name, help, count)| (service_counter(&mut registry, name, help), count))
     .collect();
+    // Each QUIC counter: its name, its help, and where the report holds it.
+    type QuicCount = fn(&QuicReport) -> u64;
+    let quic_events: Vec<(Family<ServiceLabels, Counter>, QuicCount)> = [
+        (
+            "quic_long_header",
+            "QUIC long-header packets (a new connection's Initial, 0-RTT, Handshake), steered by the table",
+            (|q| q.long_header) as QuicCount,
+        ),
+        (
+            "quic_unknown_version",
+            "QUIC long-header packets of a version other than 1 and 2, steered by the table",
+            (|q| q.unknown_version) as QuicCount,
+        ),
+        (
+            "quic_other_config",
+            "QUIC short-header packets whose connection ID has another config rotation codepoint (not issued under this service's QUIC-LB config), steered by the table",
+            (|q| q.other_config) as QuicCount,
+        ),
+        (
+            "quic_unknown_server_id",
+            "QUIC short-header packets whose server ID names no slot (forged or foreign), steered by the table",
+            (|q| q.unknown_server_id) as QuicCount,
+        ),
+        (
+            "quic_malformed",
+            "Datagrams of a QUIC service too short for its connection IDs, steered by the table",
+            (|q| q.malformed) as QuicCount,
+        ),
+    ]
+    .into_iter()
+    .map(|(name, help, count)| (service_counter(&mut registry, name, help), count))
+    .collect();
+    let by_connection_id = slot_counter(
+        &mut registry,
+        "quic_by_connection_id",
+        "QUIC short-header packets delivered to the slot by the server ID in their connection ID, whatever their address",
+    );
+    let stale_server_id = slot_counter(
+        &mut registry,
+        "quic_stale_server_id",
+        "QUIC short-header packets naming the slot when it no longer served their connection (another generation, dead, starting, socket closed): steered by the table",
+    );
     let flows = Family::<ServiceLabels, Gauge>::default();
     registry.register(
         "flow_table_flows",
@@ -203,6 +245,23 @@ pub fn encode_status(status: &StatusReport, probes: &ProbeOutcomes) -> String {
             flows
                 .get_or_create(&labels)
                 .set(i64::try_from(table.flows).unwrap_or(i64::MAX));
+        }
+        if let Some(quic) = &service.quic {
+            for (family, count) in &quic_events {
+                family.get_or_create(&labels).inc_by(count(quic));
+            }
+            for slot in &quic.slots {
+                let labels = SlotLabels {
+                    service: service.name.clone(),
+                    slot: slot.slot.to_string(),
+                };
+                by_connection_id
+                    .get_or_create(&labels)
+                    .inc_by(slot.by_connection_id);
+                stale_server_id
+                    .get_or_create(&labels)
+                    .inc_by(slot.stale_server_id);
+            }
         }
         if let Some(newest) = service.generations.iter().rfind(|g| g.state == "ready") {
             generation
@@ -292,7 +351,17 @@ mod tests {
                 },
             )),
         )
-        .with_foreign(vec![foreign]);
+        .with_foreign(vec![foreign])
+        .with_quic(Some(QuicReport::new(
+            portshard_common::quic::quic_flags(0, 8),
+            &{
+                let mut quic = portshard_common::quic::QuicCounters::default();
+                quic.slots[1].by_connection_id = 40;
+                quic.slots[0].stale_server_id = 6;
+                quic.unknown_server_id = 2;
+                quic
+            },
+        )));
         let mut outcomes = OutcomeCounts::default();
         outcomes.add(crate::probe::Outcome::Answered);
         outcomes.add(crate::probe::Outcome::Excused(
@@ -323,6 +392,10 @@ mod tests {
             "portshard_probes_total{service=\"dns\",slot=\"1\",outcome=\"answered\"} 1",
             "portshard_probes_total{service=\"dns\",slot=\"1\",outcome=\"worker_starved\"} 1",
             "portshard_probes_total{service=\"dns\",slot=\"1\",outcome=\"unanswered\"} 0",
+            "portshard_quic_by_connection_id_total{service=\"dns\",slot=\"1\"} 40",
+            "portshard_quic_stale_server_id_total{service=\"dns\",slot=\"0\"} 6",
+            "portshard_quic_unknown_server_id_total{service=\"dns\"} 2",
+            "portshard_quic_malformed_total{service=\"dns\"} 0",
             "# EOF",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");

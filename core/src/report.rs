@@ -14,6 +14,9 @@ use serde::Serialize;
 
 use crate::{ownership::ForeignSocket, table::Slot};
 
+mod quic;
+pub use quic::{QuicReport, QuicSlotReport};
+
 /// One slot's line.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SlotReport {
@@ -172,6 +175,9 @@ pub struct ServiceStatus {
     pub generations: Vec<GenerationReport>,
     /// The UDP flow table, if the service has one.
     pub flow_table: Option<FlowTableReport>,
+    /// QUIC connection-ID steering, if the service has it (`quic = true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quic: Option<QuicReport>,
     /// The pinned program's tag (16 hex digits, as `bpftool prog` shows it): which build's
     /// program steers the group.
     pub program_tag: String,
@@ -379,6 +385,7 @@ impl ServiceStatus {
             generations: generations(&table.slots),
             slots: table.slots,
             flow_table,
+            quic: None,
             program_tag: String::new(),
             pin_layout: 0,
             foreign: Vec::new(),
@@ -388,6 +395,11 @@ impl ServiceStatus {
     /// The same status, with the foreign sockets found on its address.
     pub fn with_foreign(self, foreign: Vec<ForeignSocket>) -> Self {
         Self { foreign, ..self }
+    }
+
+    /// The same status, with its QUIC connection-ID steering counters.
+    pub fn with_quic(self, quic: Option<QuicReport>) -> Self {
+        Self { quic, ..self }
     }
 
     /// The same status, with the pinned program's tag and the pins' layout.

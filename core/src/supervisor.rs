@@ -468,8 +468,8 @@ impl<L: Clone> Supervisor<L> {
     }
 
     /// The switches the program reads beside the table for `spec` (see
-    /// [`portshard_common::TABLE_FLOWS`], [`portshard_common::TABLE_PROBES`] and
-    /// [`portshard_common::Table::flow_idle_s`]).
+    /// [`portshard_common::TABLE_FLOWS`], [`portshard_common::TABLE_PROBES`],
+    /// [`portshard_common::quic::quic_flags`] and [`portshard_common::Table::flow_idle_s`]).
     pub fn table_switches(spec: &Service) -> Switches {
         let flows = if spec.flow_capacity() > 0 {
             portshard_common::TABLE_FLOWS
@@ -481,8 +481,11 @@ impl<L: Clone> Supervisor<L> {
         } else {
             0
         };
+        let quic = spec.quic.map_or(0, |quic| {
+            portshard_common::quic::quic_flags(quic.config_id, quic.nonce_len)
+        });
         Switches {
-            flags: flows | probes,
+            flags: flows | probes | quic,
             flow_idle_s: u32::try_from(spec.flow_idle.as_secs().max(1)).unwrap_or(u32::MAX),
         }
     }

@@ -19,6 +19,7 @@ use aya::{
 use portshard_common::{
     Counters, Flow, FlowCounters, FlowKey, MAX_SLOTS, PIN_LAYOUT, ProbeHealth, ProbeRoute,
     ServiceMeta, SlotMeta, TABLE_SIZE, TableEntry, names,
+    quic::{QuicCounters, TABLE_QUIC},
 };
 use portshard_core::supervisor::Switches;
 
@@ -42,7 +43,7 @@ pub use records::{PinnedRecords, SlotRecords};
 use crate::{
     bpffs,
     object::{self, OBJECT},
-    report::{FlowReport, FlowTableReport, ServiceStatus, TableReport},
+    report::{FlowReport, FlowTableReport, QuicReport, ServiceStatus, TableReport},
     table::Slot,
 };
 
@@ -73,6 +74,7 @@ pub struct Dataplane {
     counters: PerCpuArray<MapData, Counters>,
     flows: HashMap<MapData, FlowKey, Flow>,
     flow_counters: PerCpuArray<MapData, FlowCounters>,
+    quic_counters: PerCpuArray<MapData, QuicCounters>,
     flow_swept: Array<MapData, u64>,
     flow_capacity: u32,
     probes: HashMap<MapData, u32, ProbeRoute>,
@@ -142,6 +144,7 @@ impl Dataplane {
         let flows = typed(&dir, names::FLOWS, open(names::FLOWS)?)?;
         let flow_counters = typed(&dir, names::FLOW_COUNTERS, open(names::FLOW_COUNTERS)?)?;
         let flow_swept = typed(&dir, names::FLOW_SWEPT, open(names::FLOW_SWEPT)?)?;
+        let quic_counters = typed(&dir, names::QUIC_COUNTERS, open(names::QUIC_COUNTERS)?)?;
         let probes = typed(&dir, names::PROBES, open(names::PROBES)?)?;
         let health = typed(&dir, names::HEALTH, open(names::HEALTH)?)?;
         let table = MappedTable::new(open(names::TABLE)?, &dir.join(names::TABLE))?;
@@ -154,6 +157,7 @@ impl Dataplane {
             counters,
             flows,
             flow_counters,
+            quic_counters,
             flow_swept,
             flow_capacity,
             probes,
@@ -221,8 +225,15 @@ impl Dataplane {
         } else {
             None
         };
+        let flags = self.table.flags();
+        let quic = if flags & TABLE_QUIC != 0 {
+            Some(QuicReport::new(flags, &self.quic_counters()?))
+        } else {
+            None
+        };
         Ok(
             ServiceStatus::new(&service, self.table_report()?, flow_table)
+                .with_quic(quic)
                 .with_program(format_tag(self.program_tag()?), self.layout()?),
         )
     }
@@ -479,6 +490,21 @@ impl Dataplane {
                 source: Box::new(source),
             })?;
         let mut sum = Counters::ZERO;
+        per_cpu.iter().for_each(|cpu| sum.add(cpu));
+        Ok(sum)
+    }
+
+    /// The program's QUIC steering counters, summed over all CPUs.
+    pub fn quic_counters(&self) -> Result<QuicCounters> {
+        let per_cpu = self
+            .quic_counters
+            .get(&0, 0)
+            .map_err(|source| DataplaneError::Map {
+                action: "reading the QUIC counters".to_owned(),
+                path: self.dir.join(names::QUIC_COUNTERS),
+                source: Box::new(source),
+            })?;
+        let mut sum = QuicCounters::default();
         per_cpu.iter().for_each(|cpu| sum.add(cpu));
         Ok(sum)
     }

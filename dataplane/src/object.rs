@@ -66,7 +66,7 @@ pub fn map_specs(object: &[u8], flow_capacity: u32) -> Result<Vec<MapSpec>, Obje
 mod tests {
     use portshard_common::{
         ADMIT_SIZE, BPF_F_MMAPABLE, Counters, Flow, FlowCounters, FlowKey, MAX_SLOTS, PendingFlow,
-        ProbeHealth, ProbeRoute, ServiceMeta, SlotMeta, Table,
+        ProbeHealth, ProbeRoute, ServiceMeta, SlotMeta, Table, quic::QuicCounters,
     };
 
     use super::*;
@@ -164,6 +164,14 @@ mod tests {
                 0,
             ),
             (names::FLOW_SWEPT, BPF_MAP_TYPE_ARRAY, 4, 8, 1, 0),
+            (
+                names::QUIC_COUNTERS,
+                BPF_MAP_TYPE_PERCPU_ARRAY,
+                4,
+                size_of::<QuicCounters>(),
+                1,
+                0,
+            ),
         ];
         assert_eq!(specs.len(), expected.len());
         for (spec, (name, map_type, key_size, value_size, max_entries, flags)) in

@@ -16,13 +16,19 @@
 //! evicts: a flow leaves it only when the daemon sweeps it as idle. With probes on, a
 //! datagram or SYN from the source address and port the daemon registered for a health
 //! probe goes to the slot that probe checks.
+//!
+//! With QUIC-LB on ([`TABLE_QUIC`]), a short-header QUIC packet whose destination connection
+//! ID carries the service's config rotation bits and the server ID of a live or draining
+//! slot (of the generation that issued it) goes to that slot, whatever its 4-tuple, so a
+//! connection survives NAT rebinding and migration; every other packet, long headers
+//! (a new connection's) included, is steered as above. See `portshard_common::quic`.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, sk_action::SK_PASS},
     cty::c_void,
-    helpers::{bpf_ktime_get_coarse_ns, bpf_skb_load_bytes_relative},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_skb_load_bytes, bpf_skb_load_bytes_relative},
     macros::{map, sk_reuseport},
     maps::{Array, HashMap, PerCpuArray, ReusePortSockArray},
     programs::SkReuseportContext,
@@ -32,6 +38,10 @@ use portshard_common::{
     FlowKey, MAX_SLOTS, PROBE_STEPS, PROBE_STRIDE, PendingFlow, ProbeHealth, ProbeRoute,
     ServiceMeta, SlotCounters, SlotMeta, SlotState, TABLE_FLOWS, TABLE_MASK, TABLE_PROBES, Table,
     TableEntry,
+    quic::{
+        MIN_SHORT_TAIL, QuicCounters, SERVER_ID_LEN, TABLE_QUIC, cid_len_of, config_id_of,
+        decode_server_id, slot_in_range,
+    },
 };
 
 mod runtime;
@@ -84,6 +94,10 @@ static PROBES: HashMap<u32, ProbeRoute> = HashMap::pinned(MAX_SLOTS, 0);
 #[map(name = "health")]
 static HEALTH: Array<ProbeHealth> = Array::pinned(MAX_SLOTS, 0);
 
+/// Per-CPU counters of how QUIC packets were steered.
+#[map(name = "quic_events")]
+static QUIC_COUNTERS: PerCpuArray<QuicCounters> = PerCpuArray::pinned(1, 0);
+
 /// The pin layout version the pins were written in; defined here so one object describes
 /// every pinned map.
 #[map(name = "layout")]
@@ -116,6 +130,9 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
         && select(&ctx, slot)
     {
         // A health probe reached the worker it checks; it is not a flow, so not counted.
+        return SK_PASS;
+    }
+    if flags & TABLE_QUIC != 0 && ctx.migrating_sk().is_none() && steer_quic(&ctx, flags) {
         return SK_PASS;
     }
     let hash = ctx.hash();
@@ -249,6 +266,93 @@ fn steer_flow(
         };
         events.pending += 1;
     }
+}
+
+/// UDP header octets before the QUIC packet.
+const UDP_HEADER: u32 = 8;
+/// Octets read at the start of a QUIC packet: a short header's first octet, its connection
+/// ID's first octet and the server ID; or a long header's first octet and its version.
+const QUIC_PREFIX: usize = 2 + SERVER_ID_LEN;
+/// QUIC v1 (RFC 9000) and v2 (RFC 9369): the versions whose long headers are not counted
+/// as unknown.
+const QUIC_V1: u32 = 1;
+const QUIC_V2: u32 = 0x6b33_43cf;
+
+/// Delivers a short-header QUIC packet to the slot its connection ID's server ID names, if
+/// that slot is live or draining, holds the generation that issued it and its socket takes
+/// the packet; true if delivered. Anything else is counted and left to the table.
+#[inline(always)]
+fn steer_quic(ctx: &SkReuseportContext, flags: u32) -> bool {
+    let Some(counters) = QUIC_COUNTERS.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's value of a per-CPU array; the program cannot be preempted by
+    // itself on this CPU while it holds it.
+    let counters = unsafe { &mut *counters };
+    let cid_len = cid_len_of(flags);
+    let Some(prefix) = quic_prefix(ctx) else {
+        counters.malformed += 1;
+        return false;
+    };
+    if prefix[0] & 0x80 != 0 {
+        counters.long_header += 1;
+        let version = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+        if version != QUIC_V1 && version != QUIC_V2 {
+            counters.unknown_version += 1;
+        }
+        return false;
+    }
+    if (ctx.len() as u32) < UDP_HEADER + 1 + cid_len + MIN_SHORT_TAIL {
+        counters.malformed += 1;
+        return false;
+    }
+    if prefix[1] >> 5 != config_id_of(flags) {
+        counters.other_config += 1;
+        return false;
+    }
+    let (slot, generation) = decode_server_id([prefix[2], prefix[3], prefix[4]]);
+    if !slot_in_range(slot) {
+        counters.unknown_server_id += 1;
+        return false;
+    }
+    let serving = SLOTS.get(u32::from(slot)).is_some_and(|meta| {
+        (meta.state == SlotState::Live as u32 || meta.state == SlotState::Draining as u32)
+            && meta.generation as u8 == generation
+    });
+    let Some(row) = counters.slots.get_mut(usize::from(slot)) else {
+        return false;
+    };
+    if serving && select(ctx, slot) {
+        row.by_connection_id += 1;
+        true
+    } else {
+        row.stale_server_id += 1;
+        false
+    }
+}
+
+/// The first [`QUIC_PREFIX`] octets of the datagram's QUIC packet: read in place when they
+/// are in the packet's linear data, else copied out; `None` if the datagram is shorter.
+#[inline(always)]
+fn quic_prefix(ctx: &SkReuseportContext) -> Option<[u8; QUIC_PREFIX]> {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let start = data + UDP_HEADER as usize;
+    if start + QUIC_PREFIX <= end {
+        // SAFETY: the octets are inside the packet, as checked against `data_end`.
+        return Some(unsafe { core::ptr::read_unaligned(start as *const [u8; QUIC_PREFIX]) });
+    }
+    let mut prefix = [0u8; QUIC_PREFIX];
+    // SAFETY: the helper writes at most `QUIC_PREFIX` octets into `prefix`, which holds
+    // that many, and fails on a shorter packet.
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.md as *const c_void,
+            UDP_HEADER,
+            prefix.as_mut_ptr().cast::<c_void>(),
+            QUIC_PREFIX as u32,
+        )
+    };
+    (loaded == 0).then_some(prefix)
 }
 
 /// This CPU's flow table event counters; looked up only on the paths that count one, so a

@@ -22,14 +22,24 @@ const PORTS: u32 = 60_000;
 pub struct Flood {
     socket: Socket,
     target: SocketAddrV4,
+    payload: Vec<u8>,
 }
 
 impl Flood {
     /// A flood towards `target`, an IPv4 address of this network namespace.
     pub fn new(target: SocketAddrV4) -> io::Result<Self> {
+        Self::with_payload(target, b"flood".to_vec())
+    }
+
+    /// A flood towards `target` whose every datagram carries `payload` (a QUIC packet, say).
+    pub fn with_payload(target: SocketAddrV4, payload: Vec<u8>) -> io::Result<Self> {
         let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(IPPROTO_RAW)))?;
         socket.set_send_buffer_size(4 << 20)?;
-        Ok(Self { socket, target })
+        Ok(Self {
+            socket,
+            target,
+            payload,
+        })
     }
 
     /// The source address and port of flow `n`: distinct for every `n` below 2^24 - 2^16.
@@ -55,7 +65,7 @@ impl Flood {
         let to = SockAddr::from(SocketAddr::V4(self.target));
         let mut sent = 0;
         for n in flows {
-            let packet = packet(Self::source(n), self.target, b"flood");
+            let packet = packet(Self::source(n), self.target, &self.payload);
             for _ in 0..datagrams_each {
                 loop {
                     match self.socket.send_to(&packet, &to) {

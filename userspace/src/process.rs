@@ -130,15 +130,44 @@ pub struct Activation<'a> {
     pub name: &'a str,
     /// `PORTSHARD_SLOT`.
     pub slot: u16,
+    /// The `PORTSHARD_QUIC_LB_*` variables of a worker of a `quic` service.
+    pub quic_lb: Option<QuicLbEnv>,
 }
 
-/// The daemon's variables a worker must not see: socket activation's (set anew for the
-/// worker) and systemd's notification and watchdog ones, which are the daemon's alone.
-const STRIPPED: [&str; 7] = [
+/// What a worker of a `quic` service needs to issue connection IDs the program steers by
+/// (draft-ietf-quic-load-balancers, unencrypted mode).
+pub struct QuicLbEnv {
+    /// `PORTSHARD_QUIC_LB_CONFIG_ID`: the config rotation codepoint.
+    pub config_id: u8,
+    /// `PORTSHARD_QUIC_LB_SERVER_ID`, as lowercase hex: the worker's server ID.
+    pub server_id: [u8; portshard_common::quic::SERVER_ID_LEN],
+    /// `PORTSHARD_QUIC_LB_NONCE_LEN`: nonce octets after the server ID.
+    pub nonce_len: u8,
+}
+
+impl QuicLbEnv {
+    /// The variables, as `execve` takes them.
+    fn entries(&self) -> [String; 3] {
+        let server_id: String = self.server_id.iter().map(|b| format!("{b:02x}")).collect();
+        [
+            format!("PORTSHARD_QUIC_LB_CONFIG_ID={}", self.config_id),
+            format!("PORTSHARD_QUIC_LB_SERVER_ID={server_id}"),
+            format!("PORTSHARD_QUIC_LB_NONCE_LEN={}", self.nonce_len),
+        ]
+    }
+}
+
+/// The daemon's variables a worker must not see: socket activation's and QUIC-LB's (set
+/// anew for the worker) and systemd's notification and watchdog ones, which are the daemon's alone.
+const STRIPPED: [&str; 11] = [
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
     "PORTSHARD_SLOT",
+    "PORTSHARD_QUIC_LB_CONFIG_ID",
+    "PORTSHARD_QUIC_LB_SERVER_ID",
+    "PORTSHARD_QUIC_LB_NONCE_LEN",
+    "PORTSHARD_QUIC_LB_KEY",
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
@@ -200,6 +229,9 @@ pub fn spawn(
     env.push(cstring(
         format!("PORTSHARD_SLOT={}", activation.slot).as_bytes(),
     )?);
+    for entry in activation.quic_lb.iter().flat_map(QuicLbEnv::entries) {
+        env.push(cstring(entry.as_bytes())?);
+    }
     // Filled in by the child with its own pid; 20 digits hold any pid.
     let mut listen_pid = b"LISTEN_PID=".to_vec();
     listen_pid.resize(listen_pid.len() + 21, 0);

@@ -6,14 +6,15 @@ use toml::Spanned;
 
 use super::{
     DEFAULT_DRAIN_IDLE, DEFAULT_DRAIN_TIMEOUT, DEFAULT_FLOW_IDLE, DEFAULT_FLOW_TABLE,
-    DEFAULT_PROBE_FAILURES, DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT, DEFAULT_READY_DELAY,
-    DEFAULT_STOP_TIMEOUT, MAX_FLOW_TABLE, MAX_WORKERS, Mode, Probe, ProbeKind, Problem,
-    RestartPolicy, RunAs, Service, raw::RawService,
+    DEFAULT_PROBE_FAILURES, DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT, DEFAULT_QUIC_NONCE_LEN,
+    DEFAULT_READY_DELAY, DEFAULT_STOP_TIMEOUT, MAX_FLOW_TABLE, MAX_WORKERS, Mode, Probe, ProbeKind,
+    Problem, QuicLb, RestartPolicy, RunAs, Service, raw::RawService,
 };
 use crate::{
     service::{Proto, is_valid_name},
     table::MAX_WEIGHT,
 };
+use portshard_common::quic::{MAX_NONCE_LEN, MIN_NONCE_LEN, UNROUTABLE_CONFIG_ID};
 
 /// Byte offsets to line and column.
 pub(super) struct Lines<'a>(pub(super) &'a str);
@@ -242,6 +243,16 @@ pub(super) fn check_service(
         },
         &what,
     );
+    let quic = check_quic(
+        checker,
+        proto,
+        RawQuic {
+            quic: raw.quic,
+            config_id: raw.quic_config_id,
+            nonce_len: raw.quic_nonce_len,
+        },
+        &what,
+    );
     let service = Service {
         name,
         proto,
@@ -268,6 +279,7 @@ pub(super) fn check_service(
         ready_delay: checker.duration(raw.ready_delay, &what("ready_delay"), DEFAULT_READY_DELAY),
         run_as,
         probe,
+        quic,
     };
     (complete && checker.problems.len() == before).then(|| {
         (
@@ -277,6 +289,66 @@ pub(super) fn check_service(
                 listen: listen_field.span(),
             },
         )
+    })
+}
+
+/// The QUIC-LB fields of a service, as written.
+struct RawQuic {
+    quic: Option<Spanned<bool>>,
+    config_id: Option<Spanned<i64>>,
+    nonce_len: Option<Spanned<i64>>,
+}
+
+/// Validates the QUIC-LB connection-ID steering of a service of transport `proto`.
+fn check_quic(
+    checker: &mut Checker<'_>,
+    proto: Proto,
+    raw: RawQuic,
+    what: &dyn Fn(&str) -> String,
+) -> Option<QuicLb> {
+    let on = raw.quic.as_ref().is_some_and(|q| *q.get_ref());
+    if !on {
+        let stray = [
+            ("quic_config_id", raw.config_id.map(|f| f.span())),
+            ("quic_nonce_len", raw.nonce_len.map(|f| f.span())),
+        ];
+        for (field, span) in stray {
+            if let Some(span) = span {
+                checker.report(
+                    span,
+                    what(field),
+                    "is set without `quic = true`: add it, or remove this field".to_owned(),
+                );
+            }
+        }
+        return None;
+    }
+    if proto != Proto::Udp {
+        checker.report(
+            raw.quic.map_or(0..0, |q| q.span()),
+            what("quic"),
+            format!("QUIC runs over UDP, and this service is {proto}: remove `quic` or use proto = \"udp\""),
+        );
+        return None;
+    }
+    let config_id = raw.config_id.as_ref().map_or(0, |c| {
+        // 7 (0b111) is the draft's unroutable codepoint: no load balancer routes it.
+        checker.integer(
+            c,
+            &what("quic_config_id"),
+            0..u32::from(UNROUTABLE_CONFIG_ID),
+        )
+    });
+    let nonce_len = raw.nonce_len.as_ref().map_or(DEFAULT_QUIC_NONCE_LEN, |n| {
+        checker.integer(
+            n,
+            &what("quic_nonce_len"),
+            u32::from(MIN_NONCE_LEN)..u32::from(MAX_NONCE_LEN) + 1,
+        ) as u8
+    });
+    Some(QuicLb {
+        config_id: config_id as u8,
+        nonce_len,
     })
 }
 

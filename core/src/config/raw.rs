@@ -45,12 +45,15 @@ pub(super) struct RawService {
     pub(super) probe_interval: Option<Spanned<String>>,
     pub(super) probe_timeout: Option<Spanned<String>>,
     pub(super) probe_failures: Option<Spanned<i64>>,
+    pub(super) quic: Option<Spanned<bool>>,
+    pub(super) quic_config_id: Option<Spanned<i64>>,
+    pub(super) quic_nonce_len: Option<Spanned<i64>>,
     /// How the service is named in problems: `service "dns"` or `service #2`.
     pub(super) label: String,
 }
 
 /// Every key a service may have.
-const FIELDS: [&str; 24] = [
+const FIELDS: [&str; 27] = [
     "name",
     "proto",
     "listen",
@@ -75,6 +78,9 @@ const FIELDS: [&str; 24] = [
     "probe_interval",
     "probe_timeout",
     "probe_failures",
+    "quic",
+    "quic_config_id",
+    "quic_nonce_len",
 ];
 
 /// The keys a service must have.
@@ -156,6 +162,9 @@ impl RawService {
             "probe_interval" => self.probe_interval = typed.string(),
             "probe_timeout" => self.probe_timeout = typed.string(),
             "probe_failures" => self.probe_failures = typed.integer(),
+            "quic" => self.quic = typed.boolean(),
+            "quic_config_id" => self.quic_config_id = typed.integer(),
+            "quic_nonce_len" => self.quic_nonce_len = typed.integer(),
             unknown => {
                 let hint = match closest(unknown) {
                     Some(field) => format!("did you mean `{field}`?"),

@@ -501,3 +501,5 @@ fn open_files_grow_with_services_and_workers() {
     let most = MAX_SERVICES as u64 * (FILES_PER_SERVICE + FILES_PER_WORKER * 256) + FILES_BASE;
     assert!(most > 20_000, "{most}");
 }
+
+mod quic;

@@ -25,7 +25,7 @@ use aya::sys::{Stats, enable_stats};
 use portshard::{
     dataplane::Dataplane, group::Group, socket::Proto, supervisor::Switches, table::Slot,
 };
-use portshard_common::{ADMIT_SIZE, TABLE_PROBES, TABLE_SIZE, names, reference as refs};
+use portshard_common::{ADMIT_SIZE, TABLE_PROBES, TABLE_SIZE, names, quic, reference as refs};
 
 use super::{
     BenchError, Budget, Result,
@@ -36,6 +36,7 @@ use crate::{
     context,
     flood::Flood,
     flows::{self, Listener},
+    scenario::MeasureError,
 };
 
 mod reference;
@@ -71,6 +72,12 @@ const FLOW_ADMIT_PORT: u16 = 5316;
 const FLOW_FULL_PORT: u16 = 5317;
 const HEIR_COLD_PORT: u16 = 5318;
 const TABLE_PORT: u16 = 5319;
+const QUIC_PORT: u16 = 5329;
+
+/// The slot the QUIC subjects' packets name (generation 0, as the bench's groups hold).
+const QUIC_SLOT: Slot = 3;
+/// The QUIC subjects' nonce length: 12-octet connection IDs.
+const QUIC_NONCE_LEN: u8 = 8;
 
 /// The flow table of the full-table subject: filled before measuring.
 const FULL_TABLE: u32 = 1024;
@@ -100,8 +107,16 @@ fn portshard_group(
 
 /// A flood towards `port` on 127.0.0.1.
 fn flood(port: u16) -> Result<Flood> {
-    Ok(Flood::new(SocketAddrV4::new([127, 0, 0, 1].into(), port))
-        .map_err(|e| context(e, format!("opening a raw socket to flood port {port}")))?)
+    flood_with(port, b"flood")
+}
+
+/// A flood towards `port` on 127.0.0.1 whose datagrams carry `payload`.
+fn flood_with(port: u16, payload: &[u8]) -> Result<Flood> {
+    Ok(Flood::with_payload(
+        SocketAddrV4::new([127, 0, 0, 1].into(), port),
+        payload.to_vec(),
+    )
+    .map_err(|e| context(e, format!("opening a raw socket to flood port {port}")))?)
 }
 
 /// The cold flows every cold cycle but the heir's goes over.
@@ -109,17 +124,32 @@ fn cold_flows() -> std::ops::Range<u32> {
     FIRST_COLD_FLOW..FIRST_COLD_FLOW + COLD_FLOWS as u32
 }
 
+/// Hot connected flows to `port`, each datagram carrying `payload`.
+fn hot_with(port: u16, payload: &[u8]) -> Result<Load> {
+    Ok(Load::Sockets {
+        senders: senders(flows::loopback(false, port), ephemeral(FLOWS))?,
+        payload: payload.to_vec(),
+    })
+}
+
 /// Hot connected flows to `port`.
 fn hot(port: u16) -> Result<Load> {
-    Ok(Load::Sockets(senders(
-        flows::loopback(false, port),
-        ephemeral(FLOWS),
-    )?))
+    hot_with(port, b"run")
 }
 
 /// A cold cycle of [`cold_flows`] towards `port`.
 fn cold(port: u16) -> Result<Load> {
     Ok(Load::cycle(flood(port)?, cold_flows().collect()))
+}
+
+/// A short-header QUIC packet (1-RTT) whose destination connection ID names `slot` of
+/// generation 0 under config 0, the size of a small request.
+fn quic_short_header(slot: Slot) -> Vec<u8> {
+    let mut packet = vec![0x41, 0x0b];
+    packet.extend_from_slice(&quic::server_id(slot, 0));
+    packet.extend(std::iter::repeat_n(0x5a, usize::from(QUIC_NONCE_LEN)));
+    packet.extend([0xa5; 64]);
+    packet
 }
 
 /// `prog_ns_*` (mean ns per run, median of rounds, for each path hot and cold) and the
@@ -166,6 +196,7 @@ pub fn figures(pins: &Path, object: &Path, budget: &Budget) -> Result<Vec<Figure
         "prog-flow-new",
         "prog-flow-admit",
         "prog-flow-full",
+        "prog-quic",
     ];
     let (select_listeners, select_group, select_program) =
         portshard_group(pins, services[0], SELECT_PORT, LISTENERS, 0)?;
@@ -221,6 +252,15 @@ pub fn figures(pins: &Path, object: &Path, budget: &Budget) -> Result<Vec<Figure
         &full_listeners,
     )?;
 
+    // QUIC-LB on: every datagram is a short-header packet naming one live slot.
+    let (quic_listeners, quic_group, quic_program) =
+        portshard_group(pins, services[8], QUIC_PORT, LISTENERS, 0)?;
+    quic_group.dataplane().set_switches(Switches {
+        flags: quic::quic_flags(0, QUIC_NONCE_LEN),
+        flow_idle_s: 0,
+    });
+    let quic_packet = quic_short_header(QUIC_SLOT);
+
     let pass_stat = || reference::program(&ebpf, refs::PASS).map(Stat::Loaded);
     let lookup_stat = || reference::program(&ebpf, refs::SELECT).map(Stat::Loaded);
     let table_stat = || reference::program(&ebpf, refs::SELECT_TABLE).map(Stat::Loaded);
@@ -267,7 +307,10 @@ pub fn figures(pins: &Path, object: &Path, budget: &Budget) -> Result<Vec<Figure
             subject(
                 "heir",
                 &heir_listeners,
-                Load::Sockets(senders(flows::loopback(false, HEIR_PORT), orphans)?),
+                Load::Sockets {
+                    senders: senders(flows::loopback(false, HEIR_PORT), orphans)?,
+                    payload: b"run".to_vec(),
+                },
                 Stat::Pinned(heir_program),
             ),
             budget.prog_runs,
@@ -278,6 +321,15 @@ pub fn figures(pins: &Path, object: &Path, budget: &Budget) -> Result<Vec<Figure
                 &flow_listeners,
                 hot(FLOW_PORT)?,
                 Stat::Pinned(flow_program.clone()),
+            ),
+            budget.prog_runs,
+        ),
+        (
+            subject(
+                "quic",
+                &quic_listeners,
+                hot_with(QUIC_PORT, &quic_packet)?,
+                Stat::Pinned(quic_program.clone()),
             ),
             budget.prog_runs,
         ),
@@ -346,6 +398,15 @@ pub fn figures(pins: &Path, object: &Path, budget: &Budget) -> Result<Vec<Figure
         ),
         (
             subject(
+                "quic_cold",
+                &quic_listeners,
+                Load::cycle(flood_with(QUIC_PORT, &quic_packet)?, cold_flows().collect()),
+                Stat::Pinned(quic_program),
+            ),
+            cold_runs,
+        ),
+        (
+            subject(
                 "flow_new",
                 &new_listeners,
                 Load::NewFlows {
@@ -405,6 +466,22 @@ pub fn figures(pins: &Path, object: &Path, budget: &Budget) -> Result<Vec<Figure
         })
         .collect();
     drop(subjects);
+    // Every QUIC datagram must have taken the connection-ID path, or its figures measured
+    // another one.
+    let quic_counts = quic_group.dataplane().quic_counters()?;
+    let by_id = quic_counts.slots[usize::from(QUIC_SLOT)].by_connection_id;
+    let stale: u64 = quic_counts.slots.iter().map(|s| s.stale_server_id).sum();
+    let by_table = quic_counts.long_header
+        + quic_counts.other_config
+        + quic_counts.unknown_server_id
+        + quic_counts.malformed
+        + stale;
+    if by_id == 0 || by_table != 0 {
+        return Err(MeasureError::Traffic(format!(
+            "prog-quic: {by_id} datagrams steered by connection ID, {by_table} by the table; the QUIC figures would measure another path"
+        ))
+        .into());
+    }
     drop((
         select_group,
         probes_group,
@@ -412,7 +489,7 @@ pub fn figures(pins: &Path, object: &Path, budget: &Budget) -> Result<Vec<Figure
         heir_cold_group,
         flow_group,
     ));
-    drop((new_group, admit_group, full_group));
+    drop((new_group, admit_group, full_group, quic_group));
     for service in services {
         Dataplane::remove_pins(pins, service)?;
     }

@@ -41,9 +41,14 @@ impl Stat<'_> {
 
 /// What runs a subject's program.
 pub enum Load {
-    /// Datagrams round-robin over these connected sockets: a few flows, their table
-    /// entries and flow records in cache (hot).
-    Sockets(Vec<UdpSocket>),
+    /// Datagrams carrying `payload` round-robin over these connected sockets: a few flows,
+    /// their table entries and flow records in cache (hot).
+    Sockets {
+        /// The connected sockets.
+        senders: Vec<UdpSocket>,
+        /// What each datagram carries.
+        payload: Vec<u8>,
+    },
     /// One datagram from each flood flow of `flows` in turn, round after round: as many
     /// distinct 4-tuples as `flows` holds, so tables and records come from memory (cold).
     Cycle {
@@ -84,13 +89,13 @@ impl Load {
     /// Whether each run's flow state (table entry, flow record) comes from memory rather
     /// than cache: every load but a few connected flows.
     pub fn is_cold(&self) -> bool {
-        !matches!(self, Self::Sockets(_))
+        !matches!(self, Self::Sockets { .. })
     }
 
     /// How many distinct flows a round of `runs` datagrams covers: the figure's `n`.
     pub fn flows(&self, runs: usize) -> usize {
         match self {
-            Self::Sockets(senders) => senders.len().min(runs),
+            Self::Sockets { senders, .. } => senders.len().min(runs),
             Self::Cycle { flows, .. } => flows.len().min(runs),
             Self::NewFlows { .. } | Self::SecondDatagrams { .. } => runs,
         }
@@ -138,7 +143,7 @@ impl Subject<'_> {
     /// first ones are sent here, before the measurement.
     fn prepare(&self, chunk: u32) -> Result<Vec<u32>> {
         match &self.load {
-            Load::Sockets(_) => Ok((0..chunk).collect()),
+            Load::Sockets { .. } => Ok((0..chunk).collect()),
             Load::Cycle { flows, next, .. } => {
                 let first = next.get();
                 next.set((first + chunk as usize) % flows.len());
@@ -163,10 +168,10 @@ impl Subject<'_> {
     /// Sends one datagram from each of `flows`.
     fn send(&self, flows: &[u32]) -> Result<()> {
         match &self.load {
-            Load::Sockets(senders) => {
+            Load::Sockets { senders, payload } => {
                 for &n in flows {
                     let flow = n as usize % senders.len();
-                    senders[flow].send(b"run").map_err(|e| {
+                    senders[flow].send(payload).map_err(|e| {
                         context(e, format!("sending on flow {flow} of {}", self.name))
                     })?;
                 }

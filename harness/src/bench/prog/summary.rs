@@ -84,5 +84,11 @@ pub fn summarize(measured: &[Measured]) -> Result<Vec<Figure>> {
         "flow_table_cold",
         "ref_select_cold",
     )?);
+    figures.push(ratio("prog_ratio_quic", "quic_cold", "ref_select_cold")?);
+    figures.push(ratio(
+        "prog_ratio_quic_vs_select",
+        "quic_cold",
+        "select_cold",
+    )?);
     Ok(figures)
 }

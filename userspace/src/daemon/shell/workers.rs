@@ -12,7 +12,7 @@ use super::{Input, Process, Shell};
 use crate::{
     daemon::{DaemonError, Launch},
     group::Holder,
-    process::{self, Activation, Exit},
+    process::{self, Activation, Exit, QuicLbEnv},
     sockdiag::SockDiag,
     socket::{self, Proto, SocketError},
     supervisor::{self, Activity, ServiceId, Signal, Spawn, TableOp},
@@ -68,6 +68,11 @@ impl Shell {
             &Activation {
                 name: &spec.name,
                 slot,
+                quic_lb: spec.quic.map(|quic| QuicLbEnv {
+                    config_id: quic.config_id,
+                    server_id: portshard_common::quic::server_id(slot, generation),
+                    nonce_len: quic.nonce_len,
+                }),
             },
             launch.credentials.as_ref(),
         )
@@ -203,19 +208,36 @@ impl Shell {
                     return (service, slot, Activity::Unknown);
                 };
                 let activity = match spec.proto {
+                    // QUIC packets delivered by connection ID are a connection's traffic
+                    // as much as the flow table's hits are.
                     Proto::Udp => counters
                         .entry(service)
                         .or_insert_with(|| {
-                            let group = self.groups[service].as_ref()?;
-                            group.dataplane().counters().ok()
+                            let dataplane = self.groups[service].as_ref()?.dataplane();
+                            let quic = match spec.quic {
+                                Some(_) => Some(dataplane.quic_counters().ok()?),
+                                None => None,
+                            };
+                            Some((dataplane.counters().ok()?, quic))
                         })
                         .as_ref()
-                        .and_then(|c: &portshard_common::Counters| c.slots.get(usize::from(slot)))
-                        .map_or(Activity::Unknown, |c| {
-                            Activity::Delivered(
-                                c.selected + c.failed_over + c.probed + c.migrated + c.flow_hits,
+                        .and_then(|(c, quic)| {
+                            let c = c.slots.get(usize::from(slot))?;
+                            let by_id = quic.as_ref().map_or(0, |q| {
+                                q.slots
+                                    .get(usize::from(slot))
+                                    .map_or(0, |row| row.by_connection_id)
+                            });
+                            Some(
+                                c.selected
+                                    + c.failed_over
+                                    + c.probed
+                                    + c.migrated
+                                    + c.flow_hits
+                                    + by_id,
                             )
-                        }),
+                        })
+                        .map_or(Activity::Unknown, Activity::Delivered),
                     Proto::Tcp => established
                         .entry(spec.listen.port())
                         .or_insert_with(|| {
