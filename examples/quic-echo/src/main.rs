@@ -12,6 +12,10 @@
 //! `slot=<PORTSHARD_SLOT> pid=<pid>\n` followed by the request, so a client can tell which
 //! worker answered. On SIGTERM or SIGINT it stops accepting connections and gives open
 //! ones up to 10 seconds to finish.
+//!
+//! `portshard-quic-echo --connect ADDR [--count N]` is the matching client: N connections
+//! (default 1), one request each, each answer printed. It does not verify the server's
+//! certificate, which is self-signed.
 use std::{
     net::{SocketAddr, UdpSocket},
     os::fd::{FromRawFd as _, RawFd},
@@ -20,6 +24,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+
+use portshard_quic_echo::client;
 use portshard_quic_lb::{Config, QuicLbGenerator};
 use quinn::{
     Endpoint, EndpointConfig, ServerConfig, TokioRuntime,
@@ -41,9 +47,10 @@ fn main() {
 }
 
 fn run() -> Result<()> {
-    let socket = match listen_arg()? {
-        Some(addr) => UdpSocket::bind(addr).with_context(|| format!("binding {addr}"))?,
-        None => activated_socket()?,
+    let socket = match mode()? {
+        Mode::Listen(addr) => UdpSocket::bind(addr).with_context(|| format!("binding {addr}"))?,
+        Mode::Activated => activated_socket()?,
+        Mode::Connect(addr, count) => return client::run(addr, count),
     };
     socket
         .set_nonblocking(true)
@@ -56,20 +63,38 @@ fn run() -> Result<()> {
     runtime.block_on(serve(socket, quic_lb))
 }
 
-/// `--listen ADDR`, for running without socket activation.
-fn listen_arg() -> Result<Option<SocketAddr>> {
+/// What the command line asks for.
+enum Mode {
+    /// Serve on the socket passed by socket activation.
+    Activated,
+    /// Serve on a socket bound here (`--listen ADDR`), for running by hand.
+    Listen(SocketAddr),
+    /// Be the client (`--connect ADDR [--count N]`).
+    Connect(SocketAddr, usize),
+}
+
+const USAGE: &str = "usage: portshard-quic-echo [--listen ADDR | --connect ADDR [--count N]] (with neither, serve the UDP socket passed by socket activation: LISTEN_FDS, LISTEN_PID, fd 3)";
+
+fn mode() -> Result<Mode> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.as_slice() {
-        [] => Ok(None),
-        [flag, addr] if flag == "--listen" => {
-            Ok(Some(addr.parse().with_context(|| {
-                format!("--listen {addr:?} is not an address")
-            })?))
-        }
-        _ => bail!(
-            "usage: portshard-quic-echo [--listen ADDR] (without --listen, the UDP socket comes by socket activation: LISTEN_FDS, LISTEN_PID, fd 3)"
-        ),
-    }
+    let addr = |text: &str| -> Result<SocketAddr> {
+        text.parse()
+            .with_context(|| format!("{text:?} is not an address (IP:PORT)"))
+    };
+    Ok(
+        match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+            [] => Mode::Activated,
+            ["--listen", listen] => Mode::Listen(addr(listen)?),
+            ["--connect", connect] => Mode::Connect(addr(connect)?, 1),
+            ["--connect", connect, "--count", count] => Mode::Connect(
+                addr(connect)?,
+                count
+                    .parse()
+                    .with_context(|| format!("--count {count:?} is not a number"))?,
+            ),
+            _ => bail!(USAGE),
+        },
+    )
 }
 
 /// The first UDP socket passed by socket activation, checked to be meant for this process.

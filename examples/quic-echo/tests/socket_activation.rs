@@ -11,17 +11,9 @@ use std::{
     time::Duration,
 };
 
+use portshard_quic_echo::client;
 use portshard_quic_lb::{Config, ENV_CONFIG_ID, ENV_KEY, ENV_NONCE_LEN, ENV_SERVER_ID, format_hex};
-use quinn::{
-    ClientConfig, Endpoint,
-    crypto::rustls::QuicClientConfig,
-    rustls::{
-        self, DigitallySignedStruct, SignatureScheme,
-        client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-        crypto::{CryptoProvider, ring},
-        pki_types::{CertificateDer, ServerName, UnixTime},
-    },
-};
+use quinn::Endpoint;
 
 /// How long one exchange may take before the test gives up.
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -66,68 +58,8 @@ fn spawn_worker(socket: &UdpSocket, env: &[(&str, String)]) -> Worker {
     Worker(command.spawn().expect("starting portshard-quic-echo"))
 }
 
-/// Accepts any certificate: the worker's is self-signed at start.
-#[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 fn client() -> Endpoint {
-    let provider = Arc::new(ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-        .with_no_client_auth();
-    let mut endpoint = Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(ClientConfig::new(Arc::new(
-        QuicClientConfig::try_from(tls).unwrap(),
-    )));
-    endpoint
+    client::endpoint("127.0.0.1:0".parse().unwrap()).unwrap()
 }
 
 /// Connection IDs the server chose, as seen on the wire: the source CID of its
