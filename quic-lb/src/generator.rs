@@ -49,7 +49,10 @@ pub struct NoncesExhausted;
 /// fresh random bytes each time, as the draft requires of unencrypted connection IDs (a
 /// counter in the clear would link them); its length then bounds how many a server can
 /// issue before two are likely to collide (about `2^(4 * nonce_len)`).
-#[derive(Debug, Clone)]
+///
+/// It is deliberately not `Clone`: a copy would repeat the original's nonces. Share one
+/// generator (as the `quinn` feature's `QuicLbGenerator` does) instead.
+#[derive(Debug)]
 pub struct Generator<E> {
     config: Config,
     entropy: E,

@@ -169,7 +169,7 @@ async fn serve(socket: UdpSocket, quic_lb: Option<Config>) -> Result<()> {
                     "unencrypted"
                 }
             );
-            endpoint_config.cid_generator(QuicLbGenerator::factory(config));
+            endpoint_config.cid_generator(QuicLbGenerator::new(config).factory());
             described
         }
         None => "random connection IDs (no QUIC-LB config)".to_owned(),
