@@ -14,14 +14,14 @@
 //!
 //! The crate does no I/O and holds no clock: [`Config::encode`] and [`Decoder::decode`] are
 //! pure functions of their inputs, and [`Generator`] draws its randomness from an
-//! [`Entropy`] the caller supplies. With the default `std` feature, [`OsEntropy`] reads the
-//! system's random source and [`Config::from_env`] reads a worker's environment; without
+//! [`Entropy`] the caller supplies. With the default `std` feature, `OsEntropy` reads the
+//! system's random source and `Config::from_env` reads a worker's environment; without
 //! it the crate is `no_std` and allocates nothing. The `quinn` feature adds
-//! [`QuicLbGenerator`], a `quinn_proto::ConnectionIdGenerator`.
+//! `QuicLbGenerator`, a `quinn_proto::ConnectionIdGenerator`.
 //!
 //! # The worker environment
 //!
-//! portshard sets these for each worker of a service that uses QUIC-LB; [`Config::from_env`]
+//! portshard sets these for each worker of a service that uses QUIC-LB; `Config::from_env`
 //! reads them:
 //!
 //! | variable | value |
