@@ -5,7 +5,7 @@ use crate::{
 };
 
 /// A source of random bytes. The crate makes no system call of its own: the caller picks
-/// the source (the system's with [`OsEntropy`], a fixed one in tests). Any
+/// the source (the system's with `OsEntropy`, a fixed one in tests). Any
 /// `FnMut(&mut [u8])` is one.
 pub trait Entropy {
     /// Fills `bytes` with random bytes.
