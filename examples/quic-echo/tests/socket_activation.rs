@@ -31,6 +31,11 @@ impl Drop for Worker {
 /// Starts the worker with `socket` as fd 3 and `env` added, the way portshard's daemon
 /// does: `sh` sets `LISTEN_PID` to its own pid, then execs the worker, which keeps it.
 fn spawn_worker(socket: &UdpSocket, env: &[(&str, String)]) -> Worker {
+    spawn_worker_with_stderr(socket, env, Stdio::inherit())
+}
+
+/// [`spawn_worker`] with the worker's stderr going to `stderr`.
+fn spawn_worker_with_stderr(socket: &UdpSocket, env: &[(&str, String)], stderr: Stdio) -> Worker {
     let fd = socket.as_raw_fd();
     let mut command = Command::new("/bin/sh");
     command
@@ -44,7 +49,8 @@ fn spawn_worker(socket: &UdpSocket, env: &[(&str, String)]) -> Worker {
         .env_remove(ENV_NONCE_LEN)
         .env_remove(ENV_KEY)
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null());
+        .stdin(Stdio::null())
+        .stderr(stderr);
     // SAFETY: only dup2, async-signal-safe, runs between fork and exec. dup2 leaves the
     // new fd 3 without close-on-exec, so it survives both execs.
     unsafe {
@@ -231,7 +237,18 @@ fn refuses_sockets_meant_for_another_process() {
 #[test]
 fn refuses_a_bad_quic_lb_config() {
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let mut worker = spawn_worker(&socket, &[(ENV_SERVER_ID, "0003".to_owned())]);
-    let status = worker.0.wait().unwrap();
-    assert!(!status.success());
+    let worker = spawn_worker_with_stderr(
+        &socket,
+        &[(ENV_SERVER_ID, "0003".to_owned())],
+        Stdio::piped(),
+    );
+    let mut worker = worker;
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(worker.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!worker.0.wait().unwrap().success());
+    assert!(
+        stderr
+            .contains("PORTSHARD_QUIC_LB_SERVER_ID is set but PORTSHARD_QUIC_LB_CONFIG_ID is not"),
+        "{stderr}"
+    );
 }
