@@ -237,12 +237,11 @@ fn refuses_sockets_meant_for_another_process() {
 #[test]
 fn refuses_a_bad_quic_lb_config() {
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let worker = spawn_worker_with_stderr(
+    let mut worker = spawn_worker_with_stderr(
         &socket,
         &[(ENV_SERVER_ID, "0003".to_owned())],
         Stdio::piped(),
     );
-    let mut worker = worker;
     let mut stderr = String::new();
     std::io::Read::read_to_string(worker.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert!(!worker.0.wait().unwrap().success());
