@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cargo_command, root, setup};
 
 /// The fuzz targets in `fuzz/fuzz_targets`, with their corpora in `fuzz/corpus/<target>`.
-const FUZZ_TARGETS: [&str; 3] = ["config", "control", "table"];
+const FUZZ_TARGETS: [&str; 4] = ["config", "control", "table", "quic-lb"];
 
 /// An input running longer than this counts as a hang.
 const FUZZ_TIMEOUT_SECONDS: u64 = 10;
