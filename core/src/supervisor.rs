@@ -468,7 +468,8 @@ impl<L: Clone> Supervisor<L> {
     }
 
     /// The switches the program reads beside the table for `spec` (see
-    /// [`portshard_common::TABLE_FLOWS`], [`portshard_common::TABLE_PROBES`] and
+    /// [`portshard_common::TABLE_FLOWS`], [`portshard_common::TABLE_PROBES`], the listener
+    /// indexes ([`portshard_common::listener_flags`]) and
     /// [`portshard_common::Table::flow_idle_s`]).
     pub fn table_switches(spec: &Service) -> Switches {
         let flows = if spec.flow_capacity() > 0 {
@@ -481,8 +482,16 @@ impl<L: Clone> Supervisor<L> {
         } else {
             0
         };
+        // Single-listener services leave the listener bits 0: their sockets are in `sockets`.
+        let listeners = spec
+            .listeners
+            .iter()
+            .zip(0..)
+            .fold(0, |flags, (listener, index)| {
+                flags | portshard_common::listener_flags(listener.kind(), index)
+            });
         Switches {
-            flags: flows | probes,
+            flags: flows | probes | listeners,
             flow_idle_s: u32::try_from(spec.flow_idle.as_secs().max(1)).unwrap_or(u32::MAX),
         }
     }

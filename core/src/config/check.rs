@@ -7,11 +7,11 @@ use toml::Spanned;
 use super::{
     DEFAULT_DRAIN_IDLE, DEFAULT_DRAIN_TIMEOUT, DEFAULT_FLOW_IDLE, DEFAULT_FLOW_TABLE,
     DEFAULT_PROBE_FAILURES, DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT, DEFAULT_READY_DELAY,
-    DEFAULT_STOP_TIMEOUT, MAX_FLOW_TABLE, MAX_WORKERS, Mode, Probe, ProbeKind, Problem,
-    RestartPolicy, RunAs, Service, raw::RawService,
+    DEFAULT_STOP_TIMEOUT, MAX_FLOW_TABLE, MAX_LISTENERS, MAX_WORKERS, Mode, Probe, ProbeKind,
+    Problem, RestartPolicy, RunAs, Service, raw::RawListen, raw::RawService,
 };
 use crate::{
-    service::{Proto, is_valid_name},
+    service::{Listener, Proto, is_valid_name},
     table::MAX_WEIGHT,
 };
 
@@ -112,8 +112,12 @@ pub(super) fn check_service(
     let before = checker.problems.len();
     // A missing required field was reported when the table was read; the others are
     // still checked, with a stand-in for it, so every problem is found at once.
+    let listen_list = matches!(
+        raw.listen.as_ref().map(Spanned::get_ref),
+        Some(RawListen::Many(_))
+    );
     let complete = raw.name.is_some()
-        && raw.proto.is_some()
+        && (raw.proto.is_some() || listen_list)
         && raw.listen.is_some()
         && raw.workers.is_some()
         && raw.command.is_some();
@@ -130,14 +134,6 @@ pub(super) fn check_service(
         );
     }
     let label = raw.label.clone();
-    let proto_field = raw
-        .proto
-        .clone()
-        .unwrap_or_else(|| Spanned::new(raw.span.clone(), "udp".to_owned()));
-    let listen_field = raw
-        .listen
-        .clone()
-        .unwrap_or_else(|| Spanned::new(raw.span.clone(), "0.0.0.0:1".to_owned()));
     let workers_field = raw
         .workers
         .clone()
@@ -148,40 +144,15 @@ pub(super) fn check_service(
         .unwrap_or_else(|| Spanned::new(raw.span.clone(), vec!["-".to_owned()]));
     let what = |field: &str| format!("{label} field `{field}`");
 
-    let proto = match proto_field.get_ref().as_str() {
-        "udp" => Proto::Udp,
-        "tcp" => Proto::Tcp,
-        other => {
-            checker.report(
-                proto_field.span(),
-                what("proto"),
-                format!("{other:?} is not a transport: use \"udp\" or \"tcp\""),
-            );
-            Proto::Udp
-        }
-    };
-    let listen = match listen_field.get_ref().parse::<SocketAddr>() {
-        Ok(addr) if addr.port() != 0 => addr,
-        Ok(_) => {
-            checker.report(
-                listen_field.span(),
-                what("listen"),
-                "port 0 is not allowed: workers of one service must share a fixed port".to_owned(),
-            );
-            SocketAddr::from(([0, 0, 0, 0], 0))
-        }
-        Err(_) => {
-            checker.report(
-                listen_field.span(),
-                what("listen"),
-                format!(
-                    "{:?} is not an address: write \"127.0.0.1:5300\" or \"[::1]:5300\"",
-                    listen_field.get_ref()
-                ),
-            );
-            SocketAddr::from(([0, 0, 0, 0], 0))
-        }
-    };
+    let listen_span = raw
+        .listen
+        .as_ref()
+        .map_or_else(|| raw.span.clone(), Spanned::span);
+    let listeners = check_listen(checker, raw.proto.as_ref(), raw.listen.as_ref(), &what);
+    let Listener {
+        proto,
+        addr: listen,
+    } = listeners[0];
     let workers = checker.integer(&workers_field, &what("workers"), 1..MAX_WORKERS + 1);
     let command = command_field.get_ref().clone();
     if command.first().is_none_or(|program| program.is_empty()) {
@@ -246,6 +217,7 @@ pub(super) fn check_service(
         name,
         proto,
         listen,
+        listeners,
         workers,
         command,
         mode,
@@ -274,10 +246,118 @@ pub(super) fn check_service(
             service,
             Spans {
                 name: name_field.span(),
-                listen: listen_field.span(),
+                listen: listen_span,
             },
         )
     })
+}
+
+/// Validates `proto` and `listen`: one address with `proto`, or a list of at most
+/// [`MAX_LISTENERS`] `PROTO:ADDRESS` listeners without it, of different transports or IP
+/// families. Returns the listeners in order, never none: a stand-in takes the place of
+/// what cannot be read, so the other fields are still checked.
+fn check_listen(
+    checker: &mut Checker<'_>,
+    proto: Option<&Spanned<String>>,
+    listen: Option<&Spanned<RawListen>>,
+    what: &dyn Fn(&str) -> String,
+) -> Vec<Listener> {
+    let stand_in = Listener::new(Proto::Udp, SocketAddr::from(([0, 0, 0, 0], 0)));
+    let check_port = |checker: &mut Checker<'_>, span: Range<usize>, listener: Listener| {
+        if listener.addr.port() == 0 {
+            checker.report(
+                span,
+                what("listen"),
+                "port 0 is not allowed: workers of one service must share a fixed port".to_owned(),
+            );
+        }
+    };
+    let read_proto =
+        |checker: &mut Checker<'_>, proto: &Spanned<String>| match proto.get_ref().as_str() {
+            "udp" => Proto::Udp,
+            "tcp" => Proto::Tcp,
+            other => {
+                checker.report(
+                    proto.span(),
+                    what("proto"),
+                    format!("{other:?} is not a transport: use \"udp\" or \"tcp\""),
+                );
+                Proto::Udp
+            }
+        };
+    let Some(listen) = listen else {
+        // Missing: reported when the table was read.
+        if let Some(proto) = proto {
+            read_proto(checker, proto);
+        }
+        return vec![stand_in];
+    };
+    let addresses = match listen.get_ref() {
+        RawListen::One(address) => {
+            let proto = proto.map_or(Proto::Udp, |proto| read_proto(checker, proto));
+            let Ok(addr) = address.parse::<SocketAddr>() else {
+                checker.report(
+                    listen.span(),
+                    what("listen"),
+                    format!(
+                        "{address:?} is not an address: write \"127.0.0.1:5300\" or \"[::1]:5300\""
+                    ),
+                );
+                return vec![stand_in];
+            };
+            let listener = Listener::new(proto, addr);
+            check_port(checker, listen.span(), listener);
+            return vec![listener];
+        }
+        RawListen::Many(addresses) => addresses,
+    };
+    if let Some(proto) = proto {
+        checker.report(
+            proto.span(),
+            what("proto"),
+            "is set, but `listen` is a list of listeners, each naming its own transport (\"tcp:0.0.0.0:443\"): remove `proto`".to_owned(),
+        );
+    }
+    if addresses.is_empty() || addresses.len() > MAX_LISTENERS {
+        checker.report(
+            listen.span(),
+            what("listen"),
+            format!(
+                "{} listeners, a service has 1 to {MAX_LISTENERS}: at most one each of TCP and UDP over IPv4 and IPv6",
+                addresses.len()
+            ),
+        );
+    }
+    let mut listeners: Vec<(Listener, &String)> = Vec::new();
+    for address in addresses.iter().take(MAX_LISTENERS) {
+        let Some(listener) = Listener::parse(address) else {
+            checker.report(
+                listen.span(),
+                what("listen"),
+                format!(
+                    "{address:?} is not a listener: write \"PROTO:ADDRESS\" with PROTO udp or tcp, like \"udp:0.0.0.0:443\" or \"tcp:[::]:443\""
+                ),
+            );
+            continue;
+        };
+        check_port(checker, listen.span(), listener);
+        if let Some((_, first)) = listeners.iter().find(|(l, _)| l.kind() == listener.kind()) {
+            checker.report(
+                listen.span(),
+                what("listen"),
+                format!(
+                    "listeners {first:?} and {address:?} are both {}: a service takes one listener per transport and IP family (tcp4, tcp6, udp4, udp6); give the other one its own service",
+                    listener.kind_name()
+                ),
+            );
+            continue;
+        }
+        listeners.push((listener, address));
+    }
+    if listeners.is_empty() {
+        return vec![stand_in];
+    }
+    listeners.into_iter().map(|(l, _)| l).collect()
 }
 
 /// The probe fields of a service, as written.
