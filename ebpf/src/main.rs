@@ -20,7 +20,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, sk_action::SK_PASS},
+    bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock, sk_action::SK_PASS},
     cty::c_void,
     helpers::{bpf_ktime_get_coarse_ns, bpf_skb_load_bytes_relative},
     macros::{map, sk_reuseport},
@@ -29,16 +29,36 @@ use aya_ebpf::{
 };
 use portshard_common::{
     ADMIT_BUCKET_MASK, ADMIT_SIZE, ADMIT_WAYS, BPF_F_MMAPABLE, Counters, Flow, FlowCounters,
-    FlowKey, MAX_SLOTS, PROBE_STEPS, PROBE_STRIDE, PendingFlow, ProbeHealth, ProbeRoute,
-    ServiceMeta, SlotCounters, SlotMeta, SlotState, TABLE_FLOWS, TABLE_MASK, TABLE_PROBES, Table,
-    TableEntry,
+    FlowKey, MAX_LISTENERS, MAX_SLOTS, PROBE_STEPS, PROBE_STRIDE, PendingFlow, ProbeHealth,
+    ProbeRoute, ServiceMeta, SlotCounters, SlotMeta, SlotState, TABLE_FLOWS, TABLE_MASK,
+    TABLE_PROBES, Table, TableEntry, listener_index, listener_kind,
 };
 
 mod runtime;
 
-/// Slot number to listening socket. The kernel clears a slot the moment its socket closes.
+/// Slot number to listening socket, of the service's first listener. The kernel clears a
+/// slot the moment its socket closes.
 #[map(name = "sockets")]
 static SOCKETS: ReusePortSockArray = ReusePortSockArray::pinned(MAX_SLOTS, 0);
+
+/// The second listener's sockets: a reuseport group is per transport and address, and the
+/// kernel selects only a socket of the group the packet arrived in, so each of a service's
+/// listeners has its own array. A worker's sockets sit in the same slot of each.
+#[map(name = "sockets_1")]
+static SOCKETS_1: ReusePortSockArray = ReusePortSockArray::pinned(MAX_SLOTS, 0);
+
+/// The third listener's sockets.
+#[map(name = "sockets_2")]
+static SOCKETS_2: ReusePortSockArray = ReusePortSockArray::pinned(MAX_SLOTS, 0);
+
+/// The fourth listener's sockets.
+#[map(name = "sockets_3")]
+static SOCKETS_3: ReusePortSockArray = ReusePortSockArray::pinned(MAX_SLOTS, 0);
+
+/// What each listener listens on, for the CLI and a restarted daemon; defined here so one
+/// object describes every pinned map.
+#[map(name = "listeners")]
+static LISTENERS: Array<ServiceMeta> = Array::pinned(MAX_LISTENERS as u32, 0);
 
 /// The consistent lookup table, written by userspace through a memory mapping.
 #[map(name = "table")]
@@ -387,15 +407,44 @@ fn choose(ctx: &SkReuseportContext, table: *const Table, hash: u32) -> Option<(u
 /// the same user can join the group).
 #[inline(always)]
 fn any_live(ctx: &SkReuseportContext) -> Option<u16> {
+    let sockets = listener_sockets(ctx);
     for slot in 0..MAX_SLOTS {
         let live = SLOTS
             .get(slot)
             .is_some_and(|meta| meta.state == SlotState::Live as u32);
-        if live && SOCKETS.select_reuseport(ctx, slot).is_ok() {
+        if live && sockets.select_reuseport(ctx, slot).is_ok() {
             return Some(slot as u16);
         }
     }
     None
+}
+
+/// The socket array of the listener the program runs for. A service has at most one
+/// listener of each kind (transport, IP family), and the table's flags word holds each
+/// kind's listener index; single-listener services leave it 0 (`sockets`). The family is
+/// the listening socket's, never the packet's: a dual-stack socket receives IPv4 packets.
+#[inline(always)]
+fn listener_sockets(ctx: &SkReuseportContext) -> &'static ReusePortSockArray {
+    const AF_INET6: u32 = 10;
+    const IPPROTO_UDP: u32 = 17;
+    let Some(table) = TABLE.get_ptr(0) else {
+        return &SOCKETS;
+    };
+    // SAFETY: `table` points to the map's value; the flags word is inside it.
+    let flags = unsafe { core::ptr::read_volatile(&raw const (*table).flags) };
+    // SAFETY: `sk` is the listening socket the kernel runs the program for (Linux 5.14+),
+    // never null; `ip_protocol` is that socket's protocol.
+    let family = unsafe {
+        let sk: *const bpf_sock = (*ctx.md).__bindgen_anon_3.sk;
+        (*sk).family
+    };
+    let kind = listener_kind(ctx.ip_protocol() == IPPROTO_UDP, family == AF_INET6);
+    match listener_index(flags, kind) {
+        1 => &SOCKETS_1,
+        2 => &SOCKETS_2,
+        3 => &SOCKETS_3,
+        _ => &SOCKETS,
+    }
 }
 
 /// The slot a health probe checks, if the packet's source port (the first two bytes of the
@@ -465,7 +514,10 @@ fn read(table: *const Table, index: u32) -> TableEntry {
 /// socket is closed (`-ENOENT`) or otherwise unusable.
 #[inline(always)]
 fn select(ctx: &SkReuseportContext, slot: u16) -> bool {
-    u32::from(slot) < MAX_SLOTS && SOCKETS.select_reuseport(ctx, u32::from(slot)).is_ok()
+    u32::from(slot) < MAX_SLOTS
+        && listener_sockets(ctx)
+            .select_reuseport(ctx, u32::from(slot))
+            .is_ok()
 }
 
 /// Bumps this CPU's counter for the decision taken.

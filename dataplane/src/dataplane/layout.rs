@@ -81,6 +81,7 @@ fn added_by(step: Step) -> &'static [&'static str] {
     match step {
         Step::RecordLayout => &[names::LAYOUT],
         Step::KeyFlowsBySource => &names::ADDED_IN_LAYOUT_3,
+        Step::PinListeners => &names::ADDED_IN_LAYOUT_4,
     }
 }
 
@@ -92,8 +93,8 @@ pub(super) fn migrate(dir: &Path, steps: &[Step]) -> Result<()> {
     for step in steps {
         match step {
             Step::RecordLayout => pin_layout(dir, step.reaches())?,
-            Step::KeyFlowsBySource => {
-                for name in names::ADDED_IN_LAYOUT_3 {
+            Step::KeyFlowsBySource | Step::PinListeners => {
+                for name in added_by(*step) {
                     if !dir.join(name).exists() {
                         pin_new_map(dir, name, flow_capacity)?;
                     }
