@@ -185,14 +185,14 @@ impl Group {
         &self.dataplane
     }
 
-    /// Puts this build's `program` in place of the pinned one, attached through `socket`,
-    /// a live member of the group (see [`Dataplane::replace_program`]).
+    /// Puts this build's `program` in place of the pinned one, attached through `sockets`,
+    /// a live member of each listener's group (see [`Dataplane::replace_program`]).
     pub fn replace_program(
         &mut self,
         program: LoadedProgram,
-        socket: Option<BorrowedFd<'_>>,
+        sockets: &[BorrowedFd<'_>],
     ) -> Result<(), GroupError> {
-        Ok(self.dataplane.replace_program(program, socket)?)
+        Ok(self.dataplane.replace_program(program, sockets)?)
     }
 
     /// Puts `socket` (bound with `SO_REUSEPORT`, and listening for TCP), served by

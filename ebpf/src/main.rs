@@ -385,29 +385,32 @@ fn flow_key(ctx: &SkReuseportContext, family: u16, source: [u8; 16], hash: u32) 
 /// else the owner of one of a few unrelated entries; `None` if none has a live socket.
 #[inline(always)]
 fn choose(ctx: &SkReuseportContext, table: *const Table, hash: u32) -> Option<(u16, Choice)> {
+    let sockets = listener_sockets(ctx);
     let index = hash & TABLE_MASK;
     let entry = read(table, index);
-    if select(ctx, entry.owner) {
+    if select_in(ctx, sockets, entry.owner) {
         return Some((entry.owner, Choice::Owner));
     }
-    if select(ctx, entry.heir) {
+    if select_in(ctx, sockets, entry.heir) {
         return Some((entry.heir, Choice::Heir));
     }
     for step in 1..=PROBE_STEPS {
         let other = read(table, index.wrapping_add(step * PROBE_STRIDE));
-        if other.owner != entry.owner && other.owner != entry.heir && select(ctx, other.owner) {
+        if other.owner != entry.owner
+            && other.owner != entry.heir
+            && select_in(ctx, sockets, other.owner)
+        {
             return Some((other.owner, Choice::Probe));
         }
     }
-    any_live(ctx).map(|slot| (slot, Choice::Probe))
+    any_live(ctx, sockets).map(|slot| (slot, Choice::Probe))
 }
 
 /// The first slot recorded live whose socket takes the packet: the last resort before the
 /// kernel's own hash, which could pick a socket that is not portshard's (any process of
 /// the same user can join the group).
 #[inline(always)]
-fn any_live(ctx: &SkReuseportContext) -> Option<u16> {
-    let sockets = listener_sockets(ctx);
+fn any_live(ctx: &SkReuseportContext, sockets: &ReusePortSockArray) -> Option<u16> {
     for slot in 0..MAX_SLOTS {
         let live = SLOTS
             .get(slot)
@@ -514,10 +517,14 @@ fn read(table: *const Table, index: u32) -> TableEntry {
 /// socket is closed (`-ENOENT`) or otherwise unusable.
 #[inline(always)]
 fn select(ctx: &SkReuseportContext, slot: u16) -> bool {
-    u32::from(slot) < MAX_SLOTS
-        && listener_sockets(ctx)
-            .select_reuseport(ctx, u32::from(slot))
-            .is_ok()
+    select_in(ctx, listener_sockets(ctx), slot)
+}
+
+/// [`select`] in `sockets`, the socket array of the listener the program runs for
+/// ([`listener_sockets`], looked up once by a caller that selects several times).
+#[inline(always)]
+fn select_in(ctx: &SkReuseportContext, sockets: &ReusePortSockArray, slot: u16) -> bool {
+    u32::from(slot) < MAX_SLOTS && sockets.select_reuseport(ctx, u32::from(slot)).is_ok()
 }
 
 /// Bumps this CPU's counter for the decision taken.

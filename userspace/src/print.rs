@@ -95,12 +95,17 @@ pub fn status(root: &Path, json: bool) -> Result<()> {
         writeln!(out, "no service is pinned under {}", root.display()).context(STDOUT)?;
     }
     for service in &report.services {
+        // One listener: `udp 127.0.0.1:53`; several: `tcp:0.0.0.0:443 udp:0.0.0.0:443`.
+        let listens = if service.listeners.len() > 1 {
+            service.listeners.join(" ")
+        } else {
+            format!("{} {}", service.proto, service.listen)
+        };
         writeln!(
             out,
-            "{} {} {} ({}): balance {:.4}, {} runs fell through; program {}, pin layout {}",
+            "{} {} ({}): balance {:.4}, {} runs fell through; program {}, pin layout {}",
             service.name,
-            service.proto,
-            service.listen,
+            listens,
             service.mode,
             service.balance,
             service.fell_through,

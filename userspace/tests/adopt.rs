@@ -147,7 +147,10 @@ fn pins_of_layout_2_are_migrated_and_the_group_steers_through_the_new_flow_table
     // maps layouts 3 and 4 added, and the layout map saying 2. (The pinned program is
     // this build's; an older build's would differ only in its tag.)
     let dir = sandbox.pins().join("dns");
-    for name in names::ADDED_IN_LAYOUT_3.iter().chain(&names::ADDED_IN_LAYOUT_4) {
+    for name in names::ADDED_IN_LAYOUT_3
+        .iter()
+        .chain(&names::ADDED_IN_LAYOUT_4)
+    {
         std::fs::remove_file(dir.join(name)).unwrap();
     }
     pin_legacy_flow_table(&dir.join(names::LEGACY_FLOWS), 65_536).unwrap();

@@ -379,6 +379,10 @@ impl<L: Clone> Supervisor<L> {
                     drain.delivered.replace(delivered) != Some(delivered)
                 }
                 Activity::Connections(open) => open > 0,
+                Activity::Both {
+                    delivered,
+                    connections,
+                } => drain.delivered.replace(delivered) != Some(delivered) || connections > 0,
                 Activity::Unknown => true,
             };
             if busy {
