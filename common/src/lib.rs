@@ -57,6 +57,9 @@ pub mod names {
     /// each of the service's listeners listens on; entries past the last listener are
     /// zero. Pins of layouts before 4 have none: their one listener is in [`SERVICE`].
     pub const LISTENERS: &str = "listeners";
+    /// Array of [`crate::SlotCookies`], one per slot: the cookie of each of the slot's
+    /// sockets, listener by listener, so a socket of any listener tells as portshard's.
+    pub const COOKIES: &str = "slot_cookies";
     /// Array with one [`crate::Table`] value: the consistent lookup table.
     pub const TABLE: &str = "table";
     /// Array of [`crate::SlotMeta`], one per slot, for the CLI and for a restarting daemon.
@@ -86,7 +89,7 @@ pub mod names {
     /// written in, so a build never reuses pins it does not understand.
     pub const LAYOUT: &str = "layout";
     /// Every map the program's object defines, in a fixed order.
-    pub const MAPS: [&str; 16] = [
+    pub const MAPS: [&str; 17] = [
         SOCKETS,
         TABLE,
         SLOTS,
@@ -103,12 +106,13 @@ pub mod names {
         SOCKETS_2,
         SOCKETS_3,
         LISTENERS,
+        COOKIES,
     ];
     /// The maps pin layout 3 added, created when older pins are migrated.
     pub const ADDED_IN_LAYOUT_3: [&str; 4] = [FLOWS, ADMISSION, FLOW_COUNTERS, FLOW_SWEPT];
     /// The maps pin layout 4 added (the other listeners' socket arrays and the listeners'
     /// addresses), created when older pins are migrated.
-    pub const ADDED_IN_LAYOUT_4: [&str; 4] = [SOCKETS_1, SOCKETS_2, SOCKETS_3, LISTENERS];
+    pub const ADDED_IN_LAYOUT_4: [&str; 5] = [SOCKETS_1, SOCKETS_2, SOCKETS_3, LISTENERS, COOKIES];
 }
 
 /// The version of the pin layout (which maps a service's pin directory holds, and the
@@ -403,6 +407,16 @@ impl SlotMeta {
     };
 }
 
+/// The `SO_COOKIE` of each of a slot's sockets, by listener index (0 past the service's
+/// last listener), recorded before the sockets join their groups. The first is also in
+/// [`SlotMeta::cookie`]. The program never reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotCookies {
+    /// By listener index.
+    pub cookies: [u64; MAX_LISTENERS],
+}
+
 /// What a service listens on and how it steers, recorded once when its dataplane is
 /// created, so the CLI and a restarted daemon know the service from its pins alone.
 #[repr(C)]
@@ -608,6 +622,7 @@ const _: () = {
     assert!(size_of::<FlowCounters>() == 40);
     assert!(ADMIT_SIZE.is_power_of_two() && ADMIT_WAYS.is_power_of_two());
     assert!(size_of::<ProbeHealth>() == 8);
+    assert!(size_of::<SlotCookies>() == 8 * MAX_LISTENERS);
     assert!(size_of::<ProbeRoute>() == 24);
     assert!(MAX_LISTENERS == names::LISTENER_SOCKETS.len() && MAX_LISTENERS <= 4);
     assert!(listener_flags(3, 3) >> TABLE_LISTENER_SHIFT == 0xc0);
@@ -624,6 +639,7 @@ mod pod {
     unsafe impl aya::Pod for super::Table {}
     unsafe impl aya::Pod for super::SlotMeta {}
     unsafe impl aya::Pod for super::ServiceMeta {}
+    unsafe impl aya::Pod for super::SlotCookies {}
     unsafe impl aya::Pod for super::ProbeHealth {}
     unsafe impl aya::Pod for super::ProbeRoute {}
     unsafe impl aya::Pod for super::SlotCounters {}

@@ -18,7 +18,7 @@ use aya::{
 };
 use portshard_common::{
     Counters, Flow, FlowCounters, FlowKey, MAX_LISTENERS, MAX_SLOTS, PIN_LAYOUT, ProbeHealth,
-    ProbeRoute, ServiceMeta, SlotMeta, TABLE_SIZE, TableEntry, names,
+    ProbeRoute, ServiceMeta, SlotCookies, SlotMeta, TABLE_SIZE, TableEntry, names,
 };
 use portshard_core::supervisor::Switches;
 
@@ -74,6 +74,8 @@ pub struct Dataplane {
     listeners: Array<MapData, ServiceMeta>,
     /// How many listeners the service has, as recorded (1 when none is).
     listener_count: usize,
+    /// The cookies of each slot's sockets, listener by listener.
+    cookies: Array<MapData, SlotCookies>,
     records: PinnedRecords,
     counters: PerCpuArray<MapData, Counters>,
     flows: HashMap<MapData, FlowKey, Flow>,
@@ -147,6 +149,7 @@ impl Dataplane {
             .collect::<Result<Vec<_>>>()?;
         let listeners: Array<MapData, ServiceMeta> =
             typed(&dir, names::LISTENERS, open(names::LISTENERS)?)?;
+        let cookies = typed(&dir, names::COOKIES, open(names::COOKIES)?)?;
         let records = PinnedRecords::open_in(&dir, &specs)?;
         let counters = typed(&dir, names::COUNTERS, open(names::COUNTERS)?)?;
         let flows = typed(&dir, names::FLOWS, open(names::FLOWS)?)?;
@@ -162,6 +165,7 @@ impl Dataplane {
             sockets,
             listeners,
             listener_count: 1,
+            cookies,
             records,
             counters,
             flows,
@@ -300,6 +304,29 @@ impl Dataplane {
             records.push(meta);
         }
         Ok(records)
+    }
+
+    /// Records the cookies of `slot`'s sockets, listener by listener (see
+    /// [`SlotCookies`]), before they join their groups.
+    pub fn set_cookies(&mut self, slot: Slot, cookies: &[u64]) -> Result<()> {
+        let mut value = SlotCookies::default();
+        for (to, &cookie) in value.cookies.iter_mut().zip(cookies) {
+            *to = cookie;
+        }
+        let error = self.map_error(
+            names::COOKIES,
+            format!("recording the cookies of slot {slot}"),
+        );
+        self.cookies.set(u32::from(slot), value, 0).map_err(error)
+    }
+
+    /// The cookies recorded for `slot`'s sockets, listener by listener.
+    pub fn cookies(&self, slot: Slot) -> Result<SlotCookies> {
+        let error = self.map_error(
+            names::COOKIES,
+            format!("reading the cookies of slot {slot}"),
+        );
+        self.cookies.get(&u32::from(slot), 0).map_err(error)
     }
 
     /// How many listeners the service has: each has its socket array, slot for slot.

@@ -442,6 +442,12 @@ impl Group {
         Ok(self.dataplane.set_health(slot, health)?)
     }
 
+    /// Records the cookies of `slot`'s sockets, listener by listener, without touching the
+    /// table (see [`Dataplane::set_cookies`]).
+    pub fn set_cookies(&mut self, slot: Slot, cookies: &[u64]) -> Result<(), GroupError> {
+        Ok(self.dataplane.set_cookies(slot, cookies)?)
+    }
+
     /// Records `meta` for `slot` without touching the table (a restart count, a pid).
     pub fn set_meta(&mut self, slot: Slot, meta: SlotMeta) -> Result<(), GroupError> {
         Ok(self.dataplane.set_meta(slot, meta)?)

@@ -66,7 +66,7 @@ pub fn map_specs(object: &[u8], flow_capacity: u32) -> Result<Vec<MapSpec>, Obje
 mod tests {
     use portshard_common::{
         ADMIT_SIZE, BPF_F_MMAPABLE, Counters, Flow, FlowCounters, FlowKey, MAX_LISTENERS,
-        MAX_SLOTS, PendingFlow, ProbeHealth, ProbeRoute, ServiceMeta, SlotMeta, Table,
+        MAX_SLOTS, PendingFlow, ProbeHealth, ProbeRoute, ServiceMeta, SlotCookies, SlotMeta, Table,
     };
 
     use super::*;
@@ -194,6 +194,14 @@ mod tests {
                 4,
                 size_of::<ServiceMeta>(),
                 MAX_LISTENERS as u32,
+                0,
+            ),
+            (
+                names::COOKIES,
+                BPF_MAP_TYPE_ARRAY,
+                4,
+                size_of::<SlotCookies>(),
+                MAX_SLOTS,
                 0,
             ),
         ];

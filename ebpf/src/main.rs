@@ -30,8 +30,8 @@ use aya_ebpf::{
 use portshard_common::{
     ADMIT_BUCKET_MASK, ADMIT_SIZE, ADMIT_WAYS, BPF_F_MMAPABLE, Counters, Flow, FlowCounters,
     FlowKey, MAX_LISTENERS, MAX_SLOTS, PROBE_STEPS, PROBE_STRIDE, PendingFlow, ProbeHealth,
-    ProbeRoute, ServiceMeta, SlotCounters, SlotMeta, SlotState, TABLE_FLOWS, TABLE_MASK,
-    TABLE_PROBES, Table, TableEntry, listener_index, listener_kind,
+    ProbeRoute, ServiceMeta, SlotCookies, SlotCounters, SlotMeta, SlotState, TABLE_FLOWS,
+    TABLE_MASK, TABLE_PROBES, Table, TableEntry, listener_index, listener_kind,
 };
 
 mod runtime;
@@ -59,6 +59,11 @@ static SOCKETS_3: ReusePortSockArray = ReusePortSockArray::pinned(MAX_SLOTS, 0);
 /// object describes every pinned map.
 #[map(name = "listeners")]
 static LISTENERS: Array<ServiceMeta> = Array::pinned(MAX_LISTENERS as u32, 0);
+
+/// The cookie of each of a slot's sockets, listener by listener, for the daemon's
+/// foreign-socket checks; defined here so one object describes every pinned map.
+#[map(name = "slot_cookies")]
+static COOKIES: Array<SlotCookies> = Array::pinned(MAX_SLOTS, 0);
 
 /// The consistent lookup table, written by userspace through a memory mapping.
 #[map(name = "table")]

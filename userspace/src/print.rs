@@ -193,20 +193,29 @@ pub fn status(root: &Path, json: bool) -> Result<()> {
 fn foreign(diag: &mut std::io::Result<SockDiag>, dataplane: &Dataplane) -> Vec<ForeignSocket> {
     let mut checked = || -> Result<Vec<ForeignSocket>> {
         let meta = dataplane.service()?;
-        let proto = if meta.proto == PROTO_TCP {
-            Proto::Tcp
-        } else {
-            Proto::Udp
-        };
+        // Every listener's address; a service of one listener records only `service`.
+        let mut listeners = dataplane.listener_records()?;
+        if listeners.is_empty() {
+            listeners.push(meta);
+        }
         let diag = diag
             .as_mut()
             .map_err(|error| anyhow::anyhow!("opening a sock_diag socket: {error}"))?;
-        Ok(owners::report(
-            diag,
-            proto,
-            listen_address(&meta),
-            dataplane,
-        )?)
+        let mut found = Vec::new();
+        for meta in &listeners {
+            let proto = if meta.proto == PROTO_TCP {
+                Proto::Tcp
+            } else {
+                Proto::Udp
+            };
+            found.extend(owners::report(
+                diag,
+                proto,
+                listen_address(meta),
+                dataplane,
+            )?);
+        }
+        Ok(found)
     };
     checked().unwrap_or_else(|error| {
         eprintln!(

@@ -20,11 +20,21 @@ use crate::{
 pub trait SlotRecords {
     /// `slot`'s recorded metadata.
     fn slot_record(&self, slot: Slot) -> Result<SlotMeta>;
+
+    /// The cookies recorded for `slot`'s sockets of every listener; none where only the
+    /// slot's record holds one (pins of layouts before 4, with one listener).
+    fn listener_cookies(&self, _slot: Slot) -> Result<Vec<u64>> {
+        Ok(Vec::new())
+    }
 }
 
 impl SlotRecords for super::Dataplane {
     fn slot_record(&self, slot: Slot) -> Result<SlotMeta> {
         self.meta(slot)
+    }
+
+    fn listener_cookies(&self, slot: Slot) -> Result<Vec<u64>> {
+        Ok(self.cookies(slot)?.cookies.to_vec())
     }
 }
 

@@ -57,16 +57,26 @@ impl Shell {
         // The slot records the first socket's cookie before it joins the group, so whoever
         // lists the sockets on the address (the foreign-socket check, `status`) finds it
         // recorded.
-        let mut meta = group.dataplane().meta(slot)?;
-        meta.cookie = socket::cookie(sockets[0].as_fd()).map_err(|source| {
-            socket_error(SocketError {
-                action: "reading SO_COOKIE of",
-                proto: spec.proto,
-                addr: spec.listen,
-                source,
+        let cookies = sockets
+            .iter()
+            .zip(&spec.listeners)
+            .map(|(socket, listener)| {
+                socket::cookie(socket.as_fd()).map_err(|source| {
+                    socket_error(SocketError {
+                        action: "reading SO_COOKIE of",
+                        proto: listener.proto,
+                        addr: listener.addr,
+                        source,
+                    })
+                })
             })
-        })?;
+            .collect::<Result<Vec<u64>, _>>()?;
+        let mut meta = group.dataplane().meta(slot)?;
+        meta.cookie = cookies[0];
         group.set_meta(slot, meta)?;
+        if spec.listeners.len() > 1 {
+            group.set_cookies(slot, &cookies)?;
+        }
         for (socket, listener) in sockets.iter().zip(&spec.listeners) {
             socket::join(socket, listener.proto, listener.addr).map_err(socket_error)?;
         }
