@@ -329,3 +329,63 @@ fn two_listeners_of_one_transport_and_family_are_refused_before_anything_starts(
     );
     assert!(!pins.exists(), "a pin directory was made: {stderr}");
 }
+
+#[test]
+fn a_daemon_killed_and_restarted_adopts_every_listener_and_moves_no_flow() {
+    let _sandbox = sandbox();
+    let sandbox = &_sandbox;
+    let mut daemon = DaemonRun::start(Path::new(EXE), &web_config(3), sandbox.pins()).unwrap();
+    daemon.wait_ready(&[("web", 3)], READY).unwrap();
+    let mut listeners = [
+        Flows::Tcp(TcpFlows::new(v4(), 22_000)),
+        Flows::Udp(UdpFlows::new(v4(), FLOWS).unwrap()),
+        Flows::Tcp(TcpFlows::new(v6(), 23_000)),
+        Flows::Udp(UdpFlows::new(v6(), FLOWS).unwrap()),
+    ];
+    let before: Vec<Vec<Answer>> = listeners.iter_mut().map(Flows::settle).collect();
+    let pids: BTreeMap<Slot, u32> = (0..3).map(|s| (s, pid_of(&daemon, "web", s))).collect();
+
+    // The daemon dies; a worker dies while it is down: the kernel fails its flows over on
+    // every listener with nobody to help.
+    daemon.kill9().unwrap();
+    let victim: Slot = 1;
+    kill_and_wait(pids[&victim], READY).unwrap();
+    for (flows, before) in listeners.iter_mut().zip(&before) {
+        for (flow, answer) in flows.round().iter().enumerate() {
+            let answer = answer.unwrap_or_else(|| panic!("flow {flow} lost"));
+            if before[flow].slot == victim {
+                assert_ne!(answer.slot, victim, "flow {flow}");
+            } else {
+                assert_eq!(answer, before[flow], "healthy flow {flow} moved");
+            }
+        }
+    }
+
+    // The restarted daemon adopts the pins and the workers, restarts the dead one, and
+    // every flow is where it was, the dead worker's on its replacement.
+    daemon.spawn().unwrap();
+    daemon.wait_ready(&[("web", 3)], READY).unwrap();
+    let status = daemon.status().unwrap();
+    let web = status.iter().find(|s| s.name == "web").unwrap();
+    assert_eq!(web.listeners.len(), 4, "{:?}", web.listeners);
+    assert_eq!(web.pin_layout, portshard_common::PIN_LAYOUT);
+    assert!(web.foreign.is_empty(), "{:?}", web.foreign);
+    let replacement = pid_of(&daemon, "web", victim);
+    for (flows, before) in listeners.iter_mut().zip(&before) {
+        let orphan = before.iter().position(|a| a.slot == victim).unwrap();
+        flows.wait_for(orphan, victim);
+        for (flow, answer) in flows.round().iter().enumerate() {
+            let expected = if before[flow].slot == victim {
+                Answer {
+                    slot: victim,
+                    pid: replacement,
+                }
+            } else {
+                before[flow]
+            };
+            assert_eq!(*answer, Some(expected), "flow {flow} after the adoption");
+        }
+    }
+    let log = daemon.log_text();
+    assert!(!log.contains("foreign socket"), "{log}");
+}

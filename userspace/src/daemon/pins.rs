@@ -88,6 +88,12 @@ pub(super) fn check(root: &Path, spec: &Service) -> Result<Option<u32>, DaemonEr
     // Pins still in an older layout cannot be opened whole: the records alone are read.
     let records = PinnedRecords::open(root, &spec.name)?;
     same_service(&records, spec)?;
+    if layout == PIN_LAYOUT {
+        same_listeners(&Dataplane::open(root, &spec.name)?, spec)?;
+    } else if spec.listeners.len() > 1 {
+        // Older layouts had one listener.
+        same_listeners_as(records.dir(), &[], spec)?;
+    }
     Ok(Some(layout))
 }
 
@@ -108,9 +114,17 @@ fn same_service(records: &PinnedRecords, spec: &Service) -> Result<(), DaemonErr
 
 /// Refuses pins whose listeners differ from those `spec` describes.
 fn same_listeners(dataplane: &Dataplane, spec: &Service) -> Result<(), DaemonError> {
-    let pinned = dataplane.listener_records()?;
+    same_listeners_as(dataplane.dir(), &dataplane.listener_records()?, spec)
+}
+
+/// Refuses `pinned` listener records (of the pins in `dir`) that differ from `spec`'s.
+fn same_listeners_as(
+    dir: &Path,
+    pinned: &[portshard_common::ServiceMeta],
+    spec: &Service,
+) -> Result<(), DaemonError> {
     let configured = listener_records(spec);
-    if pinned == configured {
+    if pinned == configured.as_slice() {
         return Ok(());
     }
     let describe = |records: &[portshard_common::ServiceMeta]| {
@@ -126,8 +140,8 @@ fn same_listeners(dataplane: &Dataplane, spec: &Service) -> Result<(), DaemonErr
     };
     Err(DaemonError::Changed {
         service: spec.name.clone(),
-        dir: dataplane.dir().to_path_buf(),
-        pinned: describe(&pinned),
+        dir: dir.to_path_buf(),
+        pinned: describe(pinned),
         configured: describe(&configured),
     })
 }
