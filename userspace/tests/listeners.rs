@@ -389,3 +389,61 @@ fn a_daemon_killed_and_restarted_adopts_every_listener_and_moves_no_flow() {
     let log = daemon.log_text();
     assert!(!log.contains("foreign socket"), "{log}");
 }
+
+#[test]
+fn a_balance_reload_moves_each_flow_once_to_the_same_successor_on_every_listener() {
+    let _sandbox = sandbox();
+    let sandbox = &_sandbox;
+    let mut daemon = DaemonRun::start(Path::new(EXE), &web_config(3), sandbox.pins()).unwrap();
+    daemon.wait_ready(&[("web", 3)], READY).unwrap();
+    let mut listeners = [
+        ("tcp4", Flows::Tcp(TcpFlows::new(v4(), 24_000))),
+        ("udp4", Flows::Udp(UdpFlows::new(v4(), FLOWS).unwrap())),
+        ("tcp6", Flows::Tcp(TcpFlows::new(v6(), 25_000))),
+        ("udp6", Flows::Udp(UdpFlows::new(v6(), FLOWS).unwrap())),
+    ];
+    let before: Vec<Vec<Answer>> = listeners
+        .iter_mut()
+        .map(|(_, flows)| flows.settle())
+        .collect();
+    let old: Vec<u32> = (0..3).map(|s| pid_of(&daemon, "web", s)).collect();
+
+    let reload = Command::new(EXE)
+        .args(["reload", "web", "--control"])
+        .arg(daemon.control())
+        .output()
+        .unwrap();
+    assert!(
+        reload.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reload.stderr)
+    );
+    // One table for all four: each old slot's flows go to one new slot, the same one on
+    // every listener, each served by a worker of the new generation.
+    let new: BTreeMap<Slot, u32> = portshard_harness::daemon::workers(&daemon.status().unwrap())
+        .remove("web")
+        .unwrap();
+    let mut successor: BTreeMap<Slot, Slot> = BTreeMap::new();
+    for ((name, flows), before) in listeners.iter_mut().zip(&before) {
+        for (flow, answer) in flows.round().iter().enumerate() {
+            let answer = answer.unwrap_or_else(|| panic!("{name}: flow {flow} lost"));
+            assert_eq!(
+                new.get(&answer.slot),
+                Some(&answer.pid),
+                "{name}: {answer:?}"
+            );
+            assert!(
+                !old.contains(&answer.pid),
+                "{name}: flow {flow} on the old generation"
+            );
+            let next = *successor.entry(before[flow].slot).or_insert(answer.slot);
+            assert_eq!(
+                next, answer.slot,
+                "{name}: flow {flow} of slot {}",
+                before[flow].slot
+            );
+        }
+    }
+    assert_eq!(successor.len(), 3, "{successor:?}");
+    eprintln!("reload: old slot -> new slot {successor:?} on all four listeners");
+}
