@@ -17,7 +17,7 @@ mod support;
 use portshard::table::Slot;
 use portshard_harness::daemon::{Answer, DaemonRun, UdpFlows, kill_and_wait, read_greeting};
 use socket2::{Domain, Socket, Type};
-use support::{EXE, PORT, READY, live_pid, pid_of, sandbox};
+use support::{EXE, PORT, READY, cli, live_pid, pid_of, sandbox};
 
 /// The four listeners, in config order, and the names their sockets get.
 const LISTENERS: [(&str, &str); 4] = [
@@ -446,4 +446,68 @@ fn a_balance_reload_moves_each_flow_once_to_the_same_successor_on_every_listener
     }
     assert_eq!(successor.len(), 3, "{successor:?}");
     eprintln!("reload: old slot -> new slot {successor:?} on all four listeners");
+}
+
+/// Copies `from` to `to` the way a package upgrade does: beside it, then renamed over it.
+fn install(from: &Path, to: &Path) {
+    let staged = to.with_extension("new");
+    let copied = Command::new("cp").arg(from).arg(&staged).status().unwrap();
+    assert!(
+        copied.success(),
+        "cp {} {}",
+        from.display(),
+        staged.display()
+    );
+    std::fs::rename(&staged, to).unwrap();
+}
+
+#[test]
+fn an_upgrade_puts_the_new_program_on_every_listeners_group_and_moves_no_flow() {
+    let second = std::env::var_os("PORTSHARD_UPGRADE_TEST_BINARY")
+        .expect("run through `cargo xtask test`, which builds the second portshard");
+    let _sandbox = sandbox();
+    let sandbox = &_sandbox;
+    let dir = tempfile::tempdir().unwrap();
+    let installed = dir.path().join("portshard");
+    install(Path::new(EXE), &installed);
+    let mut daemon = DaemonRun::start(&installed, &web_config(3), sandbox.pins()).unwrap();
+    daemon.wait_ready(&[("web", 3)], READY).unwrap();
+    let mut listeners = [
+        Flows::Tcp(TcpFlows::new(v4(), 26_000)),
+        Flows::Udp(UdpFlows::new(v4(), FLOWS).unwrap()),
+        Flows::Tcp(TcpFlows::new(v6(), 27_000)),
+        Flows::Udp(UdpFlows::new(v6(), FLOWS).unwrap()),
+    ];
+    let before: Vec<Vec<Answer>> = listeners.iter_mut().map(Flows::settle).collect();
+    let status = daemon.status().unwrap();
+    let tag = status[0].program_tag.clone();
+    let workers = portshard_harness::daemon::workers(&status);
+
+    // The second build's program differs: adoption attaches it to each listener's group
+    // through a worker's sockets, then pins it.
+    install(Path::new(&second), &installed);
+    let out = cli(&daemon, &["upgrade"]);
+    assert!(
+        out.status.success(),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log_text()
+    );
+    let status = daemon.status().unwrap();
+    assert_ne!(status[0].program_tag, tag, "the program was not replaced");
+    assert_eq!(status[0].listeners.len(), 4);
+    assert_eq!(portshard_harness::daemon::workers(&status), workers);
+    for (flows, before) in listeners.iter_mut().zip(&before) {
+        for (flow, answer) in flows.round().iter().enumerate() {
+            assert_eq!(*answer, Some(before[flow]), "flow {flow} after the upgrade");
+        }
+    }
+    assert!(
+        daemon
+            .log_text()
+            .contains("put this build's program in place of the pinned one"),
+        "{}",
+        daemon.log_text()
+    );
 }
