@@ -244,7 +244,7 @@ fn put_in_place(
     alive: &[Alive],
 ) -> Result<(), DaemonError> {
     let service = group.dataplane().name();
-    let members = member_sockets(spec, metas, alive)?;
+    let members = member_sockets(group.dataplane(), spec, metas, alive)?;
     let new_tag = program.tag();
     let sockets: Vec<_> = members
         .as_ref()
@@ -272,7 +272,7 @@ fn reattach(
     alive: &[Alive],
 ) -> Result<(), DaemonError> {
     let service = group.dataplane().name();
-    if let Some((pid, sockets)) = member_sockets(spec, metas, alive)? {
+    if let Some((pid, sockets)) = member_sockets(group.dataplane(), spec, metas, alive)? {
         for socket in &sockets {
             group.dataplane().attach(socket.as_fd())?;
         }
@@ -282,11 +282,13 @@ fn reattach(
 }
 
 /// The listening sockets of one of the running workers `alive`, one per listener of
-/// `spec` in order, and its pid; `None` when none runs. The first is told among the
-/// worker's sockets by the slot's recorded cookie, the others by their transport and
-/// address (looked for first where socket activation put them). An error when workers
-/// run but no one of them has all its sockets reachable.
+/// `spec` in order, and its pid; `None` when none runs. Each is told among the worker's
+/// sockets by the cookie recorded for it (the slot's record, `slot_cookies` in
+/// `dataplane`); one recorded nowhere by its transport and address (looked for first where
+/// socket activation put it). An error when workers run but no one of them has all its
+/// sockets reachable.
 fn member_sockets(
+    dataplane: &Dataplane,
     spec: &Service,
     metas: &[SlotMeta],
     alive: &[Alive],
@@ -302,9 +304,24 @@ fn member_sockets(
             }
         };
         let mut sockets = vec![first];
-        for (listener, fd) in spec.listeners.iter().zip(process::LISTEN_FD..).skip(1) {
-            match process::member_socket_of(pidfd.as_fd(), *pid, fd, listener.proto, listener.addr)
-            {
+        let recorded = dataplane.cookies(*slot).unwrap_or_default().cookies;
+        let listeners = spec.listeners.iter().zip(process::LISTEN_FD..).zip(recorded);
+        for ((listener, fd), cookie) in listeners.skip(1) {
+            let by_cookie = match cookie {
+                0 => Ok(None),
+                cookie => process::socket_of(pidfd.as_fd(), *pid, cookie),
+            };
+            let found = match by_cookie {
+                Ok(Some(socket)) => Ok(Some(socket)),
+                _ => process::member_socket_of(
+                    pidfd.as_fd(),
+                    *pid,
+                    fd,
+                    listener.proto,
+                    listener.addr,
+                ),
+            };
+            match found {
                 Ok(Some(socket)) => sockets.push(socket),
                 Ok(None) => {
                     warn!(service = %service, slot, pid, %listener, "this worker holds no socket of this listener");
