@@ -44,8 +44,25 @@ pub mod names {
     /// Where a new program is pinned before it is renamed over [`PROGRAM`] (the BPF
     /// filesystem refuses names with a dot).
     pub const PROGRAM_STAGED: &str = "steer_new";
-    /// `REUSEPORT_SOCKARRAY`: slot number to socket.
+    /// `REUSEPORT_SOCKARRAY`: slot number to socket, of the service's first listener.
     pub const SOCKETS: &str = "sockets";
+    /// `REUSEPORT_SOCKARRAY` of the service's second listener (a reuseport group is per
+    /// transport and address, and a socket array selects only within one group).
+    pub const SOCKETS_1: &str = "sockets_1";
+    /// `REUSEPORT_SOCKARRAY` of the service's third listener.
+    pub const SOCKETS_2: &str = "sockets_2";
+    /// `REUSEPORT_SOCKARRAY` of the service's fourth listener.
+    pub const SOCKETS_3: &str = "sockets_3";
+    /// The socket array of each listener, by listener index ([`crate::MAX_LISTENERS`]).
+    pub const LISTENER_SOCKETS: [&str; crate::MAX_LISTENERS] =
+        [SOCKETS, SOCKETS_1, SOCKETS_2, SOCKETS_3];
+    /// Array of [`crate::ServiceMeta`], one per listener ([`crate::MAX_LISTENERS`]): what
+    /// each of the service's listeners listens on; entries past the last listener are
+    /// zero. Pins of layouts before 4 have none: their one listener is in [`SERVICE`].
+    pub const LISTENERS: &str = "listeners";
+    /// Array of [`crate::SlotCookies`], one per slot: the cookie of each of the slot's
+    /// sockets, listener by listener, so a socket of any listener tells as portshard's.
+    pub const COOKIES: &str = "slot_cookies";
     /// Array with one [`crate::Table`] value: the consistent lookup table.
     pub const TABLE: &str = "table";
     /// Array of [`crate::SlotMeta`], one per slot, for the CLI and for a restarting daemon.
@@ -78,7 +95,7 @@ pub mod names {
     /// steered.
     pub const QUIC_COUNTERS: &str = "quic_events";
     /// Every map the program's object defines, in a fixed order.
-    pub const MAPS: [&str; 13] = [
+    pub const MAPS: [&str; 18] = [
         SOCKETS,
         TABLE,
         SLOTS,
@@ -92,20 +109,62 @@ pub mod names {
         FLOW_COUNTERS,
         FLOW_SWEPT,
         QUIC_COUNTERS,
+        SOCKETS_1,
+        SOCKETS_2,
+        SOCKETS_3,
+        LISTENERS,
+        COOKIES,
     ];
     /// The maps pin layout 3 added, created when older pins are migrated.
     pub const ADDED_IN_LAYOUT_3: [&str; 4] = [FLOWS, ADMISSION, FLOW_COUNTERS, FLOW_SWEPT];
-    /// The maps pin layout 4 added, created when older pins are migrated.
-    pub const ADDED_IN_LAYOUT_4: [&str; 1] = [QUIC_COUNTERS];
+    /// The maps pin layout 4 added (the QUIC counters, the other listeners' socket arrays,
+    /// the listeners' addresses and their sockets' cookies), created when older pins are
+    /// migrated.
+    pub const ADDED_IN_LAYOUT_4: [&str; 6] = [
+        QUIC_COUNTERS,
+        SOCKETS_1,
+        SOCKETS_2,
+        SOCKETS_3,
+        LISTENERS,
+        COOKIES,
+    ];
 }
 
 /// The version of the pin layout (which maps a service's pin directory holds, and the
 /// shape of each) this build writes. Pins without a `layout` map are layout 1 (every
 /// build before the version was recorded); layout 2 adds the `layout` map itself; layout 3
 /// keys the flow table by the flow's source as well as its hash and adds admission, its
-/// counters and the swept count; layout 4 adds the QUIC counters. A build migrates the
-/// layouts it knows in place and refuses any other before touching it.
+/// counters and the swept count; layout 4 adds the QUIC counters, the socket arrays of a
+/// service's second to fourth listeners and the `listeners` records. A build migrates the layouts it knows in
+/// place and refuses any other before touching it.
 pub const PIN_LAYOUT: u32 = 4;
+
+/// The most listeners (transport and address pairs) one service has, each its own
+/// reuseport group with its own socket array; a worker holds one socket of each, all in
+/// the same slot, so the one table steers every listener alike.
+pub const MAX_LISTENERS: usize = 4;
+
+/// Which of the four kinds of listening socket the program runs for: `(UDP) << 1 | (IPv6)`.
+/// A service has at most one listener of each kind, so the kind finds the listener.
+pub const fn listener_kind(udp: bool, ipv6: bool) -> u32 {
+    ((udp as u32) << 1) | ipv6 as u32
+}
+
+/// First bit of the listener indexes in [`Table::flags`]: two bits per listener kind
+/// ([`listener_kind`]), bits `16 + 2 * kind` and the next, hold the index (0 to 3) of the
+/// service's listener of that kind, whose socket array the program selects from. A
+/// single-listener service leaves them 0: its socket array is [`names::SOCKETS`].
+pub const TABLE_LISTENER_SHIFT: u32 = 16;
+
+/// The [`Table::flags`] bits that say the listener of `kind` is listener `index`.
+pub const fn listener_flags(kind: u32, index: u32) -> u32 {
+    (index & 3) << (TABLE_LISTENER_SHIFT + 2 * kind)
+}
+
+/// The index of the listener of `kind` recorded in `flags` (see [`listener_flags`]).
+pub const fn listener_index(flags: u32, kind: u32) -> u32 {
+    (flags >> (TABLE_LISTENER_SHIFT + 2 * kind)) & 3
+}
 
 /// The reference programs `cargo xtask bench` measures the program against, in their own
 /// object (`portshard-reference`), never loaded by the daemon.
@@ -363,6 +422,16 @@ impl SlotMeta {
     };
 }
 
+/// The `SO_COOKIE` of each of a slot's sockets, by listener index (0 past the service's
+/// last listener), recorded before the sockets join their groups. The first is also in
+/// [`SlotMeta::cookie`]. The program never reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotCookies {
+    /// By listener index.
+    pub cookies: [u64; MAX_LISTENERS],
+}
+
 /// What a service listens on and how it steers, recorded once when its dataplane is
 /// created, so the CLI and a restarted daemon know the service from its pins alone.
 #[repr(C)]
@@ -568,7 +637,11 @@ const _: () = {
     assert!(size_of::<FlowCounters>() == 40);
     assert!(ADMIT_SIZE.is_power_of_two() && ADMIT_WAYS.is_power_of_two());
     assert!(size_of::<ProbeHealth>() == 8);
+    assert!(size_of::<SlotCookies>() == 8 * MAX_LISTENERS);
     assert!(size_of::<ProbeRoute>() == 24);
+    assert!(MAX_LISTENERS == names::LISTENER_SOCKETS.len() && MAX_LISTENERS <= 4);
+    assert!(listener_flags(3, 3) >> TABLE_LISTENER_SHIFT == 0xc0);
+    assert!(listener_flags(3, 3) & (TABLE_FLOWS | TABLE_PROBES) == 0);
     // A per-CPU map value is limited to 32 KiB by the kernel's per-CPU allocator.
     assert!(size_of::<Counters>() <= 32 * 1024);
 };
@@ -581,6 +654,7 @@ mod pod {
     unsafe impl aya::Pod for super::Table {}
     unsafe impl aya::Pod for super::SlotMeta {}
     unsafe impl aya::Pod for super::ServiceMeta {}
+    unsafe impl aya::Pod for super::SlotCookies {}
     unsafe impl aya::Pod for super::ProbeHealth {}
     unsafe impl aya::Pod for super::ProbeRoute {}
     unsafe impl aya::Pod for super::SlotCounters {}
@@ -612,5 +686,22 @@ mod tests {
         assert_eq!(v6.family, PROBE_FROM_V6);
         assert_eq!(v6.source(), IpAddr::V6(Ipv6Addr::LOCALHOST));
         assert_eq!(v4.source(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+
+    #[test]
+    fn each_listener_kind_has_its_own_two_bits() {
+        let mut flags = TABLE_FLOWS | TABLE_PROBES;
+        for kind in 0..4 {
+            flags |= listener_flags(kind, 3 - kind);
+        }
+        for kind in 0..4 {
+            assert_eq!(listener_index(flags, kind), 3 - kind);
+        }
+        assert_eq!(flags & 3, TABLE_FLOWS | TABLE_PROBES);
+        assert_eq!(listener_kind(false, false), 0);
+        assert_eq!(listener_kind(false, true), 1);
+        assert_eq!(listener_kind(true, false), 2);
+        assert_eq!(listener_kind(true, true), 3);
+        assert_eq!(listener_index(TABLE_FLOWS | TABLE_PROBES, 3), 0);
     }
 }

@@ -11,15 +11,20 @@ use std::{
     time::Duration,
 };
 
+pub use portshard_common::MAX_LISTENERS;
 use portshard_common::MAX_SLOTS;
 
 mod check;
+mod quic;
 mod raw;
 
 use check::{Checker, Lines, check_service};
 use raw::{RawConfig, RawService};
 
-use crate::{ownership, service::Proto};
+use crate::{
+    ownership,
+    service::{Listener, Proto},
+};
 
 /// The most workers a service may have: half the slots, so that a reload can start a whole
 /// new generation beside the running one.
@@ -35,6 +40,10 @@ pub const FILES_PER_SERVICE: u64 = 24;
 /// Open files the daemon holds for each worker: the listening socket it hands the worker
 /// and the worker's pidfd, twice over while a reload runs both generations.
 pub const FILES_PER_WORKER: u64 = 2 * 2;
+
+/// Open files the daemon holds for each worker for each listener past the first: the
+/// socket it hands the worker, twice over while a reload runs both generations.
+pub const FILES_PER_EXTRA_LISTENER: u64 = 2;
 
 /// Open files the daemon holds whatever its services: control and metrics sockets, signal
 /// and event descriptors, logs, and a process being started.
@@ -88,10 +97,14 @@ impl Default for RestartPolicy {
 pub struct Service {
     /// Unique name, also its pin directory: `[a-z0-9-]{1,32}`.
     pub name: String,
-    /// Transport.
+    /// Transport of the first listener.
     pub proto: Proto,
-    /// Address every worker's socket is bound to.
+    /// Address of the first listener.
     pub listen: SocketAddr,
+    /// Every listener, in config order, the first being `proto` and `listen`: 1 to
+    /// [`MAX_LISTENERS`], of different kinds (transport and IP family). Each worker holds
+    /// one socket of each, in this order from fd 3, all in its slot.
+    pub listeners: Vec<Listener>,
     /// How many copies of `command` run.
     pub workers: u32,
     /// Program and arguments of a worker.
@@ -175,10 +188,12 @@ pub struct RunAs {
 
 impl Service {
     /// Capacity of the service's flow table, 0 if it has none: UDP services in `handover`
-    /// mode, or with `sticky`, keep each flow on the worker that took its first datagram.
+    /// mode, or with `sticky`, keep each flow on the worker that took its first datagram
+    /// (a service with a UDP listener among others too).
     pub fn flow_capacity(&self) -> u32 {
         let sticky_flows = self.mode == Mode::Handover || self.sticky;
-        if self.proto == Proto::Udp && sticky_flows {
+        let udp = self.listeners.iter().any(|l| l.proto == Proto::Udp);
+        if udp && sticky_flows {
             self.flow_table
         } else {
             0
@@ -202,7 +217,12 @@ impl Config {
             + self
                 .services
                 .iter()
-                .map(|s| FILES_PER_SERVICE + FILES_PER_WORKER * u64::from(s.workers))
+                .map(|s| {
+                    let extra = s.listeners.len().saturating_sub(1) as u64;
+                    FILES_PER_SERVICE
+                        + (FILES_PER_WORKER + FILES_PER_EXTRA_LISTENER * extra)
+                            * u64::from(s.workers)
+                })
                 .sum::<u64>()
     }
 }
@@ -311,27 +331,29 @@ impl Config {
             } else {
                 names.insert(service.0.name.clone(), position);
             }
-            let (proto, listen) = (service.0.proto, service.0.listen);
-            // portshard's own sockets: IPv6 ones are IPv6-only.
-            let shared = addresses.iter().find(|(other_proto, other, _)| {
-                *other_proto == proto && ownership::overlaps(*other, listen, Some(true))
-            });
-            match shared {
-                Some((_, other, name)) if *other == listen => checker.report(
-                    service.1.listen.clone(),
-                    format!("service {:?} field `listen`", service.0.name),
-                    format!(
-                        "duplicate address: service {name:?} already listens on {proto} {listen}; give each service its own address or port"
+            for listener in &service.0.listeners {
+                let (proto, listen) = (listener.proto, listener.addr);
+                // portshard's own sockets: IPv6 ones are IPv6-only.
+                let shared = addresses.iter().find(|(other_proto, other, _)| {
+                    *other_proto == proto && ownership::overlaps(*other, listen, Some(true))
+                });
+                match shared {
+                    Some((_, other, name)) if *other == listen => checker.report(
+                        service.1.listen.clone(),
+                        format!("service {:?} field `listen`", service.0.name),
+                        format!(
+                            "duplicate address: service {name:?} already listens on {proto} {listen}; give each service its own address or port"
+                        ),
                     ),
-                ),
-                Some((_, other, name)) => checker.report(
-                    service.1.listen.clone(),
-                    format!("service {:?} field `listen`", service.0.name),
-                    format!(
-                        "overlapping address: service {name:?} listens on {proto} {other}, and one of the two addresses is the wildcard that covers the other, so they would share traffic; give each service its own port"
+                    Some((_, other, name)) => checker.report(
+                        service.1.listen.clone(),
+                        format!("service {:?} field `listen`", service.0.name),
+                        format!(
+                            "overlapping address: service {name:?} listens on {proto} {other}, and one of the two addresses is the wildcard that covers the other, so they would share traffic; give each service its own port"
+                        ),
                     ),
-                ),
-                None => addresses.push((proto, listen, service.0.name.clone())),
+                    None => addresses.push((proto, listen, service.0.name.clone())),
+                }
             }
         }
         if !checker.problems.is_empty() {
@@ -346,10 +368,12 @@ impl Config {
     /// The built-in default: a UDP and a TCP echo service on 127.0.0.1:5300, four workers
     /// each, served by `portshard echo` (`exe` is the path of this binary).
     pub fn builtin(exe: &Path) -> Self {
+        let listen = SocketAddr::from(([127, 0, 0, 1], BUILTIN_PORT));
         let echo = |name: &str, proto| Service {
             name: name.to_owned(),
             proto,
-            listen: SocketAddr::from(([127, 0, 0, 1], BUILTIN_PORT)),
+            listen,
+            listeners: vec![Listener::new(proto, listen)],
             workers: 4,
             command: vec![exe.display().to_string(), "echo".to_owned()],
             mode: Mode::Balance,

@@ -30,8 +30,11 @@ pub enum Step {
     /// cannot be carried over: its flows are steered by the table again, once each, and
     /// its pin is removed once the new program replaces the old one.
     KeyFlowsBySource,
-    /// 3 to 4: pin the QUIC counters. No other map changes.
-    CountQuic,
+    /// 3 to 4: pin the QUIC counters, the listeners' socket arrays (a service's second to
+    /// fourth listener) and the `listeners` records; nothing else changes. A service of older pins has one
+    /// listener, whose sockets stay in `sockets`, and the table's listener bits are 0 for
+    /// it, so no flow, slot or counter changes.
+    PinListeners,
 }
 
 impl Step {
@@ -40,7 +43,7 @@ impl Step {
         match self {
             Self::RecordLayout => 2,
             Self::KeyFlowsBySource => 3,
-            Self::CountQuic => 4,
+            Self::PinListeners => 4,
         }
     }
 }
@@ -73,7 +76,7 @@ pub fn migration(from: u32) -> Result<Vec<Step>, UnknownLayout> {
             .map(|layout| match layout {
                 1 => Ok(Step::RecordLayout),
                 2 => Ok(Step::KeyFlowsBySource),
-                3 => Ok(Step::CountQuic),
+                3 => Ok(Step::PinListeners),
                 found => Err(UnknownLayout { found }),
             })
             .collect(),
@@ -102,14 +105,14 @@ mod tests {
             Ok(vec![
                 Step::RecordLayout,
                 Step::KeyFlowsBySource,
-                Step::CountQuic
+                Step::PinListeners
             ])
         );
         assert_eq!(
             migration(2),
-            Ok(vec![Step::KeyFlowsBySource, Step::CountQuic])
+            Ok(vec![Step::KeyFlowsBySource, Step::PinListeners])
         );
-        assert_eq!(migration(3), Ok(vec![Step::CountQuic]));
+        assert_eq!(migration(3), Ok(vec![Step::PinListeners]));
         for from in OLDEST_MIGRATABLE..PIN_LAYOUT {
             let steps = migration(from).unwrap();
             let reached: Vec<u32> = steps.iter().map(|step| step.reaches()).collect();

@@ -38,6 +38,12 @@ struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    service: String,
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WorkerLabels {
     service: String,
     state: String,
@@ -205,6 +211,12 @@ pub fn encode_status(status: &StatusReport, probes: &ProbeOutcomes) -> String {
         "Sockets of other processes on the service's address and port (in its reuseport group, or on a wildcard or specific address overlapping it): they take flows meant for the service; `portshard status` names their pids. Alert when above 0",
         foreign.clone(),
     );
+    let listeners = Family::<ListenerLabels, Gauge>::default();
+    registry.register(
+        "listener",
+        "1 for each of the service's listeners (`PROTO:ADDRESS`): each worker holds a socket of each, in its slot, so every counter of the slot covers them all",
+        listeners.clone(),
+    );
     let workers = Family::<WorkerLabels, Gauge>::default();
     registry.register(
         "workers",
@@ -235,6 +247,14 @@ pub fn encode_status(status: &StatusReport, probes: &ProbeOutcomes) -> String {
         fell_through
             .get_or_create(&labels)
             .inc_by(service.fell_through);
+        for listener in &service.listeners {
+            listeners
+                .get_or_create(&ListenerLabels {
+                    service: service.name.clone(),
+                    listener: listener.clone(),
+                })
+                .set(1);
+        }
         foreign
             .get_or_create(&labels)
             .set(i64::try_from(service.foreign.len()).unwrap_or(i64::MAX));
@@ -389,6 +409,7 @@ mod tests {
             "portshard_flow_table_flows{service=\"dns\"} 3",
             "portshard_generation{service=\"dns\"} 0",
             "portshard_foreign_sockets{service=\"dns\"} 1",
+            "portshard_listener{service=\"dns\",listener=\"udp:127.0.0.1:53\"} 1",
             "portshard_probes_total{service=\"dns\",slot=\"1\",outcome=\"answered\"} 1",
             "portshard_probes_total{service=\"dns\",slot=\"1\",outcome=\"worker_starved\"} 1",
             "portshard_probes_total{service=\"dns\",slot=\"1\",outcome=\"unanswered\"} 0",

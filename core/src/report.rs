@@ -12,7 +12,11 @@ use portshard_common::{
 };
 use serde::Serialize;
 
-use crate::{ownership::ForeignSocket, table::Slot};
+use crate::{
+    ownership::ForeignSocket,
+    service::{Listener, Proto},
+    table::Slot,
+};
 
 mod quic;
 pub use quic::{QuicReport, QuicSlotReport};
@@ -161,8 +165,10 @@ pub struct ServiceStatus {
     pub name: String,
     /// `udp` or `tcp`.
     pub proto: &'static str,
-    /// The address its workers listen on.
+    /// The address its workers listen on (its first listener's).
     pub listen: String,
+    /// Every listener, `PROTO:ADDRESS` in config order (the first is `proto` and `listen`).
+    pub listeners: Vec<String>,
     /// `balance` or `handover`.
     pub mode: &'static str,
     /// See [`TableReport::balance`].
@@ -367,14 +373,17 @@ impl ServiceStatus {
         table: TableReport,
         flow_table: Option<FlowTableReport>,
     ) -> Self {
+        let proto = match service.proto {
+            PROTO_TCP => "tcp",
+            PROTO_UDP => "udp",
+            _ => "unknown",
+        };
+        let listen = listen_address(service).to_string();
         Self {
             name: table.service,
-            proto: match service.proto {
-                PROTO_TCP => "tcp",
-                PROTO_UDP => "udp",
-                _ => "unknown",
-            },
-            listen: listen_address(service).to_string(),
+            proto,
+            listeners: vec![format!("{proto}:{listen}")],
+            listen,
             mode: if service.mode == 1 {
                 "handover"
             } else {
@@ -390,6 +399,21 @@ impl ServiceStatus {
             pin_layout: 0,
             foreign: Vec::new(),
         }
+    }
+
+    /// The same status, with the listeners the pins record (see
+    /// [`portshard_common::names::LISTENERS`]); none recorded (pins of an older layout, or
+    /// a service with one listener) keeps the one of the service record.
+    pub fn with_listeners(self, listeners: &[ServiceMeta]) -> Self {
+        let listeners: Vec<String> = listeners
+            .iter()
+            .filter_map(listener_of)
+            .map(|listener| listener.to_string())
+            .collect();
+        if listeners.is_empty() {
+            return self;
+        }
+        Self { listeners, ..self }
     }
 
     /// The same status, with the foreign sockets found on its address.
@@ -426,6 +450,25 @@ pub fn listen_address(service: &ServiceMeta) -> SocketAddr {
         IpAddr::V6(Ipv6Addr::from(service.addr))
     };
     SocketAddr::new(ip, service.port)
+}
+
+/// The listener a [`ServiceMeta`] of the `listeners` records holds; `None` for an unused
+/// (zero) record.
+pub fn listener_of(meta: &ServiceMeta) -> Option<Listener> {
+    let proto = match meta.proto {
+        PROTO_TCP => Proto::Tcp,
+        PROTO_UDP => Proto::Udp,
+        _ => return None,
+    };
+    matches!(meta.family, 4 | 6).then(|| Listener::new(proto, listen_address(meta)))
+}
+
+/// The IP protocol number [`ServiceMeta::proto`] records for `proto`.
+pub fn proto_number(proto: Proto) -> u8 {
+    match proto {
+        Proto::Tcp => PROTO_TCP,
+        Proto::Udp => PROTO_UDP,
+    }
 }
 
 /// The record of a service listening on `listen` with IP protocol `proto` in `mode`

@@ -468,8 +468,9 @@ impl<L: Clone> Supervisor<L> {
     }
 
     /// The switches the program reads beside the table for `spec` (see
-    /// [`portshard_common::TABLE_FLOWS`], [`portshard_common::TABLE_PROBES`],
-    /// [`portshard_common::quic::quic_flags`] and [`portshard_common::Table::flow_idle_s`]).
+    /// [`portshard_common::TABLE_FLOWS`], [`portshard_common::TABLE_PROBES`], the listener
+    /// indexes ([`portshard_common::listener_flags`]), the QUIC-LB bits
+    /// ([`portshard_common::quic::quic_flags`]) and [`portshard_common::Table::flow_idle_s`]).
     pub fn table_switches(spec: &Service) -> Switches {
         let flows = if spec.flow_capacity() > 0 {
             portshard_common::TABLE_FLOWS
@@ -481,11 +482,19 @@ impl<L: Clone> Supervisor<L> {
         } else {
             0
         };
+        // Single-listener services leave the listener bits 0: their sockets are in `sockets`.
+        let listeners = spec
+            .listeners
+            .iter()
+            .zip(0..)
+            .fold(0, |flags, (listener, index)| {
+                flags | portshard_common::listener_flags(listener.kind(), index)
+            });
         let quic = spec.quic.map_or(0, |quic| {
             portshard_common::quic::quic_flags(quic.config_id, quic.nonce_len)
         });
         Switches {
-            flags: flows | probes | quic,
+            flags: flows | probes | listeners | quic,
             flow_idle_s: u32::try_from(spec.flow_idle.as_secs().max(1)).unwrap_or(u32::MAX),
         }
     }

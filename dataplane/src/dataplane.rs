@@ -17,8 +17,8 @@ use aya::{
     programs::SkReuseport,
 };
 use portshard_common::{
-    Counters, Flow, FlowCounters, FlowKey, MAX_SLOTS, PIN_LAYOUT, ProbeHealth, ProbeRoute,
-    ServiceMeta, SlotMeta, TABLE_SIZE, TableEntry, names,
+    Counters, Flow, FlowCounters, FlowKey, MAX_LISTENERS, MAX_SLOTS, PIN_LAYOUT, ProbeHealth,
+    ProbeRoute, ServiceMeta, SlotCookies, SlotMeta, TABLE_SIZE, TableEntry, names,
     quic::{QuicCounters, TABLE_QUIC},
 };
 use portshard_core::supervisor::Switches;
@@ -69,7 +69,14 @@ pub fn check_service_name(name: &str) -> Result<()> {
 pub struct Dataplane {
     dir: PathBuf,
     program: SkReuseport,
-    sockets: ReusePortSockArray<MapData>,
+    /// The socket array of each listener, by index ([`names::LISTENER_SOCKETS`]).
+    sockets: Vec<ReusePortSockArray<MapData>>,
+    /// What each listener listens on.
+    listeners: Array<MapData, ServiceMeta>,
+    /// How many listeners the service has, as recorded (1 when none is).
+    listener_count: usize,
+    /// The cookies of each slot's sockets, listener by listener.
+    cookies: Array<MapData, SlotCookies>,
     records: PinnedRecords,
     counters: PerCpuArray<MapData, Counters>,
     flows: HashMap<MapData, FlowKey, Flow>,
@@ -138,7 +145,13 @@ impl Dataplane {
         let flow_capacity = layout::pinned_flow_capacity(&dir)?;
         let specs = object::map_specs(OBJECT, flow_capacity)?;
         let open = |name: &'static str| open_named(&dir, &specs, name);
-        let sockets = typed(&dir, names::SOCKETS, open(names::SOCKETS)?)?;
+        let sockets = names::LISTENER_SOCKETS
+            .iter()
+            .map(|&name| typed(&dir, name, open(name)?))
+            .collect::<Result<Vec<_>>>()?;
+        let listeners: Array<MapData, ServiceMeta> =
+            typed(&dir, names::LISTENERS, open(names::LISTENERS)?)?;
+        let cookies = typed(&dir, names::COOKIES, open(names::COOKIES)?)?;
         let records = PinnedRecords::open_in(&dir, &specs)?;
         let counters = typed(&dir, names::COUNTERS, open(names::COUNTERS)?)?;
         let flows = typed(&dir, names::FLOWS, open(names::FLOWS)?)?;
@@ -149,10 +162,13 @@ impl Dataplane {
         let health = typed(&dir, names::HEALTH, open(names::HEALTH)?)?;
         let table = MappedTable::new(open(names::TABLE)?, &dir.join(names::TABLE))?;
         let program = open_program(&dir.join(names::PROGRAM))?;
-        Ok(Self {
+        let mut dataplane = Self {
             dir,
             program,
             sockets,
+            listeners,
+            listener_count: 1,
+            cookies,
             records,
             counters,
             flows,
@@ -163,7 +179,9 @@ impl Dataplane {
             probes,
             health,
             table,
-        })
+        };
+        dataplane.listener_count = dataplane.listener_records()?.len().max(1);
+        Ok(dataplane)
     }
 
     /// The services pinned under `root`: every directory there, by name. Empty when `root`
@@ -234,6 +252,7 @@ impl Dataplane {
         Ok(
             ServiceStatus::new(&service, self.table_report()?, flow_table)
                 .with_quic(quic)
+                .with_listeners(&self.listener_records()?)
                 .with_program(format_tag(self.program_tag()?), self.layout()?),
         )
     }
@@ -259,6 +278,71 @@ impl Dataplane {
     /// Records what the service listens on (see [`ServiceMeta`]).
     pub fn set_service(&mut self, meta: ServiceMeta) -> Result<()> {
         self.records.set_service(meta)
+    }
+
+    /// Records what each of the service's listeners listens on, in order (at most
+    /// [`MAX_LISTENERS`]); the records past the last are zeroed.
+    pub fn set_listeners(&mut self, listeners: &[ServiceMeta]) -> Result<()> {
+        let zero = ServiceMeta {
+            addr: [0; 16],
+            port: 0,
+            family: 0,
+            proto: 0,
+            mode: 0,
+            flow_table: 0,
+            reserved: 0,
+        };
+        for index in 0..MAX_LISTENERS {
+            let meta = listeners.get(index).copied().unwrap_or(zero);
+            let error = self.map_error(names::LISTENERS, format!("recording listener {index}"));
+            self.listeners.set(index as u32, meta, 0).map_err(error)?;
+        }
+        self.listener_count = listeners.len().clamp(1, MAX_LISTENERS);
+        Ok(())
+    }
+
+    /// The listeners recorded by [`Dataplane::set_listeners`], in order; none for pins
+    /// that never recorded any (a service of an older layout has one listener, the one
+    /// [`Dataplane::service`] records).
+    pub fn listener_records(&self) -> Result<Vec<ServiceMeta>> {
+        let mut records = Vec::new();
+        for index in 0..MAX_LISTENERS as u32 {
+            let error = self.map_error(names::LISTENERS, format!("reading listener {index}"));
+            let meta = self.listeners.get(&index, 0).map_err(error)?;
+            if meta.family == 0 {
+                break;
+            }
+            records.push(meta);
+        }
+        Ok(records)
+    }
+
+    /// Records the cookies of `slot`'s sockets, listener by listener (see
+    /// [`SlotCookies`]), before they join their groups.
+    pub fn set_cookies(&mut self, slot: Slot, cookies: &[u64]) -> Result<()> {
+        let mut value = SlotCookies::default();
+        for (to, &cookie) in value.cookies.iter_mut().zip(cookies) {
+            *to = cookie;
+        }
+        let error = self.map_error(
+            names::COOKIES,
+            format!("recording the cookies of slot {slot}"),
+        );
+        self.cookies.set(u32::from(slot), value, 0).map_err(error)
+    }
+
+    /// The cookies recorded for `slot`'s sockets, listener by listener.
+    pub fn cookies(&self, slot: Slot) -> Result<SlotCookies> {
+        let error = self.map_error(
+            names::COOKIES,
+            format!("reading the cookies of slot {slot}"),
+        );
+        self.cookies.get(&u32::from(slot), 0).map_err(error)
+    }
+
+    /// How many listeners the service has: each has its socket array, slot for slot.
+    pub fn listener_count(&self) -> usize {
+        self.listener_count
     }
 
     /// What the service listens on, as recorded by [`Dataplane::set_service`].
@@ -297,31 +381,68 @@ impl Dataplane {
     /// is the flow's, so a socket of a new generation placed in a slot an old one used never
     /// receives the old flows. If the socket cannot be placed, the old record is restored.
     pub fn place(&mut self, slot: Slot, socket: BorrowedFd<'_>, meta: SlotMeta) -> Result<()> {
+        self.place_all(slot, &[socket], meta)
+    }
+
+    /// Records `meta` for `slot` and puts `sockets[i]` in slot `slot` of listener `i`'s
+    /// socket array, for each of a worker's listeners, as [`Dataplane::place`] does. If one
+    /// cannot be placed, those placed are taken out again and the old record is restored.
+    pub fn place_all(
+        &mut self,
+        slot: Slot,
+        sockets: &[BorrowedFd<'_>],
+        meta: SlotMeta,
+    ) -> Result<()> {
         let before = self.meta(slot)?;
         self.set_meta(slot, meta)?;
-        let placed = self
-            .sockets
-            .set(u32::from(slot), &socket.as_raw_fd(), 0)
-            .map_err(|source| DataplaneError::Map {
-                action: format!("placing socket fd {} in slot {slot}", socket.as_raw_fd()),
-                path: self.dir.join(names::SOCKETS),
-                source: Box::new(source),
-            });
+        let mut placed = Ok(());
+        for (index, socket) in sockets.iter().enumerate() {
+            let Some(array) = self.sockets.get_mut(index) else {
+                placed = Err(DataplaneError::TooManyListeners {
+                    dir: self.dir.clone(),
+                    count: sockets.len(),
+                });
+                break;
+            };
+            placed = array
+                .set(u32::from(slot), &socket.as_raw_fd(), 0)
+                .map_err(|source| DataplaneError::Map {
+                    action: format!("placing socket fd {} in slot {slot}", socket.as_raw_fd()),
+                    path: self.dir.join(names::LISTENER_SOCKETS[index]),
+                    source: Box::new(source),
+                });
+            if placed.is_err() {
+                break;
+            }
+        }
         if placed.is_err() {
+            for index in 0..sockets.len().min(MAX_LISTENERS) {
+                let _ = self.clear_in(index, slot);
+            }
             let _ = self.set_meta(slot, before);
         }
         placed
     }
 
-    /// Empties `slot` of the socket array (a no-op if its socket already closed).
+    /// Empties `slot` of every listener's socket array (a no-op where its socket already
+    /// closed).
     pub fn clear(&mut self, slot: Slot) -> Result<()> {
-        match self.sockets.clear_index(&u32::from(slot)) {
+        for index in 0..self.listener_count {
+            self.clear_in(index, slot)?;
+        }
+        Ok(())
+    }
+
+    /// Empties `slot` of listener `index`'s socket array.
+    fn clear_in(&mut self, index: usize, slot: Slot) -> Result<()> {
+        let path = self.dir.join(names::LISTENER_SOCKETS[index]);
+        match self.sockets[index].clear_index(&u32::from(slot)) {
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
                 Ok(())
             }
             result => result.map_err(|source| DataplaneError::Map {
                 action: format!("clearing slot {slot}"),
-                path: self.dir.join(names::SOCKETS),
+                path,
                 source: Box::new(source),
             }),
         }

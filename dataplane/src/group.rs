@@ -169,6 +169,12 @@ impl Group {
         Ok(self.dataplane.set_service(meta)?)
     }
 
+    /// Records what each of the service's listeners listens on, in order (see
+    /// [`Dataplane::set_listeners`]).
+    pub fn record_listeners(&mut self, listeners: &[ServiceMeta]) -> Result<(), GroupError> {
+        Ok(self.dataplane.set_listeners(listeners)?)
+    }
+
     /// The table as last written to the kernel.
     pub fn table(&self) -> &Table {
         &self.table
@@ -179,14 +185,14 @@ impl Group {
         &self.dataplane
     }
 
-    /// Puts this build's `program` in place of the pinned one, attached through `socket`,
-    /// a live member of the group (see [`Dataplane::replace_program`]).
+    /// Puts this build's `program` in place of the pinned one, attached through `sockets`,
+    /// a live member of each listener's group (see [`Dataplane::replace_program`]).
     pub fn replace_program(
         &mut self,
         program: LoadedProgram,
-        socket: Option<BorrowedFd<'_>>,
+        sockets: &[BorrowedFd<'_>],
     ) -> Result<(), GroupError> {
-        Ok(self.dataplane.replace_program(program, socket)?)
+        Ok(self.dataplane.replace_program(program, sockets)?)
     }
 
     /// Puts `socket` (bound with `SO_REUSEPORT`, and listening for TCP), served by
@@ -201,11 +207,24 @@ impl Group {
         weight: u32,
         holder: Holder,
     ) -> Result<Delta, GroupError> {
+        self.add_all(slot, &[socket], weight, holder)
+    }
+
+    /// [`Group::add`] for a worker of a service with several listeners: `sockets[i]`, of
+    /// listener `i`, goes in `slot` of that listener's socket array, so the one table
+    /// steers every listener alike and the worker's death fails over the same way on each.
+    pub fn add_all(
+        &mut self,
+        slot: Slot,
+        sockets: &[BorrowedFd<'_>],
+        weight: u32,
+        holder: Holder,
+    ) -> Result<Delta, GroupError> {
         let mut next = self.table.clone();
         let delta = next
             .rejoin(slot, weight, &self.wanted_back(slot))
             .map_err(|source| self.table_error(source))?;
-        self.seat(slot, socket, weight, holder, SlotState::Live)?;
+        self.seat(slot, sockets, weight, holder, SlotState::Live)?;
         self.commit(next, delta)
     }
 
@@ -267,24 +286,44 @@ impl Group {
         weight: u32,
         holder: Holder,
     ) -> Result<(), GroupError> {
-        self.seat(slot, socket, weight, holder, SlotState::Starting)
+        self.stage_all(slot, &[socket], weight, holder)
     }
 
-    /// Attaches the program to `socket`'s group, puts the socket in `slot` and records it.
+    /// [`Group::stage`] for a worker with a socket per listener (see [`Group::add_all`]).
+    pub fn stage_all(
+        &mut self,
+        slot: Slot,
+        sockets: &[BorrowedFd<'_>],
+        weight: u32,
+        holder: Holder,
+    ) -> Result<(), GroupError> {
+        self.seat(slot, sockets, weight, holder, SlotState::Starting)
+    }
+
+    /// Attaches the program to each socket's group, puts `sockets[i]` in `slot` of listener
+    /// `i`'s socket array and records the slot, with the first socket's cookie.
     fn seat(
         &mut self,
         slot: Slot,
-        socket: BorrowedFd<'_>,
+        sockets: &[BorrowedFd<'_>],
         weight: u32,
         holder: Holder,
         state: SlotState,
     ) -> Result<(), GroupError> {
-        let cookie = socket::cookie(socket).map_err(|source| GroupError::Cookie {
-            fd: socket.as_raw_fd(),
+        let Some(&first) = sockets.first() else {
+            return Err(GroupError::Dataplane(DataplaneError::TooManyListeners {
+                dir: self.dataplane.dir().to_path_buf(),
+                count: 0,
+            }));
+        };
+        let cookie = socket::cookie(first).map_err(|source| GroupError::Cookie {
+            fd: first.as_raw_fd(),
             slot,
             source,
         })?;
-        self.dataplane.attach(socket)?;
+        for &socket in sockets {
+            self.dataplane.attach(socket)?;
+        }
         let meta = SlotMeta {
             cookie,
             pid: holder.pid,
@@ -294,7 +333,7 @@ impl Group {
             restarts: holder.restarts,
             started: holder.started,
         };
-        Ok(self.dataplane.place(slot, socket, meta)?)
+        Ok(self.dataplane.place_all(slot, sockets, meta)?)
     }
 
     /// Switches the table from the members `old` to the staged slots `new`, all with
@@ -401,6 +440,12 @@ impl Group {
     /// Records the probe results of `slot`'s worker for the CLI.
     pub fn set_health(&mut self, slot: Slot, health: ProbeHealth) -> Result<(), GroupError> {
         Ok(self.dataplane.set_health(slot, health)?)
+    }
+
+    /// Records the cookies of `slot`'s sockets, listener by listener, without touching the
+    /// table (see [`Dataplane::set_cookies`]).
+    pub fn set_cookies(&mut self, slot: Slot, cookies: &[u64]) -> Result<(), GroupError> {
+        Ok(self.dataplane.set_cookies(slot, cookies)?)
     }
 
     /// Records `meta` for `slot` without touching the table (a restart count, a pid).

@@ -65,8 +65,9 @@ pub fn map_specs(object: &[u8], flow_capacity: u32) -> Result<Vec<MapSpec>, Obje
 #[cfg(test)]
 mod tests {
     use portshard_common::{
-        ADMIT_SIZE, BPF_F_MMAPABLE, Counters, Flow, FlowCounters, FlowKey, MAX_SLOTS, PendingFlow,
-        ProbeHealth, ProbeRoute, ServiceMeta, SlotMeta, Table, quic::QuicCounters,
+        ADMIT_SIZE, BPF_F_MMAPABLE, Counters, Flow, FlowCounters, FlowKey, MAX_LISTENERS,
+        MAX_SLOTS, PendingFlow, ProbeHealth, ProbeRoute, ServiceMeta, SlotCookies, SlotMeta, Table,
+        quic::QuicCounters,
     };
 
     use super::*;
@@ -172,6 +173,46 @@ mod tests {
                 1,
                 0,
             ),
+            (
+                names::SOCKETS_1,
+                BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
+                4,
+                4,
+                MAX_SLOTS,
+                0,
+            ),
+            (
+                names::SOCKETS_2,
+                BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
+                4,
+                4,
+                MAX_SLOTS,
+                0,
+            ),
+            (
+                names::SOCKETS_3,
+                BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
+                4,
+                4,
+                MAX_SLOTS,
+                0,
+            ),
+            (
+                names::LISTENERS,
+                BPF_MAP_TYPE_ARRAY,
+                4,
+                size_of::<ServiceMeta>(),
+                MAX_LISTENERS as u32,
+                0,
+            ),
+            (
+                names::COOKIES,
+                BPF_MAP_TYPE_ARRAY,
+                4,
+                size_of::<SlotCookies>(),
+                MAX_SLOTS,
+                0,
+            ),
         ];
         assert_eq!(specs.len(), expected.len());
         for (spec, (name, map_type, key_size, value_size, max_entries, flags)) in
@@ -188,6 +229,19 @@ mod tests {
                     flags
                 }
             );
+        }
+    }
+
+    /// Every listener's socket array is its own map, pinned under its own name.
+    #[test]
+    fn each_listener_has_a_socket_array() {
+        let specs = map_specs(OBJECT, 1).unwrap();
+        for name in names::LISTENER_SOCKETS {
+            let spec = specs.iter().find(|spec| spec.name == name).unwrap();
+            assert_eq!(spec.map_type, BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, "{name}");
+        }
+        for name in names::ADDED_IN_LAYOUT_4 {
+            assert!(names::MAPS.contains(&name), "{name}");
         }
     }
 

@@ -89,6 +89,20 @@ fn failed(
     }
 }
 
+/// Whether `socket` can be a member of the reuseport group of `proto` on `addr`: of that
+/// transport, bound to exactly `addr`, with `SO_REUSEPORT`, and listening for TCP (a TCP
+/// connection accepted on the address is bound to it too, but is no member).
+pub fn is_member_of(socket: BorrowedFd<'_>, proto: Proto, addr: SocketAddr) -> bool {
+    let socket = socket2::SockRef::from(&socket);
+    let (kind, _) = socket_type(proto);
+    socket.r#type().is_ok_and(|t| t == kind)
+        && socket
+            .local_addr()
+            .is_ok_and(|local| local.as_socket() == Some(addr))
+        && socket.reuse_port().unwrap_or(false)
+        && (proto == Proto::Udp || socket.is_listener().unwrap_or(false))
+}
+
 /// The kernel's unique, never reused identifier of a socket (`SO_COOKIE`), so a slot's
 /// record names its socket unambiguously across processes.
 pub fn cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {

@@ -26,7 +26,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, sk_action::SK_PASS},
+    bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock, sk_action::SK_PASS},
     cty::c_void,
     helpers::{bpf_ktime_get_coarse_ns, bpf_skb_load_bytes, bpf_skb_load_bytes_relative},
     macros::{map, sk_reuseport},
@@ -35,9 +35,10 @@ use aya_ebpf::{
 };
 use portshard_common::{
     ADMIT_BUCKET_MASK, ADMIT_SIZE, ADMIT_WAYS, BPF_F_MMAPABLE, Counters, Flow, FlowCounters,
-    FlowKey, MAX_SLOTS, PROBE_STEPS, PROBE_STRIDE, PendingFlow, ProbeHealth, ProbeRoute,
-    ServiceMeta, SlotCounters, SlotMeta, SlotState, TABLE_FLOWS, TABLE_MASK, TABLE_PROBES, Table,
-    TableEntry,
+    FlowKey, MAX_LISTENERS, MAX_SLOTS, PROBE_STEPS, PROBE_STRIDE, PendingFlow, ProbeHealth,
+    ProbeRoute, ServiceMeta, SlotCookies, SlotCounters, SlotMeta, SlotState, TABLE_FLOWS,
+    TABLE_LISTENER_SHIFT, TABLE_MASK, TABLE_PROBES, Table, TableEntry, listener_index,
+    listener_kind,
     quic::{
         MIN_SHORT_TAIL, QuicCounters, SERVER_ID_LEN, TABLE_QUIC, cid_len_of, config_id_of,
         decode_server_id, slot_in_range,
@@ -46,9 +47,34 @@ use portshard_common::{
 
 mod runtime;
 
-/// Slot number to listening socket. The kernel clears a slot the moment its socket closes.
+/// Slot number to listening socket, of the service's first listener. The kernel clears a
+/// slot the moment its socket closes.
 #[map(name = "sockets")]
 static SOCKETS: ReusePortSockArray = ReusePortSockArray::pinned(MAX_SLOTS, 0);
+
+/// The second listener's sockets: a reuseport group is per transport and address, and the
+/// kernel selects only a socket of the group the packet arrived in, so each of a service's
+/// listeners has its own array. A worker's sockets sit in the same slot of each.
+#[map(name = "sockets_1")]
+static SOCKETS_1: ReusePortSockArray = ReusePortSockArray::pinned(MAX_SLOTS, 0);
+
+/// The third listener's sockets.
+#[map(name = "sockets_2")]
+static SOCKETS_2: ReusePortSockArray = ReusePortSockArray::pinned(MAX_SLOTS, 0);
+
+/// The fourth listener's sockets.
+#[map(name = "sockets_3")]
+static SOCKETS_3: ReusePortSockArray = ReusePortSockArray::pinned(MAX_SLOTS, 0);
+
+/// What each listener listens on, for the CLI and a restarted daemon; defined here so one
+/// object describes every pinned map.
+#[map(name = "listeners")]
+static LISTENERS: Array<ServiceMeta> = Array::pinned(MAX_LISTENERS as u32, 0);
+
+/// The cookie of each of a slot's sockets, listener by listener, for the daemon's
+/// foreign-socket checks; defined here so one object describes every pinned map.
+#[map(name = "slot_cookies")]
+static COOKIES: Array<SlotCookies> = Array::pinned(MAX_SLOTS, 0);
 
 /// The consistent lookup table, written by userspace through a memory mapping.
 #[map(name = "table")]
@@ -132,7 +158,10 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
         // A health probe reached the worker it checks; it is not a flow, so not counted.
         return SK_PASS;
     }
-    if flags & TABLE_QUIC != 0 && ctx.migrating_sk().is_none() && steer_quic(&ctx, flags) {
+    // A service's TCP listeners share its flags with its UDP ones: QUIC and the flow table
+    // are for datagrams only.
+    let udp = ctx.ip_protocol() == IPPROTO_UDP;
+    if flags & TABLE_QUIC != 0 && udp && ctx.migrating_sk().is_none() && steer_quic(&ctx, flags) {
         return SK_PASS;
     }
     let hash = ctx.hash();
@@ -142,7 +171,7 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
     // SAFETY: this CPU's value of a per-CPU array; the program cannot be preempted by
     // itself on this CPU while it holds it.
     let counters = unsafe { &mut *counters };
-    if flags & TABLE_FLOWS == 0 {
+    if flags & TABLE_FLOWS == 0 || !udp {
         let chosen = choose(&ctx, table, hash);
         count(counters, ctx.migrating_sk().is_some(), chosen);
         return SK_PASS;
@@ -268,6 +297,8 @@ fn steer_flow(
     }
 }
 
+/// `IPPROTO_UDP`, as `ip_protocol` gives it.
+const IPPROTO_UDP: u32 = 17;
 /// UDP header octets before the QUIC packet.
 const UDP_HEADER: u32 = 8;
 /// Octets read at the start of a QUIC packet: a short header's first octet, its connection
@@ -469,37 +500,72 @@ fn flow_key(ctx: &SkReuseportContext, family: u16, source: [u8; 16], hash: u32) 
 /// else the owner of one of a few unrelated entries; `None` if none has a live socket.
 #[inline(always)]
 fn choose(ctx: &SkReuseportContext, table: *const Table, hash: u32) -> Option<(u16, Choice)> {
+    let sockets = listener_sockets(ctx);
     let index = hash & TABLE_MASK;
     let entry = read(table, index);
-    if select(ctx, entry.owner) {
+    if select_in(ctx, sockets, entry.owner) {
         return Some((entry.owner, Choice::Owner));
     }
-    if select(ctx, entry.heir) {
+    if select_in(ctx, sockets, entry.heir) {
         return Some((entry.heir, Choice::Heir));
     }
     for step in 1..=PROBE_STEPS {
         let other = read(table, index.wrapping_add(step * PROBE_STRIDE));
-        if other.owner != entry.owner && other.owner != entry.heir && select(ctx, other.owner) {
+        if other.owner != entry.owner
+            && other.owner != entry.heir
+            && select_in(ctx, sockets, other.owner)
+        {
             return Some((other.owner, Choice::Probe));
         }
     }
-    any_live(ctx).map(|slot| (slot, Choice::Probe))
+    any_live(ctx, sockets).map(|slot| (slot, Choice::Probe))
 }
 
 /// The first slot recorded live whose socket takes the packet: the last resort before the
 /// kernel's own hash, which could pick a socket that is not portshard's (any process of
 /// the same user can join the group).
 #[inline(always)]
-fn any_live(ctx: &SkReuseportContext) -> Option<u16> {
+fn any_live(ctx: &SkReuseportContext, sockets: &ReusePortSockArray) -> Option<u16> {
     for slot in 0..MAX_SLOTS {
         let live = SLOTS
             .get(slot)
             .is_some_and(|meta| meta.state == SlotState::Live as u32);
-        if live && SOCKETS.select_reuseport(ctx, slot).is_ok() {
+        if live && sockets.select_reuseport(ctx, slot).is_ok() {
             return Some(slot as u16);
         }
     }
     None
+}
+
+/// The socket array of the listener the program runs for. A service has at most one
+/// listener of each kind (transport, IP family), and the table's flags word holds each
+/// kind's listener index; single-listener services leave it 0 (`sockets`). The family is
+/// the listening socket's, never the packet's: a dual-stack socket receives IPv4 packets.
+#[inline(always)]
+fn listener_sockets(ctx: &SkReuseportContext) -> &'static ReusePortSockArray {
+    const AF_INET6: u32 = 10;
+    let Some(table) = TABLE.get_ptr(0) else {
+        return &SOCKETS;
+    };
+    // SAFETY: `table` points to the map's value; the flags word is inside it.
+    let flags = unsafe { core::ptr::read_volatile(&raw const (*table).flags) };
+    if flags >> TABLE_LISTENER_SHIFT == 0 {
+        // One listener: its sockets are in `sockets`, whatever the socket's family.
+        return &SOCKETS;
+    }
+    // SAFETY: `sk` is the listening socket the kernel runs the program for (Linux 5.14+),
+    // never null; `ip_protocol` is that socket's protocol.
+    let family = unsafe {
+        let sk: *const bpf_sock = (*ctx.md).__bindgen_anon_3.sk;
+        (*sk).family
+    };
+    let kind = listener_kind(ctx.ip_protocol() == IPPROTO_UDP, family == AF_INET6);
+    match listener_index(flags, kind) {
+        1 => &SOCKETS_1,
+        2 => &SOCKETS_2,
+        3 => &SOCKETS_3,
+        _ => &SOCKETS,
+    }
 }
 
 /// The slot a health probe checks, if the packet's source port (the first two bytes of the
@@ -569,7 +635,14 @@ fn read(table: *const Table, index: u32) -> TableEntry {
 /// socket is closed (`-ENOENT`) or otherwise unusable.
 #[inline(always)]
 fn select(ctx: &SkReuseportContext, slot: u16) -> bool {
-    u32::from(slot) < MAX_SLOTS && SOCKETS.select_reuseport(ctx, u32::from(slot)).is_ok()
+    select_in(ctx, listener_sockets(ctx), slot)
+}
+
+/// [`select`] in `sockets`, the socket array of the listener the program runs for
+/// ([`listener_sockets`], looked up once by a caller that selects several times).
+#[inline(always)]
+fn select_in(ctx: &SkReuseportContext, sockets: &ReusePortSockArray, slot: u16) -> bool {
+    u32::from(slot) < MAX_SLOTS && sockets.select_reuseport(ctx, u32::from(slot)).is_ok()
 }
 
 /// Bumps this CPU's counter for the decision taken.

@@ -3,6 +3,7 @@
 //!
 //! UDP: each datagram is answered with `"<slot> <pid> "` followed by the datagram.
 //! TCP: each connection first receives the line `"<slot> <pid>\n"`, then its bytes echoed.
+//! It serves every socket it is handed (`LISTEN_FDS`, from fd 3 on), each on its own thread.
 use std::{
     io::{self, Read as _, Write as _},
     net::{TcpListener, TcpStream, UdpSocket},
@@ -14,16 +15,18 @@ use crate::process::LISTEN_FD;
 /// The worker was not started by socket activation, or its socket failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EchoError {
-    /// `LISTEN_FDS`/`LISTEN_PID` do not hand this process exactly one socket.
+    /// `LISTEN_FDS`/`LISTEN_PID` do not hand this process its sockets.
     #[error(
-        "portshard echo is a socket-activated worker: {0}; run it under `portshard serve`, which passes the socket as fd 3"
+        "portshard echo is a socket-activated worker: {0}; run it under `portshard serve`, which passes the sockets from fd 3 on"
     )]
     NotActivated(String),
-    /// The socket failed.
-    #[error("{action} on fd 3: {source}")]
+    /// A socket failed.
+    #[error("{action} on fd {fd}: {source}")]
     Io {
         /// What was being done.
         action: &'static str,
+        /// The socket's descriptor.
+        fd: i32,
         /// Why.
         #[source]
         source: io::Error,
@@ -36,22 +39,51 @@ fn identity() -> String {
     format!("{slot} {}", std::process::id())
 }
 
-/// Serves the socket-activated socket until the process is killed.
+/// The most sockets `portshard echo` takes: a service's most listeners.
+const MAX_SOCKETS: usize = portshard_common::MAX_LISTENERS;
+
+/// Serves the socket-activated sockets until the process is killed, or one of them fails.
 pub fn serve() -> Result<(), EchoError> {
     let var = |name: &str| {
         std::env::var(name).map_err(|_| EchoError::NotActivated(format!("{name} is not set")))
     };
-    if var("LISTEN_FDS")? != "1" {
-        return Err(EchoError::NotActivated("LISTEN_FDS is not 1".to_owned()));
-    }
+    let count = var("LISTEN_FDS")?
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_SOCKETS).contains(n))
+        .ok_or_else(|| {
+            EchoError::NotActivated(format!(
+                "LISTEN_FDS is not a number from 1 to {MAX_SOCKETS}"
+            ))
+        })?;
     if var("LISTEN_PID")? != std::process::id().to_string() {
         return Err(EchoError::NotActivated(
             "LISTEN_PID is another process".to_owned(),
         ));
     }
-    // SAFETY: socket activation hands this process fd 3, which nothing else here owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(LISTEN_FD) };
-    let io = |action| move |source| EchoError::Io { action, source };
+    let fds: Vec<i32> = (LISTEN_FD..).take(count).collect();
+    let mut threads = Vec::new();
+    for &fd in &fds[1..] {
+        // SAFETY: socket activation hands this process fds 3 to 3 + LISTEN_FDS - 1, which
+        // nothing else here owns; each is taken once.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        threads.push(std::thread::spawn(move || serve_socket(socket, fd)));
+    }
+    // SAFETY: as above, for fd 3.
+    let first = unsafe { OwnedFd::from_raw_fd(LISTEN_FD) };
+    // Each socket is served until the process ends; the first error ends the worker.
+    serve_socket(first, LISTEN_FD)?;
+    for thread in threads {
+        if let Ok(result) = thread.join() {
+            result?;
+        }
+    }
+    Ok(())
+}
+
+/// Serves one socket: answers its datagrams, or accepts and echoes its connections.
+fn serve_socket(socket: OwnedFd, fd: i32) -> Result<(), EchoError> {
+    let io = |action| move |source| EchoError::Io { action, fd, source };
     let kind = socket2::SockRef::from(&socket)
         .r#type()
         .map_err(io("reading the socket type"))?;

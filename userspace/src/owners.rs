@@ -78,10 +78,14 @@ pub fn foreign(
 /// The cookies recorded for the service's slots, whatever their state (a cookie is never
 /// reused, so an old record names nobody else's socket).
 fn recorded_cookies(records: &dyn SlotRecords) -> Result<BTreeSet<u64>, DataplaneError> {
-    (0..MAX_SLOTS as Slot)
-        .map(|slot| records.slot_record(slot).map(|meta| meta.cookie))
-        .filter(|cookie| !matches!(cookie, Ok(0)))
-        .collect()
+    let mut cookies = BTreeSet::new();
+    for slot in 0..MAX_SLOTS as Slot {
+        cookies.insert(records.slot_record(slot)?.cookie);
+        // Every listener's sockets of the slot, for a service with several.
+        cookies.extend(records.listener_cookies(slot)?);
+    }
+    cookies.remove(&0);
+    Ok(cookies)
 }
 
 /// What stands in the way of creating service `name` on `listen`: the foreign sockets there

@@ -95,12 +95,17 @@ pub fn status(root: &Path, json: bool) -> Result<()> {
         writeln!(out, "no service is pinned under {}", root.display()).context(STDOUT)?;
     }
     for service in &report.services {
+        // One listener: `udp 127.0.0.1:53`; several: `tcp:0.0.0.0:443 udp:0.0.0.0:443`.
+        let listens = if service.listeners.len() > 1 {
+            service.listeners.join(" ")
+        } else {
+            format!("{} {}", service.proto, service.listen)
+        };
         writeln!(
             out,
-            "{} {} {} ({}): balance {:.4}, {} runs fell through; program {}, pin layout {}",
+            "{} {} ({}): balance {:.4}, {} runs fell through; program {}, pin layout {}",
             service.name,
-            service.proto,
-            service.listen,
+            listens,
             service.mode,
             service.balance,
             service.fell_through,
@@ -204,20 +209,29 @@ pub fn status(root: &Path, json: bool) -> Result<()> {
 fn foreign(diag: &mut std::io::Result<SockDiag>, dataplane: &Dataplane) -> Vec<ForeignSocket> {
     let mut checked = || -> Result<Vec<ForeignSocket>> {
         let meta = dataplane.service()?;
-        let proto = if meta.proto == PROTO_TCP {
-            Proto::Tcp
-        } else {
-            Proto::Udp
-        };
+        // Every listener's address; a service of one listener records only `service`.
+        let mut listeners = dataplane.listener_records()?;
+        if listeners.is_empty() {
+            listeners.push(meta);
+        }
         let diag = diag
             .as_mut()
             .map_err(|error| anyhow::anyhow!("opening a sock_diag socket: {error}"))?;
-        Ok(owners::report(
-            diag,
-            proto,
-            listen_address(&meta),
-            dataplane,
-        )?)
+        let mut found = Vec::new();
+        for meta in &listeners {
+            let proto = if meta.proto == PROTO_TCP {
+                Proto::Tcp
+            } else {
+                Proto::Udp
+            };
+            found.extend(owners::report(
+                diag,
+                proto,
+                listen_address(meta),
+                dataplane,
+            )?);
+        }
+        Ok(found)
     };
     checked().unwrap_or_else(|error| {
         eprintln!(

@@ -97,7 +97,9 @@ pub use accounts::Credentials;
 pub use pidfd::{has_exited, pidfd_open, reap, signal};
 pub use portshard_core::supervisor::Exit;
 pub use portshard_dataplane::group::start_time;
-pub use sockets::{established_connections, held_sockets, holder, socket_holders, socket_of};
+pub use sockets::{
+    established_connections, held_sockets, holder, member_socket_of, socket_holders, socket_of,
+};
 
 /// Where `program` would be run from: itself if it names a path, else the first
 /// executable of that name on `PATH`.
@@ -126,8 +128,9 @@ pub fn resolve(program: &str) -> Result<PathBuf, ProcessError> {
 
 /// The socket-activation environment of a worker, besides `LISTEN_PID`.
 pub struct Activation<'a> {
-    /// `LISTEN_FDNAMES`: the service name.
-    pub name: &'a str,
+    /// `LISTEN_FDNAMES`: each socket's name, in fd order (the service's name alone for a
+    /// service with one listener); joined with ':' as systemd does.
+    pub names: &'a [String],
     /// `PORTSHARD_SLOT`.
     pub slot: u16,
     /// The `PORTSHARD_QUIC_LB_*` variables of a worker of a `quic` service.
@@ -194,15 +197,16 @@ enum Stage {
     Exec = 3,
 }
 
-/// Starts `command` (resolved to `program`) with `socket` as fd 3 and the systemd
-/// socket-activation variables, in its own process group, with stdin on `/dev/null` and
-/// stdout and stderr inherited, every other descriptor closed on exec and no ambient
-/// capabilities; as `credentials` when given. The caller keeps its own `socket` and should
-/// close it once the worker has it, so the worker's exit closes the socket.
+/// Starts `command` (resolved to `program`) with `sockets` as fds 3, 4, ... in order and
+/// the systemd socket-activation variables (`LISTEN_FDS` their number), in its own process
+/// group, with stdin on `/dev/null` and stdout and stderr inherited, every other
+/// descriptor closed on exec and no ambient capabilities; as `credentials` when given. The
+/// caller keeps its own `sockets` and should close them once the worker has them, so the
+/// worker's exit closes them.
 pub fn spawn(
     program: &Path,
     command: &[String],
-    socket: BorrowedFd<'_>,
+    sockets: &[BorrowedFd<'_>],
     activation: &Activation<'_>,
     credentials: Option<&Credentials>,
 ) -> Result<Spawned, ProcessError> {
@@ -222,9 +226,9 @@ pub fn spawn(
         .filter(|(key, _)| !STRIPPED.iter().any(|s| OsStr::new(s) == key))
         .filter_map(|(key, value)| env_entry(&key, &value))
         .collect();
-    env.push(cstring(b"LISTEN_FDS=1")?);
+    env.push(cstring(format!("LISTEN_FDS={}", sockets.len()).as_bytes())?);
     env.push(cstring(
-        format!("LISTEN_FDNAMES={}", activation.name).as_bytes(),
+        format!("LISTEN_FDNAMES={}", activation.names.join(":")).as_bytes(),
     )?);
     env.push(cstring(
         format!("PORTSHARD_SLOT={}", activation.slot).as_bytes(),
@@ -249,7 +253,17 @@ pub fn spawn(
     };
     let null = std::fs::File::open("/dev/null").map_err(os("opening /dev/null"))?;
     let null = high(null.as_fd(), "/dev/null")?;
-    let socket = high(socket, "the listening socket")?;
+    let sockets = sockets
+        .iter()
+        .map(|&socket| high(socket, "a listening socket"))
+        .collect::<Result<Vec<OwnedFd>, _>>()?;
+    // Read by the child: each socket's fd, and where it goes (3, 4, ...).
+    let moves: Vec<(RawFd, RawFd)> = sockets
+        .iter()
+        .zip(LISTEN_FD..)
+        .map(|(socket, to)| (socket.as_raw_fd(), to))
+        .collect();
+    let past_sockets = LISTEN_FD + moves.len() as RawFd;
     let (report_read, report_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| os("creating the exec report pipe")(e.into()))?;
     // Prepared before the fork: the child only passes them to the kernel.
@@ -277,10 +291,11 @@ pub fn spawn(
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             libc::setpgid(0, 0);
+            // Every socket's copy sits at fd 10 or above, so no dup2 to 3.. clobbers another.
             let stage = if libc::dup2(null.as_raw_fd(), 0) != 0
-                || libc::dup2(socket.as_raw_fd(), LISTEN_FD) != LISTEN_FD
+                || moves.iter().any(|&(from, to)| libc::dup2(from, to) != to)
                 // Whatever the daemon inherited or opened without O_CLOEXEC stays behind.
-                || libc::syscall(libc::SYS_close_range, LISTEN_FD + 1, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0
+                || libc::syscall(libc::SYS_close_range, past_sockets, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0
             {
                 Stage::Fds
             } else if rustix::thread::clear_ambient_capability_set().is_err()

@@ -144,8 +144,8 @@ fn pins_of_layout_2_are_migrated_and_the_group_steers_through_the_new_flow_table
     daemon.kill9().unwrap();
 
     // Layout 2 as an older build left it: the flow table keyed by hash alone, none of the
-    // maps layouts 3 and 4 added, and the layout map saying 2. (The pinned program is this
-    // build's; an older build's would differ only in its tag.)
+    // maps layouts 3 and 4 added, and the layout map saying 2. (The pinned program is
+    // this build's; an older build's would differ only in its tag.)
     let dir = sandbox.pins().join("dns");
     for name in names::ADDED_IN_LAYOUT_3
         .iter()

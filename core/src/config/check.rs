@@ -6,15 +6,17 @@ use toml::Spanned;
 
 use super::{
     DEFAULT_DRAIN_IDLE, DEFAULT_DRAIN_TIMEOUT, DEFAULT_FLOW_IDLE, DEFAULT_FLOW_TABLE,
-    DEFAULT_PROBE_FAILURES, DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT, DEFAULT_QUIC_NONCE_LEN,
-    DEFAULT_READY_DELAY, DEFAULT_STOP_TIMEOUT, MAX_FLOW_TABLE, MAX_WORKERS, Mode, Probe, ProbeKind,
-    Problem, QuicLb, RestartPolicy, RunAs, Service, raw::RawService,
+    DEFAULT_PROBE_FAILURES, DEFAULT_PROBE_INTERVAL, DEFAULT_PROBE_TIMEOUT, DEFAULT_READY_DELAY,
+    DEFAULT_STOP_TIMEOUT, MAX_FLOW_TABLE, MAX_LISTENERS, MAX_WORKERS, Mode, Probe, ProbeKind,
+    Problem, RestartPolicy, RunAs, Service,
+    quic::{RawQuic, check_quic},
+    raw::RawListen,
+    raw::RawService,
 };
 use crate::{
-    service::{Proto, is_valid_name},
+    service::{Listener, Proto, is_valid_name},
     table::MAX_WEIGHT,
 };
-use portshard_common::quic::{MAX_NONCE_LEN, MIN_NONCE_LEN, UNROUTABLE_CONFIG_ID};
 
 /// Byte offsets to line and column.
 pub(super) struct Lines<'a>(pub(super) &'a str);
@@ -78,7 +80,7 @@ impl Checker<'_> {
         }
     }
 
-    fn integer(&mut self, field: &Spanned<i64>, what: &str, allowed: Range<u32>) -> u32 {
+    pub(super) fn integer(&mut self, field: &Spanned<i64>, what: &str, allowed: Range<u32>) -> u32 {
         let value = *field.get_ref();
         match u32::try_from(value) {
             Ok(v) if allowed.contains(&v) => v,
@@ -113,8 +115,12 @@ pub(super) fn check_service(
     let before = checker.problems.len();
     // A missing required field was reported when the table was read; the others are
     // still checked, with a stand-in for it, so every problem is found at once.
+    let listen_list = matches!(
+        raw.listen.as_ref().map(Spanned::get_ref),
+        Some(RawListen::Many(_))
+    );
     let complete = raw.name.is_some()
-        && raw.proto.is_some()
+        && (raw.proto.is_some() || listen_list)
         && raw.listen.is_some()
         && raw.workers.is_some()
         && raw.command.is_some();
@@ -131,14 +137,6 @@ pub(super) fn check_service(
         );
     }
     let label = raw.label.clone();
-    let proto_field = raw
-        .proto
-        .clone()
-        .unwrap_or_else(|| Spanned::new(raw.span.clone(), "udp".to_owned()));
-    let listen_field = raw
-        .listen
-        .clone()
-        .unwrap_or_else(|| Spanned::new(raw.span.clone(), "0.0.0.0:1".to_owned()));
     let workers_field = raw
         .workers
         .clone()
@@ -149,40 +147,15 @@ pub(super) fn check_service(
         .unwrap_or_else(|| Spanned::new(raw.span.clone(), vec!["-".to_owned()]));
     let what = |field: &str| format!("{label} field `{field}`");
 
-    let proto = match proto_field.get_ref().as_str() {
-        "udp" => Proto::Udp,
-        "tcp" => Proto::Tcp,
-        other => {
-            checker.report(
-                proto_field.span(),
-                what("proto"),
-                format!("{other:?} is not a transport: use \"udp\" or \"tcp\""),
-            );
-            Proto::Udp
-        }
-    };
-    let listen = match listen_field.get_ref().parse::<SocketAddr>() {
-        Ok(addr) if addr.port() != 0 => addr,
-        Ok(_) => {
-            checker.report(
-                listen_field.span(),
-                what("listen"),
-                "port 0 is not allowed: workers of one service must share a fixed port".to_owned(),
-            );
-            SocketAddr::from(([0, 0, 0, 0], 0))
-        }
-        Err(_) => {
-            checker.report(
-                listen_field.span(),
-                what("listen"),
-                format!(
-                    "{:?} is not an address: write \"127.0.0.1:5300\" or \"[::1]:5300\"",
-                    listen_field.get_ref()
-                ),
-            );
-            SocketAddr::from(([0, 0, 0, 0], 0))
-        }
-    };
+    let listen_span = raw
+        .listen
+        .as_ref()
+        .map_or_else(|| raw.span.clone(), Spanned::span);
+    let listeners = check_listen(checker, raw.proto.as_ref(), raw.listen.as_ref(), &what);
+    let Listener {
+        proto,
+        addr: listen,
+    } = listeners[0];
     let workers = checker.integer(&workers_field, &what("workers"), 1..MAX_WORKERS + 1);
     let command = command_field.get_ref().clone();
     if command.first().is_none_or(|program| program.is_empty()) {
@@ -245,7 +218,7 @@ pub(super) fn check_service(
     );
     let quic = check_quic(
         checker,
-        proto,
+        listeners.iter().any(|l| l.proto == Proto::Udp),
         RawQuic {
             quic: raw.quic,
             config_id: raw.quic_config_id,
@@ -257,6 +230,7 @@ pub(super) fn check_service(
         name,
         proto,
         listen,
+        listeners,
         workers,
         command,
         mode,
@@ -286,70 +260,118 @@ pub(super) fn check_service(
             service,
             Spans {
                 name: name_field.span(),
-                listen: listen_field.span(),
+                listen: listen_span,
             },
         )
     })
 }
 
-/// The QUIC-LB fields of a service, as written.
-struct RawQuic {
-    quic: Option<Spanned<bool>>,
-    config_id: Option<Spanned<i64>>,
-    nonce_len: Option<Spanned<i64>>,
-}
-
-/// Validates the QUIC-LB connection-ID steering of a service of transport `proto`.
-fn check_quic(
+/// Validates `proto` and `listen`: one address with `proto`, or a list of at most
+/// [`MAX_LISTENERS`] `PROTO:ADDRESS` listeners without it, of different transports or IP
+/// families. Returns the listeners in order, never none: a stand-in takes the place of
+/// what cannot be read, so the other fields are still checked.
+fn check_listen(
     checker: &mut Checker<'_>,
-    proto: Proto,
-    raw: RawQuic,
+    proto: Option<&Spanned<String>>,
+    listen: Option<&Spanned<RawListen>>,
     what: &dyn Fn(&str) -> String,
-) -> Option<QuicLb> {
-    let on = raw.quic.as_ref().is_some_and(|q| *q.get_ref());
-    if !on {
-        let stray = [
-            ("quic_config_id", raw.config_id.map(|f| f.span())),
-            ("quic_nonce_len", raw.nonce_len.map(|f| f.span())),
-        ];
-        for (field, span) in stray {
-            if let Some(span) = span {
-                checker.report(
-                    span,
-                    what(field),
-                    "is set without `quic = true`: add it, or remove this field".to_owned(),
-                );
-            }
+) -> Vec<Listener> {
+    let stand_in = Listener::new(Proto::Udp, SocketAddr::from(([0, 0, 0, 0], 0)));
+    let check_port = |checker: &mut Checker<'_>, span: Range<usize>, listener: Listener| {
+        if listener.addr.port() == 0 {
+            checker.report(
+                span,
+                what("listen"),
+                "port 0 is not allowed: workers of one service must share a fixed port".to_owned(),
+            );
         }
-        return None;
-    }
-    if proto != Proto::Udp {
+    };
+    let read_proto =
+        |checker: &mut Checker<'_>, proto: &Spanned<String>| match proto.get_ref().as_str() {
+            "udp" => Proto::Udp,
+            "tcp" => Proto::Tcp,
+            other => {
+                checker.report(
+                    proto.span(),
+                    what("proto"),
+                    format!("{other:?} is not a transport: use \"udp\" or \"tcp\""),
+                );
+                Proto::Udp
+            }
+        };
+    let Some(listen) = listen else {
+        // Missing: reported when the table was read.
+        if let Some(proto) = proto {
+            read_proto(checker, proto);
+        }
+        return vec![stand_in];
+    };
+    let addresses = match listen.get_ref() {
+        RawListen::One(address) => {
+            let proto = proto.map_or(Proto::Udp, |proto| read_proto(checker, proto));
+            let Ok(addr) = address.parse::<SocketAddr>() else {
+                checker.report(
+                    listen.span(),
+                    what("listen"),
+                    format!(
+                        "{address:?} is not an address: write \"127.0.0.1:5300\" or \"[::1]:5300\""
+                    ),
+                );
+                return vec![stand_in];
+            };
+            let listener = Listener::new(proto, addr);
+            check_port(checker, listen.span(), listener);
+            return vec![listener];
+        }
+        RawListen::Many(addresses) => addresses,
+    };
+    if let Some(proto) = proto {
         checker.report(
-            raw.quic.map_or(0..0, |q| q.span()),
-            what("quic"),
-            format!("QUIC runs over UDP, and this service is {proto}: remove `quic` or use proto = \"udp\""),
+            proto.span(),
+            what("proto"),
+            "is set, but `listen` is a list of listeners, each naming its own transport (\"tcp:0.0.0.0:443\"): remove `proto`".to_owned(),
         );
-        return None;
     }
-    let config_id = raw.config_id.as_ref().map_or(0, |c| {
-        // 7 (0b111) is the draft's unroutable codepoint: no load balancer routes it.
-        checker.integer(
-            c,
-            &what("quic_config_id"),
-            0..u32::from(UNROUTABLE_CONFIG_ID),
-        )
-    });
-    let nonce_len = raw.nonce_len.as_ref().map_or(DEFAULT_QUIC_NONCE_LEN, |n| {
-        checker.integer(
-            n,
-            &what("quic_nonce_len"),
-            u32::from(MIN_NONCE_LEN)..u32::from(MAX_NONCE_LEN) + 1,
-        ) as u8
-    });
-    Some(QuicLb {
-        config_id: config_id as u8,
-        nonce_len,
-    })
+    if addresses.is_empty() || addresses.len() > MAX_LISTENERS {
+        checker.report(
+            listen.span(),
+            what("listen"),
+            format!(
+                "{} listeners, a service has 1 to {MAX_LISTENERS}: at most one each of TCP and UDP over IPv4 and IPv6",
+                addresses.len()
+            ),
+        );
+    }
+    let mut listeners: Vec<(Listener, &String)> = Vec::new();
+    for address in addresses.iter().take(MAX_LISTENERS) {
+        let Some(listener) = Listener::parse(address) else {
+            checker.report(
+                listen.span(),
+                what("listen"),
+                format!(
+                    "{address:?} is not a listener: write \"PROTO:ADDRESS\" with PROTO udp or tcp, like \"udp:0.0.0.0:443\" or \"tcp:[::]:443\""
+                ),
+            );
+            continue;
+        };
+        check_port(checker, listen.span(), listener);
+        if let Some((_, first)) = listeners.iter().find(|(l, _)| l.kind() == listener.kind()) {
+            checker.report(
+                listen.span(),
+                what("listen"),
+                format!(
+                    "listeners {first:?} and {address:?} are both {}: a service takes one listener per transport and IP family (tcp4, tcp6, udp4, udp6); give the other one its own service",
+                    listener.kind_name()
+                ),
+            );
+            continue;
+        }
+        listeners.push((listener, address));
+    }
+    if listeners.is_empty() {
+        return vec![stand_in];
+    }
+    listeners.into_iter().map(|(l, _)| l).collect()
 }
 
 /// The probe fields of a service, as written.

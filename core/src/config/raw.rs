@@ -23,7 +23,7 @@ pub(super) struct RawService {
     pub(super) span: Range<usize>,
     pub(super) name: Option<Spanned<String>>,
     pub(super) proto: Option<Spanned<String>>,
-    pub(super) listen: Option<Spanned<String>>,
+    pub(super) listen: Option<Spanned<RawListen>>,
     pub(super) workers: Option<Spanned<i64>>,
     pub(super) command: Option<Spanned<Vec<String>>>,
     pub(super) mode: Option<Spanned<String>>,
@@ -50,6 +50,15 @@ pub(super) struct RawService {
     pub(super) quic_nonce_len: Option<Spanned<i64>>,
     /// How the service is named in problems: `service "dns"` or `service #2`.
     pub(super) label: String,
+}
+
+/// `listen` as written: one address (with `proto`), or a list of `PROTO:ADDRESS`.
+#[derive(Clone, Debug)]
+pub(super) enum RawListen {
+    /// `listen = "127.0.0.1:5300"`.
+    One(String),
+    /// `listen = ["tcp:0.0.0.0:443", "udp:0.0.0.0:443"]`.
+    Many(Vec<String>),
 }
 
 /// Every key a service may have.
@@ -111,10 +120,17 @@ impl RawService {
             ..Self::default()
         };
         let written: Vec<String> = table.keys().map(|key| key.get_ref().clone()).collect();
+        // A list of listeners names each one's transport: `proto` is not needed then.
+        let listen_list = table
+            .iter()
+            .any(|(key, value)| key.get_ref() == "listen" && value.get_ref().is_array());
         for (key, value) in table {
             raw.take(checker, key, value);
         }
         for field in REQUIRED {
+            if field == "proto" && listen_list {
+                continue;
+            }
             if !written.iter().any(|key| key == field) {
                 checker.report(
                     span.clone(),
@@ -140,7 +156,7 @@ impl RawService {
         match key.get_ref().as_str() {
             "name" => self.name = typed.string(),
             "proto" => self.proto = typed.string(),
-            "listen" => self.listen = typed.string(),
+            "listen" => self.listen = typed.listen(),
             "workers" => self.workers = typed.integer(),
             "command" => self.command = typed.strings(),
             "mode" => self.mode = typed.string(),
@@ -209,6 +225,24 @@ impl Typed<'_, '_, '_> {
                 None
             }
         }
+    }
+
+    fn listen(&mut self) -> Option<Spanned<RawListen>> {
+        let listen = match self.value.get_ref() {
+            Value::String(s) => Some(RawListen::One(s.clone())),
+            Value::Array(items) => items
+                .iter()
+                .map(|item| item.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .map(RawListen::Many),
+            _ => None,
+        };
+        if listen.is_none() {
+            self.wrong(
+                "an address like \"127.0.0.1:5300\", or a list of listeners like [\"tcp:0.0.0.0:443\", \"udp:0.0.0.0:443\"]",
+            );
+        }
+        listen.map(|l| self.spanned(l))
     }
 
     fn integer(&mut self) -> Option<Spanned<i64>> {

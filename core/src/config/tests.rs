@@ -444,6 +444,120 @@ fn bad_probes_name_their_field_and_what_is_allowed() {
     }
 }
 
+const WEB: &str = r#"
+[[service]]
+name = "web"
+listen = ["tcp:0.0.0.0:443", "udp:0.0.0.0:443", "tcp:[::]:443", "udp:[::]:443"]
+workers = 2
+command = ["/usr/bin/h3-server"]
+"#;
+
+#[test]
+fn listen_may_be_a_list_of_listeners_without_proto() {
+    let web = parse(WEB).unwrap().services.remove(0);
+    let listeners: Vec<String> = web.listeners.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        listeners,
+        [
+            "tcp:0.0.0.0:443",
+            "udp:0.0.0.0:443",
+            "tcp:[::]:443",
+            "udp:[::]:443"
+        ]
+    );
+    // `proto` and `listen` are the first listener's.
+    assert_eq!(
+        (web.proto, web.listen),
+        (Proto::Tcp, "0.0.0.0:443".parse().unwrap())
+    );
+    // Ports may differ; a list of one is a single listener.
+    let text = WEB.replace(
+        r#"["tcp:0.0.0.0:443", "udp:0.0.0.0:443", "tcp:[::]:443", "udp:[::]:443"]"#,
+        r#"["udp:[::1]:8443"]"#,
+    );
+    let one = parse(&text).unwrap().services.remove(0);
+    assert_eq!(
+        (one.proto, one.listen.port(), one.listeners.len()),
+        (Proto::Udp, 8443, 1)
+    );
+    // The single form keeps its one listener.
+    let dns = parse(DNS).unwrap().services.remove(0);
+    assert_eq!(dns.listeners, [Listener::new(Proto::Udp, dns.listen)]);
+}
+
+#[test]
+fn a_service_with_a_udp_listener_among_others_may_have_a_flow_table() {
+    let sticky = parse(&format!("{WEB}sticky = true\n")).unwrap();
+    assert_eq!(sticky.services[0].flow_capacity(), DEFAULT_FLOW_TABLE);
+    let tcp_only = WEB
+        .replace(r#""udp:0.0.0.0:443", "#, "")
+        .replace(r#", "udp:[::]:443""#, "");
+    let tcp_only = parse(&format!("{tcp_only}sticky = true\n")).unwrap();
+    assert_eq!(tcp_only.services[0].flow_capacity(), 0);
+}
+
+#[test]
+fn two_listeners_of_one_transport_and_family_are_refused_naming_both() {
+    let text = WEB.replace(r#""tcp:[::]:443""#, r#""tcp:127.0.0.1:80""#);
+    assert_eq!(
+        problem(&text),
+        format!(
+            "{FILE}:4:10: service \"web\" field `listen`: listeners \"tcp:0.0.0.0:443\" and \"tcp:127.0.0.1:80\" are both tcp4: a service takes one listener per transport and IP family (tcp4, tcp6, udp4, udp6); give the other one its own service"
+        )
+    );
+}
+
+#[test]
+fn bad_listener_lists_name_the_field_and_what_to_do() {
+    let cases = [
+        (
+            WEB.replace("listen = [", "proto = \"tcp\"\nlisten = ["),
+            "4:9: service \"web\" field `proto`: is set, but `listen` is a list of listeners",
+        ),
+        (
+            WEB.replace(r#""tcp:[::]:443""#, r#""sctp:[::]:443""#),
+            "4:10: service \"web\" field `listen`: \"sctp:[::]:443\" is not a listener: write \"PROTO:ADDRESS\"",
+        ),
+        (
+            WEB.replace(r#""tcp:[::]:443""#, r#""[::]:443""#),
+            "4:10: service \"web\" field `listen`: \"[::]:443\" is not a listener",
+        ),
+        (
+            WEB.replace(r#""tcp:[::]:443""#, r#""tcp:[::]:0""#),
+            "4:10: service \"web\" field `listen`: port 0 is not allowed",
+        ),
+        (
+            WEB.replace(r#""udp:[::]:443"]"#, r#""udp:[::]:443", "udp:[::1]:444"]"#),
+            "4:10: service \"web\" field `listen`: 5 listeners, a service has 1 to 4",
+        ),
+        (
+            WEB.replace(
+                r#"["tcp:0.0.0.0:443", "udp:0.0.0.0:443", "tcp:[::]:443", "udp:[::]:443"]"#,
+                "[]",
+            ),
+            "4:10: service \"web\" field `listen`: 0 listeners",
+        ),
+        (
+            WEB.replace(r#""tcp:[::]:443""#, "3"),
+            "4:10: service \"web\" field `listen`: expected an address like",
+        ),
+    ];
+    for (text, expected) in cases {
+        let found = problem(&text);
+        assert!(found.starts_with(&format!("{FILE}:{expected}")), "{found}");
+    }
+}
+
+#[test]
+fn listeners_of_two_services_may_not_overlap() {
+    let text = format!("{WEB}{}", DNS.replace("127.0.0.1:5300", "[::]:443"));
+    let found = problem(&text);
+    assert!(
+        found.contains("service \"dns\" field `listen`: duplicate address: service \"web\" already listens on udp [::]:443"),
+        "{found}"
+    );
+}
+
 #[test]
 fn the_builtin_default_is_a_valid_config() {
     let builtin = Config::builtin(Path::new("/usr/bin/portshard"));
@@ -500,6 +614,12 @@ fn open_files_grow_with_services_and_workers() {
     // The largest config: 64 services of 256 workers need more than a default 20 000.
     let most = MAX_SERVICES as u64 * (FILES_PER_SERVICE + FILES_PER_WORKER * 256) + FILES_BASE;
     assert!(most > 20_000, "{most}");
+    // Each worker's socket of each further listener, twice over during a reload.
+    let four = parse(&WEB.replace("workers = 2", "workers = 256")).unwrap();
+    assert_eq!(
+        four.open_files_needed(),
+        large + 3 * FILES_PER_EXTRA_LISTENER * 256
+    );
 }
 
 mod quic;

@@ -24,6 +24,34 @@ fn service_records_round_trip_their_address() {
     }
 }
 
+#[test]
+fn status_lists_every_listener_the_first_being_proto_and_listen() {
+    let tcp4 = service_meta("0.0.0.0:443".parse().unwrap(), PROTO_TCP, 0, 0);
+    let udp6 = service_meta("[::]:443".parse().unwrap(), PROTO_UDP, 0, 0);
+    let status = ServiceStatus::new(
+        &tcp4,
+        TableReport::new("web", &[], &[], &Counters::ZERO),
+        None,
+    );
+    assert_eq!(status.listeners, ["tcp:0.0.0.0:443"]);
+    // Unused records (zero) are left out; none recorded keeps the service record's.
+    let zero = service_meta("0.0.0.0:0".parse().unwrap(), 0, 0, 0);
+    let zero = ServiceMeta { family: 0, ..zero };
+    let status = status.with_listeners(&[zero; 4]);
+    assert_eq!(status.listeners, ["tcp:0.0.0.0:443"]);
+    let status = status.with_listeners(&[tcp4, udp6, zero, zero]);
+    assert_eq!(status.listeners, ["tcp:0.0.0.0:443", "udp:[::]:443"]);
+    let json = serde_json::to_value(&status).unwrap();
+    assert_eq!(json["proto"], "tcp");
+    assert_eq!(json["listen"], "0.0.0.0:443");
+    assert_eq!(
+        json["listeners"],
+        serde_json::json!(["tcp:0.0.0.0:443", "udp:[::]:443"])
+    );
+    assert_eq!(listener_of(&udp6), Listener::parse("udp:[::]:443"));
+    assert_eq!(proto_number(Proto::Udp), PROTO_UDP);
+}
+
 fn metas(live: &[(Slot, u32)]) -> Vec<SlotMeta> {
     let mut metas = vec![SlotMeta::FREE; MAX_SLOTS as usize];
     for &(slot, weight) in live {

@@ -364,6 +364,13 @@ pub enum Activity {
     Delivered(u64),
     /// Its established connections (TCP).
     Connections(usize),
+    /// Both, for a worker with UDP and TCP listeners: busy if either shows activity.
+    Both {
+        /// As [`Activity::Delivered`].
+        delivered: u64,
+        /// As [`Activity::Connections`].
+        connections: usize,
+    },
     /// Unknown (counted as busy).
     Unknown,
 }

@@ -379,6 +379,10 @@ impl<L: Clone> Supervisor<L> {
                     drain.delivered.replace(delivered) != Some(delivered)
                 }
                 Activity::Connections(open) => open > 0,
+                Activity::Both {
+                    delivered,
+                    connections,
+                } => drain.delivered.replace(delivered) != Some(delivered) || connections > 0,
                 Activity::Unknown => true,
             };
             if busy {
@@ -482,7 +486,7 @@ fn same_pins(running: &Service, wanted: &Service) -> Result<(), ControlError> {
 }
 
 fn pinned(spec: &Service) -> impl PartialEq {
-    (spec.proto, spec.listen, spec.mode, spec.flow_capacity())
+    (spec.listeners.clone(), spec.mode, spec.flow_capacity())
 }
 
 /// What the pins record of `spec`, in words.
@@ -491,10 +495,11 @@ pub fn describe(spec: &Service) -> String {
         0 => String::new(),
         n => format!(", flow table of {n}"),
     };
-    format!(
-        "{} {} ({}{flows})",
-        spec.proto,
-        spec.listen,
-        spec.mode.name()
-    )
+    let listens = if spec.listeners.len() == 1 {
+        format!("{} {}", spec.proto, spec.listen)
+    } else {
+        let listeners: Vec<String> = spec.listeners.iter().map(ToString::to_string).collect();
+        listeners.join(", ")
+    };
+    format!("{listens} ({}{flows})", spec.mode.name())
 }

@@ -22,6 +22,17 @@ pub enum DataplaneError {
         /// The offending name.
         name: String,
     },
+    /// A worker was given more sockets than a service has socket arrays.
+    #[error(
+        "service at {dir}: {count} sockets for one slot, but a service has 1 to {max} listeners",
+        max = portshard_common::MAX_LISTENERS
+    )]
+    TooManyListeners {
+        /// The service's pin directory.
+        dir: std::path::PathBuf,
+        /// How many sockets were given.
+        count: usize,
+    },
     /// Nothing is pinned for the service.
     #[error(
         "no dataplane is pinned at {dir}: the service was never started under this pin root, or was stopped"

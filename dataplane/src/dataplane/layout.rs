@@ -81,7 +81,7 @@ fn added_by(step: Step) -> &'static [&'static str] {
     match step {
         Step::RecordLayout => &[names::LAYOUT],
         Step::KeyFlowsBySource => &names::ADDED_IN_LAYOUT_3,
-        Step::CountQuic => &names::ADDED_IN_LAYOUT_4,
+        Step::PinListeners => &names::ADDED_IN_LAYOUT_4,
     }
 }
 
@@ -93,8 +93,8 @@ pub(super) fn migrate(dir: &Path, steps: &[Step]) -> Result<()> {
     for step in steps {
         match step {
             Step::RecordLayout => pin_layout(dir, step.reaches())?,
-            Step::KeyFlowsBySource | Step::CountQuic => {
-                for &name in added_by(*step) {
+            Step::KeyFlowsBySource | Step::PinListeners => {
+                for name in added_by(*step) {
                     if !dir.join(name).exists() {
                         pin_new_map(dir, name, flow_capacity)?;
                     }

@@ -166,32 +166,40 @@ impl Dataplane {
     }
 
     /// Puts `program` in place of the pinned one: attaches it to the reuseport group of
-    /// `socket` (a live member; `None` when the group has no socket left), then pins it.
+    /// each of `sockets` (a live member of each listener's group; none when the groups have
+    /// no socket left), then pins it.
     /// Attached first, so a failure leaves the pin naming the old program, and the next
     /// adoption tries again.
     pub fn replace_program(
         &mut self,
         mut program: LoadedProgram,
-        socket: Option<BorrowedFd<'_>>,
+        sockets: &[BorrowedFd<'_>],
     ) -> Result<()> {
         let path = self.dir.join(names::PROGRAM);
-        if let Some(socket) = socket {
+        for (index, &socket) in sockets.iter().enumerate() {
             let action = format!(
                 "attaching the new program to the reuseport group of socket fd {}",
                 socket.as_raw_fd()
             );
-            program
+            if let Err(error) = program
                 .program()
                 .attach(socket)
-                .map_err(program_error(&path, action))?;
-            if let Err(error) = program.pin() {
-                // The pin still names the old program: the group goes back to it, so
-                // what steers is what the pin says.
-                let _ = self.program.attach(socket);
+                .map_err(program_error(&path, action))
+            {
+                // The groups attached so far go back to the pinned program.
+                for &attached in &sockets[..index] {
+                    let _ = self.program.attach(attached);
+                }
                 return Err(error);
             }
-        } else {
-            program.pin()?;
+        }
+        if let Err(error) = program.pin() {
+            // The pin still names the old program: the groups go back to it, so what
+            // steers is what the pin says.
+            for &socket in sockets {
+                let _ = self.program.attach(socket);
+            }
+            return Err(error);
         }
         self.program = open_program(&path)?;
         // Pins migrated from layout 2 leave the old flow table, which only the old program

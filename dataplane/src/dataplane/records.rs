@@ -1,10 +1,11 @@
 //! A service's records alone (what it listens on, and each slot), read from the two pins
 //! that hold them. Those pins are the same in every pin layout, so the records of pins not
-//! yet migrated to this build's layout can be read before anything is changed.
+//! yet migrated to this build's layout can be read before anything is changed. The cookies
+//! of every listener's sockets are read too where pinned (layout 4 on).
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, MapData, MapError};
-use portshard_common::{ServiceMeta, SlotMeta, names};
+use portshard_common::{ServiceMeta, SlotCookies, SlotMeta, names};
 
 use super::{
     DataplaneError, Result, check_service_name,
@@ -20,19 +21,31 @@ use crate::{
 pub trait SlotRecords {
     /// `slot`'s recorded metadata.
     fn slot_record(&self, slot: Slot) -> Result<SlotMeta>;
+
+    /// The cookies recorded for `slot`'s sockets of every listener; none where only the
+    /// slot's record holds one (pins of layouts before 4, with one listener).
+    fn listener_cookies(&self, _slot: Slot) -> Result<Vec<u64>> {
+        Ok(Vec::new())
+    }
 }
 
 impl SlotRecords for super::Dataplane {
     fn slot_record(&self, slot: Slot) -> Result<SlotMeta> {
         self.meta(slot)
     }
+
+    fn listener_cookies(&self, slot: Slot) -> Result<Vec<u64>> {
+        Ok(self.cookies(slot)?.cookies.to_vec())
+    }
 }
 
-/// The `service` and `slots` pins of one service.
+/// The `service` and `slots` pins of one service, and its `slot_cookies` where pinned
+/// (layout 4 on).
 pub struct PinnedRecords {
     dir: PathBuf,
     service: Array<MapData, ServiceMeta>,
     slots: Array<MapData, SlotMeta>,
+    cookies: Option<Array<MapData, SlotCookies>>,
 }
 
 impl PinnedRecords {
@@ -53,6 +66,15 @@ impl PinnedRecords {
             dir: dir.to_path_buf(),
             service: typed(dir, names::SERVICE, open_named(dir, specs, names::SERVICE)?)?,
             slots: typed(dir, names::SLOTS, open_named(dir, specs, names::SLOTS)?)?,
+            cookies: if dir.join(names::COOKIES).exists() {
+                Some(typed(
+                    dir,
+                    names::COOKIES,
+                    open_named(dir, specs, names::COOKIES)?,
+                )?)
+            } else {
+                None
+            },
         })
     }
 
@@ -96,5 +118,20 @@ impl SlotRecords for PinnedRecords {
         self.slots
             .get(&u32::from(slot), 0)
             .map_err(self.error(names::SLOTS, format!("reading slot {slot}")))
+    }
+
+    fn listener_cookies(&self, slot: Slot) -> Result<Vec<u64>> {
+        let Some(cookies) = &self.cookies else {
+            return Ok(Vec::new());
+        };
+        let error = self.error(
+            names::COOKIES,
+            format!("reading the cookies of slot {slot}"),
+        );
+        Ok(cookies
+            .get(&u32::from(slot), 0)
+            .map_err(error)?
+            .cookies
+            .to_vec())
     }
 }

@@ -69,6 +69,34 @@ pub fn socket_of(pidfd: BorrowedFd<'_>, pid: u32, cookie: u64) -> io::Result<Opt
     Ok(None)
 }
 
+/// A copy of a socket of the reuseport group of `proto` on `addr` (see
+/// [`crate::socket::is_member_of`]) among those the process behind `pidfd` (pid `pid`)
+/// holds, looked for first at `fd`, where socket activation put it: how a restarted daemon
+/// reaches the group of a service's second, third or fourth listener, whose sockets' cookies
+/// no slot records. `None` if it holds none.
+pub fn member_socket_of(
+    pidfd: BorrowedFd<'_>,
+    pid: u32,
+    fd: i32,
+    proto: crate::socket::Proto,
+    addr: std::net::SocketAddr,
+) -> io::Result<Option<OwnedFd>> {
+    let mut sockets = socket_fds(pid)?;
+    sockets.sort_by_key(|&(number, _)| number != fd);
+    for (number, _) in sockets {
+        // A descriptor closed meanwhile is simply skipped.
+        let Ok(copy) =
+            rustix::process::pidfd_getfd(pidfd, number, rustix::process::PidfdGetfdFlags::empty())
+        else {
+            continue;
+        };
+        if crate::socket::is_member_of(copy.as_fd(), proto, addr) {
+            return Ok(Some(copy));
+        }
+    }
+    Ok(None)
+}
+
 /// How many of `established` (connection inodes, see
 /// [`crate::sockdiag::SockDiag::established_inodes`]) the process `pid` holds.
 pub fn established_connections(pid: u32, established: &BTreeSet<u32>) -> io::Result<usize> {

@@ -57,7 +57,7 @@ fn bad_quic_fields_name_their_field_and_what_is_allowed() {
         .replace("mode = \"balance\"", "quic = true");
     let found = problem(&tcp);
     assert!(
-        found.contains("field `quic`: QUIC runs over UDP, and this service is tcp"),
+        found.contains("field `quic`: QUIC runs over UDP, and this service has no UDP listener"),
         "{found}"
     );
 }

@@ -37,6 +37,9 @@ fn service(extra: &str) -> Service {
     for line in extra.lines() {
         let (key, value) = line.split_once(" = ").expect("key = value");
         keys.retain(|(k, _)| k != key);
+        if key == "listen" && value.starts_with('[') {
+            keys.retain(|(k, _)| k != "proto");
+        }
         keys.push((key.to_owned(), value.to_owned()));
     }
     let body: String = keys.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
@@ -201,3 +204,22 @@ mod control;
 mod lifecycle;
 mod reload;
 mod slots;
+
+#[test]
+fn the_switches_name_each_listeners_index_by_its_kind() {
+    use portshard_common::{TABLE_FLOWS, listener_index, listener_kind};
+    let single = Supervisor::<()>::table_switches(&service(""));
+    assert_eq!(
+        single.flags, 0,
+        "a single listener leaves every listener bit 0"
+    );
+    let spec = service(
+        "listen = [\"udp:[::1]:443\", \"tcp:127.0.0.1:443\", \"udp:127.0.0.1:443\"]\nsticky = true",
+    );
+    let flags = Supervisor::<()>::table_switches(&spec).flags;
+    assert_eq!(flags & TABLE_FLOWS, TABLE_FLOWS);
+    assert_eq!(listener_index(flags, listener_kind(true, true)), 0);
+    assert_eq!(listener_index(flags, listener_kind(false, false)), 1);
+    assert_eq!(listener_index(flags, listener_kind(true, false)), 2);
+    assert_eq!(listener_index(flags, listener_kind(false, true)), 0);
+}

@@ -105,6 +105,39 @@ fn a_retiring_worker_is_stopped_at_its_drain_timeout_even_if_busy_and_killed_if_
 }
 
 #[test]
+fn a_retiring_worker_with_udp_and_tcp_listeners_is_busy_while_either_shows_activity() {
+    let text = "workers = 1\nlisten = [\"tcp:127.0.0.1:443\", \"udp:127.0.0.1:443\"]\nready_delay = \"1ms\"\ndrain_idle = \"2s\"";
+    let mut h = Harness::with(service(text));
+    let actions = h.feed(reload_event(service(text)));
+    let (_, ready) = timers(&actions)[0];
+    h.feed_table_ok(Event::Timer(ready), 1);
+    let pid = h.pid(0);
+    let tick = |h: &mut Harness, delivered, connections| {
+        let activity = vec![(
+            0,
+            0,
+            Activity::Both {
+                delivered,
+                connections,
+            },
+        )];
+        signals(&h.feed(Event::Tick { activity }))
+    };
+    // Datagrams keep arriving: busy, though no connection is open.
+    assert!(tick(&mut h, 1, 0).is_empty());
+    h.advance(Duration::from_secs(2));
+    assert!(tick(&mut h, 5, 0).is_empty());
+    // No more datagrams, but a connection stays open: still busy.
+    h.advance(Duration::from_secs(2));
+    assert!(tick(&mut h, 5, 1).is_empty());
+    // Neither for drain_idle: stopped.
+    h.advance(Duration::from_secs(1));
+    assert!(tick(&mut h, 5, 0).is_empty());
+    h.advance(Duration::from_secs(1));
+    assert_eq!(tick(&mut h, 5, 0), vec![(0, pid, Signal::Term)]);
+}
+
+#[test]
 fn a_staged_worker_that_exits_rolls_the_reload_back() {
     let mut h = Harness::with(service("workers = 2"));
     let actions = h.feed(reload_event(service("workers = 2\ncommand = [\"new\"]")));

@@ -68,23 +68,30 @@ impl Shell {
         } else {
             None
         };
-        let checked = self
-            .watch
-            .diag()
-            .map_err(|source| owners::OwnersError::Listing {
-                proto: spec.proto,
-                listen: spec.listen,
-                source,
-            })
-            .and_then(|diag| {
-                owners::in_use(
-                    diag,
-                    &spec.name,
-                    spec.proto,
-                    spec.listen,
-                    records.as_ref().map(|r| r as &dyn SlotRecords),
-                )
-            });
+        // Every listener's address, each its own reuseport group.
+        let mut checked = Ok(None);
+        for listener in &spec.listeners {
+            checked = self
+                .watch
+                .diag()
+                .map_err(|source| owners::OwnersError::Listing {
+                    proto: listener.proto,
+                    listen: listener.addr,
+                    source,
+                })
+                .and_then(|diag| {
+                    owners::in_use(
+                        diag,
+                        &spec.name,
+                        listener.proto,
+                        listener.addr,
+                        records.as_ref().map(|r| r as &dyn SlotRecords),
+                    )
+                });
+            if !matches!(checked, Ok(None)) {
+                break;
+            }
+        }
         match checked {
             Ok(None) => Ok(()),
             Ok(Some(in_use)) => Err(in_use.into()),
@@ -105,20 +112,28 @@ impl Shell {
             };
             let name = &spec.name;
             let mut known = self.watch.known.remove(name).unwrap_or_default();
-            let checked = match self.watch.diag() {
-                Ok(diag) => owners::foreign(
-                    diag,
-                    spec.proto,
-                    spec.listen,
-                    Some(group.dataplane() as &dyn SlotRecords),
-                    &mut known,
-                ),
-                Err(source) => Err(owners::OwnersError::Listing {
-                    proto: spec.proto,
-                    listen: spec.listen,
-                    source,
-                }),
-            };
+            // Every listener's address, each its own reuseport group.
+            let mut checked: Result<Vec<_>, owners::OwnersError> = Ok(Vec::new());
+            for listener in &spec.listeners {
+                let found = match self.watch.diag() {
+                    Ok(diag) => owners::foreign(
+                        diag,
+                        listener.proto,
+                        listener.addr,
+                        Some(group.dataplane() as &dyn SlotRecords),
+                        &mut known,
+                    ),
+                    Err(source) => Err(owners::OwnersError::Listing {
+                        proto: listener.proto,
+                        listen: listener.addr,
+                        source,
+                    }),
+                };
+                checked = checked.and_then(|mut all: Vec<_>| {
+                    all.extend(found?);
+                    Ok(all)
+                });
+            }
             self.watch.known.insert(name.clone(), known);
             let found = match checked {
                 Ok(found) => found,

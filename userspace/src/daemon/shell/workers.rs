@@ -47,26 +47,51 @@ impl Shell {
             service: spec.name.clone(),
             source,
         };
-        let socket = socket::reuseport_socket(spec.proto, spec.listen).map_err(socket_error)?;
-        // The slot records the socket's cookie before it joins the group, so whoever lists
-        // the sockets on the address (the foreign-socket check, `status`) finds it recorded.
-        let mut meta = group.dataplane().meta(slot)?;
-        meta.cookie = socket::cookie(socket.as_fd()).map_err(|source| {
-            socket_error(SocketError {
-                action: "reading SO_COOKIE of",
-                proto: spec.proto,
-                addr: spec.listen,
-                source,
+        // One socket per listener, in config order; each goes in this slot of its
+        // listener's socket array, and to the worker as fd 3, 4, ...
+        let sockets = spec
+            .listeners
+            .iter()
+            .map(|l| socket::reuseport_socket(l.proto, l.addr).map_err(socket_error))
+            .collect::<Result<Vec<_>, _>>()?;
+        // The slot records the first socket's cookie before it joins the group, so whoever
+        // lists the sockets on the address (the foreign-socket check, `status`) finds it
+        // recorded.
+        let cookies = sockets
+            .iter()
+            .zip(&spec.listeners)
+            .map(|(socket, listener)| {
+                socket::cookie(socket.as_fd()).map_err(|source| {
+                    socket_error(SocketError {
+                        action: "reading SO_COOKIE of",
+                        proto: listener.proto,
+                        addr: listener.addr,
+                        source,
+                    })
+                })
             })
-        })?;
+            .collect::<Result<Vec<u64>, _>>()?;
+        let mut meta = group.dataplane().meta(slot)?;
+        meta.cookie = cookies[0];
         group.set_meta(slot, meta)?;
-        socket::join(&socket, spec.proto, spec.listen).map_err(socket_error)?;
+        if spec.listeners.len() > 1 {
+            group.set_cookies(slot, &cookies)?;
+        }
+        for (socket, listener) in sockets.iter().zip(&spec.listeners) {
+            socket::join(socket, listener.proto, listener.addr).map_err(socket_error)?;
+        }
+        let fds: Vec<_> = sockets.iter().map(|socket| socket.as_fd()).collect();
+        let names: Vec<String> = spec
+            .listeners
+            .iter()
+            .map(|l| l.fd_name(&spec.name, spec.listeners.len()))
+            .collect();
         let spawned = process::spawn(
             &launch.program,
             &spec.command,
-            socket.as_fd(),
+            &fds,
             &Activation {
-                name: &spec.name,
+                names: &names,
                 slot,
                 quic_lb: spec.quic.map(|quic| QuicLbEnv {
                     config_id: quic.config_id,
@@ -88,17 +113,16 @@ impl Shell {
             restarts,
         };
         let placed = if staged {
-            group.stage(slot, socket.as_fd(), spec.weight, holder)
+            group.stage_all(slot, &fds, spec.weight, holder)
         } else {
-            group
-                .add(slot, socket.as_fd(), spec.weight, holder)
-                .map(drop)
+            group.add_all(slot, &fds, spec.weight, holder).map(drop)
         };
         if let Err(error) = placed {
             let _ = process::signal(spawned.pidfd.as_fd(), Signal::Kill);
             return Err(error.into());
         }
-        drop(socket);
+        drop(fds);
+        drop(sockets);
         self.track(service, slot, spawned.pid, spawned.pidfd);
         Ok(spawned.pid)
     }
@@ -207,10 +231,19 @@ impl Shell {
                 let Some((spec, _)) = self.supervisor.spec(service) else {
                     return (service, slot, Activity::Unknown);
                 };
-                let activity = match spec.proto {
-                    // QUIC packets delivered by connection ID are a connection's traffic
-                    // as much as the flow table's hits are.
-                    Proto::Udp => counters
+                // Every listener's selections count in the slot's row; a TCP listener's
+                // connections are counted on its port.
+                let udp = spec.listeners.iter().any(|l| l.proto == Proto::Udp);
+                let mut tcp_ports: Vec<u16> = spec
+                    .listeners
+                    .iter()
+                    .filter(|l| l.proto == Proto::Tcp)
+                    .map(|l| l.addr.port())
+                    .collect();
+                tcp_ports.sort_unstable();
+                tcp_ports.dedup();
+                let delivered = udp.then(|| {
+                    counters
                         .entry(service)
                         .or_insert_with(|| {
                             let dataplane = self.groups[service].as_ref()?.dataplane();
@@ -223,6 +256,8 @@ impl Shell {
                         .as_ref()
                         .and_then(|(c, quic)| {
                             let c = c.slots.get(usize::from(slot))?;
+                            // QUIC packets delivered by connection ID are a connection's
+                            // traffic as much as the flow table's hits are.
                             let by_id = quic.as_ref().map_or(0, |q| {
                                 q.slots
                                     .get(usize::from(slot))
@@ -237,17 +272,29 @@ impl Shell {
                                     + by_id,
                             )
                         })
-                        .map_or(Activity::Unknown, Activity::Delivered),
-                    Proto::Tcp => established
-                        .entry(spec.listen.port())
-                        .or_insert_with(|| {
-                            SockDiag::open()
-                                .and_then(|mut diag| diag.established_inodes(spec.listen.port()))
-                                .ok()
-                        })
-                        .as_ref()
-                        .and_then(|inodes| process::established_connections(pid, inodes).ok())
-                        .map_or(Activity::Unknown, Activity::Connections),
+                });
+                let connections = (!tcp_ports.is_empty()).then(|| {
+                    tcp_ports.iter().try_fold(0, |sum, &port| {
+                        established
+                            .entry(port)
+                            .or_insert_with(|| {
+                                SockDiag::open()
+                                    .and_then(|mut diag| diag.established_inodes(port))
+                                    .ok()
+                            })
+                            .as_ref()
+                            .and_then(|inodes| process::established_connections(pid, inodes).ok())
+                            .map(|open| sum + open)
+                    })
+                });
+                let activity = match (delivered, connections) {
+                    (Some(Some(delivered)), None) => Activity::Delivered(delivered),
+                    (None, Some(Some(connections))) => Activity::Connections(connections),
+                    (Some(Some(delivered)), Some(Some(connections))) => Activity::Both {
+                        delivered,
+                        connections,
+                    },
+                    _ => Activity::Unknown,
                 };
                 (service, slot, activity)
             })
