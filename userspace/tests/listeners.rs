@@ -42,6 +42,17 @@ fn v6() -> SocketAddr {
     format!("[::1]:{PORT}").parse().unwrap()
 }
 
+/// Flows on each of the service's four listeners, in config order (tcp4, udp4, tcp6,
+/// udp6); the TCP ones from source ports `tcp_port` (IPv4) and `tcp_port + 1000` (IPv6) on.
+fn flows_on_every_listener(tcp_port: u16) -> [Flows; 4] {
+    [
+        Flows::Tcp(TcpFlows::new(v4(), tcp_port)),
+        Flows::Udp(UdpFlows::new(v4(), FLOWS).unwrap()),
+        Flows::Tcp(TcpFlows::new(v6(), tcp_port + 1000)),
+        Flows::Udp(UdpFlows::new(v6(), FLOWS).unwrap()),
+    ]
+}
+
 /// The service "web" on the four listeners, `workers` copies of `portshard echo`.
 fn web_config(workers: usize) -> String {
     let listen: Vec<String> = LISTENERS
@@ -169,8 +180,7 @@ impl Flows {
 
 #[test]
 fn each_worker_holds_a_socket_per_listener_in_its_slot_and_fails_over_alike_on_all_four() {
-    let _sandbox = sandbox();
-    let sandbox = &_sandbox;
+    let sandbox = sandbox();
     let mut daemon = DaemonRun::start(Path::new(EXE), &web_config(4), sandbox.pins()).unwrap();
     daemon.wait_ready(&[("web", 4)], READY).unwrap();
 
@@ -212,12 +222,10 @@ fn each_worker_holds_a_socket_per_listener_in_its_slot_and_fails_over_alike_on_a
     }
 
     // Traffic on every listener reaches every worker.
-    let mut listeners = [
-        ("tcp4", Flows::Tcp(TcpFlows::new(v4(), 20_000))),
-        ("udp4", Flows::Udp(UdpFlows::new(v4(), FLOWS).unwrap())),
-        ("tcp6", Flows::Tcp(TcpFlows::new(v6(), 21_000))),
-        ("udp6", Flows::Udp(UdpFlows::new(v6(), FLOWS).unwrap())),
-    ];
+    let mut listeners: Vec<(&str, Flows)> = ["tcp4", "udp4", "tcp6", "udp6"]
+        .into_iter()
+        .zip(flows_on_every_listener(20_000))
+        .collect();
     let before: Vec<Vec<Answer>> = listeners
         .iter_mut()
         .map(|(_, flows)| flows.settle())
@@ -332,16 +340,10 @@ fn two_listeners_of_one_transport_and_family_are_refused_before_anything_starts(
 
 #[test]
 fn a_daemon_killed_and_restarted_adopts_every_listener_and_moves_no_flow() {
-    let _sandbox = sandbox();
-    let sandbox = &_sandbox;
+    let sandbox = sandbox();
     let mut daemon = DaemonRun::start(Path::new(EXE), &web_config(3), sandbox.pins()).unwrap();
     daemon.wait_ready(&[("web", 3)], READY).unwrap();
-    let mut listeners = [
-        Flows::Tcp(TcpFlows::new(v4(), 22_000)),
-        Flows::Udp(UdpFlows::new(v4(), FLOWS).unwrap()),
-        Flows::Tcp(TcpFlows::new(v6(), 23_000)),
-        Flows::Udp(UdpFlows::new(v6(), FLOWS).unwrap()),
-    ];
+    let mut listeners = flows_on_every_listener(22_000);
     let before: Vec<Vec<Answer>> = listeners.iter_mut().map(Flows::settle).collect();
     let pids: BTreeMap<Slot, u32> = (0..3).map(|s| (s, pid_of(&daemon, "web", s))).collect();
 
@@ -392,16 +394,13 @@ fn a_daemon_killed_and_restarted_adopts_every_listener_and_moves_no_flow() {
 
 #[test]
 fn a_balance_reload_moves_each_flow_once_to_the_same_successor_on_every_listener() {
-    let _sandbox = sandbox();
-    let sandbox = &_sandbox;
+    let sandbox = sandbox();
     let mut daemon = DaemonRun::start(Path::new(EXE), &web_config(3), sandbox.pins()).unwrap();
     daemon.wait_ready(&[("web", 3)], READY).unwrap();
-    let mut listeners = [
-        ("tcp4", Flows::Tcp(TcpFlows::new(v4(), 24_000))),
-        ("udp4", Flows::Udp(UdpFlows::new(v4(), FLOWS).unwrap())),
-        ("tcp6", Flows::Tcp(TcpFlows::new(v6(), 25_000))),
-        ("udp6", Flows::Udp(UdpFlows::new(v6(), FLOWS).unwrap())),
-    ];
+    let mut listeners: Vec<(&str, Flows)> = ["tcp4", "udp4", "tcp6", "udp6"]
+        .into_iter()
+        .zip(flows_on_every_listener(24_000))
+        .collect();
     let before: Vec<Vec<Answer>> = listeners
         .iter_mut()
         .map(|(_, flows)| flows.settle())
@@ -465,19 +464,13 @@ fn install(from: &Path, to: &Path) {
 fn an_upgrade_puts_the_new_program_on_every_listeners_group_and_moves_no_flow() {
     let second = std::env::var_os("PORTSHARD_UPGRADE_TEST_BINARY")
         .expect("run through `cargo xtask test`, which builds the second portshard");
-    let _sandbox = sandbox();
-    let sandbox = &_sandbox;
+    let sandbox = sandbox();
     let dir = tempfile::tempdir().unwrap();
     let installed = dir.path().join("portshard");
     install(Path::new(EXE), &installed);
     let mut daemon = DaemonRun::start(&installed, &web_config(3), sandbox.pins()).unwrap();
     daemon.wait_ready(&[("web", 3)], READY).unwrap();
-    let mut listeners = [
-        Flows::Tcp(TcpFlows::new(v4(), 26_000)),
-        Flows::Udp(UdpFlows::new(v4(), FLOWS).unwrap()),
-        Flows::Tcp(TcpFlows::new(v6(), 27_000)),
-        Flows::Udp(UdpFlows::new(v6(), FLOWS).unwrap()),
-    ];
+    let mut listeners = flows_on_every_listener(26_000);
     let before: Vec<Vec<Answer>> = listeners.iter_mut().map(Flows::settle).collect();
     let status = daemon.status().unwrap();
     let tag = status[0].program_tag.clone();
