@@ -153,7 +153,7 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
     if flags & TABLE_PROBES != 0
         && ctx.migrating_sk().is_none()
         && let Some(slot) = probed_slot(&ctx)
-        && select(&ctx, slot)
+        && select(&ctx, table, slot)
     {
         // A health probe reached the worker it checks; it is not a flow, so not counted.
         return SK_PASS;
@@ -161,7 +161,11 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
     // A service's TCP listeners share its flags with its UDP ones: QUIC and the flow table
     // are for datagrams only.
     let udp = ctx.ip_protocol() == IPPROTO_UDP;
-    if flags & TABLE_QUIC != 0 && udp && ctx.migrating_sk().is_none() && steer_quic(&ctx, flags) {
+    if flags & TABLE_QUIC != 0
+        && udp
+        && ctx.migrating_sk().is_none()
+        && steer_quic(&ctx, table, flags)
+    {
         return SK_PASS;
     }
     let hash = ctx.hash();
@@ -220,7 +224,7 @@ fn steer_flow(
             } else if let Some(events) = flow_events() {
                 events.reused_slot += 1;
             }
-        } else if select(ctx, flow.slot) {
+        } else if select(ctx, table, flow.slot) {
             if flow.last_seen != now {
                 flow.last_seen = now;
             }
@@ -261,17 +265,18 @@ fn steer_flow(
     if found {
         // Its second datagram: admitted where its first went, while that slot still holds
         // the same generation; otherwise where the table sends it now.
-        let slot =
-            if generation_of(record.slot) == Some(record.generation) && select(ctx, record.slot) {
-                if let Some(row) = counters.slots.get_mut(usize::from(record.slot)) {
-                    row.flow_hits += 1;
-                }
-                Some(record.slot)
-            } else {
-                let chosen = choose(ctx, table, key.hash);
-                count(counters, false, chosen);
-                chosen.map(|(slot, _)| slot)
-            };
+        let slot = if generation_of(record.slot) == Some(record.generation)
+            && select(ctx, table, record.slot)
+        {
+            if let Some(row) = counters.slots.get_mut(usize::from(record.slot)) {
+                row.flow_hits += 1;
+            }
+            Some(record.slot)
+        } else {
+            let chosen = choose(ctx, table, key.hash);
+            count(counters, false, chosen);
+            chosen.map(|(slot, _)| slot)
+        };
         record.seen = 0;
         if let Some(slot) = slot {
             match FLOWS.insert(key, placed(slot, now), BPF_NOEXIST) {
@@ -414,7 +419,7 @@ fn flow_key(ctx: &SkReuseportContext, family: u16, source: [u8; 16], hash: u32) 
 /// else the owner of one of a few unrelated entries; `None` if none has a live socket.
 #[inline(always)]
 fn choose(ctx: &SkReuseportContext, table: *const Table, hash: u32) -> Option<(u16, Choice)> {
-    let sockets = listener_sockets(ctx);
+    let sockets = listener_sockets(ctx, table);
     let index = hash & TABLE_MASK;
     let entry = read(table, index);
     if select_in(ctx, sockets, entry.owner) {
@@ -456,11 +461,8 @@ fn any_live(ctx: &SkReuseportContext, sockets: &ReusePortSockArray) -> Option<u1
 /// kind's listener index; single-listener services leave it 0 (`sockets`). The family is
 /// the listening socket's, never the packet's: a dual-stack socket receives IPv4 packets.
 #[inline(always)]
-fn listener_sockets(ctx: &SkReuseportContext) -> &'static ReusePortSockArray {
+fn listener_sockets(ctx: &SkReuseportContext, table: *const Table) -> &'static ReusePortSockArray {
     const AF_INET6: u32 = 10;
-    let Some(table) = TABLE.get_ptr(0) else {
-        return &SOCKETS;
-    };
     // SAFETY: `table` points to the map's value; the flags word is inside it.
     let flags = unsafe { core::ptr::read_volatile(&raw const (*table).flags) };
     if flags >> TABLE_LISTENER_SHIFT == 0 {
@@ -548,8 +550,8 @@ fn read(table: *const Table, index: u32) -> TableEntry {
 /// Asks the kernel to deliver to `slot`'s socket; false if the slot names no socket, or its
 /// socket is closed (`-ENOENT`) or otherwise unusable.
 #[inline(always)]
-fn select(ctx: &SkReuseportContext, slot: u16) -> bool {
-    select_in(ctx, listener_sockets(ctx), slot)
+fn select(ctx: &SkReuseportContext, table: *const Table, slot: u16) -> bool {
+    select_in(ctx, listener_sockets(ctx, table), slot)
 }
 
 /// [`select`] in `sockets`, the socket array of the listener the program runs for

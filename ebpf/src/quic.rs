@@ -2,7 +2,7 @@
 //! connection ID's server ID names, while that slot serves the generation that issued it.
 use aya_ebpf::{cty::c_void, helpers::bpf_skb_load_bytes, programs::SkReuseportContext};
 use portshard_common::{
-    SlotState,
+    SlotState, Table,
     quic::{
         MIN_SHORT_TAIL, SERVER_ID_LEN, cid_len_of, config_id_of, decode_server_id, slot_in_range,
     },
@@ -24,7 +24,7 @@ const QUIC_V2: u32 = 0x6b33_43cf;
 /// that slot is live or draining, holds the generation that issued it and its socket takes
 /// the packet; true if delivered. Anything else is counted and left to the table.
 #[inline(always)]
-pub(crate) fn steer_quic(ctx: &SkReuseportContext, flags: u32) -> bool {
+pub(crate) fn steer_quic(ctx: &SkReuseportContext, table: *const Table, flags: u32) -> bool {
     let Some(counters) = QUIC_COUNTERS.get_ptr_mut(0) else {
         return false;
     };
@@ -64,7 +64,7 @@ pub(crate) fn steer_quic(ctx: &SkReuseportContext, flags: u32) -> bool {
     let Some(row) = counters.slots.get_mut(usize::from(slot)) else {
         return false;
     };
-    if serving && select(ctx, slot) {
+    if serving && select(ctx, table, slot) {
         row.by_connection_id += 1;
         true
     } else {
