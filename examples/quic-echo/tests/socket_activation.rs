@@ -51,11 +51,17 @@ fn spawn_worker_with_stderr(socket: &UdpSocket, env: &[(&str, String)], stderr: 
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stderr(stderr);
-    // SAFETY: only dup2, async-signal-safe, runs between fork and exec. dup2 leaves the
-    // new fd 3 without close-on-exec, so it survives both execs.
+    // SAFETY: only dup2 or fcntl, async-signal-safe, between fork and exec. The new fd 3
+    // is without close-on-exec, so it survives both execs; a socket that already is fd 3
+    // (dup2 onto itself changes nothing) has its close-on-exec flag cleared instead.
     unsafe {
         command.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
+            let done = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if done < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
