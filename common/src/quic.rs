@@ -2,9 +2,10 @@
 //! the program and the daemon agree on. Each worker of a `quic` service issues connection
 //! IDs whose first octet carries the service's config rotation bits and whose next
 //! [`SERVER_ID_LEN`] octets are its server ID: its slot and the low octet of its
-//! generation. The program sends a short-header packet whose destination connection ID
-//! carries a live slot's server ID to that slot, whatever the packet's 4-tuple, so a
-//! connection survives NAT rebinding and migration; every other packet goes by the table.
+//! generation. The program sends a packet whose destination connection ID carries a live
+//! slot's server ID to that slot, whatever the packet's 4-tuple, so a connection survives
+//! NAT rebinding and migration; a new connection's first flight (the client's own
+//! connection ID) goes by the table alone; every other packet as any datagram.
 
 use crate::MAX_SLOTS;
 
@@ -12,8 +13,8 @@ use crate::MAX_SLOTS;
 /// octet, so a slot reused by another generation does not take the old one's connections.
 pub const SERVER_ID_LEN: usize = 3;
 
-/// [`crate::Table::flags`] bit: the service's UDP packets are parsed as QUIC, and short-header
-/// packets are steered by the server ID in their destination connection ID.
+/// [`crate::Table::flags`] bit: the service's UDP packets are parsed as QUIC, and steered by
+/// the server ID in their destination connection ID.
 pub const TABLE_QUIC: u32 = 4;
 
 /// The [`crate::Table::flags`] bits holding the config rotation codepoint (0..=6) workers use.
@@ -76,7 +77,8 @@ const _: () = assert!(MAX_NONCE_LEN >= MIN_NONCE_LEN);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct QuicSlotCounters {
-    /// Short-header packets delivered here by the server ID in their connection ID.
+    /// Packets (short-header, and long-header ones of a handshake under way) delivered here
+    /// by the server ID in their connection ID.
     pub by_connection_id: u64,
     /// Short-header packets whose connection ID names this slot, but a generation it no
     /// longer holds, a state that takes no packets (free, dead, starting) or a closed
@@ -90,9 +92,13 @@ pub struct QuicSlotCounters {
 pub struct QuicCounters {
     /// Indexed by the slot a connection ID names.
     pub slots: [QuicSlotCounters; MAX_SLOTS as usize],
-    /// Long-header packets (Initial, 0-RTT, Handshake, Retry, version negotiation): steered
-    /// by the table, as every new connection's first packets are.
+    /// Long-header packets whose connection ID names no serving slot: steered as any
+    /// datagram (by the table, or the flow table), but see [`Self::first_flight`].
     pub long_header: u64,
+    /// Of [`Self::long_header`], the Initial and 0-RTT packets: a new connection's first
+    /// flight, steered by the table alone, since a flow table entry on the client's
+    /// address and port is an older connection's.
+    pub first_flight: u64,
     /// Long-header packets of a version other than QUIC v1 and v2 (still steered by the
     /// table; a server answers them with version negotiation).
     pub unknown_version: u64,
@@ -114,6 +120,7 @@ impl QuicCounters {
             mine.stale_server_id = mine.stale_server_id.wrapping_add(theirs.stale_server_id);
         }
         self.long_header = self.long_header.wrapping_add(other.long_header);
+        self.first_flight = self.first_flight.wrapping_add(other.first_flight);
         self.unknown_version = self.unknown_version.wrapping_add(other.unknown_version);
         self.other_config = self.other_config.wrapping_add(other.other_config);
         self.unknown_server_id = self.unknown_server_id.wrapping_add(other.unknown_server_id);
@@ -126,6 +133,7 @@ impl Default for QuicCounters {
         Self {
             slots: [QuicSlotCounters::default(); MAX_SLOTS as usize],
             long_header: 0,
+            first_flight: 0,
             unknown_version: 0,
             other_config: 0,
             unknown_server_id: 0,

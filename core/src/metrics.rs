@@ -156,8 +156,13 @@ pub fn encode_status(status: &StatusReport, probes: &ProbeOutcomes) -> String {
     let quic_events: Vec<(Family<ServiceLabels, Counter>, QuicCount)> = [
         (
             "quic_long_header",
-            "QUIC long-header packets (a new connection's Initial, 0-RTT, Handshake), steered by the table",
+            "QUIC long-header packets whose connection ID names no serving slot (Initial, 0-RTT, Handshake), steered as any datagram",
             (|q| q.long_header) as QuicCount,
+        ),
+        (
+            "quic_first_flight",
+            "QUIC Initial and 0-RTT packets with the client's own connection ID (a new connection's first flight), steered by the table alone, not by the flow table",
+            (|q| q.first_flight) as QuicCount,
         ),
         (
             "quic_unknown_version",
@@ -186,7 +191,7 @@ pub fn encode_status(status: &StatusReport, probes: &ProbeOutcomes) -> String {
     let by_connection_id = slot_counter(
         &mut registry,
         "quic_by_connection_id",
-        "QUIC short-header packets delivered to the slot by the server ID in their connection ID, whatever their address",
+        "QUIC packets (short headers, and long headers of a handshake under way) delivered to the slot by the server ID in their connection ID, whatever their address",
     );
     let stale_server_id = slot_counter(
         &mut registry,
@@ -379,6 +384,8 @@ mod tests {
                 quic.slots[1].by_connection_id = 40;
                 quic.slots[0].stale_server_id = 6;
                 quic.unknown_server_id = 2;
+                quic.long_header = 5;
+                quic.first_flight = 3;
                 quic
             },
         )));
@@ -417,6 +424,8 @@ mod tests {
             "portshard_quic_stale_server_id_total{service=\"dns\",slot=\"0\"} 6",
             "portshard_quic_unknown_server_id_total{service=\"dns\"} 2",
             "portshard_quic_malformed_total{service=\"dns\"} 0",
+            "portshard_quic_long_header_total{service=\"dns\"} 5",
+            "portshard_quic_first_flight_total{service=\"dns\"} 3",
             "# EOF",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");

@@ -17,11 +17,13 @@
 //! datagram or SYN from the source address and port the daemon registered for a health
 //! probe goes to the slot that probe checks.
 //!
-//! With QUIC-LB on ([`TABLE_QUIC`]), a short-header QUIC packet whose destination connection
-//! ID carries the service's config rotation bits and the server ID of a live or draining
-//! slot (of the generation that issued it) goes to that slot, whatever its 4-tuple, so a
-//! connection survives NAT rebinding and migration; every other packet, long headers
-//! (a new connection's) included, is steered as above. See `portshard_common::quic`.
+//! With QUIC-LB on ([`TABLE_QUIC`]), a QUIC packet whose destination connection ID carries
+//! the service's config rotation bits and the server ID of a live or draining slot (of the
+//! generation that issued it) goes to that slot, whatever its 4-tuple, so a connection
+//! survives NAT rebinding and migration. A new connection's first flight (an Initial or
+//! 0-RTT packet with the client's own connection ID) goes by the table alone, never by a
+//! flow table entry an older connection left on its address and port; every other packet
+//! is steered as above. See `portshard_common::quic`.
 #![no_std]
 #![no_main]
 
@@ -45,7 +47,7 @@ use portshard_common::{
 mod quic;
 mod runtime;
 
-use quic::steer_quic;
+use quic::{QuicRoute, steer_quic};
 
 /// Slot number to listening socket, of the service's first listener. The kernel clears a
 /// slot the moment its socket closes.
@@ -161,12 +163,13 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
     // A service's TCP listeners share its flags with its UDP ones: QUIC and the flow table
     // are for datagrams only.
     let udp = ctx.ip_protocol() == IPPROTO_UDP;
-    if flags & TABLE_QUIC != 0
-        && udp
-        && ctx.migrating_sk().is_none()
-        && steer_quic(&ctx, table, flags)
-    {
-        return SK_PASS;
+    let mut first_flight = false;
+    if flags & TABLE_QUIC != 0 && udp && ctx.migrating_sk().is_none() {
+        match steer_quic(&ctx, table, flags) {
+            QuicRoute::Delivered => return SK_PASS,
+            QuicRoute::FirstFlight => first_flight = true,
+            QuicRoute::Other => {}
+        }
     }
     let hash = ctx.hash();
     let Some(counters) = COUNTERS.get_ptr_mut(0) else {
@@ -175,7 +178,7 @@ pub fn steer(ctx: SkReuseportContext) -> u32 {
     // SAFETY: this CPU's value of a per-CPU array; the program cannot be preempted by
     // itself on this CPU while it holds it.
     let counters = unsafe { &mut *counters };
-    if flags & TABLE_FLOWS == 0 || !udp {
+    if flags & TABLE_FLOWS == 0 || !udp || first_flight {
         let chosen = choose(&ctx, table, hash);
         count(counters, ctx.migrating_sk().is_some(), chosen);
         return SK_PASS;

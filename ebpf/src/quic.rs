@@ -1,10 +1,12 @@
-//! QUIC-LB connection-ID steering: a short-header packet goes to the slot its destination
-//! connection ID's server ID names, while that slot serves the generation that issued it.
+//! QUIC-LB connection-ID steering: a packet whose destination connection ID carries a
+//! serving slot's server ID goes to that slot; a new connection's first flight goes by the
+//! table alone.
 use aya_ebpf::{cty::c_void, helpers::bpf_skb_load_bytes, programs::SkReuseportContext};
 use portshard_common::{
     SlotState, Table,
     quic::{
-        MIN_SHORT_TAIL, SERVER_ID_LEN, cid_len_of, config_id_of, decode_server_id, slot_in_range,
+        MIN_SHORT_TAIL, QuicCounters, SERVER_ID_LEN, cid_len_of, config_id_of, decode_server_id,
+        slot_in_range,
     },
 };
 
@@ -12,21 +14,41 @@ use crate::{QUIC_COUNTERS, SLOTS, select};
 
 /// UDP header octets before the QUIC packet.
 const UDP_HEADER: u32 = 8;
-/// Octets read at the start of a QUIC packet: a short header's first octet, its connection
-/// ID's first octet and the server ID; or a long header's first octet and its version.
-const QUIC_PREFIX: usize = 2 + SERVER_ID_LEN;
-/// QUIC v1 (RFC 9000) and v2 (RFC 9369): the versions whose long headers are not counted
-/// as unknown.
+/// Where a long header's destination connection ID length is: past its first octet and
+/// its version.
+const LONG_DCID_LEN: usize = 5;
+/// Where a long header's destination connection ID starts.
+const LONG_DCID: usize = LONG_DCID_LEN + 1;
+/// Where a short header's destination connection ID starts.
+const SHORT_DCID: usize = 1;
+/// Octets read at the start of a QUIC packet: enough for a long header's destination
+/// connection ID's first octet and server ID (a short header's lie before them).
+const QUIC_PREFIX: usize = LONG_DCID + 1 + SERVER_ID_LEN;
+/// QUIC v1 (RFC 9000) and v2 (RFC 9369): the versions whose long headers are parsed.
 const QUIC_V1: u32 = 1;
 const QUIC_V2: u32 = 0x6b33_43cf;
 
-/// Delivers a short-header QUIC packet to the slot its connection ID's server ID names, if
-/// that slot is live or draining, holds the generation that issued it and its socket takes
-/// the packet; true if delivered. Anything else is counted and left to the table.
+/// What the QUIC header decided for a datagram.
+pub(crate) enum QuicRoute {
+    /// Delivered to the slot its destination connection ID's server ID names.
+    Delivered,
+    /// An Initial or 0-RTT packet whose connection ID is not one a worker issued: a new
+    /// connection's first flight, which the table alone places. A flow table entry for its
+    /// address and port is an older connection's (a client reuses ports), and would pin a
+    /// connection opened after a handover to the old generation.
+    FirstFlight,
+    /// Anything else: steered as any datagram of the service.
+    Other,
+}
+
+/// Steers a QUIC datagram of a service with the QUIC-LB flag in `flags`: to the slot its
+/// destination connection ID names, if that ID has the service's config rotation bits (and,
+/// in a long header, its length), the slot is live or draining, holds the generation that
+/// issued it and its socket takes the packet. Every other case is counted.
 #[inline(always)]
-pub(crate) fn steer_quic(ctx: &SkReuseportContext, table: *const Table, flags: u32) -> bool {
+pub(crate) fn steer_quic(ctx: &SkReuseportContext, table: *const Table, flags: u32) -> QuicRoute {
     let Some(counters) = QUIC_COUNTERS.get_ptr_mut(0) else {
-        return false;
+        return QuicRoute::Other;
     };
     // SAFETY: this CPU's value of a per-CPU array; the program cannot be preempted by
     // itself on this CPU while it holds it.
@@ -34,47 +56,104 @@ pub(crate) fn steer_quic(ctx: &SkReuseportContext, table: *const Table, flags: u
     let cid_len = cid_len_of(flags);
     let Some(prefix) = quic_prefix(ctx) else {
         counters.malformed += 1;
-        return false;
+        return QuicRoute::Other;
     };
     if prefix[0] & 0x80 != 0 {
-        counters.long_header += 1;
-        let version = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
-        if version != QUIC_V1 && version != QUIC_V2 {
-            counters.unknown_version += 1;
-        }
-        return false;
+        return steer_long(ctx, table, flags, counters, &prefix);
     }
     if (ctx.len() as u32) < UDP_HEADER + 1 + cid_len + MIN_SHORT_TAIL {
         counters.malformed += 1;
-        return false;
+        return QuicRoute::Other;
     }
-    if prefix[1] >> 5 != config_id_of(flags) {
+    if prefix[SHORT_DCID] >> 5 != config_id_of(flags) {
         counters.other_config += 1;
-        return false;
+        return QuicRoute::Other;
     }
-    let (slot, generation) = decode_server_id([prefix[2], prefix[3], prefix[4]]);
+    let id = [
+        prefix[SHORT_DCID + 1],
+        prefix[SHORT_DCID + 2],
+        prefix[SHORT_DCID + 3],
+    ];
+    let (slot, generation) = decode_server_id(id);
     if !slot_in_range(slot) {
         counters.unknown_server_id += 1;
-        return false;
+        return QuicRoute::Other;
     }
+    if deliver(ctx, table, slot, generation) {
+        if let Some(row) = counters.slots.get_mut(usize::from(slot)) {
+            row.by_connection_id += 1;
+        }
+        return QuicRoute::Delivered;
+    }
+    if let Some(row) = counters.slots.get_mut(usize::from(slot)) {
+        row.stale_server_id += 1;
+    }
+    QuicRoute::Other
+}
+
+/// Steers a long-header packet: by its destination connection ID when a worker issued it
+/// (a handshake's later packets, from any address), else by the table; an Initial or 0-RTT
+/// packet whose connection ID names no serving slot is a new connection's first flight.
+/// Only QUIC v1 and v2 are parsed; other versions are counted and steered as any datagram.
+#[inline(always)]
+fn steer_long(
+    ctx: &SkReuseportContext,
+    table: *const Table,
+    flags: u32,
+    counters: &mut QuicCounters,
+    prefix: &[u8; QUIC_PREFIX],
+) -> QuicRoute {
+    let version = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+    // The long packet type codepoints of the Initial and 0-RTT packets (RFC 9000 17.2,
+    // RFC 9369 3.2).
+    let (initial, zero_rtt) = match version {
+        QUIC_V1 => (0, 1),
+        QUIC_V2 => (1, 2),
+        _ => {
+            counters.long_header += 1;
+            counters.unknown_version += 1;
+            return QuicRoute::Other;
+        }
+    };
+    if u32::from(prefix[LONG_DCID_LEN]) == cid_len_of(flags)
+        && prefix[LONG_DCID] >> 5 == config_id_of(flags)
+    {
+        let (slot, generation) = decode_server_id([
+            prefix[LONG_DCID + 1],
+            prefix[LONG_DCID + 2],
+            prefix[LONG_DCID + 3],
+        ]);
+        if slot_in_range(slot) && deliver(ctx, table, slot, generation) {
+            if let Some(row) = counters.slots.get_mut(usize::from(slot)) {
+                row.by_connection_id += 1;
+            }
+            return QuicRoute::Delivered;
+        }
+    }
+    counters.long_header += 1;
+    let packet_type = (prefix[0] >> 4) & 0b11;
+    if packet_type == initial || packet_type == zero_rtt {
+        counters.first_flight += 1;
+        QuicRoute::FirstFlight
+    } else {
+        QuicRoute::Other
+    }
+}
+
+/// Selects `slot`'s socket if the slot is live or draining and holds the generation whose
+/// low octet is `generation`; true if selected.
+#[inline(always)]
+fn deliver(ctx: &SkReuseportContext, table: *const Table, slot: u16, generation: u8) -> bool {
     let serving = SLOTS.get(u32::from(slot)).is_some_and(|meta| {
         (meta.state == SlotState::Live as u32 || meta.state == SlotState::Draining as u32)
             && meta.generation as u8 == generation
     });
-    let Some(row) = counters.slots.get_mut(usize::from(slot)) else {
-        return false;
-    };
-    if serving && select(ctx, table, slot) {
-        row.by_connection_id += 1;
-        true
-    } else {
-        row.stale_server_id += 1;
-        false
-    }
+    serving && select(ctx, table, slot)
 }
 
 /// The first [`QUIC_PREFIX`] octets of the datagram's QUIC packet: read in place when they
-/// are in the packet's linear data, else copied out; `None` if the datagram is shorter.
+/// are in the packet's linear data, else copied out; `None` if the datagram is shorter
+/// (no QUIC packet is: a short header carries at least a packet number and a tag).
 #[inline(always)]
 fn quic_prefix(ctx: &SkReuseportContext) -> Option<[u8; QUIC_PREFIX]> {
     let (data, end) = (ctx.data(), ctx.data_end());

@@ -1,11 +1,18 @@
-//! QUIC-LB connection-ID steering in the kernel, packet by packet: a short-header packet
-//! carrying a live slot's server ID reaches that slot from any address, and every packet
-//! the program cannot steer by its connection ID (forged, stale or foreign server IDs,
-//! other configs, long headers, unknown versions, truncated datagrams) is still delivered
-//! by the table and counted, in a fresh network namespace with `portshard echo` workers.
+//! QUIC-LB connection-ID steering in the kernel, packet by packet: a packet carrying a live
+//! slot's server ID reaches that slot from any address, every packet the program cannot
+//! steer by its connection ID (forged, stale or foreign server IDs, other configs, a
+//! client's own connection IDs, unknown versions, truncated datagrams) is still delivered
+//! by the table and counted, and a new connection's first flight goes by the table even
+//! from a port the flow table holds for an older connection, in a fresh network namespace
+//! with `portshard echo` workers.
 mod support;
 
-use std::{collections::BTreeMap, net::UdpSocket, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::UdpSocket,
+    path::Path,
+    process::Command,
+};
 
 use portshard::{report::QuicReport, table::Slot};
 use portshard_common::quic::server_id;
@@ -18,35 +25,59 @@ const NONCE_LEN: usize = 8;
 /// Sources per slot: each a fresh socket, so a fresh 4-tuple.
 const SOURCES: usize = 24;
 
-fn config() -> String {
+/// The QUIC service of `WORKERS` echo workers, with `extra` config lines.
+fn config(extra: &str) -> String {
     format!(
-        "[[service]]\nname = \"h3\"\nproto = \"udp\"\nlisten = \"127.0.0.1:{PORT}\"\nworkers = {WORKERS}\ncommand = [\"{EXE}\", \"echo\"]\nquic = true\nquic_config_id = {CONFIG_ID}\nquic_nonce_len = {NONCE_LEN}\n"
+        "[[service]]\nname = \"h3\"\nproto = \"udp\"\nlisten = \"127.0.0.1:{PORT}\"\nworkers = {WORKERS}\ncommand = [\"{EXE}\", \"echo\"]\nquic = true\nquic_config_id = {CONFIG_ID}\nquic_nonce_len = {NONCE_LEN}\n{extra}\n"
     )
+}
+
+/// A connection ID a worker of the service issues: config rotation bits, server ID `id`
+/// and a nonce of `nonce` octets.
+fn connection_id(config_id: u8, id: [u8; 3], nonce: u8) -> Vec<u8> {
+    let mut cid = vec![(config_id << 5) | 0x0b];
+    cid.extend_from_slice(&id);
+    cid.extend(std::iter::repeat_n(nonce, NONCE_LEN));
+    cid
 }
 
 /// A short-header packet whose destination connection ID has config rotation bits
 /// `config_id` and server ID `id`, padded like a real packet (packet number and tag).
 fn short_header(config_id: u8, id: [u8; 3], nonce: u8) -> Vec<u8> {
-    let mut packet = vec![0x40 | 0x01, (config_id << 5) | 0x0b];
-    packet.extend_from_slice(&id);
-    packet.extend(std::iter::repeat_n(nonce, NONCE_LEN));
+    let mut packet = vec![0x40 | 0x01];
+    packet.extend(connection_id(config_id, id, nonce));
     packet.extend([0xaa; 24]);
     packet
 }
 
-/// A long-header packet (an Initial) of `version`.
-fn long_header(version: u32) -> Vec<u8> {
-    let mut packet = vec![0xc0];
+/// QUIC v1's long packet types (RFC 9000 17.2), in the first octet.
+const INITIAL: u8 = 0xc0;
+const HANDSHAKE: u8 = 0xe0;
+
+/// A long-header packet of `version` whose first octet is `first` and destination
+/// connection ID `dcid`, padded to an Initial's 1200 octets.
+fn long_header_to(first: u8, version: u32, dcid: &[u8]) -> Vec<u8> {
+    let mut packet = vec![first];
     packet.extend_from_slice(&version.to_be_bytes());
-    packet.extend([8; 1]);
-    packet.extend([0x5c; 8]);
-    packet.extend([0; 1200 - 14]);
+    packet.push(dcid.len() as u8);
+    packet.extend_from_slice(dcid);
+    packet.extend([0; 1]);
+    packet.resize(1200, 0);
     packet
+}
+
+/// A client's first Initial of `version`: its own 8-octet connection ID.
+fn long_header(version: u32) -> Vec<u8> {
+    long_header_to(INITIAL, version, &[0x5c; 8])
 }
 
 /// Sends `packet` from a fresh socket and returns the slot of the worker that echoed it.
 fn answered_by(packet: &[u8]) -> Slot {
-    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    answered_from(&UdpSocket::bind("127.0.0.1:0").unwrap(), packet)
+}
+
+/// The slot whose worker answers `packet` sent from `socket`.
+fn answered_from(socket: &UdpSocket, packet: &[u8]) -> Slot {
     socket.set_read_timeout(Some(READY)).unwrap();
     socket.send_to(packet, target()).unwrap();
     let mut buffer = [0u8; 2048];
@@ -84,21 +115,31 @@ fn quic_report(daemon: &DaemonRun) -> QuicReport {
 #[test]
 fn a_short_header_packet_reaches_the_slot_its_server_id_names_from_any_address() {
     let sandbox = sandbox();
-    let mut daemon = DaemonRun::start(Path::new(EXE), &config(), sandbox.pins()).unwrap();
+    let mut daemon = DaemonRun::start(Path::new(EXE), &config(""), sandbox.pins()).unwrap();
     daemon.wait_ready(&[("h3", WORKERS)], READY).unwrap();
     let slots = live(&daemon);
     assert_eq!(slots.len(), WORKERS);
     for (&slot, &generation) in &slots {
         for source in 0..SOURCES {
-            let packet = short_header(CONFIG_ID, server_id(slot, generation), source as u8);
-            assert_eq!(answered_by(&packet), slot, "source {source}");
+            let id = server_id(slot, generation);
+            let packet = short_header(CONFIG_ID, id, source as u8);
+            assert_eq!(answered_by(&packet), slot, "short header, source {source}");
+            // A handshake's later packets carry the connection ID the worker chose too.
+            let cid = connection_id(CONFIG_ID, id, source as u8);
+            let packet = long_header_to(HANDSHAKE, 1, &cid);
+            assert_eq!(answered_by(&packet), slot, "handshake, source {source}");
         }
     }
     let report = quic_report(&daemon);
     assert_eq!((report.config_id, report.cid_len), (CONFIG_ID, 12));
+    assert_eq!(
+        (report.long_header, report.first_flight),
+        (0, 0),
+        "{report:?}"
+    );
     for &slot in slots.keys() {
         let row = report.slots.iter().find(|r| r.slot == slot).unwrap();
-        assert_eq!(row.by_connection_id, SOURCES as u64, "slot {slot}");
+        assert_eq!(row.by_connection_id, 2 * SOURCES as u64, "slot {slot}");
         assert_eq!(row.stale_server_id, 0, "slot {slot}");
     }
     let text = std::process::Command::new(EXE)
@@ -110,7 +151,7 @@ fn a_short_header_packet_reaches_the_slot_its_server_id_names_from_any_address()
     assert!(
         text.contains(&format!(
             "{} packets delivered by connection ID",
-            SOURCES * WORKERS
+            2 * SOURCES * WORKERS
         )),
         "{text}"
     );
@@ -119,14 +160,14 @@ fn a_short_header_packet_reaches_the_slot_its_server_id_names_from_any_address()
 #[test]
 fn packets_the_program_cannot_steer_by_connection_id_are_delivered_by_the_table_and_counted() {
     let sandbox = sandbox();
-    let mut daemon = DaemonRun::start(Path::new(EXE), &config(), sandbox.pins()).unwrap();
+    let mut daemon = DaemonRun::start(Path::new(EXE), &config(""), sandbox.pins()).unwrap();
     daemon.wait_ready(&[("h3", WORKERS)], READY).unwrap();
     let slots = live(&daemon);
     let (&slot, &generation) = slots.iter().next().unwrap();
     let free_slot = (0..512).find(|s| !slots.contains_key(s)).unwrap();
 
     // Each kind, from many sources: none is dropped, each answered by a live worker.
-    let kinds: [(&str, Vec<u8>); 7] = [
+    let kinds: [(&str, Vec<u8>); 8] = [
         (
             "stale",
             short_header(CONFIG_ID, server_id(slot, generation + 1), 1),
@@ -146,6 +187,14 @@ fn packets_the_program_cannot_steer_by_connection_id_are_delivered_by_the_table_
             short_header(CONFIG_ID, server_id(slot, generation), 6)[..20].to_vec(),
         ),
         ("unknown_version", long_header(0x1a2a_3a4a)),
+        (
+            "stale_handshake",
+            long_header_to(
+                HANDSHAKE,
+                1,
+                &connection_id(CONFIG_ID, server_id(slot, generation + 1), 7),
+            ),
+        ),
     ];
     for (kind, packet) in &kinds {
         let mut seen = BTreeMap::<Slot, usize>::new();
@@ -182,6 +231,76 @@ fn packets_the_program_cannot_steer_by_connection_id_are_delivered_by_the_table_
     assert_eq!(report.unknown_server_id, sources, "{report:?}");
     assert_eq!(report.other_config, 2 * sources, "{report:?}");
     assert_eq!(report.malformed, sources, "{report:?}");
-    assert_eq!(report.long_header, 2 * sources, "{report:?}");
+    // Long headers: the stale handshake, the unknown version, the client's Initials; of
+    // them only the Initials are a first flight.
+    assert_eq!(report.long_header, 3 * sources, "{report:?}");
     assert_eq!(report.unknown_version, sources, "{report:?}");
+    assert_eq!(report.first_flight, sources, "{report:?}");
+}
+
+#[test]
+fn a_new_connection_from_a_port_the_flow_table_holds_goes_to_the_new_generation() {
+    let sandbox = sandbox();
+    // Long enough that the old generation drains for the whole test.
+    let extra = "mode = \"handover\"\ndrain_idle = \"120s\"";
+    let mut daemon = DaemonRun::start(Path::new(EXE), &config(extra), sandbox.pins()).unwrap();
+    daemon.wait_ready(&[("h3", WORKERS)], READY).unwrap();
+    let old = live(&daemon);
+    // Flows of an old connection whose connection IDs the program does not steer by (another
+    // config): two datagrams each, so the flow table keeps them on their old slot.
+    let sockets: Vec<UdpSocket> = (0..SOURCES)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let foreign = short_header(CONFIG_ID + 1, [0; 3], 9);
+    let kept: Vec<Slot> = sockets
+        .iter()
+        .map(|socket| {
+            let first = answered_from(socket, &foreign);
+            assert_eq!(answered_from(socket, &foreign), first);
+            first
+        })
+        .collect();
+
+    let reloaded = Command::new(EXE)
+        .args(["reload", "h3", "--control"])
+        .arg(daemon.control())
+        .output()
+        .unwrap();
+    assert!(
+        reloaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reloaded.stderr)
+    );
+    let new = live(&daemon);
+    let new_slots: BTreeSet<Slot> = new.keys().copied().collect();
+    assert!(new_slots.is_disjoint(&old.keys().copied().collect()));
+
+    for ((socket, &was), source) in sockets.iter().zip(&kept).zip(0u8..) {
+        // The old connection's flow stays where it was.
+        assert_eq!(answered_from(socket, &foreign), was, "source {source}");
+        // A new connection from the same port: its Initial goes by the table, to the new
+        // generation, though the flow table holds the port for the old one.
+        let initial = long_header_to(INITIAL, 1, &[source; 8]);
+        let placed = answered_from(socket, &initial);
+        assert!(
+            new_slots.contains(&placed),
+            "source {source}: Initial answered by slot {placed}, new generation {new_slots:?}"
+        );
+        // Its handshake, by the connection ID the new worker chose.
+        let (&other, &generation) = new.iter().find(|(s, _)| **s != placed).unwrap();
+        let cid = connection_id(CONFIG_ID, server_id(other, generation), source);
+        assert_eq!(
+            answered_from(socket, &long_header_to(HANDSHAKE, 1, &cid)),
+            other
+        );
+        // And an old connection's handshake, by its old worker's connection ID.
+        let cid = connection_id(CONFIG_ID, server_id(was, old[&was]), source);
+        assert_eq!(
+            answered_from(socket, &long_header_to(HANDSHAKE, 1, &cid)),
+            was
+        );
+    }
+    let report = quic_report(&daemon);
+    assert_eq!(report.first_flight, SOURCES as u64, "{report:?}");
+    assert_eq!(report.by_connection_id, 2 * SOURCES as u64, "{report:?}");
 }

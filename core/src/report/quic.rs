@@ -13,13 +13,17 @@ pub struct QuicReport {
     pub config_id: u8,
     /// The length of the workers' connection IDs.
     pub cid_len: u32,
-    /// Short-header packets delivered by the server ID in their connection ID.
+    /// Packets delivered by the server ID in their connection ID.
     pub by_connection_id: u64,
     /// Short-header packets naming a slot that no longer serves their connection (another
     /// generation, dead, starting, or socket closed): steered by the table.
     pub stale_server_id: u64,
-    /// Long-header packets, steered by the table (a new connection's).
+    /// Long-header packets whose connection ID names no serving slot, steered as any
+    /// datagram.
     pub long_header: u64,
+    /// Of `long_header`, a new connection's Initial and 0-RTT packets: steered by the table
+    /// alone, never by a flow table entry of an older connection on the same port.
+    pub first_flight: u64,
     /// Long-header packets of a version other than QUIC v1 and v2.
     pub unknown_version: u64,
     /// Short-header packets with another config rotation codepoint: steered by the table.
@@ -64,6 +68,7 @@ impl QuicReport {
             by_connection_id: slots.iter().map(|s| s.by_connection_id).sum(),
             stale_server_id: slots.iter().map(|s| s.stale_server_id).sum(),
             long_header: counters.long_header,
+            first_flight: counters.first_flight,
             unknown_version: counters.unknown_version,
             other_config: counters.other_config,
             unknown_server_id: counters.unknown_server_id,

@@ -372,9 +372,18 @@ fn a_handover_reload_under_quic_load_breaks_no_connection_and_the_old_generation
         .values()
         .copied()
         .collect();
+    let quic = daemon.status().unwrap()[0]
+        .quic
+        .clone()
+        .expect("a quic service reports its QUIC counters");
     eprintln!(
-        "reload: long-lived (kept, moved, broken) {long_lived:?}; opened during the switch {during:?}; opened after it on {} workers",
-        after.iter().collect::<BTreeSet<_>>().len()
+        "reload: long-lived (kept, moved, broken) {long_lived:?}; opened during the switch {during:?}; opened after it: {} of {} on the new generation, over {} workers; QUIC packets by connection ID {}, first flights by the table {}, other long headers {}",
+        after.iter().filter(|pid| new.contains(pid)).count(),
+        after.len(),
+        after.iter().collect::<BTreeSet<_>>().len(),
+        quic.by_connection_id,
+        quic.first_flight,
+        quic.long_header - quic.first_flight,
     );
     assert_eq!(long_lived, (LONG_LIVED, 0, 0));
     assert_eq!((during.1, during.2), (0, 0), "{during:?}");
