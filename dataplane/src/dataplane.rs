@@ -5,9 +5,7 @@
 //! always opened from them, so the process that created them and one that comes later see
 //! the same program and maps.
 use std::{
-    collections::BTreeMap,
     io,
-    net::SocketAddr,
     os::fd::{AsRawFd as _, BorrowedFd},
     path::{Path, PathBuf},
 };
@@ -17,8 +15,8 @@ use aya::{
     programs::SkReuseport,
 };
 use portshard_common::{
-    Counters, Flow, FlowCounters, FlowKey, MAX_LISTENERS, MAX_SLOTS, PIN_LAYOUT, ProbeHealth,
-    ProbeRoute, ServiceMeta, SlotCookies, SlotMeta, TABLE_SIZE, TableEntry, names,
+    Counters, Flow, FlowCounters, FlowKey, MAX_SLOTS, PIN_LAYOUT, ProbeHealth, ProbeRoute,
+    ServiceMeta, SlotCookies, SlotMeta, TABLE_SIZE, TableEntry, names,
     quic::{QuicCounters, TABLE_QUIC},
 };
 use portshard_core::supervisor::Switches;
@@ -27,8 +25,10 @@ mod batch;
 mod error;
 mod flows;
 mod layout;
+mod listeners;
 mod mapped;
 mod pinned;
+mod probes;
 mod program;
 mod records;
 
@@ -280,71 +280,6 @@ impl Dataplane {
         self.records.set_service(meta)
     }
 
-    /// Records what each of the service's listeners listens on, in order (at most
-    /// [`MAX_LISTENERS`]); the records past the last are zeroed.
-    pub fn set_listeners(&mut self, listeners: &[ServiceMeta]) -> Result<()> {
-        let zero = ServiceMeta {
-            addr: [0; 16],
-            port: 0,
-            family: 0,
-            proto: 0,
-            mode: 0,
-            flow_table: 0,
-            reserved: 0,
-        };
-        for index in 0..MAX_LISTENERS {
-            let meta = listeners.get(index).copied().unwrap_or(zero);
-            let error = self.map_error(names::LISTENERS, format!("recording listener {index}"));
-            self.listeners.set(index as u32, meta, 0).map_err(error)?;
-        }
-        self.listener_count = listeners.len().clamp(1, MAX_LISTENERS);
-        Ok(())
-    }
-
-    /// The listeners recorded by [`Dataplane::set_listeners`], in order; none for pins
-    /// that never recorded any (a service of an older layout has one listener, the one
-    /// [`Dataplane::service`] records).
-    pub fn listener_records(&self) -> Result<Vec<ServiceMeta>> {
-        let mut records = Vec::new();
-        for index in 0..MAX_LISTENERS as u32 {
-            let error = self.map_error(names::LISTENERS, format!("reading listener {index}"));
-            let meta = self.listeners.get(&index, 0).map_err(error)?;
-            if meta.family == 0 {
-                break;
-            }
-            records.push(meta);
-        }
-        Ok(records)
-    }
-
-    /// Records the cookies of `slot`'s sockets, listener by listener (see
-    /// [`SlotCookies`]), before they join their groups.
-    pub fn set_cookies(&mut self, slot: Slot, cookies: &[u64]) -> Result<()> {
-        let mut value = SlotCookies::default();
-        for (to, &cookie) in value.cookies.iter_mut().zip(cookies) {
-            *to = cookie;
-        }
-        let error = self.map_error(
-            names::COOKIES,
-            format!("recording the cookies of slot {slot}"),
-        );
-        self.cookies.set(u32::from(slot), value, 0).map_err(error)
-    }
-
-    /// The cookies recorded for `slot`'s sockets, listener by listener.
-    pub fn cookies(&self, slot: Slot) -> Result<SlotCookies> {
-        let error = self.map_error(
-            names::COOKIES,
-            format!("reading the cookies of slot {slot}"),
-        );
-        self.cookies.get(&u32::from(slot), 0).map_err(error)
-    }
-
-    /// How many listeners the service has: each has its socket array, slot for slot.
-    pub fn listener_count(&self) -> usize {
-        self.listener_count
-    }
-
     /// What the service listens on, as recorded by [`Dataplane::set_service`].
     pub fn service(&self) -> Result<ServiceMeta> {
         self.records.service()
@@ -384,135 +319,9 @@ impl Dataplane {
         self.place_all(slot, &[socket], meta)
     }
 
-    /// Records `meta` for `slot` and puts `sockets[i]` in slot `slot` of listener `i`'s
-    /// socket array, for each of a worker's listeners, as [`Dataplane::place`] does. If one
-    /// cannot be placed, those placed are taken out again and the old record is restored.
-    pub fn place_all(
-        &mut self,
-        slot: Slot,
-        sockets: &[BorrowedFd<'_>],
-        meta: SlotMeta,
-    ) -> Result<()> {
-        let before = self.meta(slot)?;
-        self.set_meta(slot, meta)?;
-        let mut placed = Ok(());
-        for (index, socket) in sockets.iter().enumerate() {
-            let Some(array) = self.sockets.get_mut(index) else {
-                placed = Err(DataplaneError::TooManyListeners {
-                    dir: self.dir.clone(),
-                    count: sockets.len(),
-                });
-                break;
-            };
-            placed = array
-                .set(u32::from(slot), &socket.as_raw_fd(), 0)
-                .map_err(|source| DataplaneError::Map {
-                    action: format!("placing socket fd {} in slot {slot}", socket.as_raw_fd()),
-                    path: self.dir.join(names::LISTENER_SOCKETS[index]),
-                    source: Box::new(source),
-                });
-            if placed.is_err() {
-                break;
-            }
-        }
-        if placed.is_err() {
-            for index in 0..sockets.len().min(MAX_LISTENERS) {
-                let _ = self.clear_in(index, slot);
-            }
-            let _ = self.set_meta(slot, before);
-        }
-        placed
-    }
-
-    /// Empties `slot` of every listener's socket array (a no-op where its socket already
-    /// closed).
-    pub fn clear(&mut self, slot: Slot) -> Result<()> {
-        for index in 0..self.listener_count {
-            self.clear_in(index, slot)?;
-        }
-        Ok(())
-    }
-
-    /// Empties `slot` of listener `index`'s socket array.
-    fn clear_in(&mut self, index: usize, slot: Slot) -> Result<()> {
-        let path = self.dir.join(names::LISTENER_SOCKETS[index]);
-        match self.sockets[index].clear_index(&u32::from(slot)) {
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(())
-            }
-            result => result.map_err(|source| DataplaneError::Map {
-                action: format!("clearing slot {slot}"),
-                path,
-                source: Box::new(source),
-            }),
-        }
-    }
-
     /// Records `meta` as `slot`'s metadata.
     pub fn set_meta(&mut self, slot: Slot, meta: SlotMeta) -> Result<()> {
         self.records.set_slot_record(slot, meta)
-    }
-
-    /// Sends packets from `source` (a health probe's address and port) to `slot`'s socket.
-    pub fn set_probe(&mut self, source: SocketAddr, slot: Slot) -> Result<()> {
-        let error = self.map_error(
-            names::PROBES,
-            format!("registering probe source {source} for slot {slot}"),
-        );
-        let route = ProbeRoute::new(u32::from(slot), source.ip());
-        self.probes
-            .insert(u32::from(source.port()), route, 0)
-            .map_err(error)
-    }
-
-    /// Where each probed slot's probes come from, by slot.
-    pub fn probe_sources(&self) -> BTreeMap<Slot, SocketAddr> {
-        self.probes
-            .iter()
-            .filter_map(std::result::Result::ok)
-            .filter_map(|(port, route)| {
-                let slot = Slot::try_from(route.slot).ok()?;
-                Some((
-                    slot,
-                    SocketAddr::new(route.source(), u16::try_from(port).ok()?),
-                ))
-            })
-            .collect()
-    }
-
-    /// Forgets every probe port (those of a previous daemon, whose sockets are gone).
-    pub fn clear_probes(&mut self) -> Result<()> {
-        let ports: Vec<u32> = self
-            .probes
-            .keys()
-            .filter_map(std::result::Result::ok)
-            .collect();
-        for port in ports {
-            let error = self.map_error(names::PROBES, format!("removing probe port {port}"));
-            match self.probes.remove(&port) {
-                Err(MapError::KeyNotFound) => {}
-                other => other.map_err(error)?,
-            }
-        }
-        Ok(())
-    }
-
-    /// Records the probe results of `slot`'s worker.
-    pub fn set_health(&mut self, slot: Slot, health: ProbeHealth) -> Result<()> {
-        let error = self.map_error(
-            names::HEALTH,
-            format!("recording the probe result of slot {slot}"),
-        );
-        self.health.set(u32::from(slot), health, 0).map_err(error)
-    }
-
-    /// The probe results recorded for `slot`'s worker.
-    pub fn health(&self, slot: Slot) -> Result<ProbeHealth> {
-        let error = self.map_error(
-            names::HEALTH,
-            format!("reading the probe result of slot {slot}"),
-        );
-        self.health.get(&u32::from(slot), 0).map_err(error)
     }
 
     /// Turns a map error into one that names what was being done and the map's pin.
