@@ -335,6 +335,7 @@ const _: () = {
     assert!(size_of::<ProbeHealth>() == 8);
     assert!(size_of::<SlotCookies>() == 8 * MAX_LISTENERS);
     assert!(size_of::<ProbeRoute>() == 24);
+    assert!(size_of::<quic::QuicKey>() == 16 + 4 * quic::ROUND_KEY_WORDS);
     assert!(MAX_LISTENERS == names::LISTENER_SOCKETS.len() && MAX_LISTENERS <= 4);
     assert!(listener_flags(3, 3) >> TABLE_LISTENER_SHIFT == 0xc0);
     assert!(listener_flags(3, 3) & (TABLE_FLOWS | TABLE_PROBES) == 0);
@@ -361,4 +362,5 @@ mod pod {
     unsafe impl aya::Pod for super::FlowCounters {}
     unsafe impl aya::Pod for super::quic::QuicSlotCounters {}
     unsafe impl aya::Pod for super::quic::QuicCounters {}
+    unsafe impl aya::Pod for super::quic::QuicKey {}
 }

@@ -56,8 +56,11 @@ pub const LAYOUT: &str = "layout";
 /// Per-CPU array with one [`crate::quic::QuicCounters`] value: how QUIC packets were
 /// steered.
 pub const QUIC_COUNTERS: &str = "quic_events";
+/// Array with one [`crate::quic::QuicKey`]: the key of a service whose workers encrypt
+/// their connection IDs, and the round keys the program decrypts them with.
+pub const QUIC_KEY: &str = "quic_key";
 /// Every map the program's object defines, in a fixed order.
-pub const MAPS: [&str; 18] = [
+pub const MAPS: [&str; 19] = [
     SOCKETS,
     TABLE,
     SLOTS,
@@ -76,17 +79,19 @@ pub const MAPS: [&str; 18] = [
     SOCKETS_3,
     LISTENERS,
     COOKIES,
+    QUIC_KEY,
 ];
 /// The maps pin layout 3 added, created when older pins are migrated.
 pub const ADDED_IN_LAYOUT_3: [&str; 4] = [FLOWS, ADMISSION, FLOW_COUNTERS, FLOW_SWEPT];
-/// The maps pin layout 4 added (the QUIC counters, the other listeners' socket arrays,
-/// the listeners' addresses and their sockets' cookies), created when older pins are
-/// migrated.
-pub const ADDED_IN_LAYOUT_4: [&str; 6] = [
+/// The maps pin layout 4 added (the QUIC counters and key, the other listeners' socket
+/// arrays, the listeners' addresses and their sockets' cookies), created when older pins
+/// are migrated.
+pub const ADDED_IN_LAYOUT_4: [&str; 7] = [
     QUIC_COUNTERS,
     SOCKETS_1,
     SOCKETS_2,
     SOCKETS_3,
     LISTENERS,
     COOKIES,
+    QUIC_KEY,
 ];

@@ -9,6 +9,10 @@
 
 use crate::MAX_SLOTS;
 
+mod aes;
+
+pub use aes::{QuicKey, ROUND_KEY_WORDS, decrypt_block};
+
 /// Octets of a portshard server ID: the slot (big-endian `u16`) and its generation's low
 /// octet, so a slot reused by another generation does not take the old one's connections.
 pub const SERVER_ID_LEN: usize = 3;
@@ -16,6 +20,15 @@ pub const SERVER_ID_LEN: usize = 3;
 /// [`crate::Table::flags`] bit: the service's UDP packets are parsed as QUIC, and steered by
 /// the server ID in their destination connection ID.
 pub const TABLE_QUIC: u32 = 4;
+
+/// [`crate::Table::flags`] bit: the workers' connection IDs are encrypted in the draft's
+/// single-pass mode (server ID and nonce are one AES-128 block) under the key in the
+/// `quic_key` map, and the program decrypts them.
+pub const TABLE_QUIC_ENCRYPTED: u32 = 8;
+
+/// The nonce of an encrypted connection ID: with the server ID, the one AES block the
+/// single-pass mode needs, the only encrypted mode the program decrypts.
+pub const ENCRYPTED_NONCE_LEN: u8 = (16 - SERVER_ID_LEN) as u8;
 
 /// The [`crate::Table::flags`] bits holding the config rotation codepoint (0..=6) workers use.
 const CONFIG_ID_SHIFT: u32 = 8;
@@ -54,10 +67,15 @@ pub const fn slot_in_range(slot: u16) -> bool {
 }
 
 /// The [`crate::Table::flags`] bits of a QUIC service: [`TABLE_QUIC`], its config rotation
-/// codepoint and its connection IDs' length (1 + [`SERVER_ID_LEN`] + nonce).
-pub const fn quic_flags(config_id: u8, nonce_len: u8) -> u32 {
+/// codepoint, its connection IDs' length (1 + [`SERVER_ID_LEN`] + nonce) and, if
+/// `encrypted`, [`TABLE_QUIC_ENCRYPTED`].
+pub const fn quic_flags(config_id: u8, nonce_len: u8, encrypted: bool) -> u32 {
     let cid_len = 1 + SERVER_ID_LEN as u32 + nonce_len as u32;
-    TABLE_QUIC | ((config_id as u32 & 0b111) << CONFIG_ID_SHIFT) | (cid_len << CID_LEN_SHIFT)
+    let encrypted = if encrypted { TABLE_QUIC_ENCRYPTED } else { 0 };
+    TABLE_QUIC
+        | encrypted
+        | ((config_id as u32 & 0b111) << CONFIG_ID_SHIFT)
+        | (cid_len << CID_LEN_SHIFT)
 }
 
 /// The config rotation codepoint in a table's flags.
@@ -160,14 +178,19 @@ mod tests {
     fn flags_carry_config_id_and_length_without_touching_other_bits() {
         for config_id in 0..=6 {
             for nonce_len in MIN_NONCE_LEN..=MAX_NONCE_LEN {
-                let flags = quic_flags(config_id, nonce_len);
-                assert_eq!(config_id_of(flags), config_id);
-                assert_eq!(cid_len_of(flags), 4 + u32::from(nonce_len));
-                assert!(cid_len_of(flags) as usize <= MAX_CID_LEN);
-                let quic_bits =
-                    TABLE_QUIC | (0b111 << CONFIG_ID_SHIFT) | (0b1_1111 << CID_LEN_SHIFT);
-                assert_eq!(flags & !quic_bits, 0);
-                assert_eq!(flags & (crate::TABLE_FLOWS | crate::TABLE_PROBES), 0);
+                for encrypted in [false, true] {
+                    let flags = quic_flags(config_id, nonce_len, encrypted);
+                    assert_eq!(config_id_of(flags), config_id);
+                    assert_eq!(cid_len_of(flags), 4 + u32::from(nonce_len));
+                    assert!(cid_len_of(flags) as usize <= MAX_CID_LEN);
+                    assert_eq!(flags & TABLE_QUIC_ENCRYPTED != 0, encrypted);
+                    let quic_bits = TABLE_QUIC
+                        | TABLE_QUIC_ENCRYPTED
+                        | (0b111 << CONFIG_ID_SHIFT)
+                        | (0b1_1111 << CID_LEN_SHIFT);
+                    assert_eq!(flags & !quic_bits, 0);
+                    assert_eq!(flags & (crate::TABLE_FLOWS | crate::TABLE_PROBES), 0);
+                }
             }
         }
     }

@@ -141,9 +141,9 @@ pub struct Service {
     pub quic: Option<QuicLb>,
 }
 
-/// How a QUIC service's workers build their connection IDs (draft-ietf-quic-load-balancers,
-/// unencrypted mode), so the program can read the server ID back from any short-header
-/// packet: config rotation bits, then the worker's server ID, then a nonce.
+/// How a QUIC service's workers build their connection IDs (draft-ietf-quic-load-balancers),
+/// so the program can read the server ID back from any packet: config rotation bits, then
+/// the worker's server ID and a nonce, in the clear or as one AES-128 block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QuicLb {
     /// The config rotation codepoint (`quic_config_id`, 0..=6) in each connection ID's
@@ -151,6 +151,9 @@ pub struct QuicLb {
     pub config_id: u8,
     /// Octets of nonce after the server ID (`quic_nonce_len`).
     pub nonce_len: u8,
+    /// Server ID and nonce are encrypted (`quic_encrypt`), in the draft's single-pass mode
+    /// under a key the daemon makes for the service and keeps in its pins.
+    pub encrypted: bool,
 }
 
 /// A per-worker health probe: a worker that fails `failures` in a row is taken to be hung,

@@ -378,7 +378,7 @@ mod tests {
         )
         .with_foreign(vec![foreign])
         .with_quic(Some(QuicReport::new(
-            portshard_common::quic::quic_flags(0, 8),
+            portshard_common::quic::quic_flags(0, 8, false),
             &{
                 let mut quic = portshard_common::quic::QuicCounters::default();
                 quic.slots[1].by_connection_id = 40;

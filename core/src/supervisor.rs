@@ -491,7 +491,7 @@ impl<L: Clone> Supervisor<L> {
                 flags | portshard_common::listener_flags(listener.kind(), index)
             });
         let quic = spec.quic.map_or(0, |quic| {
-            portshard_common::quic::quic_flags(quic.config_id, quic.nonce_len)
+            portshard_common::quic::quic_flags(quic.config_id, quic.nonce_len, quic.encrypted)
         });
         Switches {
             flags: flows | probes | listeners | quic,

@@ -17,7 +17,7 @@ use aya::{
 use portshard_common::{
     Counters, Flow, FlowCounters, FlowKey, MAX_SLOTS, PIN_LAYOUT, ProbeHealth, ProbeRoute,
     ServiceMeta, SlotCookies, SlotMeta, TABLE_SIZE, TableEntry, names,
-    quic::{QuicCounters, TABLE_QUIC},
+    quic::{QuicCounters, QuicKey, TABLE_QUIC},
 };
 use portshard_core::supervisor::Switches;
 
@@ -30,6 +30,7 @@ mod mapped;
 mod pinned;
 mod probes;
 mod program;
+mod quic;
 mod records;
 
 pub use error::DataplaneError;
@@ -82,6 +83,7 @@ pub struct Dataplane {
     flows: HashMap<MapData, FlowKey, Flow>,
     flow_counters: PerCpuArray<MapData, FlowCounters>,
     quic_counters: PerCpuArray<MapData, QuicCounters>,
+    quic_key: Array<MapData, QuicKey>,
     flow_swept: Array<MapData, u64>,
     flow_capacity: u32,
     probes: HashMap<MapData, u32, ProbeRoute>,
@@ -158,6 +160,7 @@ impl Dataplane {
         let flow_counters = typed(&dir, names::FLOW_COUNTERS, open(names::FLOW_COUNTERS)?)?;
         let flow_swept = typed(&dir, names::FLOW_SWEPT, open(names::FLOW_SWEPT)?)?;
         let quic_counters = typed(&dir, names::QUIC_COUNTERS, open(names::QUIC_COUNTERS)?)?;
+        let quic_key = typed(&dir, names::QUIC_KEY, open(names::QUIC_KEY)?)?;
         let probes = typed(&dir, names::PROBES, open(names::PROBES)?)?;
         let health = typed(&dir, names::HEALTH, open(names::HEALTH)?)?;
         let table = MappedTable::new(open(names::TABLE)?, &dir.join(names::TABLE))?;
@@ -174,6 +177,7 @@ impl Dataplane {
             flows,
             flow_counters,
             quic_counters,
+            quic_key,
             flow_swept,
             flow_capacity,
             probes,
@@ -420,21 +424,6 @@ impl Dataplane {
                 source: Box::new(source),
             })?;
         let mut sum = Counters::ZERO;
-        per_cpu.iter().for_each(|cpu| sum.add(cpu));
-        Ok(sum)
-    }
-
-    /// The program's QUIC steering counters, summed over all CPUs.
-    pub fn quic_counters(&self) -> Result<QuicCounters> {
-        let per_cpu = self
-            .quic_counters
-            .get(&0, 0)
-            .map_err(|source| DataplaneError::Map {
-                action: "reading the QUIC counters".to_owned(),
-                path: self.dir.join(names::QUIC_COUNTERS),
-                source: Box::new(source),
-            })?;
-        let mut sum = QuicCounters::default();
         per_cpu.iter().for_each(|cpu| sum.add(cpu));
         Ok(sum)
     }

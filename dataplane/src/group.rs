@@ -384,6 +384,12 @@ impl Group {
         Ok(self.dataplane.set_cookies(slot, cookies)?)
     }
 
+    /// The service's QUIC-LB key, made and pinned on first use (see
+    /// [`Dataplane::quic_key`]).
+    pub fn quic_key(&mut self) -> Result<[u8; 16], GroupError> {
+        Ok(self.dataplane.quic_key()?)
+    }
+
     /// Records `meta` for `slot` without touching the table (a restart count, a pid).
     pub fn set_meta(&mut self, slot: Slot, meta: SlotMeta) -> Result<(), GroupError> {
         Ok(self.dataplane.set_meta(slot, meta)?)

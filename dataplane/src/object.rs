@@ -67,7 +67,7 @@ mod tests {
     use portshard_common::{
         ADMIT_SIZE, BPF_F_MMAPABLE, Counters, Flow, FlowCounters, FlowKey, MAX_LISTENERS,
         MAX_SLOTS, PendingFlow, ProbeHealth, ProbeRoute, ServiceMeta, SlotCookies, SlotMeta, Table,
-        quic::QuicCounters,
+        quic::{QuicCounters, QuicKey},
     };
 
     use super::*;
@@ -211,6 +211,14 @@ mod tests {
                 4,
                 size_of::<SlotCookies>(),
                 MAX_SLOTS,
+                0,
+            ),
+            (
+                names::QUIC_KEY,
+                BPF_MAP_TYPE_ARRAY,
+                4,
+                size_of::<QuicKey>(),
+                1,
                 0,
             ),
         ];

@@ -40,7 +40,7 @@ use portshard_common::{
     PROBE_STEPS, PROBE_STRIDE, PendingFlow, ProbeHealth, ProbeRoute, ServiceMeta, SlotCookies,
     SlotCounters, SlotMeta, SlotState, TABLE_FLOWS, TABLE_LISTENER_SHIFT, TABLE_MASK, TABLE_PROBES,
     Table, TableEntry, listener_index, listener_kind,
-    quic::{QuicCounters, TABLE_QUIC},
+    quic::{QuicCounters, QuicKey, TABLE_QUIC},
 };
 
 mod flow;
@@ -126,6 +126,10 @@ static HEALTH: Array<ProbeHealth> = Array::pinned(MAX_SLOTS, 0);
 /// Per-CPU counters of how QUIC packets were steered.
 #[map(name = "quic_events")]
 static QUIC_COUNTERS: PerCpuArray<QuicCounters> = PerCpuArray::pinned(1, 0);
+
+/// The service's QUIC-LB key, with encrypted connection IDs: its decryption round keys.
+#[map(name = "quic_key")]
+static QUIC_KEY: Array<QuicKey> = Array::pinned(1, 0);
 
 /// The pin layout version the pins were written in; defined here so one object describes
 /// every pinned map.

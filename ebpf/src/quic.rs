@@ -1,16 +1,16 @@
 //! QUIC-LB connection-ID steering: a packet whose destination connection ID carries a
-//! serving slot's server ID goes to that slot; a new connection's first flight goes by the
-//! table alone.
+//! serving slot's server ID (in the clear, or in one AES-128 block the program decrypts)
+//! goes to that slot; a new connection's first flight goes by the table alone.
 use aya_ebpf::{cty::c_void, helpers::bpf_skb_load_bytes, programs::SkReuseportContext};
 use portshard_common::{
     SlotState, Table,
     quic::{
-        MIN_SHORT_TAIL, QuicCounters, SERVER_ID_LEN, cid_len_of, config_id_of, decode_server_id,
-        slot_in_range,
+        MIN_SHORT_TAIL, QuicCounters, QuicKey, SERVER_ID_LEN, TABLE_QUIC_ENCRYPTED, cid_len_of,
+        config_id_of, decode_server_id, decrypt_block, slot_in_range,
     },
 };
 
-use crate::{QUIC_COUNTERS, SLOTS, select};
+use crate::{QUIC_COUNTERS, QUIC_KEY, SLOTS, select};
 
 /// UDP header octets before the QUIC packet.
 const UDP_HEADER: u32 = 8;
@@ -23,7 +23,9 @@ const LONG_DCID: usize = LONG_DCID_LEN + 1;
 const SHORT_DCID: usize = 1;
 /// Octets read at the start of a QUIC packet: enough for a long header's destination
 /// connection ID's first octet and server ID (a short header's lie before them).
-const QUIC_PREFIX: usize = LONG_DCID + 1 + SERVER_ID_LEN;
+const PLAIN_PREFIX: usize = LONG_DCID + 1 + SERVER_ID_LEN;
+/// The same with encrypted connection IDs: the whole AES block after the first octet.
+const ENCRYPTED_PREFIX: usize = LONG_DCID + 1 + 16;
 /// QUIC v1 (RFC 9000) and v2 (RFC 9369): the versions whose long headers are parsed.
 const QUIC_V1: u32 = 1;
 const QUIC_V2: u32 = 0x6b33_43cf;
@@ -53,13 +55,32 @@ pub(crate) fn steer_quic(ctx: &SkReuseportContext, table: *const Table, flags: u
     // SAFETY: this CPU's value of a per-CPU array; the program cannot be preempted by
     // itself on this CPU while it holds it.
     let counters = unsafe { &mut *counters };
+    if flags & TABLE_QUIC_ENCRYPTED == 0 {
+        return steer_by::<PLAIN_PREFIX>(ctx, table, flags, counters, None);
+    }
+    match QUIC_KEY.get(0) {
+        Some(key) => steer_by::<ENCRYPTED_PREFIX>(ctx, table, flags, counters, Some(key)),
+        None => QuicRoute::Other,
+    }
+}
+
+/// [`steer_quic`] reading `N` octets of the packet: the server ID in the clear without a
+/// `key`, decrypted with it.
+#[inline(always)]
+fn steer_by<const N: usize>(
+    ctx: &SkReuseportContext,
+    table: *const Table,
+    flags: u32,
+    counters: &mut QuicCounters,
+    key: Option<&QuicKey>,
+) -> QuicRoute {
     let cid_len = cid_len_of(flags);
-    let Some(prefix) = quic_prefix(ctx) else {
+    let Some(prefix) = quic_prefix::<N>(ctx) else {
         counters.malformed += 1;
         return QuicRoute::Other;
     };
     if prefix[0] & 0x80 != 0 {
-        return steer_long(ctx, table, flags, counters, &prefix);
+        return steer_long(ctx, table, flags, counters, &prefix, key);
     }
     if (ctx.len() as u32) < UDP_HEADER + 1 + cid_len + MIN_SHORT_TAIL {
         counters.malformed += 1;
@@ -69,12 +90,7 @@ pub(crate) fn steer_quic(ctx: &SkReuseportContext, table: *const Table, flags: u
         counters.other_config += 1;
         return QuicRoute::Other;
     }
-    let id = [
-        prefix[SHORT_DCID + 1],
-        prefix[SHORT_DCID + 2],
-        prefix[SHORT_DCID + 3],
-    ];
-    let (slot, generation) = decode_server_id(id);
+    let (slot, generation) = decode_server_id(server_id(&prefix, SHORT_DCID, key));
     if !slot_in_range(slot) {
         counters.unknown_server_id += 1;
         return QuicRoute::Other;
@@ -96,12 +112,13 @@ pub(crate) fn steer_quic(ctx: &SkReuseportContext, table: *const Table, flags: u
 /// packet whose connection ID names no serving slot is a new connection's first flight.
 /// Only QUIC v1 and v2 are parsed; other versions are counted and steered as any datagram.
 #[inline(always)]
-fn steer_long(
+fn steer_long<const N: usize>(
     ctx: &SkReuseportContext,
     table: *const Table,
     flags: u32,
     counters: &mut QuicCounters,
-    prefix: &[u8; QUIC_PREFIX],
+    prefix: &[u8; N],
+    key: Option<&QuicKey>,
 ) -> QuicRoute {
     let version = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
     // The long packet type codepoints of the Initial and 0-RTT packets (RFC 9000 17.2,
@@ -118,11 +135,7 @@ fn steer_long(
     if u32::from(prefix[LONG_DCID_LEN]) == cid_len_of(flags)
         && prefix[LONG_DCID] >> 5 == config_id_of(flags)
     {
-        let (slot, generation) = decode_server_id([
-            prefix[LONG_DCID + 1],
-            prefix[LONG_DCID + 2],
-            prefix[LONG_DCID + 3],
-        ]);
+        let (slot, generation) = decode_server_id(server_id(prefix, LONG_DCID, key));
         if slot_in_range(slot) && deliver(ctx, table, slot, generation) {
             if let Some(row) = counters.slots.get_mut(usize::from(slot)) {
                 row.by_connection_id += 1;
@@ -140,6 +153,25 @@ fn steer_long(
     }
 }
 
+/// The server ID of the connection ID at `dcid` in `prefix`: the octets after its first,
+/// in the clear or, with `key`, the first of the AES block they make decrypted.
+#[inline(always)]
+fn server_id<const N: usize>(
+    prefix: &[u8; N],
+    dcid: usize,
+    key: Option<&QuicKey>,
+) -> [u8; SERVER_ID_LEN] {
+    let Some(key) = key else {
+        return [prefix[dcid + 1], prefix[dcid + 2], prefix[dcid + 3]];
+    };
+    let mut block = [0u8; 16];
+    for (i, octet) in block.iter_mut().enumerate() {
+        *octet = prefix[(dcid + 1 + i) % N];
+    }
+    let plain = decrypt_block(&key.round_keys, &block);
+    [plain[0], plain[1], plain[2]]
+}
+
 /// Selects `slot`'s socket if the slot is live or draining and holds the generation whose
 /// low octet is `generation`; true if selected.
 #[inline(always)]
@@ -151,26 +183,27 @@ fn deliver(ctx: &SkReuseportContext, table: *const Table, slot: u16, generation:
     serving && select(ctx, table, slot)
 }
 
-/// The first [`QUIC_PREFIX`] octets of the datagram's QUIC packet: read in place when they
-/// are in the packet's linear data, else copied out; `None` if the datagram is shorter
-/// (no QUIC packet is: a short header carries at least a packet number and a tag).
+/// The first `N` octets of the datagram's QUIC packet: read in place when they are in the
+/// packet's linear data, else copied out; `None` if the datagram is shorter (no QUIC
+/// packet of the service is: a short header carries its connection ID, at least a packet
+/// number and a tag).
 #[inline(always)]
-fn quic_prefix(ctx: &SkReuseportContext) -> Option<[u8; QUIC_PREFIX]> {
+fn quic_prefix<const N: usize>(ctx: &SkReuseportContext) -> Option<[u8; N]> {
     let (data, end) = (ctx.data(), ctx.data_end());
     let start = data + UDP_HEADER as usize;
-    if start + QUIC_PREFIX <= end {
+    if start + N <= end {
         // SAFETY: the octets are inside the packet, as checked against `data_end`.
-        return Some(unsafe { core::ptr::read_unaligned(start as *const [u8; QUIC_PREFIX]) });
+        return Some(unsafe { core::ptr::read_unaligned(start as *const [u8; N]) });
     }
-    let mut prefix = [0u8; QUIC_PREFIX];
-    // SAFETY: the helper writes at most `QUIC_PREFIX` octets into `prefix`, which holds
-    // that many, and fails on a shorter packet.
+    let mut prefix = [0u8; N];
+    // SAFETY: the helper writes at most `N` octets into `prefix`, which holds that many,
+    // and fails on a shorter packet.
     let loaded = unsafe {
         bpf_skb_load_bytes(
             ctx.md as *const c_void,
             UDP_HEADER,
             prefix.as_mut_ptr().cast::<c_void>(),
-            QUIC_PREFIX as u32,
+            N as u32,
         )
     };
     (loaded == 0).then_some(prefix)

@@ -187,9 +187,10 @@ pub fn status(root: &Path, json: bool) -> Result<()> {
         if let Some(quic) = &service.quic {
             writeln!(
                 out,
-                "  QUIC-LB: config {} with {}-octet connection IDs; {} packets delivered by connection ID, {} naming a slot that no longer served them; by the table: {} long headers ({} first flights of new connections, {} of unknown versions), {} of another config, {} naming no slot, {} malformed",
+                "  QUIC-LB: config {} with {}-octet connection IDs{}; {} packets delivered by connection ID, {} naming a slot that no longer served them; by the table: {} long headers ({} first flights of new connections, {} of unknown versions), {} of another config, {} naming no slot, {} malformed",
                 quic.config_id,
                 quic.cid_len,
+                if quic.encrypted { " (encrypted)" } else { "" },
                 quic.by_connection_id,
                 quic.stale_server_id,
                 quic.long_header,

@@ -138,7 +138,7 @@ pub struct Activation<'a> {
 }
 
 /// What a worker of a `quic` service needs to issue connection IDs the program steers by
-/// (draft-ietf-quic-load-balancers, unencrypted mode).
+/// (draft-ietf-quic-load-balancers).
 pub struct QuicLbEnv {
     /// `PORTSHARD_QUIC_LB_CONFIG_ID`: the config rotation codepoint.
     pub config_id: u8,
@@ -146,17 +146,25 @@ pub struct QuicLbEnv {
     pub server_id: [u8; portshard_common::quic::SERVER_ID_LEN],
     /// `PORTSHARD_QUIC_LB_NONCE_LEN`: nonce octets after the server ID.
     pub nonce_len: u8,
+    /// `PORTSHARD_QUIC_LB_KEY`, as lowercase hex: the AES-128 key of a service whose
+    /// connection IDs are encrypted.
+    pub key: Option<[u8; 16]>,
 }
 
 impl QuicLbEnv {
     /// The variables, as `execve` takes them.
-    fn entries(&self) -> [String; 3] {
-        let server_id: String = self.server_id.iter().map(|b| format!("{b:02x}")).collect();
-        [
+    fn entries(&self) -> Vec<String> {
+        let hex = |bytes: &[u8]| -> String { bytes.iter().map(|b| format!("{b:02x}")).collect() };
+        let mut entries = vec![
             format!("PORTSHARD_QUIC_LB_CONFIG_ID={}", self.config_id),
-            format!("PORTSHARD_QUIC_LB_SERVER_ID={server_id}"),
+            format!("PORTSHARD_QUIC_LB_SERVER_ID={}", hex(&self.server_id)),
             format!("PORTSHARD_QUIC_LB_NONCE_LEN={}", self.nonce_len),
-        ]
+        ];
+        entries.extend(
+            self.key
+                .map(|key| format!("PORTSHARD_QUIC_LB_KEY={}", hex(&key))),
+        );
+        entries
     }
 }
 

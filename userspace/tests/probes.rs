@@ -23,7 +23,7 @@ use portshard_harness::{
     netns::raise_fd_limit,
     scenario::Sandbox,
 };
-use support::{EXE, READY, WORKER, config, live_pid, sandbox, signal, target};
+use support::{EXE, READY, WORKER, config, sandbox, signal, target, wait_replaced};
 
 /// How far past its probe schedule the daemon may be on a loaded 2-core host and still be
 /// right: far more than it takes there, far less than never.
@@ -76,23 +76,6 @@ fn wait_probes_passing(daemon: &DaemonRun, service: &str, workers: usize) {
             "{service} probes never all passed: {states:?}"
         );
         thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Waits until `slot` of `service` has a live worker other than `old`; returns its pid.
-fn wait_replaced(daemon: &DaemonRun, service: &str, slot: Slot, old: u32) -> u32 {
-    let deadline = Instant::now() + READY;
-    loop {
-        if let Some(pid) = live_pid(daemon, service, slot)
-            && pid != old
-        {
-            return pid;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{service} slot {slot} worker {old} never replaced"
-        );
-        thread::sleep(Duration::from_millis(5));
     }
 }
 

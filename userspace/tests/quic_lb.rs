@@ -3,8 +3,9 @@
 //! steer by its connection ID (forged, stale or foreign server IDs, other configs, a
 //! client's own connection IDs, unknown versions, truncated datagrams) is still delivered
 //! by the table and counted, and a new connection's first flight goes by the table even
-//! from a port the flow table holds for an older connection, in a fresh network namespace
-//! with `portshard echo` workers.
+//! from a port the flow table holds for an older connection; with `quic_encrypt`, connection
+//! IDs encrypted under the key every worker gets reach their slot, and server IDs in the
+//! clear do not; in a fresh network namespace with `portshard echo` workers.
 mod support;
 
 use std::{
@@ -17,7 +18,8 @@ use std::{
 use portshard::{report::QuicReport, table::Slot};
 use portshard_common::quic::server_id;
 use portshard_harness::daemon::DaemonRun;
-use support::{EXE, PORT, READY, sandbox, target};
+use portshard_harness::daemon::workers;
+use support::{EXE, PORT, READY, pid_of, sandbox, signal, target, wait_replaced};
 
 const WORKERS: usize = 4;
 const CONFIG_ID: u8 = 2;
@@ -303,4 +305,84 @@ fn a_new_connection_from_a_port_the_flow_table_holds_goes_to_the_new_generation(
     let report = quic_report(&daemon);
     assert_eq!(report.first_flight, SOURCES as u64, "{report:?}");
     assert_eq!(report.by_connection_id, 2 * SOURCES as u64, "{report:?}");
+}
+
+/// The QUIC-LB key in the environment the daemon gave worker `pid`.
+fn worker_key(pid: u32) -> [u8; 16] {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let hex = environ
+        .split(|&b| b == 0)
+        .find_map(|entry| entry.strip_prefix(b"PORTSHARD_QUIC_LB_KEY="))
+        .unwrap_or_else(|| panic!("worker {pid} has no PORTSHARD_QUIC_LB_KEY"));
+    portshard_quic_lb::parse_hex(std::str::from_utf8(hex).unwrap())
+        .and_then(|key| key.try_into().ok())
+        .unwrap_or_else(|| panic!("worker {pid}: not a 16-octet hex key"))
+}
+
+#[test]
+fn encrypted_connection_ids_reach_their_slot_and_server_ids_in_the_clear_do_not() {
+    const ENCRYPTED_NONCE_LEN: usize = 13;
+    let sandbox = sandbox();
+    let config = config("").replace(
+        &format!("quic_nonce_len = {NONCE_LEN}"),
+        "quic_encrypt = true",
+    );
+    let mut daemon = DaemonRun::start(Path::new(EXE), &config, sandbox.pins()).unwrap();
+    daemon.wait_ready(&[("h3", WORKERS)], READY).unwrap();
+    let slots = live(&daemon);
+    let pids = workers(&daemon.status().unwrap())["h3"].clone();
+    let keys: BTreeSet<[u8; 16]> = pids.values().map(|&pid| worker_key(pid)).collect();
+    assert_eq!(keys.len(), 1, "every worker gets the service's one key");
+    let key = *keys.first().unwrap();
+
+    for (&slot, &generation) in &slots {
+        let quic_lb = portshard_quic_lb::Config::new(
+            CONFIG_ID,
+            &server_id(slot, generation),
+            ENCRYPTED_NONCE_LEN,
+            Some(key),
+        )
+        .unwrap();
+        for source in 0..SOURCES {
+            let cid = quic_lb.encode(&[source as u8; ENCRYPTED_NONCE_LEN], 0);
+            let mut short = vec![0x41];
+            short.extend_from_slice(cid.as_bytes());
+            short.extend([0xaa; 24]);
+            assert_eq!(answered_by(&short), slot, "short header, source {source}");
+            let handshake = long_header_to(HANDSHAKE, 1, cid.as_bytes());
+            assert_eq!(answered_by(&handshake), slot, "handshake, source {source}");
+        }
+    }
+    // The same server IDs in the clear: not what the workers issue, so by the table.
+    let (&slot, &generation) = slots.iter().next().unwrap();
+    let mut seen = BTreeSet::new();
+    for source in 0..SOURCES {
+        let mut short = vec![0x41, (CONFIG_ID << 5) | 16];
+        short.extend_from_slice(&server_id(slot, generation));
+        short.extend([source as u8; ENCRYPTED_NONCE_LEN]);
+        short.extend([0xaa; 24]);
+        seen.insert(answered_by(&short));
+    }
+    assert!(
+        seen.len() > 1,
+        "server IDs in the clear steered to {seen:?}"
+    );
+    let report = quic_report(&daemon);
+    assert!(report.encrypted, "{report:?}");
+    assert_eq!(report.cid_len, 17, "{report:?}");
+    assert_eq!(
+        report.by_connection_id,
+        (2 * SOURCES * WORKERS) as u64,
+        "{report:?}"
+    );
+
+    // The key lives in the pins: a daemon restarted after `kill -9` gives a new worker the
+    // same one.
+    daemon.kill9().unwrap();
+    daemon.spawn().unwrap();
+    daemon.wait_ready(&[("h3", WORKERS)], READY).unwrap();
+    let old = pid_of(&daemon, "h3", slot);
+    signal(old, libc::SIGKILL);
+    let replacement = wait_replaced(&daemon, "h3", slot, old);
+    assert_eq!(worker_key(replacement), key);
 }

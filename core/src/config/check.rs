@@ -223,6 +223,7 @@ pub(super) fn check_service(
             quic: raw.quic,
             config_id: raw.quic_config_id,
             nonce_len: raw.quic_nonce_len,
+            encrypt: raw.quic_encrypt,
         },
         &what,
     );

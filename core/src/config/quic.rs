@@ -1,5 +1,8 @@
-//! Validation of a service's QUIC-LB fields (`quic`, `quic_config_id`, `quic_nonce_len`).
-use portshard_common::quic::{MAX_NONCE_LEN, MIN_NONCE_LEN, UNROUTABLE_CONFIG_ID};
+//! Validation of a service's QUIC-LB fields (`quic`, `quic_config_id`, `quic_nonce_len`,
+//! `quic_encrypt`).
+use portshard_common::quic::{
+    ENCRYPTED_NONCE_LEN, MAX_NONCE_LEN, MIN_NONCE_LEN, UNROUTABLE_CONFIG_ID,
+};
 use toml::Spanned;
 
 use super::{Checker, DEFAULT_QUIC_NONCE_LEN, QuicLb};
@@ -9,6 +12,7 @@ pub(super) struct RawQuic {
     pub(super) quic: Option<Spanned<bool>>,
     pub(super) config_id: Option<Spanned<i64>>,
     pub(super) nonce_len: Option<Spanned<i64>>,
+    pub(super) encrypt: Option<Spanned<bool>>,
 }
 
 /// Validates the QUIC-LB connection-ID steering of a service, which has a UDP listener if
@@ -24,6 +28,7 @@ pub(super) fn check_quic(
         let stray = [
             ("quic_config_id", raw.config_id.map(|f| f.span())),
             ("quic_nonce_len", raw.nonce_len.map(|f| f.span())),
+            ("quic_encrypt", raw.encrypt.map(|f| f.span())),
         ];
         for (field, span) in stray {
             if let Some(span) = span {
@@ -52,15 +57,34 @@ pub(super) fn check_quic(
             0..u32::from(UNROUTABLE_CONFIG_ID),
         )
     });
-    let nonce_len = raw.nonce_len.as_ref().map_or(DEFAULT_QUIC_NONCE_LEN, |n| {
-        checker.integer(
+    let encrypted = raw.encrypt.as_ref().is_some_and(|e| *e.get_ref());
+    let nonce_len = match (&raw.nonce_len, encrypted) {
+        (None, false) => DEFAULT_QUIC_NONCE_LEN,
+        (None, true) => ENCRYPTED_NONCE_LEN,
+        (Some(n), false) => checker.integer(
             n,
             &what("quic_nonce_len"),
             u32::from(MIN_NONCE_LEN)..u32::from(MAX_NONCE_LEN) + 1,
-        ) as u8
-    });
+        ) as u8,
+        (Some(n), true) => {
+            // The program decrypts the single-pass mode only: server ID and nonce are one
+            // AES block.
+            if *n.get_ref() != i64::from(ENCRYPTED_NONCE_LEN) {
+                checker.report(
+                    n.span(),
+                    what("quic_nonce_len"),
+                    format!(
+                        "is {}, but with `quic_encrypt = true` the server ID (3 octets) and nonce must make one 16-octet AES block, the single-pass mode the program decrypts: remove this field, or set it to {ENCRYPTED_NONCE_LEN}",
+                        n.get_ref()
+                    ),
+                );
+            }
+            ENCRYPTED_NONCE_LEN
+        }
+    };
     Some(QuicLb {
         config_id: config_id as u8,
         nonce_len,
+        encrypted,
     })
 }

@@ -48,6 +48,7 @@ pub(super) struct RawService {
     pub(super) quic: Option<Spanned<bool>>,
     pub(super) quic_config_id: Option<Spanned<i64>>,
     pub(super) quic_nonce_len: Option<Spanned<i64>>,
+    pub(super) quic_encrypt: Option<Spanned<bool>>,
     /// How the service is named in problems: `service "dns"` or `service #2`.
     pub(super) label: String,
 }
@@ -62,7 +63,7 @@ pub(super) enum RawListen {
 }
 
 /// Every key a service may have.
-const FIELDS: [&str; 27] = [
+const FIELDS: [&str; 28] = [
     "name",
     "proto",
     "listen",
@@ -90,6 +91,7 @@ const FIELDS: [&str; 27] = [
     "quic",
     "quic_config_id",
     "quic_nonce_len",
+    "quic_encrypt",
 ];
 
 /// The keys a service must have.
@@ -181,6 +183,7 @@ impl RawService {
             "quic" => self.quic = typed.boolean(),
             "quic_config_id" => self.quic_config_id = typed.integer(),
             "quic_nonce_len" => self.quic_nonce_len = typed.integer(),
+            "quic_encrypt" => self.quic_encrypt = typed.boolean(),
             unknown => {
                 let hint = match closest(unknown) {
                     Some(field) => format!("did you mean `{field}`?"),

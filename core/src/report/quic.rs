@@ -1,7 +1,7 @@
 //! What `status` shows of a QUIC service's connection-ID steering: the connection IDs the
 //! program expects, how many packets it delivered by them, and why the others went by the
 //! table.
-use portshard_common::quic::{QuicCounters, cid_len_of, config_id_of};
+use portshard_common::quic::{QuicCounters, TABLE_QUIC_ENCRYPTED, cid_len_of, config_id_of};
 use serde::Serialize;
 
 use crate::table::Slot;
@@ -13,6 +13,9 @@ pub struct QuicReport {
     pub config_id: u8,
     /// The length of the workers' connection IDs.
     pub cid_len: u32,
+    /// Whether connection IDs are encrypted (single-pass AES-128); the program decrypts
+    /// them with the service's key.
+    pub encrypted: bool,
     /// Packets delivered by the server ID in their connection ID.
     pub by_connection_id: u64,
     /// Short-header packets naming a slot that no longer serves their connection (another
@@ -65,6 +68,7 @@ impl QuicReport {
         Self {
             config_id: config_id_of(flags),
             cid_len: cid_len_of(flags),
+            encrypted: flags & TABLE_QUIC_ENCRYPTED != 0,
             by_connection_id: slots.iter().map(|s| s.by_connection_id).sum(),
             stale_server_id: slots.iter().map(|s| s.stale_server_id).sum(),
             long_header: counters.long_header,
@@ -91,8 +95,10 @@ mod tests {
         counters.slots[7].by_connection_id = 5;
         counters.slots[7].stale_server_id = 2;
         counters.malformed = 1;
-        let report = QuicReport::new(quic_flags(2, 8), &counters);
+        let report = QuicReport::new(quic_flags(2, 8, false), &counters);
         assert_eq!((report.config_id, report.cid_len), (2, 12));
+        assert!(!report.encrypted);
+        assert!(QuicReport::new(quic_flags(2, 13, true), &counters).encrypted);
         assert_eq!((report.by_connection_id, report.stale_server_id), (15, 2));
         assert_eq!(report.malformed, 1);
         let slots: Vec<Slot> = report.slots.iter().map(|s| s.slot).collect();

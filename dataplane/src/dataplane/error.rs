@@ -164,6 +164,15 @@ pub enum DataplaneError {
         #[source]
         source: io::Error,
     },
+    /// The kernel's random source failed.
+    #[error("drawing a new QUIC-LB key for {dir} from the kernel's random source failed: {source}")]
+    Random {
+        /// The service's pin directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
 }
 
 pub(crate) type Result<T, E = DataplaneError> = std::result::Result<T, E>;

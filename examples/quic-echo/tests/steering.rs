@@ -195,6 +195,7 @@ fn plain_group(port: u16) -> Vec<u32> {
                         config_id: CONFIG_ID,
                         server_id: portshard_common::quic::server_id(slot, 0),
                         nonce_len: NONCE_LEN,
+                        key: None,
                     }),
                 },
                 None,
@@ -209,21 +210,35 @@ fn plain_group(port: u16) -> Vec<u32> {
 fn rebinding_connections_keep_their_worker_with_quic_lb_and_mostly_break_without() {
     const CONNECTIONS: usize = 256;
     let sandbox = sandbox();
+    let encrypted = format!("quic = true\nquic_config_id = {CONFIG_ID}\nquic_encrypt = true");
     let config = format!(
-        "{}{}",
+        "{}{}{}",
         service("quic", 4433, true, ""),
-        service("tuple", 4434, false, "")
+        service("tuple", 4434, false, ""),
+        service("encrypted", 4436, false, &encrypted),
     );
     let mut daemon = DaemonRun::start(&built("portshard"), &config, sandbox.pins()).unwrap();
     daemon
-        .wait_ready(&[("quic", WORKERS), ("tuple", WORKERS)], READY)
+        .wait_ready(
+            &[
+                ("quic", WORKERS),
+                ("tuple", WORKERS),
+                ("encrypted", WORKERS),
+            ],
+            READY,
+        )
         .unwrap();
     let plain = plain_group(4435);
 
     let runtime = runtime();
     let local = tokio::task::LocalSet::new();
     let mut results = BTreeMap::new();
-    for (name, port) in [("quic-lb", 4433), ("4-tuple", 4434), ("plain", 4435)] {
+    for (name, port) in [
+        ("quic-lb", 4433),
+        ("quic-lb encrypted", 4436),
+        ("4-tuple", 4434),
+        ("plain", 4435),
+    ] {
         let server = SocketAddr::from(([127, 0, 0, 1], port));
         let (spread, after) = local.block_on(&runtime, async {
             let clients = open_many(server, CONNECTIONS).await;
@@ -249,20 +264,24 @@ fn rebinding_connections_keep_their_worker_with_quic_lb_and_mostly_break_without
         wait_exit(pid, READY).unwrap();
     }
     assert_eq!(results["quic-lb"], (CONNECTIONS, 0, 0));
+    assert_eq!(results["quic-lb encrypted"], (CONNECTIONS, 0, 0));
     // A new 4-tuple lands on another of the 4 workers 3 times in 4: most connections break.
     for name in ["4-tuple", "plain"] {
         let (kept, _, _) = results[name];
         assert!(kept < CONNECTIONS / 2, "{name}: {:?}", results[name]);
     }
     let status = daemon.status().unwrap();
-    let quic = status.iter().find(|s| s.name == "quic").unwrap();
-    let report = quic.quic.as_ref().unwrap();
-    assert!(report.by_connection_id > 0, "{report:?}");
-    assert_eq!(
-        report.stale_server_id + report.unknown_server_id,
-        0,
-        "{report:?}"
-    );
+    for (name, encrypted) in [("quic", false), ("encrypted", true)] {
+        let service = status.iter().find(|s| s.name == name).unwrap();
+        let report = service.quic.as_ref().unwrap();
+        assert_eq!(report.encrypted, encrypted, "{name}: {report:?}");
+        assert!(report.by_connection_id > 0, "{name}: {report:?}");
+        assert_eq!(
+            report.stale_server_id + report.unknown_server_id,
+            0,
+            "{name}: {report:?}"
+        );
+    }
     daemon.terminate().unwrap();
 }
 

@@ -25,7 +25,7 @@ use aya::sys::{Stats, enable_stats};
 use portshard::{
     dataplane::Dataplane, group::Group, socket::Proto, supervisor::Switches, table::Slot,
 };
-use portshard_common::{ADMIT_SIZE, TABLE_PROBES, TABLE_SIZE, names, quic, reference as refs};
+use portshard_common::{ADMIT_SIZE, TABLE_PROBES, TABLE_SIZE, names, reference as refs};
 
 use super::{
     BenchError, Budget, Result,
@@ -36,14 +36,15 @@ use crate::{
     context,
     flood::Flood,
     flows::{self, Listener},
-    scenario::MeasureError,
 };
 
+mod quic;
 mod reference;
 mod setup;
 mod subject;
 mod summary;
 
+use quic::quic_subject;
 use setup::{orphan_flows, orphan_sources, prime};
 use subject::{Load, Stat, Subject};
 use summary::{Measured, summarize};
@@ -73,11 +74,7 @@ const FLOW_FULL_PORT: u16 = 5317;
 const HEIR_COLD_PORT: u16 = 5318;
 const TABLE_PORT: u16 = 5319;
 const QUIC_PORT: u16 = 5329;
-
-/// The slot the QUIC subjects' packets name (generation 0, as the bench's groups hold).
-const QUIC_SLOT: Slot = 3;
-/// The QUIC subjects' nonce length: 12-octet connection IDs.
-const QUIC_NONCE_LEN: u8 = 8;
+const QUIC_AES_PORT: u16 = 5328;
 
 /// The flow table of the full-table subject: filled before measuring.
 const FULL_TABLE: u32 = 1024;
@@ -142,16 +139,6 @@ fn cold(port: u16) -> Result<Load> {
     Ok(Load::cycle(flood(port)?, cold_flows().collect()))
 }
 
-/// A short-header QUIC packet (1-RTT) whose destination connection ID names `slot` of
-/// generation 0 under config 0, the size of a small request.
-fn quic_short_header(slot: Slot) -> Vec<u8> {
-    let mut packet = vec![0x41, 0x0b];
-    packet.extend_from_slice(&quic::server_id(slot, 0));
-    packet.extend(std::iter::repeat_n(0x5a, usize::from(QUIC_NONCE_LEN)));
-    packet.extend([0xa5; 64]);
-    packet
-}
-
 /// `prog_ns_*` (mean ns per run, median of rounds, for each path hot and cold) and the
 /// ratios of portshard's paths over the one-lookup reference, round by round:
 /// `prog_ratio` (select path, cold; the target), `prog_ratio_hot`, and, cold,
@@ -197,6 +184,7 @@ pub fn figures(pins: &Path, object: &Path, budget: &Budget) -> Result<Vec<Figure
         "prog-flow-admit",
         "prog-flow-full",
         "prog-quic",
+        "prog-quic-aes",
     ];
     let (select_listeners, select_group, select_program) =
         portshard_group(pins, services[0], SELECT_PORT, LISTENERS, 0)?;
@@ -252,14 +240,10 @@ pub fn figures(pins: &Path, object: &Path, budget: &Budget) -> Result<Vec<Figure
         &full_listeners,
     )?;
 
-    // QUIC-LB on: every datagram is a short-header packet naming one live slot.
-    let (quic_listeners, quic_group, quic_program) =
-        portshard_group(pins, services[8], QUIC_PORT, LISTENERS, 0)?;
-    quic_group.dataplane().set_switches(Switches {
-        flags: quic::quic_flags(0, QUIC_NONCE_LEN),
-        flow_idle_s: 0,
-    });
-    let quic_packet = quic_short_header(QUIC_SLOT);
+    // QUIC-LB on: every datagram is a short-header packet naming one live slot, in the
+    // clear or encrypted.
+    let plain = quic_subject(pins, services[8], QUIC_PORT, false)?;
+    let encrypted = quic_subject(pins, services[9], QUIC_AES_PORT, true)?;
 
     let pass_stat = || reference::program(&ebpf, refs::PASS).map(Stat::Loaded);
     let lookup_stat = || reference::program(&ebpf, refs::SELECT).map(Stat::Loaded);
@@ -327,9 +311,18 @@ pub fn figures(pins: &Path, object: &Path, budget: &Budget) -> Result<Vec<Figure
         (
             subject(
                 "quic",
-                &quic_listeners,
-                hot_with(QUIC_PORT, &quic_packet)?,
-                Stat::Pinned(quic_program.clone()),
+                &plain.listeners,
+                hot_with(QUIC_PORT, &plain.packet)?,
+                Stat::Pinned(plain.program.clone()),
+            ),
+            budget.prog_runs,
+        ),
+        (
+            subject(
+                "quic_aes",
+                &encrypted.listeners,
+                hot_with(QUIC_AES_PORT, &encrypted.packet)?,
+                Stat::Pinned(encrypted.program.clone()),
             ),
             budget.prog_runs,
         ),
@@ -399,9 +392,24 @@ pub fn figures(pins: &Path, object: &Path, budget: &Budget) -> Result<Vec<Figure
         (
             subject(
                 "quic_cold",
-                &quic_listeners,
-                Load::cycle(flood_with(QUIC_PORT, &quic_packet)?, cold_flows().collect()),
-                Stat::Pinned(quic_program),
+                &plain.listeners,
+                Load::cycle(
+                    flood_with(QUIC_PORT, &plain.packet)?,
+                    cold_flows().collect(),
+                ),
+                Stat::Pinned(plain.program.clone()),
+            ),
+            cold_runs,
+        ),
+        (
+            subject(
+                "quic_aes_cold",
+                &encrypted.listeners,
+                Load::cycle(
+                    flood_with(QUIC_AES_PORT, &encrypted.packet)?,
+                    cold_flows().collect(),
+                ),
+                Stat::Pinned(encrypted.program.clone()),
             ),
             cold_runs,
         ),
@@ -466,22 +474,8 @@ pub fn figures(pins: &Path, object: &Path, budget: &Budget) -> Result<Vec<Figure
         })
         .collect();
     drop(subjects);
-    // Every QUIC datagram must have taken the connection-ID path, or its figures measured
-    // another one.
-    let quic_counts = quic_group.dataplane().quic_counters()?;
-    let by_id = quic_counts.slots[usize::from(QUIC_SLOT)].by_connection_id;
-    let stale: u64 = quic_counts.slots.iter().map(|s| s.stale_server_id).sum();
-    let by_table = quic_counts.long_header
-        + quic_counts.other_config
-        + quic_counts.unknown_server_id
-        + quic_counts.malformed
-        + stale;
-    if by_id == 0 || by_table != 0 {
-        return Err(MeasureError::Traffic(format!(
-            "prog-quic: {by_id} datagrams steered by connection ID, {by_table} by the table; the QUIC figures would measure another path"
-        ))
-        .into());
-    }
+    plain.check_steered(services[8])?;
+    encrypted.check_steered(services[9])?;
     drop((
         select_group,
         probes_group,
@@ -489,7 +483,7 @@ pub fn figures(pins: &Path, object: &Path, budget: &Budget) -> Result<Vec<Figure
         heir_cold_group,
         flow_group,
     ));
-    drop((new_group, admit_group, full_group, quic_group));
+    drop((new_group, admit_group, full_group, plain, encrypted));
     for service in services {
         Dataplane::remove_pins(pins, service)?;
     }

@@ -64,6 +64,23 @@ pub fn pid_of(daemon: &DaemonRun, service: &str, slot: Slot) -> u32 {
         .unwrap_or_else(|| panic!("{service} slot {slot} has no live worker"))
 }
 
+/// Waits until `slot` of `service` has a live worker other than `old`; returns its pid.
+pub fn wait_replaced(daemon: &DaemonRun, service: &str, slot: Slot, old: u32) -> u32 {
+    let deadline = std::time::Instant::now() + READY;
+    loop {
+        if let Some(pid) = live_pid(daemon, service, slot)
+            && pid != old
+        {
+            return pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{service} slot {slot} worker {old} never replaced"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// What the daemon tells systemd, caught on a datagram socket the test owns (the daemon's
 /// `NOTIFY_SOCKET`): one message per datagram, newline-separated `KEY=value` lines.
 pub struct Notifications {

@@ -15,16 +15,33 @@ fn quic_is_read_with_its_defaults_and_its_fields() {
         quic("quic = true"),
         Some(QuicLb {
             config_id: 0,
-            nonce_len: 8
+            nonce_len: 8,
+            encrypted: false,
         })
     );
     assert_eq!(
         quic("quic = true\nquic_config_id = 6\nquic_nonce_len = 16"),
         Some(QuicLb {
             config_id: 6,
-            nonce_len: 16
+            nonce_len: 16,
+            encrypted: false,
         })
     );
+    // Encrypted: one AES block of server ID and nonce, so a 13-octet nonce.
+    for fields in [
+        "quic = true\nquic_encrypt = true",
+        "quic = true\nquic_encrypt = true\nquic_nonce_len = 13",
+    ] {
+        assert_eq!(
+            quic(fields),
+            Some(QuicLb {
+                config_id: 0,
+                nonce_len: 13,
+                encrypted: true,
+            }),
+            "{fields}"
+        );
+    }
     assert_eq!(quic("quic = false"), None);
 }
 
@@ -42,6 +59,14 @@ fn bad_quic_fields_name_their_field_and_what_is_allowed() {
         (
             "quic_nonce_len = 8",
             "8:18: service \"dns\" field `quic_nonce_len`: is set without `quic = true`",
+        ),
+        (
+            "quic = true\nquic_encrypt = true\nquic_nonce_len = 8",
+            "10:18: service \"dns\" field `quic_nonce_len`: is 8, but with `quic_encrypt = true` the server ID (3 octets) and nonce must make one 16-octet AES block, the single-pass mode the program decrypts: remove this field, or set it to 13",
+        ),
+        (
+            "quic_encrypt = true",
+            "8:16: service \"dns\" field `quic_encrypt`: is set without `quic = true`",
         ),
         (
             "quic = \"yes\"",

@@ -90,5 +90,6 @@ pub fn summarize(measured: &[Measured]) -> Result<Vec<Figure>> {
         "quic_cold",
         "select_cold",
     )?);
+    figures.push(ratio("prog_ratio_quic_aes", "quic_aes_cold", "quic_cold")?);
     Ok(figures)
 }

@@ -80,6 +80,11 @@ impl Shell {
         for (socket, listener) in sockets.iter().zip(&spec.listeners) {
             socket::join(socket, listener.proto, listener.addr).map_err(socket_error)?;
         }
+        // Workers encrypting connection IDs get the service's key, made on first use.
+        let quic_key = match spec.quic {
+            Some(quic) if quic.encrypted => Some(group.quic_key()?),
+            _ => None,
+        };
         let fds: Vec<_> = sockets.iter().map(|socket| socket.as_fd()).collect();
         let names: Vec<String> = spec
             .listeners
@@ -97,6 +102,7 @@ impl Shell {
                     config_id: quic.config_id,
                     server_id: portshard_common::quic::server_id(slot, generation),
                     nonce_len: quic.nonce_len,
+                    key: quic_key,
                 }),
             },
             launch.credentials.as_ref(),
