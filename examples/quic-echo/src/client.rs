@@ -13,6 +13,8 @@ use quinn::{
     },
 };
 
+use crate::ECHO_ALPN;
+
 /// How long one connection and its answer may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -66,15 +68,21 @@ impl ServerCertVerifier for AnyCertificate {
     }
 }
 
-/// A client endpoint on an ephemeral port that trusts any server certificate.
+/// An echo client endpoint on `bind` that trusts any server certificate.
 pub fn endpoint(bind: SocketAddr) -> Result<Endpoint> {
+    endpoint_speaking(bind, ECHO_ALPN)
+}
+
+/// A client endpoint on `bind` that trusts any server certificate and offers `alpn`.
+pub fn endpoint_speaking(bind: SocketAddr, alpn: &[u8]) -> Result<Endpoint> {
     let provider = Arc::new(ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("TLS 1.3 with ring")?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
         .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let mut endpoint = Endpoint::client(bind).context("binding the client socket")?;
     endpoint.set_default_client_config(ClientConfig::new(Arc::new(
         QuicClientConfig::try_from(tls).context("QUIC TLS config")?,

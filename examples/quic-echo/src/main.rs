@@ -8,9 +8,11 @@
 //! one it uses quinn's random connection IDs. It serves a certificate for `localhost`,
 //! self-signed at start.
 //!
-//! On each bidirectional stream it reads the request to its end and answers
-//! `slot=<PORTSHARD_SLOT> pid=<pid>\n` followed by the request, so a client can tell which
-//! worker answered. On SIGTERM or SIGINT it stops accepting connections and gives open
+//! It speaks two application protocols, chosen by ALPN. Echo (`portshard-echo`): on each
+//! bidirectional stream it reads the request to its end and answers
+//! `slot=<PORTSHARD_SLOT> pid=<pid>\n` followed by the request. HTTP/3 (`h3`, with the `h3`
+//! crate): every request is answered `200` with `slot=<PORTSHARD_SLOT> pid=<pid>\n` and the
+//! request's method and path. Either way a client can tell which worker answered. On SIGTERM or SIGINT it stops accepting connections and gives open
 //! ones up to 10 seconds to finish.
 //!
 //! `portshard-quic-echo --connect ADDR [--count N]` is the matching client: N connections
@@ -25,11 +27,17 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use portshard_quic_echo::client;
+use bytes::Bytes;
+use portshard_quic_echo::{ECHO_ALPN, H3_ALPN, client};
 use portshard_quic_lb::{Config, QuicLbGenerator};
 use quinn::{
     Endpoint, EndpointConfig, ServerConfig, TokioRuntime,
-    rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer},
+    crypto::rustls::{HandshakeData, QuicServerConfig},
+    rustls::{
+        self,
+        crypto::ring,
+        pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer},
+    },
 };
 
 /// The first fd systemd socket activation passes.
@@ -153,8 +161,16 @@ async fn serve(socket: UdpSocket, quic_lb: Option<Config>) -> Result<()> {
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
         certified.signing_key.serialize_der(),
     ));
-    let server_config = ServerConfig::with_single_cert(vec![certified.cert.der().clone()], key)
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 with ring")?
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
         .context("building the TLS config")?;
+    tls.alpn_protocols = vec![H3_ALPN.to_vec(), ECHO_ALPN.to_vec()];
+    let server_config = ServerConfig::with_crypto(Arc::new(
+        QuicServerConfig::try_from(tls).context("building the QUIC TLS config")?,
+    ));
     let mut endpoint_config = EndpointConfig::default();
     let cids = match quic_lb {
         Some(config) => {
@@ -214,8 +230,54 @@ async fn serve(socket: UdpSocket, quic_lb: Option<Config>) -> Result<()> {
     Ok(())
 }
 
-/// Answers every bidirectional stream of `connection` until it closes.
+/// Serves `connection` in the protocol its handshake chose, until it closes.
 async fn handle(connection: quinn::Connection) {
+    let protocol = connection
+        .handshake_data()
+        .and_then(|data| data.downcast::<HandshakeData>().ok())
+        .and_then(|data| data.protocol);
+    if protocol.as_deref() == Some(H3_ALPN) {
+        serve_http3(connection).await;
+    } else {
+        serve_echo(connection).await;
+    }
+}
+
+/// Answers every HTTP/3 request of `connection` with this worker's identity, the request's
+/// method and its path.
+async fn serve_http3(connection: quinn::Connection) {
+    let Ok(mut http3) =
+        h3::server::Connection::<_, Bytes>::new(h3_quinn::Connection::new(connection)).await
+    else {
+        return;
+    };
+    while let Ok(Some(resolver)) = http3.accept().await {
+        tokio::spawn(async move {
+            let Ok((request, mut stream)) = resolver.resolve_request().await else {
+                return;
+            };
+            let body = format!(
+                "{}{} {}\n",
+                identity(),
+                request.method(),
+                request.uri().path()
+            );
+            let response = http::Response::builder()
+                .status(http::StatusCode::OK)
+                .header(http::header::CONTENT_TYPE, "text/plain")
+                .body(())
+                .expect("a status and a valid header");
+            if stream.send_response(response).await.is_ok()
+                && stream.send_data(Bytes::from(body)).await.is_ok()
+            {
+                let _ = stream.finish().await;
+            }
+        });
+    }
+}
+
+/// Answers every bidirectional stream of `connection` until it closes.
+async fn serve_echo(connection: quinn::Connection) {
     while let Ok((mut send, mut recv)) = connection.accept_bi().await {
         tokio::spawn(async move {
             let Ok(request) = recv.read_to_end(MAX_REQUEST).await else {

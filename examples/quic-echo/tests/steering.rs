@@ -8,65 +8,21 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{SocketAddr, UdpSocket},
     os::fd::AsFd as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     thread,
     time::Duration,
 };
 
+mod support;
+
 use portshard::process::{self, Activation, QuicLbEnv};
-use portshard_harness::{
-    daemon::{DaemonRun, kill_and_wait, signal, wait_exit, workers},
-    scenario::Sandbox,
-};
+use portshard_harness::daemon::{DaemonRun, kill_and_wait, signal, wait_exit, workers};
 use portshard_quic_echo::client;
 use quinn::{Connection, Endpoint};
 use socket2::{Domain, Socket, Type};
+use support::{CONFIG_ID, NONCE_LEN, READY, WORKERS, built, runtime, sandbox, service};
 use tokio::task::JoinSet;
-
-const WORKERS: usize = 4;
-/// How long the daemon, a worker, a connection or an answer may take on a loaded host.
-const READY: Duration = Duration::from_secs(20);
-/// The QUIC-LB config of the tests' services and of the plain group's workers.
-const CONFIG_ID: u8 = 1;
-const NONCE_LEN: u8 = 8;
-
-/// A binary cargo built beside this test (`cargo xtask test` builds them all): the test
-/// runs from `target/<profile>/deps/`.
-fn built(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: build it first (cargo xtask test builds every binary)",
-        path.display()
-    );
-    path
-}
-
-fn sandbox() -> Sandbox {
-    Sandbox::enter().unwrap_or_else(|e| panic!("sandbox (needs root and BPF): {e}"))
-}
-
-/// A UDP service of the QUIC worker on `port`, QUIC-LB on if `quic`, with `extra` lines.
-fn service(name: &str, port: u16, quic: bool, extra: &str) -> String {
-    let quic = if quic {
-        format!("quic = true\nquic_config_id = {CONFIG_ID}\nquic_nonce_len = {NONCE_LEN}\n")
-    } else {
-        String::new()
-    };
-    format!(
-        "[[service]]\nname = \"{name}\"\nproto = \"udp\"\nlisten = \"127.0.0.1:{port}\"\nworkers = {WORKERS}\ncommand = [\"{}\"]\nrestart_delay = \"100ms\"\nstop_timeout = \"5s\"\n{quic}{extra}\n",
-        built("portshard-quic-echo").display()
-    )
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// Which worker answered: its slot and pid.
 type Worker = (String, u32);
