@@ -59,28 +59,6 @@ pub const QUIC_COUNTERS: &str = "quic_events";
 /// Array with one [`crate::quic::QuicKey`]: the key of a service whose workers encrypt
 /// their connection IDs, and the round keys the program decrypts them with.
 pub const QUIC_KEY: &str = "quic_key";
-/// Every map the program's object defines, in a fixed order.
-pub const MAPS: [&str; 19] = [
-    SOCKETS,
-    TABLE,
-    SLOTS,
-    COUNTERS,
-    SERVICE,
-    FLOWS,
-    PROBES,
-    HEALTH,
-    LAYOUT,
-    ADMISSION,
-    FLOW_COUNTERS,
-    FLOW_SWEPT,
-    QUIC_COUNTERS,
-    SOCKETS_1,
-    SOCKETS_2,
-    SOCKETS_3,
-    LISTENERS,
-    COOKIES,
-    QUIC_KEY,
-];
 /// The maps pin layout 3 added, created when older pins are migrated.
 pub const ADDED_IN_LAYOUT_3: [&str; 4] = [FLOWS, ADMISSION, FLOW_COUNTERS, FLOW_SWEPT];
 /// The maps pin layout 4 added (the QUIC counters and key, the other listeners' socket
@@ -95,3 +73,43 @@ pub const ADDED_IN_LAYOUT_4: [&str; 7] = [
     COOKIES,
     QUIC_KEY,
 ];
+
+/// Every map the program's object defines, in a fixed order: those every layout has, then
+/// those each later layout added.
+pub const MAPS: [&str; 19] = concat(&[
+    &[
+        SOCKETS, TABLE, SLOTS, COUNTERS, SERVICE, PROBES, HEALTH, LAYOUT,
+    ],
+    &ADDED_IN_LAYOUT_3,
+    &ADDED_IN_LAYOUT_4,
+]);
+
+/// The names of `lists` one after the other; `N` must be their total length.
+const fn concat<const N: usize>(lists: &[&[&'static str]]) -> [&'static str; N] {
+    let mut all = [""; N];
+    let mut at = 0;
+    let mut list = 0;
+    while list < lists.len() {
+        let mut index = 0;
+        while index < lists[list].len() {
+            all[at] = lists[list][index];
+            at += 1;
+            index += 1;
+        }
+        list += 1;
+    }
+    assert!(at == N, "N is the lists' total length");
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_map_is_named_once() {
+        for (index, name) in MAPS.iter().enumerate() {
+            assert!(!MAPS[index + 1..].contains(name), "{name}");
+        }
+    }
+}
