@@ -223,9 +223,11 @@ mod tests {
             ),
         ];
         assert_eq!(specs.len(), expected.len());
-        for (spec, (name, map_type, key_size, value_size, max_entries, flags)) in
-            specs.iter().zip(expected)
-        {
+        for (name, map_type, key_size, value_size, max_entries, flags) in expected {
+            let spec = specs
+                .iter()
+                .find(|spec| spec.name == name)
+                .unwrap_or_else(|| panic!("no map {name}"));
             assert_eq!(
                 spec,
                 &MapSpec {
