@@ -27,15 +27,20 @@ impl Table {
     }
 
     /// Each member with the entries it owns and the fewest and most its share allows after
-    /// any operation: its floor and ceiling, with unequal weights one entry wider.
+    /// any operation: its floor and ceiling, with unequal weights one entry more above and
+    /// two below. A removal hands the dead member's entries to their heirs only, in
+    /// proportion to weight but in whole entries, so a survivor whose floor rises by less
+    /// than one entry may inherit none: one left a floor short by an earlier operation ends
+    /// two short, and only moving another member's flows would fix it.
     pub(super) fn share_bounds(&self) -> Vec<(Slot, u32, (u32, u32))> {
         let members = Members::of(&self.weights, self.entries.len());
         let slack = u32::from(!members.weights.windows(2).all(|w| w[0] == w[1]));
+        let (below, above) = (2 * slack, slack);
         let counts = members.counts(&self.entries);
         (0..members.len())
             .map(|i| {
                 let (floor, ceiling) = members.share(members.weights[i]);
-                let bounds = (floor.saturating_sub(slack), ceiling + slack);
+                let bounds = (floor.saturating_sub(below), ceiling + above);
                 (members.slots[i], counts[i], bounds)
             })
             .collect()

@@ -357,25 +357,26 @@ fn settling_keeps_shares_the_operations_can_leave_and_fixes_a_shorter_one() {
             .unwrap();
         entry.owner = to;
     };
-    // One entry each way past the bounds, as a weighted removal or addition can leave it:
-    // kept.
+    // Two entries short of slot 2's floor, as weighted removals can leave it: kept.
     let mut entries = exact.entries().to_vec();
     shift(&mut entries, 0);
+    shift(&mut entries, 1);
     let mut table = Table::adopt(entries.clone(), members()).unwrap();
     table.validate().unwrap();
     let kept = table.clone();
     assert_eq!(table.settle(), Delta::default());
     assert_eq!(table, kept);
-    // Slot 2 two short: no operation leaves that, so it is settled, with the fewest moves.
-    shift(&mut entries, 1);
+    // Slot 2 three short (slot 0 then two over): no operation leaves that, so it is
+    // settled, with the fewest moves.
+    shift(&mut entries, 0);
     let mut table = Table::adopt(entries, members()).unwrap();
     assert_eq!(
         table.validate(),
-        Err("slot 2 owns 6 entries, fewer than the 7 its share needs".to_owned())
+        Err("slot 0 owns 6 entries, more than the 5 its share allows".to_owned())
     );
     let before = table.clone();
     let delta = table.settle();
-    assert_eq!(delta.moved, 2);
+    assert_eq!(delta.moved, 3);
     check_rebalanced(&before, &table, delta.moved).unwrap();
 }
 
