@@ -43,6 +43,12 @@ impl Shell {
                 service: spec.name.clone(),
             });
         };
+        // Workers encrypting connection IDs get the service's key, made on first use,
+        // before any socket joins the group.
+        let quic_key = match spec.quic {
+            Some(quic) if quic.encrypted => Some(group.quic_key()?),
+            _ => None,
+        };
         let socket_error = |source| DaemonError::Socket {
             service: spec.name.clone(),
             source,
@@ -80,11 +86,6 @@ impl Shell {
         for (socket, listener) in sockets.iter().zip(&spec.listeners) {
             socket::join(socket, listener.proto, listener.addr).map_err(socket_error)?;
         }
-        // Workers encrypting connection IDs get the service's key, made on first use.
-        let quic_key = match spec.quic {
-            Some(quic) if quic.encrypted => Some(group.quic_key()?),
-            _ => None,
-        };
         let fds: Vec<_> = sockets.iter().map(|socket| socket.as_fd()).collect();
         let names: Vec<String> = spec
             .listeners
